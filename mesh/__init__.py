@@ -1,0 +1,1 @@
+"""The mesh: identity, membership, gossip and streams between SharedLLM nodes."""

@@ -1,0 +1,175 @@
+"""Node configuration: defaults, then a TOML file, then environment variables, then flags.
+
+Each layer overrides the one before it, so a user can keep settings in the file and still
+change one for a single run. Every value is validated here, once, so the rest of the node can
+trust a `NodeConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+APP_NAME = "sharedllm"
+DEFAULT_API_HOST = "127.0.0.1"
+DEFAULT_API_PORT = 9337
+ENV_PREFIX = "SHAREDLLM_"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start. Paths are absolute once loaded."""
+
+    data_dir: Path
+    cache_dir: Path
+    engine_dir: Path | None = None
+    model: Path | None = None
+    model_name: str | None = None
+    api_host: str = DEFAULT_API_HOST
+    api_port: int = DEFAULT_API_PORT
+    context_size: int = 4096
+    threads: int | None = None
+    engine_load_timeout_s: float = 600.0
+    log_level: str = "info"
+
+    @property
+    def config_file(self) -> Path:
+        return self.data_dir / "config.toml"
+
+
+# Settings a user may put in the TOML file or the environment, with their parsers.
+_SETTING_TYPES: dict[str, type] = {
+    "engine_dir": Path,
+    "model": Path,
+    "model_name": str,
+    "api_host": str,
+    "api_port": int,
+    "context_size": int,
+    "threads": int,
+    "engine_load_timeout_s": float,
+    "log_level": str,
+    "cache_dir": Path,
+}
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir(APP_NAME))
+
+
+def load_config(
+    *,
+    data_dir: Path | None = None,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Builds the effective configuration from file, environment and flag overrides."""
+    env = os.environ if environ is None else environ
+    chosen_data_dir = data_dir or _env_path(env, "DATA_DIR") or default_data_dir()
+    config = NodeConfig(
+        data_dir=chosen_data_dir.expanduser().resolve(), cache_dir=default_cache_dir()
+    )
+    file_path = config_file or _env_path(env, "CONFIG") or config.config_file
+    if config_file is not None and not file_path.exists():
+        raise ConfigError(f"config file {file_path} does not exist")
+    config = _apply(config, _read_toml(file_path), source=str(file_path))
+    config = _apply(config, _read_env(env), source="environment")
+    config = _apply(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "flags")
+    _validate(config)
+    return config
+
+
+def _env_path(env: Mapping[str, str], name: str) -> Path | None:
+    value = env.get(ENV_PREFIX + name)
+    return Path(value) if value else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    node_table = data.get("node", data)
+    if not isinstance(node_table, dict):
+        raise ConfigError(f"config file {path}: [node] must be a table")
+    return {k: v for k, v in node_table.items() if not isinstance(v, dict)}
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for name in _SETTING_TYPES:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            found[name] = value
+    return found
+
+
+def _apply(config: NodeConfig, values: Mapping[str, Any], source: str) -> NodeConfig:
+    changes: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in _SETTING_TYPES:
+            known = ", ".join(sorted(_SETTING_TYPES))
+            raise ConfigError(f"{source}: unknown setting {key!r} (known: {known})")
+        changes[key] = _coerce(key, raw, source)
+    return replace(config, **changes)
+
+
+def _coerce(key: str, raw: Any, source: str) -> Any:
+    wanted = _SETTING_TYPES[key]
+    try:
+        if wanted is Path:
+            if not isinstance(raw, str | Path) or str(raw) == "":
+                raise ValueError("expected a path")
+            return Path(raw).expanduser().resolve()
+        if wanted is int:
+            if isinstance(raw, bool | float):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if wanted is float:
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if not isinstance(raw, str):
+            raise ValueError("expected a string")
+        return raw
+    except ValueError as err:
+        raise ConfigError(f"{source}: setting {key!r} = {raw!r}: {err}") from None
+
+
+def _validate(config: NodeConfig) -> None:
+    if not 0 <= config.api_port <= 65535:
+        raise ConfigError(f"api_port {config.api_port} is not a TCP port (0-65535)")
+    if config.context_size < 64:
+        raise ConfigError(f"context_size {config.context_size} is too small (minimum 64)")
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"threads {config.threads} must be at least 1")
+    if config.engine_load_timeout_s <= 0:
+        raise ConfigError("engine_load_timeout_s must be positive")
+    if config.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level {config.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+
+
+def setting_names() -> list[str]:
+    """The names a user can set, for help texts and docs."""
+    return sorted(_SETTING_TYPES)

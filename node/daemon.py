@@ -1,0 +1,162 @@
+"""`sharedllm-node up`: one node serving a model on its OpenAI-compatible port.
+
+The node supervises its own llama-server and routes API requests to it. The router is the seam
+where the mesh will later send requests to whichever peer is the model's primary.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from .config import NodeConfig
+from .engine import EngineInfo, free_loopback_port
+from .http_api import ModelEntry, ModelNotFound, create_app
+from .supervisor import ProcessSpec, ServiceState, Supervisor
+from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
+
+_log = logging.getLogger("sharedllm.node")
+_UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
+
+
+class ApiBindError(Exception):
+    """The API port could not be opened."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    model_id: str
+    path: Path
+    created: int
+
+
+def llama_server_spec(
+    engine: EngineInfo, model: ServedModel, config: NodeConfig, port: int
+) -> ProcessSpec:
+    """Arguments for a llama-server that serves `model` alone, on loopback only."""
+    argv = [
+        str(engine.llama_server),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(model.path),
+        "--alias",
+        model.model_id,
+        "--ctx-size",
+        str(config.context_size),
+        "--no-webui",
+    ]
+    if config.threads is not None:
+        argv += ["--threads", str(config.threads)]
+    return ProcessSpec(name="llama-server", argv=tuple(argv), endpoint=f"127.0.0.1:{port}")
+
+
+class LocalEngineRouter:
+    """Routes every request for the node's model to its own supervised llama-server."""
+
+    def __init__(
+        self, model: ServedModel, supervisor: Supervisor, client: httpx.AsyncClient
+    ) -> None:
+        self._model = model
+        self._supervisor = supervisor
+        self._client = client
+
+    def models(self) -> Sequence[ModelEntry]:
+        return [ModelEntry(self._model.model_id, self._model.created)]
+
+    def route(self, model_id: str) -> Upstream:
+        if model_id != self._model.model_id:
+            raise ModelNotFound(model_id)
+        spec = self._supervisor.ready_spec
+        if self._supervisor.state is not ServiceState.READY or spec is None:
+            raise UpstreamUnavailable(self._state_in_words())
+        return HttpUpstream(self._client, f"http://{spec.endpoint}")
+
+    def health(self) -> tuple[bool, dict[str, str]]:
+        ready = self._supervisor.state is ServiceState.READY
+        return ready, {self._model.model_id: "ready" if ready else self._state_in_words()}
+
+    def _state_in_words(self) -> str:
+        state = self._supervisor.state
+        if state is ServiceState.WAITING_TO_RESTART:
+            return "engine restarting after a failure"
+        if state is ServiceState.STARTING:
+            return "engine loading the model"
+        return str(state.value)
+
+
+async def run_node(
+    config: NodeConfig,
+    engine: EngineInfo,
+    model: ServedModel,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until SIGINT/SIGTERM; everything it started is stopped before it returns."""
+    async with httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client:
+
+        async def is_ready(spec: ProcessSpec) -> bool:
+            try:
+                answer = await client.get(f"http://{spec.endpoint}/health", timeout=2.0)
+            except httpx.HTTPError:
+                return False
+            return answer.status_code == 200
+
+        supervisor = Supervisor(
+            lambda: llama_server_spec(engine, model, config, free_loopback_port()),
+            is_ready,
+            logger=_log,
+            ready_timeout_s=config.engine_load_timeout_s,
+        )
+        app = create_app(LocalEngineRouter(model, supervisor, client))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(supervisor.run)
+            api_url = await nursery.start(_serve_api, app, config)
+            _log.info("OpenAI-compatible API for model %s at %s/v1", model.model_id, api_url)
+            task_status.started(api_url)
+
+
+async def _serve_api(
+    app: object, config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    hyper = HypercornConfig()
+    hyper.bind = [f"{_bracket(config.api_host)}:{config.api_port}"]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("sharedllm.api.server")
+    hyper.graceful_timeout = 2.0
+
+    async def serve_reporting(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve(app, hyper, task_status=task_status)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        try:
+            binds = await nursery.start(serve_reporting)
+        except OSError as err:
+            raise ApiBindError(
+                f"cannot listen on {config.api_host}:{config.api_port}: {err.strerror} "
+                "(use --api-port to pick another port)"
+            ) from None
+        task_status.started(binds[0])
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for received in signals:
+            _log.info("received %s; stopping", signal.Signals(received).name)
+            scope.cancel()
+            return

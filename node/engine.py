@@ -1,0 +1,252 @@
+"""Finding the llama.cpp engine and learning its versions.
+
+The node needs two programs: `llama-server` (serves a model, drives remote layers) and the RPC
+worker (`ggml-rpc-server`, called `rpc-server` in older builds). They come from, in order: a
+directory the user configured, the PATH, or our own build of the pinned llama.cpp in the per-user
+cache. Their versions are probed once and remembered, because the mesh must never mix RPC
+protocol versions in one placement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .atomic_file import write_atomic
+
+# The llama.cpp tree we build and test against: the one vendored in this llama-cpp-python sdist.
+PINNED_SDIST = "llama-cpp-python"
+PINNED_SDIST_VERSION = "0.3.36"
+PINNED_RPC_PROTOCOL = "7.0.0"
+LLAMA_SERVER = "llama-server"
+RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
+
+_VERSION_LINE = re.compile(r"version:\s*(\S+)")
+_COMMIT = re.compile(r"\((?:.*commit\s+)?([0-9a-f]{6,40})\)")
+_RPC_BANNER = re.compile(r"Starting RPC server v(\d+\.\d+\.\d+)")
+_PROBE_TIMEOUT_S = 20.0
+
+
+class EngineNotFoundError(Exception):
+    """No usable llama.cpp binaries were found."""
+
+
+class EngineProbeError(Exception):
+    """A binary was found but does not behave like the llama.cpp program it should be."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Where the engine's programs are and which versions they speak."""
+
+    llama_server: Path
+    rpc_server: Path
+    version: str
+    rpc_protocol: str
+    source: str  # "configured", "PATH" or "built"
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def pinned_build_key(variant: str = "cpu") -> str:
+    """Names our own build in the cache: pinned source version and backend variant."""
+    return f"llama.cpp-{PINNED_SDIST}-{PINNED_SDIST_VERSION}-{variant}"
+
+
+def built_engine_dir(cache_dir: Path, variant: str = "cpu") -> Path:
+    return cache_dir / "engine" / pinned_build_key(variant)
+
+
+def find_engine(
+    cache_dir: Path, engine_dir: Path | None, path_env: str | None = None
+) -> EngineInfo:
+    """Finds the engine, probing its versions if they are not known yet."""
+    if engine_dir is not None:
+        found = _binaries_in(engine_dir)
+        if found is None:
+            raise EngineNotFoundError(
+                f"configured engine directory {engine_dir} has no llama-server together with "
+                f"one of {', '.join(RPC_SERVER_NAMES)}"
+            )
+        return _describe(*found, source="configured", cache_dir=cache_dir)
+    on_path = _binaries_on_path(path_env)
+    if on_path is not None:
+        return _describe(*on_path, source="PATH", cache_dir=cache_dir)
+    built = load_built_engine(cache_dir)
+    if built is not None:
+        return built
+    raise EngineNotFoundError(
+        "llama.cpp was not found: set engine_dir (or SHAREDLLM_ENGINE_DIR) to a directory with "
+        "llama-server and ggml-rpc-server, put them on PATH, or run `sharedllm-node engine build`"
+    )
+
+
+def load_built_engine(cache_dir: Path, variant: str = "cpu") -> EngineInfo | None:
+    """Our own build, if a finished one is in the cache (the manifest is written last)."""
+    manifest = built_engine_dir(cache_dir, variant) / "engine.json"
+    try:
+        data = json.loads(manifest.read_text())
+        info = EngineInfo(
+            llama_server=Path(data["llama_server"]),
+            rpc_server=Path(data["rpc_server"]),
+            version=str(data["version"]),
+            rpc_protocol=str(data["rpc_protocol"]),
+            source="built",
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (_is_executable(info.llama_server) and _is_executable(info.rpc_server)):
+        return None
+    return info
+
+
+def describe_binaries(llama_server: Path, rpc_server: Path, source: str) -> EngineInfo:
+    """Probes both programs (no cache): used right after a build."""
+    return EngineInfo(
+        llama_server=llama_server,
+        rpc_server=rpc_server,
+        version=probe_llama_server_version(llama_server),
+        rpc_protocol=probe_rpc_protocol(rpc_server),
+        source=source,
+    )
+
+
+def probe_llama_server_version(llama_server: Path) -> str:
+    """`llama-server --version` prints `version: 7100 (0c1e570)` or, in our pinned tree,
+    `version: 0.5.0-dev (build 1, commit 0c1e570)`."""
+    try:
+        done = subprocess.run(
+            [str(llama_server), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=_PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise EngineProbeError(f"{llama_server}: cannot run --version: {err}") from None
+    output = done.stdout + done.stderr
+    match = _VERSION_LINE.search(output)
+    if match is None:
+        raise EngineProbeError(f"{llama_server}: --version printed no version line")
+    commit = _COMMIT.search(output)
+    return f"{match.group(1)}+{commit.group(1)}" if commit else match.group(1)
+
+
+def probe_rpc_protocol(rpc_server: Path) -> str:
+    """Starts the RPC server on a free loopback port just long enough to read its banner.
+
+    The banner is written with stdio, which buffers fully into a pipe and never flushes while
+    the server runs; a pseudo-terminal makes it line-buffered.
+    """
+    port = free_loopback_port()
+    env = dict(os.environ, GGML_RPC_NO_RDMA="1")
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [str(rpc_server), "-H", "127.0.0.1", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=terminal,
+            env=env,
+        )
+    except OSError as err:
+        os.close(controller)
+        raise EngineProbeError(f"{rpc_server}: cannot start: {err.strerror}") from None
+    finally:
+        os.close(terminal)
+    try:
+        output = _read_until(controller, _RPC_BANNER, _PROBE_TIMEOUT_S)
+    finally:
+        process.kill()
+        process.wait()
+        os.close(controller)
+    match = _RPC_BANNER.search(output)
+    if match is None:
+        raise EngineProbeError(f"{rpc_server}: printed no RPC protocol version: {output[-300:]!r}")
+    return match.group(1)
+
+
+def _read_until(fd: int, pattern: re.Pattern[str], timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    output = ""
+    while not pattern.search(output):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the terminal closes with EIO once the child exits
+            break
+        if not chunk:
+            break
+        output += chunk.decode(errors="replace")
+    return output
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: Path) -> EngineInfo:
+    """Versions of binaries we did not build, remembered per (path, size, mtime)."""
+    cache_file = cache_dir / "engine" / "probes.json"
+    key = "|".join(_fingerprint(p) for p in (llama_server, rpc_server))
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and {"version", "rpc_protocol"} <= entry.keys():
+        return EngineInfo(llama_server, rpc_server, entry["version"], entry["rpc_protocol"], source)
+    info = describe_binaries(llama_server, rpc_server, source)
+    known[key] = {"version": info.version, "rpc_protocol": info.rpc_protocol}
+    write_atomic(cache_file, json.dumps(known, indent=1).encode())
+    return info
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _binaries_in(directory: Path) -> tuple[Path, Path] | None:
+    server = directory / LLAMA_SERVER
+    if not _is_executable(server):
+        return None
+    for name in RPC_SERVER_NAMES:
+        if _is_executable(directory / name):
+            return server, directory / name
+    return None
+
+
+def _binaries_on_path(path_env: str | None) -> tuple[Path, Path] | None:
+    server = shutil.which(LLAMA_SERVER, path=path_env)
+    if server is None:
+        return None
+    for name in RPC_SERVER_NAMES:
+        rpc = shutil.which(name, path=path_env)
+        if rpc is not None:
+            return Path(server).resolve(), Path(rpc).resolve()
+    return None
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)

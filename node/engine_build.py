@@ -1,0 +1,219 @@
+"""Building the pinned llama.cpp into the per-user cache, once per machine.
+
+The source is the llama.cpp tree vendored in the llama-cpp-python sdist (fetched with pip, the
+one registry every user of this Python package can reach). The build runs cmake with RPC
+enabled and without anything that would download at build time. Several nodes on one machine
+share the result: a file lock makes the second wait for the first instead of building twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from .atomic_file import write_atomic
+from .engine import (
+    LLAMA_SERVER,
+    PINNED_SDIST,
+    PINNED_SDIST_VERSION,
+    EngineInfo,
+    built_engine_dir,
+    describe_binaries,
+    load_built_engine,
+)
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with a step name and the fraction of that step done (0.0 to 1.0)."""
+
+_CMAKE_FLAGS = (
+    "-DGGML_RPC=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries that can live anywhere
+)
+_TARGETS = ("ggml-rpc-server", LLAMA_SERVER)
+_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
+_VENDOR_PREFIX = "vendor/llama.cpp/"
+WHAT_TO_INSTALL = (
+    "a C++17 compiler, CMake >= 3.14 and make "
+    "(Debian/Ubuntu: `apt-get install g++ cmake make`; macOS: `xcode-select --install` and "
+    "`brew install cmake`)"
+)
+
+
+class EngineBuildError(Exception):
+    """The build failed; the message names the log and what to install."""
+
+
+def build_engine(
+    cache_dir: Path,
+    *,
+    jobs: int | None = None,
+    progress: ProgressCallback | None = None,
+    force: bool = False,
+    sdist: Path | None = None,
+) -> EngineInfo:
+    """Builds (or waits for another process's build of) the pinned engine and returns it."""
+    report = progress or (lambda _step, _fraction: None)
+    target = built_engine_dir(cache_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target.parent / f"{target.name}.lock", report):
+        existing = load_built_engine(cache_dir)
+        if existing is not None and not force:
+            return existing
+        log_path = target.parent / f"{target.name}.build.log"
+        work = target.parent / f"{target.name}.work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        try:
+            with log_path.open("w") as log:
+                source = _fetch_source(work, sdist or _sdist_from_env(), log, report)
+                build_dir = work / "build"
+                _run_logged(
+                    _configure_command(source, build_dir), log, log_path, "configure", report
+                )
+                _run_logged(_build_command(build_dir, jobs), log, log_path, "compile", report)
+            info = _install(build_dir / "bin", target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report("done", 1.0)
+        return info
+
+
+def _sdist_from_env() -> Path | None:
+    value = os.environ.get("SHAREDLLM_LLAMA_SDIST")
+    return Path(value) if value else None
+
+
+@contextmanager
+def _exclusive_lock(path: Path, report: ProgressCallback) -> Iterator[None]:
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report("waiting for another build", 0.0)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _fetch_source(work: Path, sdist: Path | None, log: TextIO, report: ProgressCallback) -> Path:
+    report("download source", 0.0)
+    if sdist is None:
+        download_dir = work / "download"
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            str(download_dir),
+            f"{PINNED_SDIST}=={PINNED_SDIST_VERSION}",
+        ]
+        _run_logged(command, log, Path(log.name), "download source", report)
+        archives = sorted(download_dir.glob("*.tar.gz"))
+        if not archives:
+            raise EngineBuildError(f"pip downloaded no source archive of {PINNED_SDIST}")
+        sdist = archives[0]
+    report("unpack source", 0.0)
+    return _extract_llama_tree(sdist, work / "src")
+
+
+def _extract_llama_tree(sdist: Path, dest: Path) -> Path:
+    """Unpacks only the vendored llama.cpp tree, refusing links and paths that escape."""
+    try:
+        with tarfile.open(sdist, "r:gz") as archive:
+            members = [m for m in archive.getmembers() if _VENDOR_PREFIX in m.name]
+            archive.extractall(dest, members=members, filter="data")
+    except (OSError, tarfile.TarError) as err:
+        raise EngineBuildError(f"cannot unpack {sdist}: {err}") from None
+    roots = [p for p in dest.glob(f"*/{_VENDOR_PREFIX}") if (p / "CMakeLists.txt").exists()]
+    if not roots:
+        raise EngineBuildError(f"{sdist} does not contain {_VENDOR_PREFIX}CMakeLists.txt")
+    return roots[0]
+
+
+def _configure_command(source: Path, build_dir: Path) -> list[str]:
+    return ["cmake", "-S", str(source), "-B", str(build_dir), *_CMAKE_FLAGS]
+
+
+def _build_command(build_dir: Path, jobs: int | None) -> list[str]:
+    parallel = jobs or os.cpu_count() or 2
+    return ["cmake", "--build", str(build_dir), "--target", *_TARGETS, "-j", str(parallel)]
+
+
+def _run_logged(
+    command: list[str], log: TextIO, log_path: Path, step: str, report: ProgressCallback
+) -> None:
+    log.write(f"$ {' '.join(command)}\n")
+    log.flush()
+    env = dict(os.environ, PIP_NO_INPUT="1")
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+    except FileNotFoundError:
+        raise EngineBuildError(
+            f"{command[0]} is not installed; the engine build needs {WHAT_TO_INSTALL}"
+        ) from None
+    assert process.stdout is not None
+    for line in process.stdout:
+        log.write(line)
+        match = _PERCENT.match(line)
+        if match:
+            report(step, int(match.group(1)) / 100)
+    if process.wait() != 0:
+        log.flush()
+        raise EngineBuildError(
+            f"engine build failed during {step} (exit code {process.returncode}); full log: "
+            f"{log_path}\nlast lines:\n{_tail(log_path)}\nThe build needs {WHAT_TO_INSTALL}."
+        )
+    report(step, 1.0)
+
+
+def _install(build_bin: Path, target: Path) -> EngineInfo:
+    """Copies the binaries into place and writes the manifest last, so a half copy is ignored."""
+    staging = target.with_name(target.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "bin").mkdir(parents=True)
+    for name in _TARGETS:
+        shutil.copy2(build_bin / name, staging / "bin" / name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    info = describe_binaries(target / "bin" / LLAMA_SERVER, target / "bin" / _TARGETS[0], "built")
+    manifest = {
+        "llama_server": str(info.llama_server),
+        "rpc_server": str(info.rpc_server),
+        "version": info.version,
+        "rpc_protocol": info.rpc_protocol,
+        "source": f"{PINNED_SDIST}=={PINNED_SDIST_VERSION} vendor/llama.cpp",
+    }
+    write_atomic(target / "engine.json", json.dumps(manifest, indent=1).encode(), mode=0o644)
+    return info
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(log unreadable)"

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible HTTP API that every node offers.
+
+The API checks what it can check cheaply (JSON, model name, required fields), answers errors in
+OpenAI's JSON shape, and forwards the rest to the model's `Upstream` without buffering: a
+streamed answer (Server-Sent Events) reaches the client token by token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .upstream import (
+    ForwardRequest,
+    ForwardResponse,
+    Upstream,
+    UpstreamBroken,
+    UpstreamUnavailable,
+)
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+RETRY_AFTER_S = 5
+_log = logging.getLogger("sharedllm.api")
+
+
+class ModelNotFound(Exception):
+    """No model of that name is offered."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_id: str
+    created: int
+    owned_by: str = "sharedllm"
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+        }
+
+
+class ModelRouter(Protocol):
+    def models(self) -> Sequence[ModelEntry]: ...
+
+    def route(self, model_id: str) -> Upstream:
+        """The upstream serving `model_id`; raises `ModelNotFound` or `UpstreamUnavailable`."""
+        ...
+
+    def health(self) -> tuple[bool, dict[str, str]]:
+        """Whether every model is ready, and each model's state in words."""
+        ...
+
+
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _bad_request(message: str, param: str | None = None) -> JSONResponse:
+    return openai_error(400, message, kind="invalid_request_error", param=param)
+
+
+def create_app(router: ModelRouter) -> Starlette:
+    async def list_models(_request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [m.as_openai() for m in router.models()]})
+
+    async def get_model(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        for entry in router.models():
+            if entry.model_id == model_id:
+                return JSONResponse(entry.as_openai())
+        return _model_not_found(model_id)
+
+    async def health(_request: Request) -> Response:
+        ready, states = router.health()
+        body = {"status": "ok" if ready else "loading", "models": states}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _forward(router, request, required=("messages", list))
+
+    async def completions(request: Request) -> Response:
+        return await _forward(router, request, required=("prompt", (str, list)))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return openai_error(exc.status_code, str(exc.detail), kind=kind)
+
+
+def _model_not_found(model_id: str) -> JSONResponse:
+    return openai_error(
+        404,
+        f"The model '{model_id}' does not exist",
+        kind="invalid_request_error",
+        code="model_not_found",
+        param="model",
+    )
+
+
+async def _forward(
+    router: ModelRouter, request: Request, required: tuple[str, type | tuple[type, ...]]
+) -> Response:
+    parsed = await _read_json_object(request)
+    if isinstance(parsed, Response):
+        return parsed
+    body, payload = parsed
+    field_name, field_type = required
+    if field_name not in payload:
+        return _bad_request(f"'{field_name}' is a required property", param=field_name)
+    if not isinstance(payload[field_name], field_type):
+        return _bad_request(f"'{field_name}' has the wrong type", param=field_name)
+    model_id = payload.get("model")
+    if model_id is None:
+        offered = router.models()
+        if len(offered) != 1:
+            return _bad_request("'model' is a required property", param="model")
+        model_id = offered[0].model_id
+    if not isinstance(model_id, str):
+        return _bad_request("'model' must be a string", param="model")
+    try:
+        upstream = router.route(model_id)
+        answer = await upstream.open(
+            ForwardRequest("POST", request.url.path, body, {"content-type": "application/json"})
+        )
+    except ModelNotFound:
+        return _model_not_found(model_id)
+    except UpstreamUnavailable as err:
+        return openai_error(
+            503,
+            f"model {model_id}: {err}",
+            kind="service_unavailable",
+            code="model_not_ready",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    return _stream_back(answer)
+
+
+async def _read_json_object(request: Request) -> tuple[bytes, dict[str, Any]] | Response:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return openai_error(
+            413, f"request body over {MAX_BODY_BYTES} bytes", kind="invalid_request_error"
+        )
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return openai_error(
+                    413, f"request body over {MAX_BODY_BYTES} bytes", kind="invalid_request_error"
+                )
+    except ClientDisconnect:
+        return _bad_request("client disconnected before sending the whole body")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        return _bad_request(f"request body is not valid JSON: {err}")
+    if not isinstance(payload, dict):
+        return _bad_request("request body must be a JSON object")
+    return bytes(body), payload
+
+
+def _stream_back(answer: ForwardResponse) -> Response:
+    is_sse = answer.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in answer.body():
+                yield chunk
+        except UpstreamBroken as err:
+            _log.warning("answer cut off: %s", err)
+            if is_sse:
+                error = {
+                    "error": {
+                        "message": str(err),
+                        "type": "service_unavailable",
+                        "code": "upstream_lost",
+                    }
+                }
+                yield f"data: {json.dumps(error)}\n\n".encode()
+        finally:
+            with trio.CancelScope(shield=True):
+                await answer.aclose()
+
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-type"}
+    media_type = answer.headers.get("content-type")
+    return StreamingResponse(
+        relay(), status_code=answer.status_code, headers=headers, media_type=media_type
+    )

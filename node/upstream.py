@@ -1,0 +1,109 @@
+"""Where the HTTP API sends a request: the small interface between the API and the engine.
+
+Today a node forwards to its own llama-server over loopback HTTP. The mesh will forward to the
+current primary over a mesh stream; both satisfy `Upstream`, and the API never knows which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+# Headers that describe one hop's connection, not the message: never forwarded.
+_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "host",
+        "upgrade",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "content-encoding",
+    }
+)
+
+
+class UpstreamUnavailable(Exception):
+    """The engine for this model cannot take requests now (the message says why)."""
+
+
+class UpstreamBroken(Exception):
+    """The engine went away in the middle of an answer."""
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    method: str
+    path: str
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class ForwardResponse(Protocol):
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def body(self) -> AsyncIterator[bytes]:
+        """Yields the answer as it arrives; raises `UpstreamBroken` if it is cut off."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    async def open(self, request: ForwardRequest) -> ForwardResponse:
+        """Sends the request; raises `UpstreamUnavailable` if it cannot be delivered."""
+        ...
+
+
+def forwardable_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
+
+
+class _HttpxResponse:
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = forwardable_headers(response.headers)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as err:
+            raise UpstreamBroken(
+                f"engine connection lost mid-answer ({type(err).__name__})"
+            ) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpUpstream:
+    """Forwards to an HTTP server on loopback (the local llama-server)."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str) -> None:
+        self._client = client
+        self._base_url = base_url.rstrip("/")
+
+    async def open(self, request: ForwardRequest) -> ForwardResponse:
+        outgoing = self._client.build_request(
+            request.method,
+            self._base_url + request.path,
+            content=request.body,
+            headers=forwardable_headers(request.headers),
+        )
+        try:
+            response = await self._client.send(outgoing, stream=True)
+        except httpx.HTTPError as err:
+            raise UpstreamUnavailable(f"engine not reachable ({type(err).__name__})") from None
+        return _HttpxResponse(response)

@@ -1,0 +1,109 @@
+"""Starting real `sharedllm-node` processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+from sharedllm.node.engine import free_loopback_port
+
+
+def node_command() -> str:
+    """The installed console script, next to the running interpreter."""
+    beside = Path(sys.executable).parent / "sharedllm-node"
+    found = str(beside) if beside.exists() else shutil.which("sharedllm-node")
+    assert found, "sharedllm-node is not installed (pip install -e .)"
+    return found
+
+
+@dataclass
+class RunningNode:
+    process: subprocess.Popen[bytes]
+    api_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def engine_pids(self) -> list[int]:
+        """PIDs of llama.cpp processes started by this node."""
+        try:
+            children = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [c.pid for c in children if "llama" in c.name() or "rpc" in c.name()]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_node(
+    tmp: Path, *args: str, wait_ready: bool = True, timeout_s: float = 180.0
+) -> RunningNode:
+    port = free_loopback_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / "node.log"
+    command = [
+        node_command(),
+        "up",
+        "--data-dir",
+        str(tmp / "data"),
+        "--api-port",
+        str(port),
+        *args,
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+    node = RunningNode(process, f"http://127.0.0.1:{port}", log_path)
+    if wait_ready:
+        wait_until_ready(node, timeout_s)
+    return node
+
+
+def wait_until_ready(node: RunningNode, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise AssertionError(f"node exited with {node.process.returncode}:\n{node.log()}")
+        try:
+            if httpx.get(node.api_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    node.stop()
+    raise AssertionError(f"node not ready after {timeout_s} s:\n{node.log()}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    """Waits for the processes to end; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if not gone(pid)]
+        if not alive:
+            return []
+        time.sleep(0.1)
+    return [pid for pid in pids if not gone(pid)]
