@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,8 @@ async def run_node(
         app = create_app(LocalEngineRouter(model, supervisor, client))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            nursery.start_soon(supervisor.run)
             api_url = await nursery.start(_serve_api, app, config)
+            nursery.start_soon(supervisor.run)
             _log.info("OpenAI-compatible API for model %s at %s/v1", model.model_id, api_url)
             task_status.started(api_url)
 
@@ -130,24 +131,35 @@ async def run_node(
 async def _serve_api(
     app: object, config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    listener = _listen(config.api_host, config.api_port)
     hyper = HypercornConfig()
-    hyper.bind = [f"{_bracket(config.api_host)}:{config.api_port}"]
+    hyper.bind = [f"fd://{listener.fileno()}"]  # hypercorn adopts the socket we opened
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("sharedllm.api.server")
     hyper.graceful_timeout = 2.0
+    host, port = listener.getsockname()[:2]
+    url = f"http://{_bracket(host)}:{port}"
+    task_status.started(url)
+    await serve(app, hyper)  # type: ignore[arg-type]
 
-    async def serve_reporting(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, hyper, task_status=task_status)  # type: ignore[arg-type]
 
-    async with trio.open_nursery() as nursery:
-        try:
-            binds = await nursery.start(serve_reporting)
-        except OSError as err:
-            raise ApiBindError(
-                f"cannot listen on {config.api_host}:{config.api_port}: {err.strerror} "
-                "(use --api-port to pick another port)"
-            ) from None
-        task_status.started(binds[0])
+def _listen(host: str, port: int) -> socket.socket:
+    """Opens the API socket here, so that a busy port is one clear error."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ApiBindError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as err:
+        listener.close()
+        raise ApiBindError(
+            f"cannot listen on {host}:{port}: {err.strerror} (use --api-port to pick another port)"
+        ) from None
+    return listener
 
 
 def _bracket(host: str) -> str:

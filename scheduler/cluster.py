@@ -1,0 +1,103 @@
+"""The planner's view of the mesh: what each node offers and what each link costs.
+
+Plain immutable data, built from gossip in the running mesh and from a JSON file in the `plan`
+preview. A missing link means the two nodes cannot reach each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """One node as the planner sees it.
+
+    Layers live in one memory pool per node: VRAM when the node has any (it is much faster), else
+    RAM; `gflops` is the measured speed of that pool's device. `memory_cap_bytes` is the user's
+    limit (`--max-memory`). `models` are the ids of model files the node holds locally.
+    """
+
+    peer_id: str
+    ram_bytes: int
+    vram_bytes: int = 0
+    gflops: float = 100.0
+    rpc_protocol: str = "7.0.0"
+    models: frozenset[str] = frozenset()
+    memory_cap_bytes: int | None = None
+
+    @property
+    def usable_bytes(self) -> int:
+        pool = self.vram_bytes if self.vram_bytes > 0 else self.ram_bytes
+        return pool if self.memory_cap_bytes is None else min(pool, self.memory_cap_bytes)
+
+    @property
+    def total_memory_bytes(self) -> int:
+        return self.ram_bytes + self.vram_bytes
+
+
+@dataclass(frozen=True)
+class Link:
+    """A directed link's measured round-trip time and bandwidth."""
+
+    source: str
+    target: str
+    rtt_ms: float
+    bandwidth_mbps: float
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Nodes sorted by peer id and links by (source, target): equal views compare equal."""
+
+    nodes: tuple[NodeCapacity, ...]
+    links: tuple[Link, ...] = ()
+    _index: Mapping[tuple[str, str], Link] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def build(nodes: Iterable[NodeCapacity], links: Iterable[Link] = ()) -> ClusterView:
+        """Sorts the input and fills in the reverse of a link given in one direction only."""
+        node_list = sorted(nodes, key=lambda n: n.peer_id)
+        ids = [n.peer_id for n in node_list]
+        if len(set(ids)) != len(ids):
+            raise ValueError("duplicate node id in the cluster view")
+        directed: dict[tuple[str, str], Link] = {}
+        for link in links:
+            directed[(link.source, link.target)] = link
+        for (source, target), link in list(directed.items()):
+            directed.setdefault(
+                (target, source), Link(target, source, link.rtt_ms, link.bandwidth_mbps)
+            )
+        ordered = tuple(directed[key] for key in sorted(directed))
+        return ClusterView(tuple(node_list), ordered, dict(directed))
+
+    def node(self, peer_id: str) -> NodeCapacity:
+        for candidate in self.nodes:
+            if candidate.peer_id == peer_id:
+                return candidate
+        raise KeyError(peer_id)
+
+    def link(self, source: str, target: str) -> Link | None:
+        """The link from source to target; None when unreachable. A node reaches itself freely."""
+        if source == target:
+            return Link(source, target, 0.0, float("inf"))
+        return self._index.get((source, target))
+
+    def with_memory_used(self, used: Mapping[str, int]) -> ClusterView:
+        """The same view with `used` bytes taken from each node (for placing the next model)."""
+        reduced = [
+            NodeCapacity(
+                n.peer_id,
+                n.ram_bytes,
+                n.vram_bytes,
+                n.gflops,
+                n.rpc_protocol,
+                n.models,
+                max(0, n.usable_bytes - used.get(n.peer_id, 0)),
+            )
+            for n in self.nodes
+        ]
+        return ClusterView(tuple(reduced), self.links, self._index)

@@ -1,0 +1,144 @@
+"""A placement: which node is a model's primary and which layers each node holds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .cluster import ClusterView
+from .cost_model import CostModel
+from .model_profile import ModelProfile
+
+
+class PlannerError(Exception):
+    """No placement satisfies the constraints; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    node: str
+    first_layer: int
+    last_layer: int  # inclusive
+    memory_bytes: int
+
+    @property
+    def layer_count(self) -> int:
+        return self.last_layer - self.first_layer + 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Assignments are in layer order; the primary's own layers come first, as in llama.cpp."""
+
+    model_id: str
+    primary: str
+    assignments: tuple[Assignment, ...]
+    primary_memory_bytes: int
+    ms_per_token: float
+    prompt_tokens_per_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000.0 / self.ms_per_token
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(a.node for a in self.assignments)
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return tuple(a.node for a in self.assignments if a.node != self.primary)
+
+    def layer_counts(self) -> dict[str, int]:
+        return {a.node: a.layer_count for a in self.assignments}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "primary": self.primary,
+            "assignments": [
+                {
+                    "node": a.node,
+                    "first_layer": a.first_layer,
+                    "last_layer": a.last_layer,
+                    "memory_bytes": a.memory_bytes,
+                }
+                for a in self.assignments
+            ],
+            "primary_memory_bytes": self.primary_memory_bytes,
+            "predicted_ms_per_token": self.ms_per_token,
+            "predicted_tokens_per_s": self.tokens_per_s,
+            "predicted_prompt_tokens_per_s": self.prompt_tokens_per_s,
+        }
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A model to place: its id (as gossiped: the file hash or name), sizes, and context."""
+
+    model_id: str
+    profile: ModelProfile
+    context: int = 4096
+
+
+def evaluate(
+    view: ClusterView,
+    request: ModelRequest,
+    cost: CostModel,
+    primary: str,
+    counts: Sequence[tuple[str, int]],
+) -> Placement | None:
+    """Lays out `counts` (node, layers) in order and predicts it; None if it breaks a limit.
+
+    Every planner and baseline is judged by this one function, so comparisons are fair.
+    """
+    profile, context = request.profile, request.context
+    if sum(c for _, c in counts) != profile.layer_count or any(c < 0 for _, c in counts):
+        return None
+    primary_node = view.node(primary)
+    layer_memory = cost.layer_memory(profile, context)
+    ordered = [(primary, c) for p, c in counts if p == primary] + [
+        (p, c) for p, c in counts if p != primary
+    ]
+    seconds = cost.head_seconds(profile, primary_node)
+    assignments: list[Assignment] = []
+    first = 0
+    primary_memory = cost.primary_extra_memory(profile)
+    for peer_id, count in ordered:
+        node = view.node(peer_id)
+        if node.rpc_protocol != primary_node.rpc_protocol:
+            return None
+        extra = primary_memory if peer_id == primary else 0
+        if count == 0:
+            continue
+        link_s = cost.worker_link_seconds(view, profile, primary, peer_id)
+        if link_s is None or extra + count * layer_memory > cost.memory_budget(node):
+            return None
+        seconds += link_s + count * cost.layer_seconds(profile, node)
+        weights = sum(profile.layer_weight_bytes[first : first + count])
+        kv = profile.kv_cache_bytes(count, context)
+        memory = weights + kv + cost.compute_buffer_bytes + extra
+        assignments.append(Assignment(peer_id, first, first + count - 1, memory))
+        first += count
+    if primary_memory > cost.memory_budget(primary_node):
+        return None
+    primary_total = next(
+        (a.memory_bytes for a in assignments if a.node == primary),
+        primary_memory + cost.compute_buffer_bytes,
+    )
+    layers = {a.node: a.layer_count for a in assignments}
+    return Placement(
+        model_id=request.model_id,
+        primary=primary,
+        assignments=tuple(assignments),
+        primary_memory_bytes=primary_total,
+        ms_per_token=seconds * 1000.0,
+        prompt_tokens_per_s=cost.prompt_tokens_per_s(view, profile, primary, layers),
+    )
+
+
+def memory_used(placement: Placement) -> dict[str, int]:
+    used = {a.node: a.memory_bytes for a in placement.assignments}
+    used[placement.primary] = placement.primary_memory_bytes
+    return used

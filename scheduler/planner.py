@@ -1,0 +1,193 @@
+"""The link-aware planner: choose each model's primary and layer split to minimise time per token.
+
+For a fixed primary and a fixed set of nodes, time per token is linear in the layers each node
+holds plus a fixed network cost per worker, so the best fill of that set is greedy: the fastest
+node takes as many layers as fit, then the next. Every optimal plan is thus "some subset, filled
+fastest first", which a dynamic programme over nodes in speed order finds exactly in
+O(nodes x layers) per primary: each node is skipped, filled to capacity, or finishes the model.
+
+Every node computes this on the same gossiped view and gets the same answer: inputs are sorted
+by peer id, ties go to the lower peer id, and nothing here reads a clock or a random source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .cluster import ClusterView, NodeCapacity
+from .cost_model import CostModel
+from .placement import ModelRequest, Placement, PlannerError, evaluate, memory_used
+
+DEFAULT_STABILITY_MARGIN = 0.10
+DEFAULT_COST = CostModel()
+_MAX_PRIMARY_CANDIDATES = 24
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    node: NodeCapacity
+    capacity_layers: int
+    layer_s: float
+    fixed_s: float
+
+
+def plan_model(
+    view: ClusterView,
+    request: ModelRequest,
+    cost: CostModel = DEFAULT_COST,
+    current: Placement | None = None,
+    stability_margin: float = DEFAULT_STABILITY_MARGIN,
+) -> Placement:
+    """The fastest feasible placement, or `current` if it is still feasible and not beaten by
+    more than `stability_margin` (a fraction of its time per token)."""
+    best = _best_placement(view, request, cost)
+    if current is not None:
+        counts = [(a.node, a.layer_count) for a in current.assignments]
+        kept = evaluate(view, request, cost, current.primary, counts)
+        if kept is not None and best.ms_per_token >= kept.ms_per_token * (1 - stability_margin):
+            return kept
+    return best
+
+
+def plan_models(
+    view: ClusterView,
+    requests: Sequence[ModelRequest],
+    cost: CostModel = DEFAULT_COST,
+    current: Mapping[str, Placement] | None = None,
+    stability_margin: float = DEFAULT_STABILITY_MARGIN,
+) -> dict[str, Placement]:
+    """Places several models in model-id order, each in the memory the previous ones left."""
+    placements: dict[str, Placement] = {}
+    used: dict[str, int] = {}
+    for request in sorted(requests, key=lambda r: r.model_id):
+        remaining = view.with_memory_used(used)
+        previous = (current or {}).get(request.model_id)
+        placement = plan_model(remaining, request, cost, previous, stability_margin)
+        placements[request.model_id] = placement
+        for node, amount in memory_used(placement).items():
+            used[node] = used.get(node, 0) + amount
+    return placements
+
+
+def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -> Placement:
+    if not view.nodes:
+        raise PlannerError(f"model {request.model_id}: the mesh has no nodes")
+    best: tuple[float, str, list[tuple[str, int]]] | None = None
+    for primary in _primary_candidates(view, request, cost):
+        found = _best_for_primary(view, request, cost, primary)
+        if found is not None and (best is None or found[0] < best[0] - 1e-12):
+            best = (found[0], primary.peer_id, found[1])
+    if best is None:
+        raise PlannerError(_shortfall_message(view, request, cost))
+    _, primary_id, counts = best
+    placement = evaluate(view, request, cost, primary_id, counts)
+    assert placement is not None, "the planner produced a placement that breaks a limit"
+    return placement
+
+
+def _primary_candidates(
+    view: ClusterView, request: ModelRequest, cost: CostModel
+) -> list[NodeCapacity]:
+    """Nodes holding the model file if any do (else all), that can hold the embeddings.
+
+    With many candidates, the fastest and best-connected are tried first and the rest skipped.
+    """
+    extra = cost.primary_extra_memory(request.profile)
+    able = [n for n in view.nodes if cost.memory_budget(n) >= extra]
+    holders = [n for n in able if request.model_id in n.models]
+    candidates = holders or able
+
+    def promise(node: NodeCapacity) -> tuple[float, str]:
+        reachable = sum(1 for other in view.nodes if view.link(node.peer_id, other.peer_id))
+        return (-node.gflops * math.log2(1 + reachable), node.peer_id)
+
+    return sorted(candidates, key=promise)[:_MAX_PRIMARY_CANDIDATES]
+
+
+def _best_for_primary(
+    view: ClusterView, request: ModelRequest, cost: CostModel, primary: NodeCapacity
+) -> tuple[float, list[tuple[str, int]]] | None:
+    candidates = _candidates(view, request, cost, primary)
+    layers = request.profile.layer_count
+    infinity = math.inf
+    best = [infinity] * (layers + 1)
+    best[0] = 0.0
+    # choices[j][k] = (layers before node j, layers node j takes) on the best path to k.
+    choices: list[list[tuple[int, int]]] = []
+    for candidate in candidates:
+        after = list(best)
+        step = [(k, 0) for k in range(layers + 1)]
+        for covered in range(layers):
+            if best[covered] == infinity:
+                continue
+            take = min(candidate.capacity_layers, layers - covered)
+            if take <= 0:
+                continue
+            total = best[covered] + candidate.fixed_s + take * candidate.layer_s
+            if total < after[covered + take] - 1e-15:
+                after[covered + take] = total
+                step[covered + take] = (covered, take)
+        choices.append(step)
+        best = after
+    if best[layers] == infinity:
+        return None
+    counts: dict[str, int] = {}
+    covered = layers
+    for candidate, step in zip(reversed(candidates), reversed(choices), strict=True):
+        before, take = step[covered]
+        if take:
+            counts[candidate.node.peer_id] = take
+            covered = before
+    assert covered == 0
+    total_s = best[layers] + cost.head_seconds(request.profile, primary)
+    order = [c.node.peer_id for c in candidates if c.node.peer_id in counts]
+    return total_s, [(peer_id, counts[peer_id]) for peer_id in order]
+
+
+def _candidates(
+    view: ClusterView, request: ModelRequest, cost: CostModel, primary: NodeCapacity
+) -> list[_Candidate]:
+    """Nodes that can hold layers for this primary, fastest per layer first."""
+    layer_memory = cost.layer_memory(request.profile, request.context)
+    found: list[_Candidate] = []
+    for node in view.nodes:
+        if node.rpc_protocol != primary.rpc_protocol:
+            continue
+        link_s = cost.worker_link_seconds(view, request.profile, primary.peer_id, node.peer_id)
+        if link_s is None:
+            continue
+        budget = cost.memory_budget(node)
+        if node.peer_id == primary.peer_id:
+            budget -= cost.primary_extra_memory(request.profile)
+        capacity = (
+            max(0, budget // layer_memory) if layer_memory > 0 else request.profile.layer_count
+        )
+        if capacity == 0:
+            continue
+        found.append(_Candidate(node, capacity, cost.layer_seconds(request.profile, node), link_s))
+    found.sort(key=lambda c: (c.layer_s, c.fixed_s, c.node.peer_id))
+    return found
+
+
+def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel) -> str:
+    profile = request.profile
+    needed = (
+        cost.primary_extra_memory(profile)
+        + profile.layer_count * cost.layer_memory(profile, request.context)
+        + cost.compute_buffer_bytes
+    )
+    offered = sum(max(0, cost.memory_budget(n)) for n in view.nodes)
+    gib = 1024**3
+    if needed > offered:
+        return (
+            f"model {request.model_id} needs {needed / gib:.2f} GiB (weights, KV cache for "
+            f"{request.context} tokens, buffers) but the nodes offer {offered / gib:.2f} GiB: "
+            f"{(needed - offered) / gib:.2f} GiB missing"
+        )
+    return (
+        f"model {request.model_id} fits the total memory ({offered / gib:.2f} GiB offered, "
+        f"{needed / gib:.2f} GiB needed) but no primary can reach enough nodes with the same "
+        "engine RPC version to hold it"
+    )
