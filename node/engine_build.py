@@ -176,13 +176,14 @@ def _run_logged(
         raise EngineBuildError(
             f"{command[0]} is not installed; the engine build needs {WHAT_TO_INSTALL}"
         ) from None
-    assert process.stdout is not None
-    for line in process.stdout:
-        log.write(line)
-        match = _PERCENT.match(line)
-        if match:
-            report(step, int(match.group(1)) / 100)
-    if process.wait() != 0:
+    with process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            log.write(line)
+            match = _PERCENT.match(line)
+            if match:
+                report(step, int(match.group(1)) / 100)
+    if process.returncode != 0:
         log.flush()
         raise EngineBuildError(
             f"engine build failed during {step} (exit code {process.returncode}); full log: "

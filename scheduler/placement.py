@@ -106,12 +106,12 @@ def evaluate(
     first = 0
     primary_memory = cost.primary_extra_memory(profile)
     for peer_id, count in ordered:
+        if count == 0:
+            continue
         node = view.node(peer_id)
         if node.rpc_protocol != primary_node.rpc_protocol:
             return None
         extra = primary_memory if peer_id == primary else 0
-        if count == 0:
-            continue
         link_s = cost.worker_link_seconds(view, profile, primary, peer_id)
         if link_s is None or extra + count * layer_memory > cost.memory_budget(node):
             return None
