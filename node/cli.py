@@ -16,6 +16,8 @@ from typing import Any
 
 import trio
 
+from ..scheduler.cluster_file import ClusterFileError
+from ..scheduler.placement import PlannerError
 from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
 from .default_model import DefaultModelError, default_model_path
 from .engine import EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ) as err:
         print(f"sharedllm-node: error: {err}", file=sys.stderr)
         code = EXIT_ERROR
+    except (ClusterFileError, PlannerError) as err:
+        print(f"sharedllm-node: error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)
@@ -94,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if a build exists")
     build.set_defaults(handler=_cmd_engine_build)
 
+    plan = commands.add_parser(
+        "plan", help="preview the placement of a model on a described cluster"
+    )
+    plan.add_argument("--model", type=Path, required=True, help="the GGUF file to place")
+    plan.add_argument(
+        "--cluster", type=Path, required=True, help="CLUSTER.json describing the nodes"
+    )
+    plan.add_argument("--context", type=int, help="context length per request (default: 4096)")
+    plan.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    plan.set_defaults(handler=_cmd_plan)
+
     model = commands.add_parser("model", help="model files").add_subparsers(metavar="ACTION")
     inspect = model.add_parser("inspect", help="show a GGUF file's architecture, layers and sizes")
     inspect.add_argument("file", type=Path)
@@ -127,6 +144,18 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan_preview import load_cluster, preview, render
+
+    if args.context is not None and args.context < 1:
+        raise ClusterFileError("--context must be positive")
+    info = inspect_model(args.model)
+    spec = load_cluster(args.cluster, args.model.name.removesuffix(".gguf"))
+    result = preview(info, spec, args.context)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
 
 
 def _cmd_model_inspect(args: argparse.Namespace) -> int:

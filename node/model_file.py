@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from ..scheduler.model_profile import ModelProfile
+from .gguf_header import ArrayInfo, GgufFormatError, GgufHeader, read_header
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 _GGUF_MAGIC = b"GGUF"
@@ -63,10 +66,10 @@ class ModelInfo:
 def inspect_model(path: Path) -> ModelInfo:
     """Reads the metadata and tensor table of a GGUF file (weights are not read)."""
     size = _check_file(path)
-    reader = _open_reader(path)
-    fields = _read_fields(reader)
+    header = _read_header(path)
+    fields = _read_fields(header)
     arch = _require_str(fields, "general.architecture", path)
-    tensors = _read_tensors(reader, size, path)
+    tensors = _read_tensors(header, size, path)
     layer_count = _require_int(fields, f"{arch}.block_count", path)
     profile = ModelProfile(
         name=_model_name(fields, path),
@@ -118,41 +121,35 @@ def _check_file(path: Path) -> int:
     return size
 
 
-def _open_reader(path: Path) -> Any:
-    import gguf  # imported here: it pulls in numpy, which the rest of the node does not need
-
+def _read_header(path: Path) -> GgufHeader:
     try:
-        return gguf.GGUFReader(path)
-    # The gguf parser reports damage with whatever numpy or struct raises; all of it means the
-    # same thing to a user.
-    except Exception as err:
-        raise ModelFileError(f"{path}: damaged or truncated GGUF file ({_short(err)})") from None
+        return read_header(path)
+    except GgufFormatError as err:
+        raise ModelFileError(f"{path}: damaged or truncated GGUF file ({err})") from None
+    except OSError as err:
+        raise ModelFileError(f"{path}: cannot read: {err.strerror}") from None
 
 
-def _read_fields(reader: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name, field in reader.fields.items():
-        if name.startswith("tokenizer.ggml.") and name != "tokenizer.ggml.model":
-            if name == "tokenizer.ggml.tokens":
-                values["tokenizer.ggml.tokens.count"] = len(field.data)
-            continue
-        try:
-            values[name] = field.contents()
-        except Exception:
-            continue
-    return values
+def _read_fields(header: GgufHeader) -> dict[str, Any]:
+    fields = dict(header.fields)
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, ArrayInfo | list):
+        fields["tokenizer.ggml.tokens.count"] = (
+            tokens.length if isinstance(tokens, ArrayInfo) else len(tokens)
+        )
+    return fields
 
 
-def _read_tensors(reader: Any, file_size: int, path: Path) -> list[tuple[str, str, int]]:
+def _read_tensors(header: GgufHeader, file_size: int, path: Path) -> list[tuple[str, str, int]]:
     tensors: list[tuple[str, str, int]] = []
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
+    for tensor in header.tensors:
+        end = tensor.offset + tensor.n_bytes
         if end > file_size:
             raise ModelFileError(
                 f"{path}: truncated GGUF file (tensor {tensor.name} ends at byte {end}, "
                 f"the file has {file_size})"
             )
-        tensors.append((str(tensor.name), str(tensor.tensor_type.name), int(tensor.n_bytes)))
+        tensors.append((tensor.name, tensor.type_name, tensor.n_bytes))
     if not tensors:
         raise ModelFileError(f"{path}: GGUF file holds no tensors")
     return tensors
@@ -208,8 +205,6 @@ def _model_name(fields: dict[str, Any], path: Path) -> str:
 
 
 def _file_type_name(fields: dict[str, Any]) -> str:
-    import gguf
-
     raw = fields.get("general.file_type")
     if not isinstance(raw, int):
         return "unknown"
@@ -240,8 +235,3 @@ def _require_str(fields: dict[str, Any], key: str, path: Path) -> str:
     if not isinstance(value, str) or not value:
         raise ModelFileError(f"{path}: GGUF metadata lacks {key}")
     return value
-
-
-def _short(err: Exception) -> str:
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return text[:200]

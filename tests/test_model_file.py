@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sharedllm.node.gguf_header import read_header
 from sharedllm.node.model_file import ModelFileError, file_sha256, inspect_model
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
 
@@ -69,3 +73,22 @@ def test_truncated_file_is_refused(tmp_path: Path, tiny_model: Path, keep_fracti
     cut.write_bytes(data[: max(4, int(len(data) * keep_fraction))])
     with pytest.raises(ModelFileError, match=r"truncated|damaged"):
         inspect_model(cut)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_damaged_headers_fail_cleanly(
+    tmp_path: Path, tiny_model: Path, data: st.DataObject
+) -> None:
+    """Flipped bytes anywhere in the header give a ModelFileError or a profile, never a crash."""
+    original = bytearray(tiny_model.read_bytes())
+    header_end = read_header(tiny_model).data_offset
+    for _ in range(data.draw(st.integers(min_value=1, max_value=8))):
+        position = data.draw(st.integers(min_value=0, max_value=header_end - 1))
+        original[position] = data.draw(st.integers(min_value=0, max_value=255))
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(bytes(original))
+    with contextlib.suppress(ModelFileError):
+        inspect_model(damaged)
