@@ -1,5 +1,8 @@
 """The link-aware planner: choose each model's primary and layer split to minimise time per token.
 
+A node that holds the model file is preferred as primary (its llama-server reads the file); another
+node leads only when that is faster by a clear margin, since it must first fetch the file.
+
 For a fixed primary and a fixed set of nodes, time per token is linear in the layers each node
 holds plus a fixed network cost per worker, so the best fill of that set is greedy: the fastest
 node takes as many layers as fit, then the next. Every optimal plan is thus "some subset, filled
@@ -21,6 +24,7 @@ from .cost_model import CostModel
 from .placement import ModelRequest, Placement, PlannerError, evaluate, memory_used
 
 DEFAULT_STABILITY_MARGIN = 0.10
+PREFER_HOLDER_MARGIN = 0.25
 DEFAULT_COST = CostModel()
 _MAX_PRIMARY_CANDIDATES = 24
 
@@ -72,38 +76,53 @@ def plan_models(
 
 
 def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -> Placement:
+    """The fastest plan led by a node that holds the model file, unless a plan led by another
+    node (which must first fetch the file) is faster by more than `PREFER_HOLDER_MARGIN`."""
     if not view.nodes:
         raise PlannerError(f"model {request.model_id}: the mesh has no nodes")
-    best: tuple[float, str, list[tuple[str, int]]] | None = None
-    for primary in _primary_candidates(view, request, cost):
-        found = _best_for_primary(view, request, cost, primary)
-        if found is not None and (best is None or found[0] < best[0] - 1e-12):
-            best = (found[0], primary.peer_id, found[1])
-    if best is None:
+    holders, others = _primary_candidates(view, request, cost)
+    best_holder = _best_led_by(view, request, cost, holders)
+    best_other = _best_led_by(view, request, cost, others)
+    if best_holder is None or (
+        best_other is not None and best_other[0] < best_holder[0] * (1 - PREFER_HOLDER_MARGIN)
+    ):
+        best_holder = best_other
+    if best_holder is None:
         raise PlannerError(_shortfall_message(view, request, cost))
-    _, primary_id, counts = best
+    _, primary_id, counts = best_holder
     placement = evaluate(view, request, cost, primary_id, counts)
     assert placement is not None, "the planner produced a placement that breaks a limit"
     return placement
 
 
+def _best_led_by(
+    view: ClusterView, request: ModelRequest, cost: CostModel, primaries: list[NodeCapacity]
+) -> tuple[float, str, list[tuple[str, int]]] | None:
+    best: tuple[float, str, list[tuple[str, int]]] | None = None
+    for primary in primaries:
+        found = _best_for_primary(view, request, cost, primary)
+        if found is not None and (best is None or found[0] < best[0] - 1e-12):
+            best = (found[0], primary.peer_id, found[1])
+    return best
+
+
 def _primary_candidates(
     view: ClusterView, request: ModelRequest, cost: CostModel
-) -> list[NodeCapacity]:
-    """Nodes holding the model file if any do (else all), that can hold the embeddings.
+) -> tuple[list[NodeCapacity], list[NodeCapacity]]:
+    """Nodes able to hold the embeddings, split into those holding the model file and the rest.
 
-    With many candidates, the fastest and best-connected are tried first and the rest skipped.
+    With many candidates, the fastest and best-connected are tried and the rest skipped.
     """
     extra = cost.primary_extra_memory(request.profile)
     able = [n for n in view.nodes if cost.memory_budget(n) >= extra]
-    holders = [n for n in able if request.model_id in n.models]
-    candidates = holders or able
 
     def promise(node: NodeCapacity) -> tuple[float, str]:
         reachable = sum(1 for other in view.nodes if view.link(node.peer_id, other.peer_id))
         return (-node.gflops * math.log2(1 + reachable), node.peer_id)
 
-    return sorted(candidates, key=promise)[:_MAX_PRIMARY_CANDIDATES]
+    holders = sorted((n for n in able if request.model_id in n.models), key=promise)
+    others = sorted((n for n in able if request.model_id not in n.models), key=promise)
+    return holders[:_MAX_PRIMARY_CANDIDATES], others[:_MAX_PRIMARY_CANDIDATES]
 
 
 def _best_for_primary(

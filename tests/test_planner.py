@@ -157,12 +157,17 @@ def test_slow_links_make_the_planner_use_fewer_nodes() -> None:
 
 
 def test_primary_prefers_a_node_holding_the_model() -> None:
-    nodes = [
-        NodeCapacity("a", ram_bytes=16 * GIB, gflops=500),
-        NodeCapacity("b", ram_bytes=16 * GIB, gflops=100, models=frozenset({"gemma"})),
-    ]
-    view = ClusterView.build(nodes, [Link("a", "b", 1.0, 1000.0)])
-    assert plan_model(view, ModelRequest("gemma", _gemma_like())).primary == "b"
+    def view(speed_of_a: float) -> ClusterView:
+        nodes = [
+            NodeCapacity("a", ram_bytes=16 * GIB, gflops=speed_of_a),
+            NodeCapacity("b", ram_bytes=16 * GIB, gflops=100, models=frozenset({"gemma"})),
+        ]
+        return ClusterView.build(nodes, [Link("a", "b", 1.0, 1000.0)])
+
+    request = ModelRequest("gemma", _gemma_like())
+    # Slightly faster is not worth fetching the file; much faster is.
+    assert plan_model(view(110.0), request).primary == "b"
+    assert plan_model(view(1000.0), request).primary == "a"
 
 
 def test_different_rpc_versions_are_never_mixed() -> None:

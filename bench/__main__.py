@@ -1,0 +1,58 @@
+"""`python -m bench`: runs the benchmarks side by side and writes JSON to bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import planner_bench
+
+RESULTS = Path(__file__).parent / "results"
+SUITES = {"planner": planner_bench.run}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", choices=sorted(SUITES), action="append", help="run only these")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON result")
+    args = parser.parse_args()
+    chosen = args.only or sorted(SUITES)
+    results: dict[str, Any] = {"machine": machine()}
+    for name in chosen:
+        results[name] = SUITES[name]()
+        print()
+    # Figures that later suites measure; null until they exist (see README, Benchmarks).
+    for key in (
+        "mesh_vs_direct_rpc_tokens_ratio",
+        "warm_load_bytes_ratio",
+        "warm_vs_cold_load_speedup",
+        "predicted_vs_measured_error",
+        "failover_s",
+    ):
+        results.setdefault(key, None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.out / f"bench-{stamp}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
