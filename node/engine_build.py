@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from .atomic_file import write_atomic
+from ..mesh.atomic_file import write_atomic
 from .engine import (
     LLAMA_SERVER,
     PINNED_SDIST,

@@ -1,0 +1,398 @@
+"""Who belongs to a mesh: the mesh key, member certificates, invites, redemptions, revocations.
+
+Trust starts at the mesh key (Ed25519), held by admin nodes. Two ways in:
+
+- a **certificate** signed by the mesh key names a peer id (the founder gets one at creation);
+- an **invite** carries a *ticket* — a one-off key pair whose public half the mesh key signed,
+  with an expiry and a number of uses — and the ticket's private half. The joiner signs a
+  **redemption** binding the ticket to its own peer id. Any member can check the chain
+  (mesh key -> ticket -> redemption) with no admin online; redemptions are gossiped, and every
+  node ranks the redemptions of one ticket the same way (time, then peer id), so a single-use
+  ticket admits exactly one peer mesh-wide.
+
+A **revocation** signed by the mesh key removes a peer for good. All checks are pure functions
+of the records and `now`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from . import records
+from .identity import NodeIdentity, public_key_bytes, public_key_of_peer_id, verify
+from .records import RecordError
+
+TOKEN_PREFIX = "sllm1-"
+MAX_TOKEN_CHARS = 8192
+ROLES = frozenset({"member", "admin"})
+
+
+class MembershipError(Exception):
+    """A peer's proof of membership does not hold (the message says which check failed)."""
+
+
+def mesh_id_of(mesh_public_key: bytes) -> str:
+    return hashlib.sha256(b"sharedllm-mesh:" + mesh_public_key).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MeshKey:
+    """The mesh's signing key; only admins hold the private half."""
+
+    private_key: Ed25519PrivateKey
+
+    @property
+    def public_key(self) -> bytes:
+        return public_key_bytes(self.private_key.public_key())
+
+    @staticmethod
+    def generate(seed: bytes | None = None) -> MeshKey:
+        return MeshKey(Ed25519PrivateKey.from_private_bytes(seed or os.urandom(32)))
+
+
+@dataclass(frozen=True)
+class Certificate:
+    mesh_public_key: bytes
+    peer_id: str
+    name: str
+    roles: tuple[str, ...]
+    issued_at: float
+    signature: bytes = b""
+
+    KIND = "certificate"
+
+    def fields(self) -> list[Any]:
+        return [self.mesh_public_key, self.peer_id, self.name, list(self.roles), self.issued_at]
+
+    @staticmethod
+    def issue(
+        mesh: MeshKey, peer_id: str, name: str, roles: Iterable[str], now: float
+    ) -> Certificate:
+        draft = Certificate(mesh.public_key, peer_id, name, tuple(sorted(roles)), now)
+        return _signed(
+            draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
+        )
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> Certificate:
+        key, peer, name, roles, issued, sig = records.decode(
+            data, Certificate.KIND, [bytes, str, str, list, (int, float), bytes]
+        )
+        return Certificate(key, peer, name, _roles(roles), float(issued), sig)
+
+    def check(self, mesh_public_key: bytes, peer_id: str) -> None:
+        if self.mesh_public_key != mesh_public_key:
+            raise MembershipError("certificate belongs to another mesh")
+        if self.peer_id != peer_id:
+            raise MembershipError("certificate names another peer")
+        if not verify(
+            mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
+        ):
+            raise MembershipError("certificate signature is not the mesh key's")
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A mesh-signed permission for `uses` peers to join before `expires_at`."""
+
+    mesh_public_key: bytes
+    ticket_public_key: bytes
+    expires_at: float
+    uses: int
+    roles: tuple[str, ...]
+    signature: bytes = b""
+
+    KIND = "ticket"
+
+    def fields(self) -> list[Any]:
+        return [
+            self.mesh_public_key,
+            self.ticket_public_key,
+            self.expires_at,
+            self.uses,
+            list(self.roles),
+        ]
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> Ticket:
+        mesh, key, expires, uses, roles, sig = records.decode(
+            data, Ticket.KIND, [bytes, bytes, (int, float), int, list, bytes]
+        )
+        return Ticket(mesh, key, float(expires), uses, _roles(roles), sig)
+
+    def check(self, mesh_public_key: bytes) -> None:
+        if self.mesh_public_key != mesh_public_key:
+            raise MembershipError("invite belongs to another mesh")
+        if not verify(
+            mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
+        ):
+            raise MembershipError("invite ticket is not signed by the mesh key")
+
+
+@dataclass(frozen=True)
+class Redemption:
+    """The joiner's binding of a ticket to its peer id, signed with the ticket's key."""
+
+    ticket: Ticket
+    peer_id: str
+    name: str
+    redeemed_at: float
+    signature: bytes = b""
+
+    KIND = "redemption"
+
+    def fields(self) -> list[Any]:
+        return [self.ticket.encode(), self.peer_id, self.name, self.redeemed_at]
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> Redemption:
+        ticket, peer, name, at, sig = records.decode(
+            data, Redemption.KIND, [bytes, str, str, (int, float), bytes]
+        )
+        return Redemption(Ticket.decode(ticket), peer, name, float(at), sig)
+
+    @property
+    def ticket_id(self) -> bytes:
+        return self.ticket.ticket_public_key
+
+    def check(self, mesh_public_key: bytes, peer_id: str) -> None:
+        self.ticket.check(mesh_public_key)
+        if self.peer_id != peer_id:
+            raise MembershipError("invite was redeemed by another peer")
+        if self.redeemed_at > self.ticket.expires_at:
+            raise MembershipError("invite had expired when it was redeemed")
+        message = records.signing_bytes(self.KIND, self.fields())
+        if not verify(self.ticket.ticket_public_key, self.signature, message):
+            raise MembershipError("redemption is not signed with the invite's key")
+
+
+@dataclass(frozen=True)
+class Revocation:
+    mesh_public_key: bytes
+    peer_id: str
+    revoked_at: float
+    reason: str
+    signature: bytes = b""
+
+    KIND = "revocation"
+
+    def fields(self) -> list[Any]:
+        return [self.mesh_public_key, self.peer_id, self.revoked_at, self.reason]
+
+    @staticmethod
+    def issue(mesh: MeshKey, peer_id: str, reason: str, now: float) -> Revocation:
+        draft = Revocation(mesh.public_key, peer_id, now, reason)
+        return _signed(
+            draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
+        )
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> Revocation:
+        key, peer, at, reason, sig = records.decode(
+            data, Revocation.KIND, [bytes, str, (int, float), str, bytes]
+        )
+        return Revocation(key, peer, float(at), reason, sig)
+
+    def is_valid_for(self, mesh_public_key: bytes) -> bool:
+        return self.mesh_public_key == mesh_public_key and verify(
+            mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
+        )
+
+
+@dataclass(frozen=True)
+class Invite:
+    """What `sharedllm-node invite` prints: enough to join, as one copy-pasteable string."""
+
+    mesh_name: str
+    ticket: Ticket
+    ticket_seed: bytes
+    bootstrap: tuple[str, ...]
+
+    KIND = "invite"
+
+    @staticmethod
+    def create(
+        mesh: MeshKey,
+        mesh_name: str,
+        *,
+        now: float,
+        expires_in_s: float,
+        uses: int,
+        bootstrap: Iterable[str],
+        seed: bytes | None = None,
+    ) -> Invite:
+        if uses < 1:
+            raise ValueError("an invite needs at least one use")
+        ticket_key = Ed25519PrivateKey.from_private_bytes(seed or os.urandom(32))
+        draft = Ticket(
+            mesh.public_key,
+            public_key_bytes(ticket_key.public_key()),
+            now + expires_in_s,
+            uses,
+            ("member",),
+        )
+        ticket = _signed(
+            draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
+        )
+        return Invite(mesh_name, ticket, NodeIdentity(ticket_key).seed, tuple(bootstrap))
+
+    def redeem(self, peer_id: str, name: str, now: float) -> Redemption:
+        if now > self.ticket.expires_at:
+            raise MembershipError("this invite has expired; ask an admin for a new one")
+        draft = Redemption(self.ticket, peer_id, name, now)
+        key = NodeIdentity.from_seed(self.ticket_seed)
+        return _signed(draft, key.sign(records.signing_bytes(draft.KIND, draft.fields())))
+
+    def to_token(self) -> str:
+        body = records.encode(
+            self.KIND,
+            [self.mesh_name, self.ticket.encode(), self.ticket_seed, list(self.bootstrap)],
+        )
+        return TOKEN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
+
+    @staticmethod
+    def from_token(token: str) -> Invite:
+        token = token.strip()
+        if len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
+            raise RecordError("not a SharedLLM invite token (it should start with 'sllm1-')")
+        text = token[len(TOKEN_PREFIX) :]
+        try:
+            body = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            raise RecordError("invite token is damaged (bad base64)") from None
+        name, ticket, seed, bootstrap = records.decode(body, Invite.KIND, [str, bytes, bytes, list])
+        if len(seed) != 32:
+            raise RecordError("invite token is damaged (bad key)")
+        return Invite(
+            name, Ticket.decode(ticket), seed, records.string_list(bootstrap, "bootstrap")
+        )
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What a peer shows to prove membership: a certificate, or an invite redemption."""
+
+    certificate: Certificate | None = None
+    redemption: Redemption | None = None
+
+    KIND = "proof"
+
+    def encode(self) -> bytes:
+        cert = self.certificate.encode() if self.certificate else b""
+        red = self.redemption.encode() if self.redemption else b""
+        return records.encode(self.KIND, [cert, red])
+
+    @staticmethod
+    def decode(data: bytes) -> Proof:
+        cert, red = records.decode(data, Proof.KIND, [bytes, bytes])
+        return Proof(
+            Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
+        )
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        if self.certificate is not None:
+            return self.certificate.roles
+        return self.redemption.ticket.roles if self.redemption else ()
+
+
+@dataclass
+class MembershipState:
+    """What a node knows about the mesh's membership: revocations and redemptions seen so far.
+
+    Both only grow, and merging is a set union, so every node that has seen the same records
+    reaches the same verdicts.
+    """
+
+    mesh_public_key: bytes
+    revocations: dict[str, Revocation] = field(default_factory=dict)
+    redemptions: dict[bytes, dict[str, Redemption]] = field(default_factory=dict)
+
+    def add_revocation(self, revocation: Revocation) -> bool:
+        """Records a valid revocation; returns whether it was new."""
+        if (
+            not revocation.is_valid_for(self.mesh_public_key)
+            or revocation.peer_id in self.revocations
+        ):
+            return False
+        self.revocations[revocation.peer_id] = revocation
+        return True
+
+    def add_redemption(self, redemption: Redemption) -> bool:
+        """Records a valid redemption; returns whether it was new."""
+        try:
+            redemption.check(self.mesh_public_key, redemption.peer_id)
+        except MembershipError:
+            return False
+        seen = self.redemptions.setdefault(redemption.ticket_id, {})
+        if redemption.peer_id in seen:
+            return False
+        seen[redemption.peer_id] = redemption
+        return True
+
+    def admitted_by(self, ticket_id: bytes, uses: int) -> list[str]:
+        """The peers a ticket admits: its earliest `uses` redemptions, ties by peer id."""
+        seen: Mapping[str, Redemption] = self.redemptions.get(ticket_id, {})
+        ranked = sorted(seen.values(), key=lambda r: (r.redeemed_at, r.peer_id))
+        return [r.peer_id for r in ranked[:uses]]
+
+    def admit(self, proof: Proof, peer_id: str) -> None:
+        """Raises `MembershipError` unless `peer_id` is a current member by `proof`; a valid
+        redemption it carries is recorded (so it counts against the ticket's uses)."""
+        public_key_of_peer_id(peer_id)  # a malformed id fails here, not later
+        if peer_id in self.revocations:
+            raise MembershipError(f"peer {peer_id} has been revoked")
+        if proof.certificate is not None:
+            proof.certificate.check(self.mesh_public_key, peer_id)
+            return
+        if proof.redemption is None:
+            raise MembershipError("no membership proof")
+        proof.redemption.check(self.mesh_public_key, peer_id)
+        self.add_redemption(proof.redemption)
+        ticket = proof.redemption.ticket
+        if peer_id not in self.admitted_by(ticket.ticket_public_key, ticket.uses):
+            raise MembershipError("invite already used up by other peers")
+
+
+def _roles(value: Any) -> tuple[str, ...]:
+    roles = records.string_list(value, "roles", limit=4)
+    if not set(roles) <= ROLES:
+        raise RecordError(f"unknown role in {roles}")
+    return roles
+
+
+_Record = TypeVar("_Record", Certificate, Ticket, Redemption, Revocation)
+
+
+def _signed(draft: _Record, signature: bytes) -> _Record:
+    return replace(draft, signature=signature)
+
+
+def token_summary(invite: Invite) -> dict[str, Any]:
+    """For `invite --json` and logs; never includes the ticket's private key."""
+    return {
+        "mesh": invite.mesh_name,
+        "mesh_id": mesh_id_of(invite.ticket.mesh_public_key),
+        "expires_at": invite.ticket.expires_at,
+        "uses": invite.ticket.uses,
+        "bootstrap": list(invite.bootstrap),
+    }
