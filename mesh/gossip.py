@@ -1,0 +1,195 @@
+"""Anti-entropy gossip of signed node states (sans-I/O).
+
+Each node publishes one state: a msgpack map (capacity, addresses, links, its membership proof,
+revocations it issued...) with a version that only grows, signed by its own key. Versions are
+derived from the publisher's clock (`max(previous + 1, now in ms)`), so a node that restarts
+with no memory still publishes newer versions than before.
+
+Exchange is push-pull: a node sends a digest {origin: version} to a peer; the peer answers with
+the states the sender lacks or has older, plus the origins it wants; the sender sends those.
+Every entry must carry its origin's signature (the key is inside the peer id), and a newer
+version replaces an older one, so merging is commutative, idempotent and convergent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from . import records
+from .identity import NodeIdentity, public_key_of_peer_id, verify
+from .records import RecordError
+
+MAX_DIGEST_ENTRIES = 10_000
+MAX_STATE_BYTES = 32 * 1024
+MAX_STATES_PER_MESSAGE = 256
+
+
+@dataclass(frozen=True)
+class SignedState:
+    origin: str
+    version: int
+    payload: bytes  # msgpack map
+    signature: bytes = b""
+
+    KIND = "state"
+
+    def fields(self) -> list[Any]:
+        return [self.origin, self.version, self.payload]
+
+    @staticmethod
+    def publish(identity: NodeIdentity, version: int, payload: Mapping[str, Any]) -> SignedState:
+        body: bytes = msgpack.packb(dict(payload), use_bin_type=True)
+        if len(body) > MAX_STATE_BYTES:
+            raise ValueError(f"state of {len(body)} bytes exceeds {MAX_STATE_BYTES}")
+        draft = SignedState(identity.peer_id, version, body)
+        signature = identity.sign(records.signing_bytes(draft.KIND, draft.fields()))
+        return SignedState(draft.origin, version, body, signature)
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> SignedState:
+        origin, version, payload, signature = records.decode(
+            data, SignedState.KIND, [str, int, bytes, bytes]
+        )
+        if len(payload) > MAX_STATE_BYTES or version < 0:
+            raise RecordError("state too large or with a negative version")
+        return SignedState(origin, version, payload, signature)
+
+    def signature_ok(self) -> bool:
+        try:
+            key = public_key_of_peer_id(self.origin)
+        except ValueError:
+            return False
+        return verify(key, self.signature, records.signing_bytes(self.KIND, self.fields()))
+
+    def content(self) -> dict[str, Any]:
+        """The payload as a map; `RecordError` if it is not one."""
+        try:
+            value = msgpack.unpackb(self.payload, raw=False, strict_map_key=True)
+        except (ValueError, msgpack.UnpackException, TypeError):
+            raise RecordError("state payload is not valid msgpack") from None
+        if not isinstance(value, dict):
+            raise RecordError("state payload is not a map")
+        return value
+
+
+def next_version(previous: int, now: float) -> int:
+    return max(previous + 1, int(now * 1000))
+
+
+@dataclass(frozen=True)
+class Digest:
+    versions: Mapping[str, int]
+
+    KIND = "digest"
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [dict(self.versions)])
+
+    @staticmethod
+    def decode(data: bytes) -> Digest:
+        (versions,) = records.decode(data, Digest.KIND, [dict])
+        if len(versions) > MAX_DIGEST_ENTRIES:
+            raise RecordError(f"digest of {len(versions)} entries exceeds {MAX_DIGEST_ENTRIES}")
+        if not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+            for k, v in versions.items()
+        ):
+            raise RecordError("digest entries must map peer ids to versions")
+        return Digest(versions)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Answer to a digest (states the asker lacks, and what we want), or the final push."""
+
+    states: tuple[SignedState, ...]
+    wanted: tuple[str, ...]
+
+    KIND = "exchange"
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [[s.encode() for s in self.states], list(self.wanted)])
+
+    @staticmethod
+    def decode(data: bytes) -> Exchange:
+        states, wanted = records.decode(data, Exchange.KIND, [list, list])
+        if len(states) > MAX_STATES_PER_MESSAGE or len(wanted) > MAX_DIGEST_ENTRIES:
+            raise RecordError("exchange message too large")
+        if not all(isinstance(s, bytes) for s in states):
+            raise RecordError("exchange states must be byte strings")
+        return Exchange(
+            tuple(SignedState.decode(s) for s in states),
+            records.string_list(wanted, "wanted", MAX_DIGEST_ENTRIES),
+        )
+
+
+@dataclass
+class MergeStats:
+    accepted: int = 0
+    stale: int = 0
+    forged: int = 0
+    refused: int = 0  # well signed, but the origin is not a member
+
+
+@dataclass
+class GossipStore:
+    """The latest signed state of every origin this node has accepted."""
+
+    states: dict[str, SignedState] = field(default_factory=dict)
+    stats: MergeStats = field(default_factory=MergeStats)
+
+    def digest(self) -> Digest:
+        return Digest({origin: s.version for origin, s in self.states.items()})
+
+    def merge(
+        self, incoming: Iterable[SignedState], admit: Callable[[SignedState], bool] | None = None
+    ) -> list[SignedState]:
+        """Keeps each state that is signed by its origin and newer than ours.
+
+        `admit(state) -> bool`, when given, decides membership (e.g. checks the proof inside).
+        Returns the states accepted, for the caller to act on.
+        """
+        accepted: list[SignedState] = []
+        for state in incoming:
+            current = self.states.get(state.origin)
+            if current is not None and state.version <= current.version:
+                self.stats.stale += 1
+                continue
+            if not state.signature_ok():
+                self.stats.forged += 1
+                continue
+            if admit is not None and not admit(state):
+                self.stats.refused += 1
+                continue
+            self.states[state.origin] = state
+            self.stats.accepted += 1
+            accepted.append(state)
+        return accepted
+
+    def answer(self, remote: Digest) -> Exchange:
+        """The states `remote` lacks or has older (bounded), and the origins where it is newer."""
+        missing = [
+            s
+            for origin, s in sorted(self.states.items())
+            if remote.versions.get(origin, -1) < s.version
+        ][:MAX_STATES_PER_MESSAGE]
+        wanted = [
+            origin
+            for origin, version in sorted(remote.versions.items())
+            if version > (self.states[origin].version if origin in self.states else -1)
+        ]
+        return Exchange(tuple(missing), tuple(wanted))
+
+    def provide(self, wanted: Iterable[str]) -> Exchange:
+        states = [self.states[o] for o in sorted(set(wanted)) if o in self.states]
+        return Exchange(tuple(states[:MAX_STATES_PER_MESSAGE]), ())
+
+    def forget(self, origin: str) -> None:
+        self.states.pop(origin, None)
