@@ -1,0 +1,140 @@
+"""The Transport seam over py-libp2p: TCP, Noise (only: never plaintext or secio), yamux.
+
+This is the one module that imports libp2p. It adapts libp2p's streams (which raise `StreamEOF`
+instead of returning b"") to `MeshStream` and maps libp2p's exceptions to `TransportError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import multiaddr
+
+from .identity import NodeIdentity
+from .transport import MeshStream, StreamHandler, TransportError
+
+with warnings.catch_warnings():
+    # py-libp2p's import chain emits deprecation warnings we cannot fix from here.
+    warnings.simplefilter("ignore")
+    from libp2p import new_host
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+
+_log = logging.getLogger("sharedllm.mesh.libp2p")
+
+
+class _Libp2pStream:
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._peer = str(stream.muxed_conn.peer_id)
+
+    @property
+    def remote_peer(self) -> str:
+        return self._peer
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except Exception as err:  # noqa: BLE001 - libp2p raises many unrelated types here
+            raise TransportError(f"write to {self._peer} failed: {type(err).__name__}") from None
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            data: bytes = await self._stream.read(max_bytes)
+        except StreamEOF:
+            return b""
+        except Exception as err:  # noqa: BLE001
+            raise TransportError(f"read from {self._peer} failed: {type(err).__name__}") from None
+        return data
+
+    async def aclose(self) -> None:
+        # Closing a broken stream may fail in many ways; there is nothing left to do then.
+        with contextlib.suppress(Exception):
+            await self._stream.close()
+
+
+class Libp2pTransport:
+    """A libp2p host bound to this node's identity; use `open_libp2p_transport` to run it."""
+
+    def __init__(self, host: Any) -> None:
+        self._host = host
+
+    @property
+    def local_peer_id(self) -> str:
+        return str(self._host.get_id())
+
+    def listen_addrs(self) -> Sequence[str]:
+        return [str(a) for a in self._host.get_addrs()]
+
+    async def connect(self, address: str) -> str:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        except Exception as err:  # noqa: BLE001
+            raise TransportError(f"not a peer address: {address} ({err})") from None
+        try:
+            await self._host.connect(info)
+        except Exception as err:  # noqa: BLE001
+            raise TransportError(
+                f"cannot connect to {address}: {type(err).__name__}: {err}"
+            ) from None
+        return str(info.peer_id)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> MeshStream:
+        try:
+            stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+        except Exception as err:  # noqa: BLE001
+            raise TransportError(
+                f"cannot open {protocol} to {peer_id}: {type(err).__name__}"
+            ) from None
+        return _Libp2pStream(stream)
+
+    def serve(self, protocol: str, handler: StreamHandler) -> None:
+        async def adapted(stream: Any) -> None:
+            wrapped = _Libp2pStream(stream)
+            try:
+                await handler(wrapped)
+            except TransportError as err:
+                _log.debug("%s stream from %s ended: %s", protocol, wrapped.remote_peer, err)
+            finally:
+                await wrapped.aclose()
+
+        self._host.set_stream_handler(TProtocol(protocol), adapted)
+
+    def connected_peers(self) -> Sequence[str]:
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    async def disconnect(self, peer_id: str) -> None:
+        try:
+            await self._host.disconnect(ID.from_base58(peer_id))
+        except Exception as err:  # noqa: BLE001
+            _log.debug("disconnecting %s: %s", peer_id, err)
+
+
+@asynccontextmanager
+async def open_libp2p_transport(
+    identity: NodeIdentity, listen: Sequence[str]
+) -> AsyncIterator[Libp2pTransport]:
+    """Runs a libp2p host with Noise as the only security option and yamux streams."""
+    key_pair = create_new_key_pair(identity.seed)
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_pair().private_key)
+    try:
+        addrs = [multiaddr.Multiaddr(a) for a in listen]
+    except Exception as err:  # noqa: BLE001
+        raise TransportError(f"bad listen address in {list(listen)}: {err}") from None
+    host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+    async with host.run(listen_addrs=addrs):
+        transport = Libp2pTransport(host)
+        if str(host.get_id()) != identity.peer_id:
+            raise TransportError("libp2p derived another peer id from our key")
+        yield transport
