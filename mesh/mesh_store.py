@@ -51,8 +51,8 @@ def load_mesh(data_dir: Path) -> MeshFiles:
         )
     except FileNotFoundError:
         raise MeshStoreError(
-            f"this node belongs to no mesh yet ({path} is missing): run `sharedllm-node mesh create` "
-            "or `sharedllm-node up --join TOKEN`"
+            f"this node belongs to no mesh yet ({path} is missing): run "
+            "`sharedllm-node mesh create` or `sharedllm-node up --join TOKEN`"
         ) from None
     except (OSError, ValueError, KeyError, TypeError, RecordError) as err:
         raise MeshStoreError(f"{path} is damaged: {err}") from None
