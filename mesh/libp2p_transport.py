@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
+import psutil
 
 from .identity import NodeIdentity
 from .transport import MeshStream, StreamHandler, TransportError
@@ -75,7 +77,15 @@ class Libp2pTransport:
         return str(self._host.get_id())
 
     def listen_addrs(self) -> Sequence[str]:
-        return [str(a) for a in self._host.get_addrs()]
+        """Dialable addresses: a wildcard listen address is expanded to each local IPv4."""
+        found: list[str] = []
+        for address in (str(a) for a in self._host.get_addrs()):
+            if address.startswith("/ip4/0.0.0.0/"):
+                rest = address.removeprefix("/ip4/0.0.0.0")
+                found += [f"/ip4/{ip}{rest}" for ip in _local_ipv4_addresses()]
+            else:
+                found.append(address)
+        return found
 
     async def connect(self, address: str) -> str:
         try:
@@ -121,6 +131,33 @@ class Libp2pTransport:
             _log.debug("disconnecting %s: %s", peer_id, err)
 
 
+def _check_port_free(address: multiaddr.Multiaddr) -> None:
+    """libp2p listens with SO_REUSEPORT, so two nodes could silently share a port; refuse that."""
+    text = str(address)
+    parts = text.strip("/").split("/")
+    if len(parts) < 4 or parts[0] not in ("ip4", "ip6") or parts[2] != "tcp" or parts[3] == "0":
+        return
+    family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((parts[1], int(parts[3])))
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise TransportError(
+                f"cannot listen on {text}: {reason} (use --listen to pick another)"
+            ) from None
+
+
+def _local_ipv4_addresses() -> list[str]:
+    addresses = [
+        entry.address
+        for entries in psutil.net_if_addrs().values()
+        for entry in entries
+        if entry.family == socket.AF_INET
+    ]
+    return sorted(set(addresses), key=lambda ip: (ip.startswith("127."), ip))
+
+
 @asynccontextmanager
 async def open_libp2p_transport(
     identity: NodeIdentity, listen: Sequence[str]
@@ -132,6 +169,8 @@ async def open_libp2p_transport(
         addrs = [multiaddr.Multiaddr(a) for a in listen]
     except Exception as err:  # noqa: BLE001
         raise TransportError(f"bad listen address in {list(listen)}: {err}") from None
+    for address in addrs:
+        _check_port_free(address)
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
     async with host.run(listen_addrs=addrs):
         transport = Libp2pTransport(host)

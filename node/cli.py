@@ -9,19 +9,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ..mesh.identity import IdentityError, load_or_create_identity
+from ..mesh.membership import Invite, Revocation
+from ..mesh.mesh_store import (
+    MeshStoreError,
+    load_addresses,
+    load_mesh,
+    load_mesh_key,
+    save_revocation,
+)
+from ..mesh.records import RecordError
+from ..mesh.transport import TransportError
 from ..scheduler.cluster_file import ClusterFileError
 from ..scheduler.placement import PlannerError
 from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
 from .default_model import DefaultModelError, default_model_path
 from .engine import EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
 from .engine_build import EngineBuildError, build_engine
+from .mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
 from .model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
 from .progress import progress_reporter
 
@@ -55,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ) as err:
         print(f"sharedllm-node: error: {err}", file=sys.stderr)
         code = EXIT_ERROR
+    except (MeshSetupError, MeshStoreError, IdentityError, RecordError, TransportError) as err:
+        print(f"sharedllm-node: error: {err}", file=sys.stderr)
+        code = EXIT_ERROR
     except (ClusterFileError, PlannerError) as err:
         print(f"sharedllm-node: error: {err}", file=sys.stderr)
         code = EXIT_USAGE
@@ -82,7 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--api-port", type=int, help=f"port of the API (default: {DEFAULT_API_PORT})")
     up.add_argument("--context-size", type=int, help="context length per request (default: 4096)")
     up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
+    up.add_argument(
+        "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"
+    )
+    up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
+    up.add_argument(
+        "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"
+    )
+    up.add_argument("--name", help="this node's name in the mesh (default: the host name)")
     up.set_defaults(handler=_cmd_up)
+
+    _add_mesh_commands(commands)
 
     engine = commands.add_parser("engine", help="the llama.cpp engine").add_subparsers(
         metavar="ACTION"
@@ -119,6 +146,41 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     inspect.set_defaults(handler=_cmd_model_inspect)
     return parser
+
+
+def _add_mesh_commands(commands: Any) -> None:
+    mesh = commands.add_parser("mesh", help="the mesh this node belongs to").add_subparsers(
+        metavar="ACTION"
+    )
+    create = mesh.add_parser("create", help="found a new mesh; this node becomes its admin")
+    _add_common(create)
+    create.add_argument("--name", default="sharedllm", help="the mesh's name")
+    create.set_defaults(handler=_cmd_mesh_create)
+
+    invite = commands.add_parser("invite", help="print an invite token (admins only)")
+    _add_common(invite)
+    invite.add_argument("--expires", default="1h", help="validity, e.g. 30m, 1h, 2d (default: 1h)")
+    invite.add_argument("--uses", type=int, default=1, help="how many nodes may join with it")
+    invite.add_argument(
+        "--address", action="append", help="bootstrap multiaddr to put in the token"
+    )
+    invite.set_defaults(handler=_cmd_invite)
+
+    revoke = commands.add_parser(
+        "revoke", help="remove a member from the mesh for good (admins only)"
+    )
+    _add_common(revoke)
+    revoke.add_argument("peer", help="the peer id to revoke")
+    revoke.add_argument("--reason", default="revoked by an admin")
+    revoke.set_defaults(handler=_cmd_revoke)
+
+    peers = commands.add_parser(
+        "peers", help="list the mesh's members, as the local node sees them"
+    )
+    _add_common(peers)
+    peers.add_argument("--api-port", type=int, help="the local node's API port")
+    peers.add_argument("--json", action="store_true", help="print JSON")
+    peers.set_defaults(handler=_cmd_peers)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -235,8 +297,97 @@ def _engine_for(config: NodeConfig) -> EngineInfo:
         return build_engine(config.cache_dir, progress=report)
 
 
+def _node_name(args: argparse.Namespace) -> str:
+    return getattr(args, "name", None) or socket.gethostname()
+
+
+def _cmd_mesh_create(args: argparse.Namespace) -> int:
+    config = _load(args)
+    identity = load_or_create_identity(config.data_dir)
+    files = create_mesh(config.data_dir, identity, args.name, socket.gethostname(), time.time())
+    print(f"created mesh {files.name!r}; this node ({identity.peer_id}) is its admin")
+    return 0
+
+
+def _cmd_invite(args: argparse.Namespace) -> int:
+    config = _load(args)
+    files = load_mesh(config.data_dir)
+    key = load_mesh_key(config.data_dir)
+    addresses = args.address or load_addresses(config.data_dir)
+    if not addresses:
+        raise CommandError(
+            "no address to put in the invite: start this node (sharedllm-node up) or pass --address"
+        )
+    identity = load_or_create_identity(config.data_dir)
+    suffix = f"/p2p/{identity.peer_id}"
+    bootstrap = [a if "/p2p/" in a else a + suffix for a in addresses]
+    invite = Invite.create(
+        key,
+        files.name,
+        now=time.time(),
+        expires_in_s=parse_duration(args.expires),
+        uses=args.uses,
+        bootstrap=bootstrap,
+    )
+    print(invite.to_token())
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    from ..mesh.identity import public_key_of_peer_id
+
+    config = _load(args)
+    key = load_mesh_key(config.data_dir)
+    try:
+        public_key_of_peer_id(args.peer)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    save_revocation(config.data_dir, Revocation.issue(key, args.peer, args.reason, time.time()))
+    print(f"revoked {args.peer}; the running node spreads this to the mesh")
+    return 0
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    import httpx
+
+    config = _load(args)
+    port = args.api_port or config.api_port
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/mesh/peers", timeout=5.0)
+        view = answer.json()
+    except (httpx.HTTPError, ValueError) as err:
+        raise CommandError(
+            f"no node answers on 127.0.0.1:{port} ({type(err).__name__}); is it running?"
+        ) from None
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(f"mesh {view['mesh']}, this node {view['peer_id']}")
+    header = ("peer", "name", "state", "rtt ms", "RAM GiB", "GFLOPS", "engine", "models")
+    print("{:<14} {:<16} {:<8} {:>7} {:>8} {:>7} {:<20} {}".format(*header))
+    for peer in view["peers"]:
+        rtt = "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.2f}"
+        ram = peer.get("ram_total")
+        ram_text = "-" if ram is None else f"{ram / 1024**3:.1f}"
+        engine = f"{peer.get('engine_version', '-')} rpc {peer.get('rpc_protocol', '-')}"
+        models = ",".join(m.get("id", "?") for m in peer.get("models", []))
+        print(
+            f"{peer['peer_id'][-12:]:<14} {str(peer.get('name', '-'))[:16]:<16} {peer['state']:<8} "
+            f"{rtt:>7} {ram_text:>8} {peer.get('gflops', '-')!s:>7} {engine:<20} {models}"
+        )
+    return 0
+
+
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first real error inside nested exception groups (nurseries wrap what they raise)."""
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    from .daemon import ApiBindError, ServedModel, run_node
+    from .capacity import describe, measured_gflops
+    from .daemon import ApiBindError, MeshOptions, ServedModel, run_node
 
     config = _load(args)
     logging.getLogger().setLevel(config.log_level.upper())
@@ -254,8 +405,26 @@ def _cmd_up(args: argparse.Namespace) -> int:
         created=int(model_path.stat().st_mtime),
     )
     _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
+    plan = prepare_mesh(config.data_dir, _node_name(args), args.join, time.time())
+    if plan.created:
+        print(
+            f"created a new mesh; this node ({plan.identity.peer_id}) is its admin; "
+            "`sharedllm-node invite` prints a token for other nodes",
+            file=sys.stderr,
+        )
+    gflops = measured_gflops(config.cache_dir)
+    size = model_path.stat().st_size
+    models = [{"id": model.model_id, "size": size}]
+    mesh = MeshOptions(
+        plan=plan,
+        listen=tuple(args.listen or [DEFAULT_LISTEN]),
+        peers=tuple(args.peer),
+        node_name=_node_name(args),
+        data_dir=config.data_dir,
+        capacity=lambda: describe(engine, gflops, models, config.api_port),
+    )
     try:
-        trio.run(run_node, config, engine, model)
-    except* ApiBindError as group:
-        raise CommandError(str(group.exceptions[0])) from None
+        trio.run(run_node, config, engine, model, mesh)
+    except* (ApiBindError, TransportError) as group:
+        raise CommandError(str(_first_leaf(group))) from None
     return 0

@@ -7,20 +7,28 @@ where the mesh will later send requests to whichever peer is the model's primary
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from ..mesh.libp2p_transport import open_libp2p_transport
+from ..mesh.membership import MembershipState
+from ..mesh.mesh_store import load_revocations, save_addresses
+from ..mesh.service import MeshService
 from .config import NodeConfig
 from .engine import EngineInfo, free_loopback_port
 from .http_api import ModelEntry, ModelNotFound, create_app
+from .mesh_setup import MeshPlan
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
 
@@ -96,15 +104,49 @@ class LocalEngineRouter:
         return str(state.value)
 
 
+@dataclass(frozen=True)
+class MeshOptions:
+    plan: MeshPlan
+    listen: tuple[str, ...]
+    peers: tuple[str, ...]
+    node_name: str
+    data_dir: Path
+    capacity: Callable[[], dict[str, Any]]
+
+
 async def run_node(
     config: NodeConfig,
     engine: EngineInfo,
     model: ServedModel,
+    mesh: MeshOptions,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until SIGINT/SIGTERM; everything it started is stopped before it returns."""
-    async with httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client:
+    plan = mesh.plan
+    async with (
+        httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client,
+        open_libp2p_transport(plan.identity, mesh.listen) as transport,
+    ):
+        service = MeshService(
+            transport=transport,
+            identity=plan.identity,
+            membership=MembershipState(plan.files.mesh_public_key),
+            proof=plan.files.proof,
+            name=mesh.node_name,
+            describe_self=mesh.capacity,
+            wall_clock=time.time,
+            rng=random.Random(),
+        )
+        for revocation in load_revocations(mesh.data_dir):
+            service.membership.add_revocation(revocation)
+        save_addresses(mesh.data_dir, list(transport.listen_addrs()))
+        _log.info(
+            "mesh %s: peer id %s, listening on %s",
+            plan.files.name,
+            plan.identity.peer_id,
+            ", ".join(transport.listen_addrs()),
+        )
 
         async def is_ready(spec: ProcessSpec) -> bool:
             try:
@@ -119,13 +161,31 @@ async def run_node(
             logger=_log,
             ready_timeout_s=config.engine_load_timeout_s,
         )
-        app = create_app(LocalEngineRouter(model, supervisor, client))
+
+        def mesh_view() -> dict[str, Any]:
+            return {
+                "peer_id": plan.identity.peer_id,
+                "mesh": plan.files.name,
+                "peers": service.peers(),
+            }
+
+        app = create_app(LocalEngineRouter(model, supervisor, client), mesh_view)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(_serve_api, app, config)
             nursery.start_soon(supervisor.run)
+            nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers])
+            nursery.start_soon(_watch_revocations, service, mesh.data_dir)
             _log.info("OpenAI-compatible API for model %s at %s/v1", model.model_id, api_url)
             task_status.started(api_url)
+
+
+async def _watch_revocations(service: MeshService, data_dir: Path) -> None:
+    """Picks up revocations that `sharedllm-node revoke` wrote while the node runs."""
+    while True:
+        for revocation in load_revocations(data_dir):
+            service.membership.add_revocation(revocation)
+        await trio.sleep(1.0)
 
 
 async def _serve_api(
@@ -166,9 +226,11 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _stop_on_signal(scope: trio.CancelScope, service: MeshService) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for received in signals:
-            _log.info("received %s; stopping", signal.Signals(received).name)
+            _log.info("received %s; leaving the mesh and stopping", signal.Signals(received).name)
+            with trio.move_on_after(3.0):
+                await service.leave()
             scope.cancel()
             return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,7 +81,9 @@ def _bad_request(message: str, param: str | None = None) -> JSONResponse:
     return openai_error(400, message, kind="invalid_request_error", param=param)
 
 
-def create_app(router: ModelRouter) -> Starlette:
+def create_app(
+    router: ModelRouter, mesh_view: Callable[[], dict[str, Any]] | None = None
+) -> Starlette:
     async def list_models(_request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [m.as_openai() for m in router.models()]})
 
@@ -103,8 +105,14 @@ def create_app(router: ModelRouter) -> Starlette:
     async def completions(request: Request) -> Response:
         return await _forward(router, request, required=("prompt", (str, list)))
 
+    async def mesh_peers(_request: Request) -> Response:
+        if mesh_view is None:
+            return openai_error(404, "this node runs no mesh", kind="not_found_error")
+        return JSONResponse(mesh_view())
+
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/mesh/peers", mesh_peers, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

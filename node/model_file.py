@@ -158,6 +158,10 @@ def _read_tensors(header: GgufHeader, file_size: int, path: Path) -> list[tuple[
 def _layer_bytes(
     tensors: list[tuple[str, str, int]], layer_count: int, path: Path
 ) -> tuple[int, ...]:
+    if not 0 < layer_count <= len(tensors):  # every block has tensors; checked before allocating
+        raise ModelFileError(
+            f"{path}: block_count {layer_count} does not match its {len(tensors)} tensors"
+        )
     sizes = [0] * layer_count
     for name, _, n_bytes in tensors:
         match = _BLOCK_TENSOR.match(name)

@@ -57,15 +57,10 @@ def start_node(
     port = free_loopback_port()
     tmp.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "node.log"
-    command = [
-        node_command(),
-        "up",
-        "--data-dir",
-        str(tmp / "data"),
-        "--api-port",
-        str(port),
-        *args,
-    ]
+    command = [node_command(), "up", "--data-dir", str(tmp / "data"), "--api-port", str(port)]
+    if "--listen" not in args:  # tests stay on loopback, each node on its own port
+        command += ["--listen", "/ip4/127.0.0.1/tcp/0"]
+    command += args
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)

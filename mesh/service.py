@@ -1,0 +1,324 @@
+"""The running mesh: membership handshake, gossip rounds, heartbeats, pings and reconnection.
+
+This is the I/O shell around the sans-I/O cores (membership, gossip, failure detection). It
+talks only to the `Transport` seam, takes its clocks and its random source as arguments, and so
+runs unchanged on libp2p and on the simulated network.
+
+Admission: when a connection opens, the dialer sends its membership proof on the hello
+protocol and the listener answers with its own; each side checks the other's proof against the
+mesh key and the revocations it knows. Every other protocol is served only to admitted peers;
+anyone else is disconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from .failure_detector import FailureDetector, Liveness
+from .framing import FrameError, receive_frame, send_frame
+from .gossip import Digest, Exchange, GossipStore, SignedState, next_version
+from .identity import NodeIdentity
+from .membership import MembershipError, MembershipState, Proof, Revocation
+from .records import RecordError
+from .transport import MeshStream, StreamHandler, Transport, TransportError
+
+HELLO = "/sharedllm/hello/1"
+GOSSIP = "/sharedllm/gossip/1"
+PING = "/sharedllm/ping/1"
+_log = logging.getLogger("sharedllm.mesh")
+_PROTOCOL_FAULTS = (TransportError, FrameError, RecordError)
+
+
+class RandomSource(Protocol):
+    """The part of `random.Random` the mesh uses; injected so a seed fixes every choice."""
+
+    def random(self) -> float: ...
+
+    def sample(self, population: Sequence[str], k: int) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class MeshTiming:
+    heartbeat_s: float = 1.0
+    gossip_interval_s: float = 1.0
+    fanout: int = 3
+    ping_interval_s: float = 2.0
+    reconnect_interval_s: float = 2.0
+    suspect_after_s: float = 4.0
+    dead_after_s: float = 10.0
+    exchange_timeout_s: float = 5.0
+
+
+@dataclass
+class PeerLink:
+    """What this node measured of its link to one peer."""
+
+    rtt_ms: float | None = None
+    jitter_ms: float = 0.0
+
+    def observe(self, sample_ms: float) -> None:
+        if self.rtt_ms is None:
+            self.rtt_ms = sample_ms
+            return
+        self.jitter_ms = 0.75 * self.jitter_ms + 0.25 * abs(sample_ms - self.rtt_ms)
+        self.rtt_ms = 0.8 * self.rtt_ms + 0.2 * sample_ms
+
+
+@dataclass
+class MeshService:
+    transport: Transport
+    identity: NodeIdentity
+    membership: MembershipState
+    proof: Proof
+    name: str
+    describe_self: Callable[[], Mapping[str, Any]]  # capacity, models... for our gossiped state
+    wall_clock: Callable[[], float]  # for state versions, comparable across restarts
+    rng: RandomSource
+    timing: MeshTiming = field(default_factory=MeshTiming)
+    store: GossipStore = field(default_factory=GossipStore)
+    admitted: set[str] = field(default_factory=set)
+    links: dict[str, PeerLink] = field(default_factory=dict)
+    _version: int = 0
+    _leaving: bool = False
+
+    def __post_init__(self) -> None:
+        self.detector = FailureDetector(self.timing.suspect_after_s, self.timing.dead_after_s)
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, bootstrap: Sequence[str]) -> None:
+        self.transport.serve(HELLO, self._serve_hello)
+        self.transport.serve(GOSSIP, self._guarded(self._serve_gossip))
+        self.transport.serve(PING, self._guarded(self._serve_ping))
+        self._publish()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._every, self.timing.heartbeat_s, self._heartbeat)
+            nursery.start_soon(self._every, self.timing.gossip_interval_s, self._gossip_round)
+            nursery.start_soon(self._every, self.timing.ping_interval_s, self._ping_round)
+            nursery.start_soon(
+                self._every, self.timing.reconnect_interval_s, self._reconnect, bootstrap
+            )
+
+    async def leave(self) -> None:
+        """Announces a clean departure to a few peers (best effort, bounded in time)."""
+        self._leaving = True
+        self._publish()
+        with trio.move_on_after(2.0):
+            await self._gossip_round()
+
+    async def _every(self, interval_s: float, action: Callable[..., Any], *args: Any) -> None:
+        while True:
+            await action(*args)
+            await trio.sleep(interval_s * (0.8 + 0.4 * self.rng.random()))
+
+    # -- our own state ---------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        self._version = next_version(self._version, self.wall_clock())
+        payload = {
+            **self.describe_self(),
+            "name": self.name,
+            "proof": self.proof.encode(),
+            "addrs": list(self.transport.listen_addrs()),
+            "links": {
+                peer: {"rtt_ms": link.rtt_ms, "jitter_ms": link.jitter_ms}
+                for peer, link in sorted(self.links.items())
+                if link.rtt_ms is not None
+            },
+            "revocations": [r.encode() for _, r in sorted(self.membership.revocations.items())],
+            "leaving": self._leaving,
+        }
+        state = SignedState.publish(self.identity, self._version, payload)
+        self.store.merge([state])
+
+    async def _heartbeat(self) -> None:
+        self._publish()
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def _serve_hello(self, stream: MeshStream) -> None:
+        peer = stream.remote_peer
+        try:
+            theirs = Proof.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+            self.membership.admit(theirs, peer)
+        except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
+            _log.warning("refused %s: %s", peer, err)
+            await send_frame(stream, b"")
+            await self.transport.disconnect(peer)
+            return
+        await send_frame(stream, self.proof.encode())
+        self._admit(peer)
+
+    async def introduce(self, peer: str) -> bool:
+        """Runs the hello exchange with a newly connected peer; False (and disconnected) if
+        either side refuses."""
+        try:
+            stream = await self.transport.open_stream(peer, HELLO)
+            try:
+                await send_frame(stream, self.proof.encode())
+                reply = await receive_frame(stream, self.timing.exchange_timeout_s)
+            finally:
+                await stream.aclose()
+            if not reply:
+                raise MembershipError("the peer refused our membership proof")
+            self.membership.admit(Proof.decode(reply), peer)
+        except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
+            _log.warning("could not join %s: %s", peer, err)
+            await self.transport.disconnect(peer)
+            return False
+        self._admit(peer)
+        return True
+
+    def _admit(self, peer: str) -> None:
+        if peer not in self.admitted:
+            _log.info("admitted %s", peer)
+        self.admitted.add(peer)
+
+    def _guarded(self, handler: StreamHandler) -> StreamHandler:
+        async def guarded(stream: MeshStream) -> None:
+            if stream.remote_peer not in self.admitted:
+                _log.warning("dropping %s: no membership proof yet", stream.remote_peer)
+                await self.transport.disconnect(stream.remote_peer)
+                return
+            try:
+                await handler(stream)
+            except _PROTOCOL_FAULTS as err:
+                _log.debug("stream from %s failed: %s", stream.remote_peer, err)
+
+        return guarded
+
+    # -- gossip ----------------------------------------------------------------------------
+
+    def _admit_state(self, state: SignedState) -> bool:
+        try:
+            content = state.content()
+            proof = Proof.decode(content.get("proof", b""))
+            for raw in content.get("revocations", [])[:1024]:
+                self._learn_revocation(Revocation.decode(raw))
+            self.membership.admit(proof, state.origin)
+        except (RecordError, MembershipError, ValueError, TypeError, AttributeError):
+            return False
+        return True
+
+    def _learn_revocation(self, revocation: Revocation) -> None:
+        if self.membership.add_revocation(revocation):
+            if revocation.peer_id == self.identity.peer_id:
+                _log.error("this node has been revoked from the mesh: %s", revocation.reason)
+            _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
+            self.admitted.discard(revocation.peer_id)
+            self.store.forget(revocation.peer_id)
+            self.detector.forget(revocation.peer_id)
+
+    def _merge(self, states: Sequence[SignedState]) -> None:
+        now = trio.current_time()
+        for state in self.store.merge(states, admit=self._admit_state):
+            leaving = bool(state.content().get("leaving", False))
+            self.detector.observe(state.origin, state.version, now, leaving)
+
+    async def _gossip_round(self) -> None:
+        peers = [p for p in self.transport.connected_peers() if p in self.admitted]
+        for peer in self.rng.sample(peers, min(self.timing.fanout, len(peers))):
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    await self._exchange_with(peer)
+                except _PROTOCOL_FAULTS as err:
+                    _log.debug("gossip with %s failed: %s", peer, err)
+        await self._enforce_revocations()
+
+    async def _exchange_with(self, peer: str) -> None:
+        stream = await self.transport.open_stream(peer, GOSSIP)
+        try:
+            await send_frame(stream, self.store.digest().encode())
+            answer = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+            self._merge(answer.states)
+            await send_frame(stream, self.store.provide(answer.wanted).encode())
+        finally:
+            await stream.aclose()
+
+    async def _serve_gossip(self, stream: MeshStream) -> None:
+        digest = Digest.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+        await send_frame(stream, self.store.answer(digest).encode())
+        pushed = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+        self._merge(pushed.states)
+
+    async def _enforce_revocations(self) -> None:
+        for peer in list(self.transport.connected_peers()):
+            if peer in self.membership.revocations:
+                await self.transport.disconnect(peer)
+
+    # -- links and reconnection -----------------------------------------------------------------
+
+    async def _serve_ping(self, stream: MeshStream) -> None:
+        await send_frame(stream, await receive_frame(stream, self.timing.exchange_timeout_s))
+
+    async def _ping_round(self) -> None:
+        for peer in [p for p in self.transport.connected_peers() if p in self.admitted]:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    started = trio.current_time()
+                    stream = await self.transport.open_stream(peer, PING)
+                    try:
+                        await send_frame(stream, b"ping")
+                        await receive_frame(stream, self.timing.exchange_timeout_s)
+                    finally:
+                        await stream.aclose()
+                    sample = (trio.current_time() - started) * 1000
+                    self.links.setdefault(peer, PeerLink()).observe(sample)
+                except _PROTOCOL_FAULTS as err:
+                    _log.debug("ping %s failed: %s", peer, err)
+
+    async def _reconnect(self, bootstrap: Sequence[str]) -> None:
+        connected = set(self.transport.connected_peers())
+        targets = [] if connected else list(bootstrap)
+        now = trio.current_time()
+        for origin, state in sorted(self.store.states.items()):
+            if origin == self.identity.peer_id or origin in connected:
+                continue
+            if self.detector.status(origin, now) in (Liveness.LEFT, Liveness.DEAD):
+                continue
+            addrs = state.content().get("addrs", [])
+            targets += [a for a in addrs if isinstance(a, str)][:4]
+        for address in targets:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    peer = await self.transport.connect(address)
+                except TransportError as err:
+                    _log.debug("cannot reach %s: %s", address, err)
+                    continue
+                if peer not in self.admitted and peer != self.identity.peer_id:
+                    await self.introduce(peer)
+
+    # -- views ------------------------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, Any]]:
+        """Every member this node knows of, for `peers` and the status page."""
+        now = trio.current_time()
+        rows = []
+        for origin, state in sorted(self.store.states.items()):
+            try:
+                content = state.content()
+            except RecordError:
+                continue
+            content.pop("proof", None)
+            content.pop("revocations", None)
+            me = origin == self.identity.peer_id
+            status = "self" if me else self.detector.status(origin, now).value
+            link = self.links.get(origin)
+            rows.append(
+                {
+                    "peer_id": origin,
+                    "state": status,
+                    "rtt_ms": None if link is None else link.rtt_ms,
+                    "silent_s": None if me else self.detector.silent_for(origin, now),
+                    "connected": origin in self.transport.connected_peers(),
+                    **content,
+                }
+            )
+        for peer_id, revocation in sorted(self.membership.revocations.items()):
+            rows.append({"peer_id": peer_id, "state": "revoked", "reason": revocation.reason})
+        return rows
