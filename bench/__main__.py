@@ -12,10 +12,10 @@ from typing import Any
 
 import psutil
 
-from . import planner_bench
+from . import planner_bench, transport_bench
 
 RESULTS = Path(__file__).parent / "results"
-SUITES = {"planner": planner_bench.run}
+SUITES = {"planner": planner_bench.run, "transport": transport_bench.run}
 
 
 def machine() -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .data_plane import DataPlane
 from .failure_detector import FailureDetector, Liveness
 from .framing import FrameError, receive_frame, send_frame
 from .gossip import Digest, Exchange, GossipStore, SignedState, next_version
@@ -30,6 +31,8 @@ from .transport import MeshStream, StreamHandler, Transport, TransportError
 HELLO = "/sharedllm/hello/1"
 GOSSIP = "/sharedllm/gossip/1"
 PING = "/sharedllm/ping/1"
+BANDWIDTH = "/sharedllm/bandwidth/1"
+_MAX_PROBE_BYTES = 64 * 1024 * 1024
 _log = logging.getLogger("sharedllm.mesh")
 _PROTOCOL_FAULTS = (TransportError, FrameError, RecordError)
 
@@ -48,6 +51,8 @@ class MeshTiming:
     gossip_interval_s: float = 1.0
     fanout: int = 3
     ping_interval_s: float = 2.0
+    bandwidth_probe_interval_s: float = 30.0
+    bandwidth_probe_bytes: int = 4 * 1024 * 1024
     reconnect_interval_s: float = 2.0
     suspect_after_s: float = 4.0
     dead_after_s: float = 10.0
@@ -60,6 +65,7 @@ class PeerLink:
 
     rtt_ms: float | None = None
     jitter_ms: float = 0.0
+    bandwidth_mbps: float | None = None
 
     def observe(self, sample_ms: float) -> None:
         if self.rtt_ms is None:
@@ -80,6 +86,7 @@ class MeshService:
     wall_clock: Callable[[], float]  # for state versions, comparable across restarts
     rng: RandomSource
     timing: MeshTiming = field(default_factory=MeshTiming)
+    data_plane: DataPlane | None = None
     store: GossipStore = field(default_factory=GossipStore)
     admitted: set[str] = field(default_factory=set)
     links: dict[str, PeerLink] = field(default_factory=dict)
@@ -103,6 +110,9 @@ class MeshService:
             nursery.start_soon(
                 self._every, self.timing.reconnect_interval_s, self._reconnect, bootstrap
             )
+            if self.data_plane is not None:
+                self.data_plane.serve(BANDWIDTH, _sink_and_acknowledge)
+                nursery.start_soon(self._bandwidth_loop)
 
     async def leave(self) -> None:
         """Announces a clean departure to a few peers (best effort, bounded in time)."""
@@ -125,8 +135,13 @@ class MeshService:
             "name": self.name,
             "proof": self.proof.encode(),
             "addrs": list(self.transport.listen_addrs()),
+            "data_addr": None if self.data_plane is None else self.data_plane.advertised,
             "links": {
-                peer: {"rtt_ms": link.rtt_ms, "jitter_ms": link.jitter_ms}
+                peer: {
+                    "rtt_ms": link.rtt_ms,
+                    "jitter_ms": link.jitter_ms,
+                    "bandwidth_mbps": link.bandwidth_mbps,
+                }
                 for peer, link in sorted(self.links.items())
                 if link.rtt_ms is not None
             },
@@ -272,6 +287,49 @@ class MeshService:
                 except _PROTOCOL_FAULTS as err:
                     _log.debug("ping %s failed: %s", peer, err)
 
+    async def _bandwidth_loop(self) -> None:
+        """One probe per interval (so serving traffic keeps the links), sooner while no peer
+        has been measured yet."""
+        while True:
+            probed = await self._bandwidth_probe()
+            quiet = (
+                self.timing.bandwidth_probe_interval_s
+                if probed
+                else self.timing.reconnect_interval_s
+            )
+            await trio.sleep(quiet * (0.8 + 0.4 * self.rng.random()))
+
+    async def _bandwidth_probe(self) -> bool:
+        """Times a bulk transfer over the data plane to one random peer."""
+        assert self.data_plane is not None
+        candidates = []
+        for peer in sorted(self.admitted):
+            state = self.store.states.get(peer)
+            address = _data_address(state)
+            if address is not None:
+                candidates.append((peer, address))
+        if not candidates:
+            return False
+        peer, (host, port) = candidates[int(self.rng.random() * len(candidates))]
+        size = self.timing.bandwidth_probe_bytes
+        with trio.move_on_after(self.timing.exchange_timeout_s * 4):
+            try:
+                stream = await self.data_plane.open_stream(peer, host, port, BANDWIDTH)
+                try:
+                    started = trio.current_time()
+                    await send_frame(stream, size.to_bytes(8, "big"))
+                    block = bytes(256 * 1024)
+                    for _ in range(size // len(block)):
+                        await stream.send_all(block)
+                    await receive_frame(stream, self.timing.exchange_timeout_s)
+                    seconds = trio.current_time() - started
+                finally:
+                    await stream.aclose()
+                self.links.setdefault(peer, PeerLink()).bandwidth_mbps = size * 8 / seconds / 1e6
+            except _PROTOCOL_FAULTS as err:
+                _log.debug("bandwidth probe to %s failed: %s", peer, err)
+        return True
+
     async def _reconnect(self, bootstrap: Sequence[str]) -> None:
         connected = set(self.transport.connected_peers())
         targets = [] if connected else list(bootstrap)
@@ -314,6 +372,7 @@ class MeshService:
                     "peer_id": origin,
                     "state": status,
                     "rtt_ms": None if link is None else link.rtt_ms,
+                    "bandwidth_mbps": None if link is None else link.bandwidth_mbps,
                     "silent_s": None if me else self.detector.silent_for(origin, now),
                     "connected": origin in self.transport.connected_peers(),
                     **content,
@@ -322,3 +381,32 @@ class MeshService:
         for peer_id, revocation in sorted(self.membership.revocations.items()):
             rows.append({"peer_id": peer_id, "state": "revoked", "reason": revocation.reason})
         return rows
+
+
+def _data_address(state: SignedState | None) -> tuple[str, int] | None:
+    if state is None:
+        return None
+    try:
+        value = state.content().get("data_addr")
+    except RecordError:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        return value[0], value[1]
+    return None
+
+
+async def _sink_and_acknowledge(stream: MeshStream) -> None:
+    """The far end of a bandwidth probe: reads the announced byte count, then acknowledges."""
+    header = await receive_frame(stream)
+    remaining = min(int.from_bytes(header[:8], "big"), _MAX_PROBE_BYTES)
+    while remaining > 0:
+        chunk = await stream.receive_some(min(remaining, 256 * 1024))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+    await send_frame(stream, b"k")

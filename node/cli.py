@@ -205,7 +205,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for noisy in ("httpx", "httpcore", "hpack", "multiaddr", "libp2p", "async_service"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -347,6 +348,25 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: Any, digits: int, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def _peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
+    engine = f"{peer.get('engine_version', '-')} rpc {peer.get('rpc_protocol', '-')}"
+    return (
+        peer["peer_id"][-12:],
+        str(peer.get("name", "-"))[:16],
+        peer["state"],
+        _number(peer.get("rtt_ms"), 2),
+        _number(peer.get("bandwidth_mbps"), 0),
+        _number(peer.get("ram_total"), 1, 1024**3),
+        str(peer.get("gflops", "-")),
+        engine,
+        ",".join(m.get("id", "?") for m in peer.get("models", [])),
+    )
+
+
 def _cmd_peers(args: argparse.Namespace) -> int:
     import httpx
 
@@ -363,18 +383,14 @@ def _cmd_peers(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
         return 0
     print(f"mesh {view['mesh']}, this node {view['peer_id']}")
-    header = ("peer", "name", "state", "rtt ms", "RAM GiB", "GFLOPS", "engine", "models")
-    print("{:<14} {:<16} {:<8} {:>7} {:>8} {:>7} {:<20} {}".format(*header))
-    for peer in view["peers"]:
-        rtt = "-" if peer.get("rtt_ms") is None else f"{peer['rtt_ms']:.2f}"
-        ram = peer.get("ram_total")
-        ram_text = "-" if ram is None else f"{ram / 1024**3:.1f}"
-        engine = f"{peer.get('engine_version', '-')} rpc {peer.get('rpc_protocol', '-')}"
-        models = ",".join(m.get("id", "?") for m in peer.get("models", []))
-        print(
-            f"{peer['peer_id'][-12:]:<14} {str(peer.get('name', '-'))[:16]:<16} {peer['state']:<8} "
-            f"{rtt:>7} {ram_text:>8} {peer.get('gflops', '-')!s:>7} {engine:<20} {models}"
+    columns = "{:<14} {:<16} {:<8} {:>7} {:>8} {:>8} {:>7} {:<20} {}"
+    print(
+        columns.format(
+            "peer", "name", "state", "rtt ms", "Mbit/s", "RAM GiB", "GFLOPS", "engine", "models"
         )
+    )
+    for peer in view["peers"]:
+        print(columns.format(*_peer_columns(peer)))
     return 0
 
 

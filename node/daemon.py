@@ -21,6 +21,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from ..mesh.data_plane import DataPlane
 from ..mesh.libp2p_transport import open_libp2p_transport
 from ..mesh.membership import MembershipState
 from ..mesh.mesh_store import load_revocations, save_addresses
@@ -128,10 +129,13 @@ async def run_node(
         httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client,
         open_libp2p_transport(plan.identity, mesh.listen) as transport,
     ):
+        membership = MembershipState(plan.files.mesh_public_key)
+        data_plane = DataPlane(plan.identity, plan.files.proof, membership.admit)
         service = MeshService(
             transport=transport,
             identity=plan.identity,
-            membership=MembershipState(plan.files.mesh_public_key),
+            membership=membership,
+            data_plane=data_plane,
             proof=plan.files.proof,
             name=mesh.node_name,
             describe_self=mesh.capacity,
@@ -174,6 +178,8 @@ async def run_node(
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(_serve_api, app, config)
             nursery.start_soon(supervisor.run)
+            data_host = _host_of(mesh.listen[0])
+            await nursery.start(data_plane.run, data_host, 0, _host_of(transport.listen_addrs()[0]))
             nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers])
             nursery.start_soon(_watch_revocations, service, mesh.data_dir)
             _log.info("OpenAI-compatible API for model %s at %s/v1", model.model_id, api_url)
@@ -220,6 +226,12 @@ def _listen(host: str, port: int) -> socket.socket:
             f"cannot listen on {host}:{port}: {err.strerror} (use --api-port to pick another port)"
         ) from None
     return listener
+
+
+def _host_of(multiaddress: str) -> str:
+    """The IP of an /ip4/... or /ip6/... multiaddr (the data plane listens beside libp2p)."""
+    parts = multiaddress.strip("/").split("/")
+    return parts[1] if len(parts) > 1 and parts[0] in ("ip4", "ip6") else "127.0.0.1"
 
 
 def _bracket(host: str) -> str:

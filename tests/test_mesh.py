@@ -80,6 +80,13 @@ def test_three_nodes_converge_with_rtts(mesh: dict[str, Any]) -> None:
 
     seconds = _wait(converged, 60, "three nodes to see each other alive with RTTs")
     print(f"three nodes converged {seconds:.1f} s after the last start")
+    measured = _wait(
+        lambda: any(p.get("bandwidth_mbps") for p in _view(nodes[0])["peers"]),
+        30,
+        "a bandwidth probe over the data plane",
+    )
+    rates = [p["bandwidth_mbps"] for p in _view(nodes[0])["peers"] if p.get("bandwidth_mbps")]
+    print(f"first bandwidth measurement after {measured:.1f} s: {rates[0]:.0f} Mbit/s")
     peer = next(p for p in _view(nodes[0])["peers"] if p["name"] == "three")
     assert peer["rpc_protocol"] == "7.0.0"
     assert peer["models"] and peer["ram_total"] > 0 and peer["gflops"] > 0

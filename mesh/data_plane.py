@@ -1,0 +1,258 @@
+"""The data plane: direct TCP + TLS 1.3 streams between members, for bulk and latency-bound
+traffic (rpc tunnels, API forwarding, weight transfer), next to libp2p's control plane.
+
+Identity: each node's TLS certificate is self-signed with its own Ed25519 node key, so the key
+in the certificate *is* the peer id. Python's ssl module has no custom verify hook, so:
+
+- the client checks, after the handshake, that the server's certificate key is the peer id it
+  meant to reach (a man in the middle cannot present that key);
+- the server then sends a fresh nonce, and the client answers with its peer id, its membership
+  proof and a signature over (nonce, server id, client id) with its node key. The server admits
+  it only if the signature holds and `admit(proof, peer_id)` accepts it.
+
+Then the client names the protocol and the stream is handed to that protocol's handler.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from . import records
+from .framing import FrameError, receive_frame, send_frame
+from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify
+from .membership import MembershipError, Proof
+from .records import RecordError
+from .transport import MeshStream, StreamHandler, TransportError
+
+_log = logging.getLogger("sharedllm.mesh.data")
+_NONCE_BYTES = 32
+_AUTH_KIND = "data-auth"
+_HANDSHAKE_TIMEOUT_S = 10.0
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+class DataStream:
+    """A TLS stream to an authenticated member, as a `MeshStream`."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], remote_peer: str) -> None:
+        self._stream = stream
+        self._peer = remote_peer
+
+    @property
+    def remote_peer(self) -> str:
+        return self._peer
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise TransportError(f"data stream to {self._peer} broke: {err}") from None
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            return bytes(await self._stream.receive_some(max_bytes))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise TransportError(f"data stream from {self._peer} broke: {err}") from None
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self._stream)
+
+
+def _certificate_files(identity: NodeIdentity, directory: Path) -> tuple[Path, Path]:
+    """A self-signed X.509 certificate carrying the node's own Ed25519 key."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.peer_id)])
+    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.private_key.public_key())
+        .serial_number(1)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=365 * 100))
+        .sign(identity.private_key, None)
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        identity.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _tls_contexts(identity: NodeIdentity) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for context in (server, client):
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # the peer id is checked against the certificate below
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o700)
+        cert, key = _certificate_files(identity, Path(directory))
+        server.load_cert_chain(cert, key)
+    return server, client
+
+
+def _peer_id_in_certificate(der: bytes | None) -> str:
+    if not der:
+        raise TransportError("the peer presented no certificate")
+    key = x509.load_der_x509_certificate(der).public_key()
+    if not isinstance(key, Ed25519PublicKey):
+        raise TransportError("the peer's certificate key is not Ed25519")
+    return peer_id_of(public_key_bytes(key))
+
+
+def _auth_message(nonce: bytes, server: str, client: str) -> bytes:
+    return records.signing_bytes(_AUTH_KIND, [nonce, server, client])
+
+
+def _tune(stream: trio.SocketStream) -> None:
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        stream.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+
+
+@dataclass
+class DataPlane:
+    """Serves and opens authenticated data streams for one node."""
+
+    identity: NodeIdentity
+    proof: Proof
+    admit: Callable[[Proof, str], None]  # raises MembershipError to refuse
+    handlers: dict[str, StreamHandler] = field(default_factory=dict)
+    address: tuple[str, int] | None = None
+    advertised: list[Any] | None = None  # [host, port] as gossiped (a wildcard is replaced)
+    _contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+
+    def __post_init__(self) -> None:
+        self._contexts = _tls_contexts(self.identity)
+
+    def serve(self, protocol: str, handler: StreamHandler) -> None:
+        self.handlers[protocol] = handler
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        advertise_host: str | None = None,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        sockname = listeners[0].socket.getsockname()
+        self.address = (sockname[0], sockname[1])
+        self.advertised = [advertise_host or sockname[0], sockname[1]]
+        task_status.started(self.address)
+        await trio.serve_listeners(self._handle_connection, listeners)
+
+    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+        assert self._contexts is not None
+        _tune(tcp)
+        tls = trio.SSLStream(tcp, self._contexts[0], server_side=True)
+        try:
+            with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
+                await tls.do_handshake()
+                peer, protocol = await self._authenticate_client(tls)
+        except (
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            TransportError,
+            FrameError,
+            RecordError,
+            MembershipError,
+            ValueError,
+        ) as err:
+            _log.warning("refused a data connection: %s", err)
+            await trio.aclose_forcefully(tls)
+            return
+        stream = DataStream(tls, peer)
+        try:
+            await self.handlers[protocol](stream)
+        except TransportError as err:
+            _log.debug("%s stream from %s ended: %s", protocol, peer, err)
+        finally:
+            await stream.aclose()
+
+    async def _authenticate_client(self, tls: trio.SSLStream[trio.SocketStream]) -> tuple[str, str]:
+        pending = DataStream(tls, "(unauthenticated)")
+        nonce = os.urandom(_NONCE_BYTES)
+        await send_frame(pending, nonce)
+        peer, proof_bytes, signature, protocol = records.decode(
+            await receive_frame(pending), "data-hello", [str, bytes, bytes, str]
+        )
+        if not verify(
+            public_key_of_peer_id(peer),
+            signature,
+            _auth_message(nonce, self.identity.peer_id, peer),
+        ):
+            raise MembershipError(f"{peer} did not prove it holds its key")
+        self.admit(Proof.decode(proof_bytes), peer)
+        if protocol not in self.handlers:
+            raise MembershipError(f"{peer} asked for unknown protocol {protocol!r}")
+        await send_frame(pending, b"ok")
+        return peer, protocol
+
+    async def open_stream(self, peer_id: str, host: str, port: int, protocol: str) -> DataStream:
+        """Connects to `peer_id` at host:port, checking its certificate, then proves ourselves."""
+        assert self._contexts is not None
+        tls: trio.SSLStream[trio.SocketStream] | None = None
+        try:
+            with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
+                tcp = await trio.open_tcp_stream(host, port)
+                _tune(tcp)
+                tls = trio.SSLStream(tcp, self._contexts[1], server_hostname=None)
+                await tls.do_handshake()
+                return await self._prove_ourselves(tls, peer_id, protocol)
+        except (
+            trio.TooSlowError,
+            OSError,
+            trio.BrokenResourceError,
+            FrameError,
+            TransportError,
+        ) as err:
+            if tls is not None:
+                await trio.aclose_forcefully(tls)
+            raise TransportError(
+                f"data stream to {peer_id} at {host}:{port} failed: {err}"
+            ) from None
+
+    async def _prove_ourselves(
+        self, tls: trio.SSLStream[trio.SocketStream], peer_id: str, protocol: str
+    ) -> DataStream:
+        found = _peer_id_in_certificate(tls.getpeercert(binary_form=True))
+        if found != peer_id:
+            raise TransportError(f"the server is {found}, not {peer_id}")
+        stream = DataStream(tls, peer_id)
+        nonce = await receive_frame(stream)
+        signature = self.identity.sign(_auth_message(nonce, peer_id, self.identity.peer_id))
+        hello = [self.identity.peer_id, self.proof.encode(), signature, protocol]
+        await send_frame(stream, records.encode("data-hello", hello))
+        if await receive_frame(stream) != b"ok":
+            raise TransportError(f"{peer_id} refused the data stream")
+        return stream
+
+
+async def echo_handler(stream: MeshStream) -> None:
+    """Sends back everything it receives (benchmarks and tests)."""
+    while data := await stream.receive_some(256 * 1024):
+        await stream.send_all(data)
