@@ -90,6 +90,7 @@ class MeshService:
     store: GossipStore = field(default_factory=GossipStore)
     admitted: set[str] = field(default_factory=set)
     links: dict[str, PeerLink] = field(default_factory=dict)
+    _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _version: int = 0
     _leaving: bool = False
 
@@ -153,6 +154,44 @@ class MeshService:
 
     async def _heartbeat(self) -> None:
         self._publish()
+
+    async def publish_now(self, peers: Sequence[str] = ()) -> None:
+        """Republishes our state at once and pushes it to `peers` (a new claim must reach the
+        workers before the engine dials them)."""
+        self._publish()
+        for peer in peers:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    await self._exchange_with(peer)
+                except _PROTOCOL_FAULTS as err:
+                    _log.debug("push to %s failed: %s", peer, err)
+
+    def member_states(self) -> dict[str, dict[str, Any]]:
+        """The gossiped states of this node and of every member neither dead nor gone."""
+        now = trio.current_time()
+        members = {}
+        for origin, state in self.store.states.items():
+            if origin != self.identity.peer_id and self.detector.status(origin, now) not in (
+                Liveness.ALIVE,
+                Liveness.SUSPECT,
+            ):
+                continue
+            content = self.content_of(state)
+            if content is not None:
+                members[origin] = content
+        return members
+
+    def content_of(self, state: SignedState) -> dict[str, Any] | None:
+        """A state's decoded content, decoded once per version."""
+        cached = self._contents.get(state.origin)
+        if cached is not None and cached[0] == state.version:
+            return cached[1]
+        try:
+            content = state.content()
+        except RecordError:
+            return None
+        self._contents[state.origin] = (state.version, content)
+        return content
 
     # -- admission -------------------------------------------------------------------------
 
@@ -227,6 +266,7 @@ class MeshService:
             _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
             self.admitted.discard(revocation.peer_id)
             self.store.forget(revocation.peer_id)
+            self._contents.pop(revocation.peer_id, None)
             self.detector.forget(revocation.peer_id)
 
     def _merge(self, states: Sequence[SignedState]) -> None:
@@ -288,13 +328,17 @@ class MeshService:
                     _log.debug("ping %s failed: %s", peer, err)
 
     async def _bandwidth_loop(self) -> None:
-        """One probe per interval (so serving traffic keeps the links), sooner while no peer
-        has been measured yet."""
+        """One probe per interval (so serving traffic keeps the links), sooner while some
+        member's link has not been measured yet."""
         while True:
             probed = await self._bandwidth_probe()
+            measured = all(
+                self.links.get(peer, PeerLink()).bandwidth_mbps is not None
+                for peer in self.admitted
+            )
             quiet = (
                 self.timing.bandwidth_probe_interval_s
-                if probed
+                if probed and measured
                 else self.timing.reconnect_interval_s
             )
             await trio.sleep(quiet * (0.8 + 0.4 * self.rng.random()))
@@ -304,10 +348,13 @@ class MeshService:
         assert self.data_plane is not None
         candidates = []
         for peer in sorted(self.admitted):
-            state = self.store.states.get(peer)
-            address = _data_address(state)
+            address = data_address(self.store.states.get(peer))
             if address is not None:
                 candidates.append((peer, address))
+        unmeasured = [
+            c for c in candidates if self.links.get(c[0], PeerLink()).bandwidth_mbps is None
+        ]
+        candidates = unmeasured or candidates
         if not candidates:
             return False
         peer, (host, port) = candidates[int(self.rng.random() * len(candidates))]
@@ -383,7 +430,7 @@ class MeshService:
         return rows
 
 
-def _data_address(state: SignedState | None) -> tuple[str, int] | None:
+def data_address(state: SignedState | None) -> tuple[str, int] | None:
     if state is None:
         return None
     try:

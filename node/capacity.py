@@ -42,11 +42,7 @@ def measured_gflops(cache_dir: Path) -> float:
 
 
 def describe(
-    engine: EngineInfo,
-    gflops: float,
-    models: list[dict[str, Any]],
-    api_port: int,
-    memory_cap_bytes: int | None = None,
+    engine: EngineInfo, gflops: float, api_port: int, memory_cap_bytes: int | None = None
 ) -> dict[str, Any]:
     memory = psutil.virtual_memory()
     return {
@@ -57,7 +53,6 @@ def describe(
         "gflops": round(gflops, 1),
         "engine_version": engine.version,
         "rpc_protocol": engine.rpc_protocol,
-        "models": models,
         "api_port": api_port,
         "load": round(os.getloadavg()[0], 2),
     }

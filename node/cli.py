@@ -38,6 +38,7 @@ from .engine_build import EngineBuildError, build_engine
 from .mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
 from .model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
 from .progress import progress_reporter
+from .serving import LocalModel
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -94,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--model-name", help="model id in the API (default: the file name without .gguf)"
+    )
+    up.add_argument(
+        "--no-model",
+        action="store_true",
+        help="offer no model file, only memory and compute (the default with --join)",
+    )
+    up.add_argument(
+        "--max-memory", help="the most memory this node lends to models, e.g. 6GiB (default: all)"
     )
     up.add_argument("--api-host", help="address of the API (default: 127.0.0.1)")
     up.add_argument("--api-port", type=int, help=f"port of the API (default: {DEFAULT_API_PORT})")
@@ -401,25 +410,30 @@ def _first_leaf(error: BaseException) -> BaseException:
     return error
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    from .capacity import describe, measured_gflops
-    from .daemon import ApiBindError, MeshOptions, ServedModel, run_node
-
-    config = _load(args)
-    logging.getLogger().setLevel(config.log_level.upper())
+def _models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[LocalModel]:
+    """The model files this node offers: --model, else the embedded default, except that a node
+    joining a mesh (or started with --no-model) offers none and lends its memory instead."""
     if config.model is not None:
-        model_path = config.model
+        path = config.model
+    elif args.no_model or args.join:
+        return []
     else:
         with progress_reporter("assembling the default model") as report:
             report("assemble", 0.0)
-            model_path = default_model_path(config.cache_dir)
-    inspect_model(model_path)  # refuse a bad file before starting anything
+            path = default_model_path(config.cache_dir)
+    info = inspect_model(path)  # refuse a bad file before starting anything
+    model_id = config.model_name or path.name.removesuffix(".gguf")
+    return [LocalModel(model_id, info, int(path.stat().st_mtime))]
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .capacity import describe, measured_gflops
+    from .daemon import ApiBindError, MeshOptions, run_node
+
+    config = _load(args)
+    logging.getLogger().setLevel(config.log_level.upper())
+    models = _models_to_offer(args, config)
     engine = _engine_for(config)
-    model = ServedModel(
-        model_id=config.model_name or model_path.name.removesuffix(".gguf"),
-        path=model_path,
-        created=int(model_path.stat().st_mtime),
-    )
     _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
     plan = prepare_mesh(config.data_dir, _node_name(args), args.join, time.time())
     if plan.created:
@@ -429,18 +443,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     gflops = measured_gflops(config.cache_dir)
-    size = model_path.stat().st_size
-    models = [{"id": model.model_id, "size": size}]
+    cap = config.max_memory_bytes
     mesh = MeshOptions(
         plan=plan,
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
         peers=tuple(args.peer),
         node_name=_node_name(args),
         data_dir=config.data_dir,
-        capacity=lambda: describe(engine, gflops, models, config.api_port),
+        capacity=lambda: describe(engine, gflops, config.api_port, cap),
     )
     try:
-        trio.run(run_node, config, engine, model, mesh)
+        trio.run(run_node, config, engine, models, mesh)
     except* (ApiBindError, TransportError) as group:
         raise CommandError(str(_first_leaf(group))) from None
     return 0

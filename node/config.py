@@ -8,6 +8,7 @@ trust a `NodeConfig`.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -41,6 +42,11 @@ class NodeConfig:
     threads: int | None = None
     engine_load_timeout_s: float = 600.0
     log_level: str = "info"
+    max_memory: str | None = None  # e.g. "6GiB": the most this node lends to models
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @property
     def config_file(self) -> Path:
@@ -59,6 +65,7 @@ _SETTING_TYPES: dict[str, type] = {
     "engine_load_timeout_s": float,
     "log_level": str,
     "cache_dir": Path,
+    "max_memory": str,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -166,8 +173,30 @@ def _validate(config: NodeConfig) -> None:
         raise ConfigError(f"threads {config.threads} must be at least 1")
     if config.engine_load_timeout_s <= 0:
         raise ConfigError("engine_load_timeout_s must be positive")
+    if config.max_memory is not None:
+        try:
+            parse_size(config.max_memory)
+        except ValueError as err:
+            raise ConfigError(f"max_memory {config.max_memory!r}: {err}") from None
     if config.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"log_level {config.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "512MB", "6GiB", "1.5g" or "1048576" (K/M/G/T, decimal or binary)."""
+    found = _SIZE.match(text)
+    if found is None:
+        raise ValueError("expected a size such as 512MB, 6GiB or 8G")
+    number, unit, binary = found.groups()
+    base = 1024 if binary else 1000
+    power = "kmgt".find(unit.lower()) + 1 if unit else 0
+    size = int(float(number) * base**power)
+    if size <= 0:
+        raise ValueError("the size must be positive")
+    return size
 
 
 def setting_names() -> list[str]:

@@ -1,7 +1,7 @@
-"""`sharedllm-node up`: one node serving a model on its OpenAI-compatible port.
+"""`sharedllm-node up`: the node's tasks wired together.
 
-The node supervises its own llama-server and routes API requests to it. The router is the seam
-where the mesh will later send requests to whichever peer is the model's primary.
+The mesh (libp2p control plane, TLS data plane, gossip), this node's part in serving the mesh's
+models, and the OpenAI-compatible API that any client can call, all in one trio run.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ from ..mesh.membership import MembershipState
 from ..mesh.mesh_store import load_revocations, save_addresses
 from ..mesh.service import MeshService
 from .config import NodeConfig
-from .engine import EngineInfo, free_loopback_port
-from .http_api import ModelEntry, ModelNotFound, create_app
+from .engine import EngineInfo
+from .http_api import create_app
 from .mesh_setup import MeshPlan
-from .supervisor import ProcessSpec, ServiceState, Supervisor
-from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
+from .serving import LocalModel, MeshServing
 
 _log = logging.getLogger("sharedllm.node")
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
@@ -39,70 +38,6 @@ _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0
 
 class ApiBindError(Exception):
     """The API port could not be opened."""
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    model_id: str
-    path: Path
-    created: int
-
-
-def llama_server_spec(
-    engine: EngineInfo, model: ServedModel, config: NodeConfig, port: int
-) -> ProcessSpec:
-    """Arguments for a llama-server that serves `model` alone, on loopback only."""
-    argv = [
-        str(engine.llama_server),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(model.path),
-        "--alias",
-        model.model_id,
-        "--ctx-size",
-        str(config.context_size),
-        "--no-webui",
-    ]
-    if config.threads is not None:
-        argv += ["--threads", str(config.threads)]
-    return ProcessSpec(name="llama-server", argv=tuple(argv), endpoint=f"127.0.0.1:{port}")
-
-
-class LocalEngineRouter:
-    """Routes every request for the node's model to its own supervised llama-server."""
-
-    def __init__(
-        self, model: ServedModel, supervisor: Supervisor, client: httpx.AsyncClient
-    ) -> None:
-        self._model = model
-        self._supervisor = supervisor
-        self._client = client
-
-    def models(self) -> Sequence[ModelEntry]:
-        return [ModelEntry(self._model.model_id, self._model.created)]
-
-    def route(self, model_id: str) -> Upstream:
-        if model_id != self._model.model_id:
-            raise ModelNotFound(model_id)
-        spec = self._supervisor.ready_spec
-        if self._supervisor.state is not ServiceState.READY or spec is None:
-            raise UpstreamUnavailable(self._state_in_words())
-        return HttpUpstream(self._client, f"http://{spec.endpoint}")
-
-    def health(self) -> tuple[bool, dict[str, str]]:
-        ready = self._supervisor.state is ServiceState.READY
-        return ready, {self._model.model_id: "ready" if ready else self._state_in_words()}
-
-    def _state_in_words(self) -> str:
-        state = self._supervisor.state
-        if state is ServiceState.WAITING_TO_RESTART:
-            return "engine restarting after a failure"
-        if state is ServiceState.STARTING:
-            return "engine loading the model"
-        return str(state.value)
 
 
 @dataclass(frozen=True)
@@ -118,7 +53,7 @@ class MeshOptions:
 async def run_node(
     config: NodeConfig,
     engine: EngineInfo,
-    model: ServedModel,
+    models: Sequence[LocalModel],
     mesh: MeshOptions,
     *,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
@@ -131,6 +66,11 @@ async def run_node(
     ):
         membership = MembershipState(plan.files.mesh_public_key)
         data_plane = DataPlane(plan.identity, plan.files.proof, membership.admit)
+        serving: MeshServing | None = None
+
+        def describe_self() -> dict[str, Any]:
+            return {**mesh.capacity(), **({} if serving is None else serving.gossip_fields())}
+
         service = MeshService(
             transport=transport,
             identity=plan.identity,
@@ -138,9 +78,17 @@ async def run_node(
             data_plane=data_plane,
             proof=plan.files.proof,
             name=mesh.node_name,
-            describe_self=mesh.capacity,
+            describe_self=describe_self,
             wall_clock=time.time,
             rng=random.Random(),
+        )
+        serving = MeshServing(
+            service=service,
+            data_plane=data_plane,
+            engine=engine,
+            config=config,
+            local_models=models,
+            client=client,
         )
         for revocation in load_revocations(mesh.data_dir):
             service.membership.add_revocation(revocation)
@@ -152,37 +100,26 @@ async def run_node(
             ", ".join(transport.listen_addrs()),
         )
 
-        async def is_ready(spec: ProcessSpec) -> bool:
-            try:
-                answer = await client.get(f"http://{spec.endpoint}/health", timeout=2.0)
-            except httpx.HTTPError:
-                return False
-            return answer.status_code == 200
-
-        supervisor = Supervisor(
-            lambda: llama_server_spec(engine, model, config, free_loopback_port()),
-            is_ready,
-            logger=_log,
-            ready_timeout_s=config.engine_load_timeout_s,
-        )
-
         def mesh_view() -> dict[str, Any]:
+            assert serving is not None
             return {
                 "peer_id": plan.identity.peer_id,
                 "mesh": plan.files.name,
                 "peers": service.peers(),
+                "models": serving.describe(),
             }
 
-        app = create_app(LocalEngineRouter(model, supervisor, client), mesh_view)
+        app = create_app(serving, mesh_view)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(_serve_api, app, config)
-            nursery.start_soon(supervisor.run)
             data_host = _host_of(mesh.listen[0])
             await nursery.start(data_plane.run, data_host, 0, _host_of(transport.listen_addrs()[0]))
             nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers])
+            nursery.start_soon(serving.run)
             nursery.start_soon(_watch_revocations, service, mesh.data_dir)
-            _log.info("OpenAI-compatible API for model %s at %s/v1", model.model_id, api_url)
+            offered = ", ".join(m.model_id for m in models) or "no model of its own"
+            _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             task_status.started(api_url)
 
 

@@ -82,6 +82,7 @@ class Supervisor:
         backoff: RestartBackoff | None = None,
         ready_timeout_s: float = 600.0,
         stop_grace_s: float = 10.0,
+        on_log_line: Callable[[str], None] | None = None,
     ) -> None:
         self._make_spec = make_spec
         self._is_ready = is_ready
@@ -89,6 +90,7 @@ class Supervisor:
         self._backoff = backoff or RestartBackoff()
         self._ready_timeout_s = ready_timeout_s
         self._stop_grace_s = stop_grace_s
+        self._on_log_line = on_log_line
         self.state = ServiceState.STOPPED
         self.ready_spec: ProcessSpec | None = None
         self.pid: int | None = None
@@ -125,7 +127,11 @@ class Supervisor:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
-                    _pump_log, process, logging.getLogger(f"sharedllm.engine.{spec.name}"), tail
+                    _pump_log,
+                    process,
+                    logging.getLogger(f"sharedllm.engine.{spec.name}"),
+                    tail,
+                    self._on_log_line,
                 )
                 nursery.start_soon(self._await_ready, process, spec)
                 code = await process.wait()
@@ -224,7 +230,12 @@ def _die_with_parent() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
-async def _pump_log(process: ChildProcess, logger: logging.Logger, tail: deque[str]) -> None:
+async def _pump_log(
+    process: ChildProcess,
+    logger: logging.Logger,
+    tail: deque[str],
+    on_line: Callable[[str], None] | None,
+) -> None:
     pending = b""
     async for chunk in process.output:
         pending += chunk
@@ -234,6 +245,8 @@ async def _pump_log(process: ChildProcess, logger: logging.Logger, tail: deque[s
             if line:
                 tail.append(line)
                 logger.debug("%s", line)
+                if on_line is not None:
+                    on_line(line)
 
 
 async def _stop(process: ChildProcess, grace_s: float) -> None:

@@ -80,6 +80,9 @@ class ClusterView:
                 return candidate
         raise KeyError(peer_id)
 
+    def __contains__(self, peer_id: object) -> bool:
+        return any(candidate.peer_id == peer_id for candidate in self.nodes)
+
     def link(self, source: str, target: str) -> Link | None:
         """The link from source to target; None when unreachable. A node reaches itself freely."""
         if source == target:

@@ -80,6 +80,8 @@ class ModelRequest:
     model_id: str
     profile: ModelProfile
     context: int = 4096
+    # Only a node holding the file may lead (until nodes can fetch model files from each other).
+    primary_must_hold: bool = False
 
 
 def evaluate(

@@ -82,7 +82,7 @@ def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -
         raise PlannerError(f"model {request.model_id}: the mesh has no nodes")
     holders, others = _primary_candidates(view, request, cost)
     best_holder = _best_led_by(view, request, cost, holders)
-    best_other = _best_led_by(view, request, cost, others)
+    best_other = None if request.primary_must_hold else _best_led_by(view, request, cost, others)
     if best_holder is None or (
         best_other is not None and best_other[0] < best_holder[0] * (1 - PREFER_HOLDER_MARGIN)
     ):

@@ -1,0 +1,319 @@
+"""Electing each model's primary and split from gossip, with no vote (sans-I/O).
+
+Every node turns the gossiped states of the live members into the planner's view and runs the
+same deterministic planner. The node the plan names as primary *claims* the model: it gossips an
+announcement (epoch, primary, layer ranges). The claim with the highest (epoch, primary) among
+live members is the current placement for everyone; a primary that sees a higher claim for its
+model steps down, and workers serve tunnels only to the current claim's primary (fencing).
+
+A plan replaces the current placement only when the planner says so (it keeps the current one
+unless another is faster by the stability margin), and only after the planner's answer has
+stayed the same for `settle_s`, so the start-up rush and flickering measurements do not cause
+a storm of re-plans.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+from ..scheduler.cluster import ClusterView, Link, NodeCapacity
+from ..scheduler.cost_model import CostModel
+from ..scheduler.model_profile import profile_from_dict
+from ..scheduler.placement import (
+    Assignment,
+    ModelRequest,
+    Placement,
+    PlannerError,
+    evaluate,
+    memory_used,
+)
+from ..scheduler.planner import DEFAULT_COST, plan_model
+
+# Until a bandwidth probe has measured a link, the planner assumes this much.
+ASSUMED_BANDWIDTH_MBPS = 100.0
+_MAX_MODELS_PER_NODE = 16
+_MAX_CLAIMS_PER_NODE = 16
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A primary's announcement: it leads `model_id` at `epoch` with these layer ranges."""
+
+    model_id: str
+    epoch: int
+    primary: str
+    layers: tuple[tuple[str, int, int], ...]  # (node, first layer, last layer), in layer order
+    serving: bool = False
+
+    @property
+    def rank(self) -> tuple[int, str]:
+        return (self.epoch, self.primary)
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(node for node, _, _ in self.layers)
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return tuple(node for node in self.nodes if node != self.primary)
+
+    def counts(self) -> list[tuple[str, int]]:
+        return [(node, last - first + 1) for node, first, last in self.layers]
+
+    def same_split(self, placement: Placement) -> bool:
+        return self.primary == placement.primary and self.counts() == [
+            (a.node, a.layer_count) for a in placement.assignments
+        ]
+
+    def as_placement(self) -> Placement:
+        """The claim's layout, without the predictions only its primary computed."""
+        assignments = tuple(Assignment(node, first, last, 0) for node, first, last in self.layers)
+        return Placement(self.model_id, self.primary, assignments, 0, 0.0, 0.0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "epoch": self.epoch,
+            "primary": self.primary,
+            "layers": [list(entry) for entry in self.layers],
+            "serving": self.serving,
+        }
+
+    @staticmethod
+    def from_wire(data: object) -> Claim:
+        """Raises ValueError on anything malformed (the data comes from peers)."""
+        if not isinstance(data, dict):
+            raise ValueError("a claim must be a map")
+        model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
+        layers, serving = data.get("layers"), data.get("serving", False)
+        if not isinstance(model, str) or not isinstance(primary, str):
+            raise ValueError("a claim needs a model and a primary")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError("a claim's epoch must be a non-negative integer")
+        if not isinstance(layers, list) or not isinstance(serving, bool):
+            raise ValueError("a claim needs a list of layer ranges")
+        ranges = []
+        for entry in layers:
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and isinstance(entry[0], str)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:])
+            ):
+                raise ValueError("a layer range is [node, first, last]")
+            ranges.append((entry[0], entry[1], entry[2]))
+        return Claim(model, epoch, primary, tuple(ranges), serving)
+
+
+def claim_for(placement: Placement, epoch: int) -> Claim:
+    layers = tuple((a.node, a.first_layer, a.last_layer) for a in placement.assignments)
+    return Claim(placement.model_id, epoch, placement.primary, layers)
+
+
+# -- reading the gossiped states -----------------------------------------------------------
+
+
+def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | None:
+    """The planner's view of one node, or None when its state lacks what planning needs."""
+    ram, vram = content.get("ram_total"), content.get("vram_total", 0)
+    gflops, protocol = content.get("gflops"), content.get("rpc_protocol")
+    cap = content.get("memory_cap")
+    if not (_count(ram) and _count(vram) and isinstance(protocol, str)):
+        return None
+    if not isinstance(gflops, int | float) or not math.isfinite(gflops) or gflops <= 0:
+        return None
+    return NodeCapacity(
+        peer_id=peer_id,
+        ram_bytes=ram,
+        vram_bytes=vram,
+        gflops=float(gflops),
+        rpc_protocol=protocol,
+        models=frozenset(model_id for model_id, _ in _model_entries(content)),
+        memory_cap_bytes=cap if _count(cap) else None,
+    )
+
+
+def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
+    """Nodes and measured links among `members`; a link needs an RTT measured by its source."""
+    nodes = [
+        capacity
+        for peer_id, content in members.items()
+        if (capacity := node_capacity(peer_id, content)) is not None
+    ]
+    present = {node.peer_id for node in nodes}
+    links = []
+    for source in sorted(present):
+        measured = members[source].get("links")
+        if not isinstance(measured, dict):
+            continue
+        for target, link in measured.items():
+            if target in present and target != source and isinstance(link, dict):
+                rtt, bandwidth = link.get("rtt_ms"), link.get("bandwidth_mbps")
+                if not _positive(rtt):
+                    continue
+                if not _positive(bandwidth):
+                    bandwidth = ASSUMED_BANDWIDTH_MBPS
+                links.append(Link(source, target, float(rtt), float(bandwidth)))
+    return ClusterView.build(nodes, links)
+
+
+def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
+    """Every model some member holds; its profile and context come from the lowest peer id
+    holding it, so every node derives the same request."""
+    requests: dict[str, ModelRequest] = {}
+    for peer_id in sorted(members):
+        for model_id, entry in _model_entries(members[peer_id]):
+            if model_id in requests:
+                continue
+            try:
+                profile = profile_from_dict(entry.get("profile"))
+            except ValueError:
+                continue
+            context = entry.get("context")
+            requests[model_id] = ModelRequest(
+                model_id,
+                profile,
+                context if _count(context) and context > 0 else 4096,
+                primary_must_hold=True,
+            )
+    return requests
+
+
+def claims_in(content: Mapping[str, Any], origin: str) -> list[Claim]:
+    """The claims a node makes for itself (a claim naming another primary is ignored)."""
+    raw = content.get("claims")
+    if not isinstance(raw, list):
+        return []
+    found = []
+    for item in raw[:_MAX_CLAIMS_PER_NODE]:
+        try:
+            claim = Claim.from_wire(item)
+        except ValueError:
+            continue
+        if claim.primary == origin:
+            found.append(claim)
+    return found
+
+
+def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
+    """For each model, the highest-ranked claim among `members`."""
+    best: dict[str, Claim] = {}
+    for origin, content in members.items():
+        for claim in claims_in(content, origin):
+            held = best.get(claim.model_id)
+            if held is None or claim.rank > held.rank:
+                best[claim.model_id] = claim
+    return best
+
+
+def _model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
+    models = content.get("models")
+    if not isinstance(models, list):
+        return []
+    return [
+        (entry["id"], entry)
+        for entry in models[:_MAX_MODELS_PER_NODE]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+    ]
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+# -- deciding --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model as this node sees it after an election step."""
+
+    request: ModelRequest
+    current: Claim | None  # the placement everyone follows now
+    planned: Placement | None  # what the planner wants on this node's view
+    problem: str | None  # why nothing can be planned, in words
+
+
+@dataclass
+class Elector:
+    """Keeps this node's own claims; `step` is called with the live members' states."""
+
+    me: str
+    settle_s: float = 2.0
+    cost: CostModel = DEFAULT_COST
+    claims: dict[str, Claim] = field(default_factory=dict)
+    highest_epoch: dict[str, int] = field(default_factory=dict)
+    _wanted_since: dict[str, tuple[tuple[str, tuple[tuple[str, int], ...]], float]] = field(
+        default_factory=dict
+    )
+
+    def note_epochs(self, states: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
+        """Remembers the highest epoch of every claim seen, live or not, so epochs only grow."""
+        for origin, content in states:
+            for claim in claims_in(content, origin):
+                if claim.epoch > self.highest_epoch.get(claim.model_id, 0):
+                    self.highest_epoch[claim.model_id] = claim.epoch
+
+    def step(self, now: float, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelState]:
+        """`members` are the live members' states, this node's own included."""
+        self.note_epochs(members.items())
+        view = cluster_view(members)
+        current = current_claims(members)
+        for model_id, mine in list(self.claims.items()):
+            winner = current.get(model_id)
+            if winner is not None and winner.rank > mine.rank:
+                del self.claims[model_id]  # fenced: a higher claim exists
+        states: dict[str, ModelState] = {}
+        used: dict[str, int] = {}
+        for model_id, request in sorted(offered_models(members).items()):
+            state = self._decide(now, view.with_memory_used(used), request, current.get(model_id))
+            states[model_id] = state
+            if state.planned is not None:
+                for node, amount in memory_used(state.planned).items():
+                    used[node] = used.get(node, 0) + amount
+        for model_id in list(self.claims):
+            if model_id not in states:
+                del self.claims[model_id]  # nobody holds the model any more
+        return states
+
+    def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:
+        claim = self.claims.get(model_id)
+        if claim is not None and claim.epoch == epoch and claim.serving != serving:
+            self.claims[model_id] = Claim(
+                claim.model_id, claim.epoch, claim.primary, claim.layers, serving
+            )
+
+    def _decide(
+        self, now: float, view: ClusterView, request: ModelRequest, current: Claim | None
+    ) -> ModelState:
+        model_id = request.model_id
+        kept = None
+        if current is not None and all(node in view for node in current.nodes):
+            kept = evaluate(view, request, self.cost, current.primary, current.counts())
+        try:
+            planned = plan_model(view, request, self.cost, kept)
+        except PlannerError as err:
+            self._wanted_since.pop(model_id, None)
+            return ModelState(request, current, None, str(err))
+        if current is not None and current.same_split(planned):
+            self._wanted_since.pop(model_id, None)
+            return ModelState(request, current, planned, None)
+        key = (planned.primary, tuple((a.node, a.layer_count) for a in planned.assignments))
+        since = self._wanted_since.get(model_id)
+        if since is None or since[0] != key:
+            self._wanted_since[model_id] = (key, now)
+        elif planned.primary == self.me and now - since[1] >= self.settle_s:
+            epoch = max(self.highest_epoch.get(model_id, 0), 0) + 1
+            claim = claim_for(planned, epoch)
+            self.claims[model_id] = claim
+            self.highest_epoch[model_id] = epoch
+            self._wanted_since.pop(model_id, None)
+            return ModelState(request, claim, planned, None)
+        return ModelState(request, current, planned, None)

@@ -1,0 +1,234 @@
+"""Tunnels: a local TCP connection carried over an authenticated mesh stream.
+
+The primary's llama-server talks to each worker's rpc-server, and every node's API talks to a
+model's primary, through a loopback listener whose connections become data-plane streams. On the
+far side the stream is connected to a loopback service (the rpc-server, the llama-server), so no
+engine port is ever reachable from the network.
+
+On the stream, after the opening request, each direction is a sequence of chunks, each a 4-byte
+length then that many bytes; a zero-length chunk is that direction's end (TCP half-close), which
+TLS streams cannot signal themselves. A broken side closes the other at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from . import records
+from .framing import FrameError, receive_frame, send_frame
+from .records import RecordError
+from .transport import MeshStream, TransportError
+
+TUNNEL = "/sharedllm/tunnel/1"
+MAX_CHUNK = 256 * 1024
+_HEADER = 4
+_OPEN_TIMEOUT_S = 10.0
+_log = logging.getLogger("sharedllm.mesh.tunnel")
+
+
+class TunnelRefused(Exception):
+    """The far side would not connect this tunnel (the message says why)."""
+
+
+@dataclass(frozen=True)
+class TunnelRequest:
+    """What a tunnel stream asks for: a service ("rpc" or "api") of a model's placement epoch."""
+
+    service: str
+    model_id: str
+    epoch: int
+
+    def encode(self) -> bytes:
+        return records.encode("tunnel-open", [self.service, self.model_id, self.epoch])
+
+    @staticmethod
+    def decode(data: bytes) -> TunnelRequest:
+        service, model_id, epoch = records.decode(data, "tunnel-open", [str, str, int])
+        return TunnelRequest(service, model_id, epoch)
+
+
+@dataclass
+class TunnelStats:
+    """Bytes each way, and round trips: how often the traffic turned from out to back."""
+
+    bytes_out: int = 0
+    bytes_back: int = 0
+    round_trips: int = 0
+    connections: int = 0
+    _last_direction: int = field(default=0, repr=False)
+
+    def count(self, direction: int, size: int) -> None:
+        if direction > 0:
+            self.bytes_out += size
+        else:
+            self.bytes_back += size
+            if self._last_direction > 0:
+                self.round_trips += 1
+        self._last_direction = direction
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "bytes_out": self.bytes_out,
+            "bytes_back": self.bytes_back,
+            "round_trips": self.round_trips,
+            "connections": self.connections,
+        }
+
+
+class ChunkDecoder:
+    """Splits a byte stream into tunnel chunks (sans-I/O); `None` in the output marks the end."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.ended = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        if self.ended and data:
+            raise FrameError("data after the end of a tunnel direction")
+        self._buffer += data
+        found: list[bytes | None] = []
+        while len(self._buffer) >= _HEADER and not self.ended:
+            size = int.from_bytes(self._buffer[:_HEADER], "big")
+            if size > MAX_CHUNK:
+                raise FrameError(f"tunnel chunk of {size} bytes is over {MAX_CHUNK}")
+            if len(self._buffer) < _HEADER + size:
+                break
+            chunk = bytes(self._buffer[_HEADER : _HEADER + size])
+            del self._buffer[: _HEADER + size]
+            if size == 0:
+                self.ended = True
+                found.append(None)
+                if self._buffer:
+                    raise FrameError("data after the end of a tunnel direction")
+            else:
+                found.append(chunk)
+        return found
+
+
+def encode_chunk(data: bytes) -> bytes:
+    return len(data).to_bytes(_HEADER, "big") + data
+
+
+async def splice(
+    local: trio.SocketStream, remote: MeshStream, stats: TunnelStats, outward: bool
+) -> None:
+    """Copies both ways until both ends have finished; a failure on either side closes both.
+
+    `outward` is True on the side that opened the tunnel: its local bytes count as "out".
+    """
+    sign = 1 if outward else -1
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_local_to_remote, local, remote, stats, sign)
+            nursery.start_soon(_remote_to_local, remote, local, stats, -sign)
+    except* (TransportError, FrameError, trio.BrokenResourceError, OSError) as group:
+        _log.debug("tunnel to %s closed: %s", remote.remote_peer, group.exceptions[0])
+    finally:
+        await trio.aclose_forcefully(local)
+        await remote.aclose()
+
+
+async def _local_to_remote(
+    local: trio.SocketStream, remote: MeshStream, stats: TunnelStats, direction: int
+) -> None:
+    while data := await local.receive_some(MAX_CHUNK):
+        stats.count(direction, len(data))
+        await remote.send_all(encode_chunk(bytes(data)))
+    await remote.send_all(encode_chunk(b""))
+
+
+async def _remote_to_local(
+    remote: MeshStream, local: trio.SocketStream, stats: TunnelStats, direction: int
+) -> None:
+    decoder = ChunkDecoder()
+    while not decoder.ended:
+        data = await remote.receive_some(MAX_CHUNK + _HEADER)
+        if not data:
+            raise TransportError("the tunnel stream ended without an end marker")
+        for chunk in decoder.feed(data):
+            if chunk is None:
+                await local.send_eof()
+            else:
+                stats.count(direction, len(chunk))
+                await local.send_all(chunk)
+
+
+OpenStream = Callable[[], Awaitable[MeshStream]]
+
+
+async def open_tunnel(open_stream: OpenStream, request: TunnelRequest) -> MeshStream:
+    """Opens a stream and asks the far side to connect it; raises TunnelRefused or
+    TransportError."""
+    stream = await open_stream()
+    try:
+        with trio.fail_after(_OPEN_TIMEOUT_S):
+            await send_frame(stream, request.encode())
+            answer = await receive_frame(stream)
+    except (trio.TooSlowError, FrameError, TransportError) as err:
+        await stream.aclose()
+        raise TransportError(f"tunnel to {stream.remote_peer} did not open: {err}") from None
+    if answer != b"ok":
+        await stream.aclose()
+        raise TunnelRefused(answer.decode(errors="replace")[:300])
+    return stream
+
+
+class TunnelListener:
+    """A loopback port whose every connection is tunnelled to one peer's service.
+
+    The port is bound at construction, so callers outside a task can hand it out at once.
+    """
+
+    def __init__(self, open_stream: OpenStream, request: TunnelRequest) -> None:
+        self.open_stream = open_stream
+        self.request = request
+        self.stats = TunnelStats()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        self.port = int(sock.getsockname()[1])
+        self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def run(self) -> None:
+        """Serves connections until cancelled, then closes the port."""
+        async with self._listener:
+            await trio.serve_listeners(self._carry, [self._listener])
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _carry(self, local: trio.SocketStream) -> None:
+        try:
+            remote = await open_tunnel(self.open_stream, self.request)
+        except (TransportError, TunnelRefused) as err:
+            _log.warning("tunnel for %s %s: %s", self.request.model_id, self.request.service, err)
+            await trio.aclose_forcefully(local)
+            return
+        self.stats.connections += 1
+        await splice(local, remote, self.stats, outward=True)
+
+
+LocalTarget = Callable[[TunnelRequest, str], Awaitable[str]]
+
+
+async def serve_tunnel(stream: MeshStream, target: LocalTarget, stats: TunnelStats) -> None:
+    """The far end: `target(request, peer)` names the loopback host:port to connect the stream
+    to, or raises TunnelRefused."""
+    try:
+        request = TunnelRequest.decode(await receive_frame(stream, _OPEN_TIMEOUT_S))
+        endpoint = await target(request, stream.remote_peer)
+        host, _, port = endpoint.rpartition(":")
+        local = await trio.open_tcp_stream(host, int(port))
+    except (RecordError, FrameError, TunnelRefused, OSError) as err:
+        _log.info("refused a tunnel from %s: %s", stream.remote_peer, err)
+        await send_frame(stream, str(err).encode()[:300] or b"refused")
+        return
+    await send_frame(stream, b"ok")
+    stats.connections += 1
+    await splice(local, stream, stats, outward=False)

@@ -1,0 +1,447 @@
+"""This node's part in serving the mesh's models, and the API router that finds their primaries.
+
+Every half second the node runs the election on the live members' gossiped states, then makes
+its processes match the outcome:
+
+- as the primary of a claim: one tunnel listener per worker, and a llama-server whose `--rpc`
+  lists those listeners in placement order; the claim is marked serving once the engine is
+  ready and its log shows the layers where the plan put them;
+- as a worker of the current claim: an rpc-server on loopback, reached only through tunnels
+  opened by that claim's primary;
+- as any node: API requests go to the local engine or through a tunnel to the primary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ..mesh.data_plane import DataPlane
+from ..mesh.election import Claim, Elector, ModelState
+from ..mesh.service import MeshService, data_address
+from ..mesh.transport import MeshStream, TransportError
+from ..mesh.tunnel import (
+    TUNNEL,
+    TunnelListener,
+    TunnelRefused,
+    TunnelRequest,
+    TunnelStats,
+    serve_tunnel,
+)
+from ..scheduler.llama_args import split_args
+from ..scheduler.model_profile import profile_to_dict
+from .config import NodeConfig
+from .engine import EngineInfo, free_loopback_port
+from .http_api import ModelEntry, ModelNotFound
+from .load_report import LoadReport
+from .model_file import ModelInfo
+from .supervisor import ProcessSpec, ServiceState, Supervisor
+from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
+
+_log = logging.getLogger("sharedllm.serving")
+_STEP_S = 0.5
+_CLAIM_WAIT_S = 5.0  # a worker waits this long for a new claim to reach it by gossip
+_WORKER_READY_WAIT_S = 30.0
+_ENGINE_ENV = {"GGML_RPC_NO_RDMA": "1"}
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file this node holds and offers to the mesh."""
+
+    model_id: str
+    info: ModelInfo
+    created: int
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def gossip_entry(self, context: int) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "size": self.info.size_bytes,
+            "context": context,
+            "profile": profile_to_dict(self.info.profile),
+        }
+
+
+@dataclass
+class _Job:
+    """A running role (primary or worker) for one model, stoppable on its own."""
+
+    claim: Claim
+    scope: trio.CancelScope
+    supervisor: Supervisor | None = None
+    problem: str | None = None
+    verified: bool = False
+    tunnels: dict[str, TunnelListener] = field(default_factory=dict)  # worker -> listener
+
+    def endpoint(self) -> str | None:
+        """Where the job's process listens, once it is ready."""
+        supervisor = self.supervisor
+        if supervisor is None or supervisor.state is not ServiceState.READY:
+            return None
+        return None if supervisor.ready_spec is None else supervisor.ready_spec.endpoint
+
+
+class MeshServing:
+    def __init__(
+        self,
+        *,
+        service: MeshService,
+        data_plane: DataPlane,
+        engine: EngineInfo,
+        config: NodeConfig,
+        local_models: Sequence[LocalModel],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self._service = service
+        self._data_plane = data_plane
+        self._engine = engine
+        self._config = config
+        self._local = {model.model_id: model for model in local_models}
+        self._client = client
+        self._me = service.identity.peer_id
+        self.elector = Elector(self._me)
+        self.model_states: dict[str, ModelState] = {}
+        self._primary_jobs: dict[str, _Job] = {}
+        self._worker_jobs: dict[str, _Job] = {}
+        self._worker_streams: dict[str, list[tuple[tuple[int, str], trio.CancelScope]]] = {}
+        self._api_tunnels: dict[tuple[str, int, str], tuple[TunnelListener, trio.CancelScope]] = {}
+        self.worker_stats: dict[str, TunnelStats] = {}
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+
+    # -- gossip ------------------------------------------------------------------------------
+
+    def gossip_fields(self) -> dict[str, Any]:
+        return {
+            "models": [m.gossip_entry(self._config.context_size) for m in self._local.values()],
+            "claims": [claim.to_wire() for _, claim in sorted(self.elector.claims.items())],
+        }
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self._data_plane.serve(TUNNEL, self._serve_tunnel)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                await self._step()
+                with trio.move_on_after(_STEP_S):
+                    await self._changed.wait()
+                self._changed = trio.Event()
+
+    async def _step(self) -> None:
+        before = dict(self.elector.claims)
+        self.elector.note_epochs(
+            (origin, content)
+            for origin, state in self._service.store.states.items()
+            if (content := self._service.content_of(state)) is not None
+        )
+        self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
+        self._reconcile_primary()
+        self._reconcile_workers()
+        self._close_stale_api_tunnels()
+        for model_id, job in self._primary_jobs.items():
+            ready = job.endpoint() is not None and job.verified
+            self.elector.set_serving(model_id, job.claim.epoch, ready)
+        if self.elector.claims != before:
+            workers = {w for claim in self.elector.claims.values() for w in claim.workers}
+            await self._service.publish_now(sorted(workers))
+
+    def _reconcile_primary(self) -> None:
+        for model_id, job in list(self._primary_jobs.items()):
+            claim = self.elector.claims.get(model_id)
+            if claim is None or claim.rank != job.claim.rank:
+                _log.info("model %s: stopping the engine of epoch %d", model_id, job.claim.epoch)
+                job.scope.cancel()
+                del self._primary_jobs[model_id]
+        for model_id, claim in self.elector.claims.items():
+            if model_id not in self._primary_jobs and model_id in self._local:
+                self._primary_jobs[model_id] = self._start_job(self._run_primary, claim)
+
+    def _reconcile_workers(self) -> None:
+        wanted = {
+            model_id: state.current
+            for model_id, state in self.model_states.items()
+            if state.current is not None and self._me in state.current.workers
+        }
+        for model_id, job in list(self._worker_jobs.items()):
+            if model_id not in wanted:
+                job.scope.cancel()
+                del self._worker_jobs[model_id]
+        for model_id, claim in wanted.items():
+            if model_id not in self._worker_jobs:
+                self._worker_jobs[model_id] = self._start_job(self._run_worker, claim)
+        for model_id, streams in self._worker_streams.items():
+            current = wanted.get(model_id)
+            for rank, scope in streams:
+                if current is None or rank != current.rank:
+                    scope.cancel()  # fenced: that primary no longer leads this model
+
+    def _start_job(self, runner: Any, claim: Claim) -> _Job:
+        assert self._nursery is not None
+        job = _Job(claim, trio.CancelScope())
+        self._nursery.start_soon(runner, job)
+        return job
+
+    # -- primary -------------------------------------------------------------------------------
+
+    async def _run_primary(self, job: _Job) -> None:
+        claim = job.claim
+        model = self._local[claim.model_id]
+        _log.info("model %s: leading epoch %d over %s", claim.model_id, claim.epoch, claim.nodes)
+        with job.scope:
+            async with trio.open_nursery() as nursery:
+                for worker in claim.workers:
+                    listener = TunnelListener(
+                        self._opener(worker), TunnelRequest("rpc", claim.model_id, claim.epoch)
+                    )
+                    job.tunnels[worker] = listener
+                    nursery.start_soon(listener.run)
+                report = LoadReport()
+                job.supervisor = Supervisor(
+                    lambda: self._llama_server_spec(model, claim, job, report),
+                    self._is_http_ready,
+                    logger=_log,
+                    ready_timeout_s=self._config.engine_load_timeout_s,
+                    on_log_line=report.feed,
+                )
+                nursery.start_soon(job.supervisor.run)
+                nursery.start_soon(self._verify_load, job, model, report)
+
+    def _llama_server_spec(
+        self, model: LocalModel, claim: Claim, job: _Job, report: LoadReport
+    ) -> ProcessSpec:
+        report.offloaded, report.buffers = None, {}
+        job.verified = False
+        port = free_loopback_port()
+        split = split_args(claim.as_placement(), model.info.profile.layer_count)
+        endpoints = [job.tunnels[w].endpoint for w in split.rpc_workers]
+        argv = [
+            str(self._engine.llama_server),
+            *("--host", "127.0.0.1", "--port", str(port)),
+            *("--model", str(model.path), "--alias", model.model_id),
+            *("--ctx-size", str(self._config.context_size)),
+            *("--no-webui", "--log-verbosity", "4"),
+            *split.argv(endpoints),
+        ]
+        if self._config.threads is not None:
+            argv += ["--threads", str(self._config.threads)]
+        return ProcessSpec("llama-server", tuple(argv), _ENGINE_ENV, f"127.0.0.1:{port}")
+
+    async def _verify_load(self, job: _Job, model: LocalModel, report: LoadReport) -> None:
+        """Checks each (re)start's log against the plan once the engine is ready."""
+        assert job.supervisor is not None
+        profile = model.info.profile
+        split = split_args(job.claim.as_placement(), profile.layer_count)
+        planned = {
+            job.tunnels[node].endpoint: sum(profile.layer_weight_bytes[first : last + 1])
+            for node, first, last in job.claim.layers
+            if node != job.claim.primary
+        }
+        while True:
+            await job.supervisor.wait_changed()
+            if job.supervisor.state is not ServiceState.READY:
+                continue
+            await trio.sleep(0.2)  # the log pump may be a line or two behind the health check
+            job.problem = report.problem(split.n_gpu_layers, planned)
+            job.verified = job.problem is None
+            if job.problem:
+                _log.error("model %s: %s", job.claim.model_id, job.problem)
+            else:
+                _log.info(
+                    "model %s: serving epoch %d, layers as planned: %s",
+                    job.claim.model_id,
+                    job.claim.epoch,
+                    ", ".join(f"{n[-6:]} {a}-{b}" for n, a, b in job.claim.layers),
+                )
+            self._changed.set()
+
+    async def _is_http_ready(self, spec: ProcessSpec) -> bool:
+        try:
+            answer = await self._client.get(f"http://{spec.endpoint}/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200
+
+    def _opener(self, peer: str) -> Any:
+        async def open_stream() -> MeshStream:
+            address = data_address(self._service.store.states.get(peer))
+            if address is None:
+                raise TransportError(f"{peer} has not gossiped a data address")
+            return await self._data_plane.open_stream(peer, address[0], address[1], TUNNEL)
+
+        return open_stream
+
+    # -- worker --------------------------------------------------------------------------------
+
+    async def _run_worker(self, job: _Job) -> None:
+        _log.info("model %s: serving layers for %s", job.claim.model_id, job.claim.primary)
+        cache = self._config.cache_dir / "rpc-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        threads = self._config.threads or os.cpu_count() or 1
+
+        def spec() -> ProcessSpec:
+            port = free_loopback_port()
+            argv = [str(self._engine.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
+            argv += ["-c", "-t", str(threads)]
+            env = {**_ENGINE_ENV, "LLAMA_CACHE": str(cache)}
+            return ProcessSpec("ggml-rpc-server", tuple(argv), env, f"127.0.0.1:{port}")
+
+        with job.scope:
+            job.supervisor = Supervisor(spec, _accepts_tcp, logger=_log, ready_timeout_s=30.0)
+            await job.supervisor.run()
+
+    async def _serve_tunnel(self, stream: MeshStream) -> None:
+        """Connects a tunnel to a local engine; an rpc tunnel is cut when its primary is fenced."""
+        scope = trio.CancelScope()
+        registered: list[tuple[tuple[int, str], trio.CancelScope]] | None = None
+
+        async def target(request: TunnelRequest, peer: str) -> str:
+            nonlocal registered
+            endpoint = await self._tunnel_target(request, peer)
+            if request.service == "rpc":
+                registered = self._worker_streams.setdefault(request.model_id, [])
+                registered.append(((request.epoch, peer), scope))
+            return endpoint
+
+        stats = self.worker_stats.setdefault(stream.remote_peer, TunnelStats())
+        try:
+            with scope:
+                await serve_tunnel(stream, target, stats)
+        finally:
+            if registered is not None:
+                registered[:] = [entry for entry in registered if entry[1] is not scope]
+
+    async def _tunnel_target(self, request: TunnelRequest, peer: str) -> str:
+        if request.service == "api":
+            job = self._primary_jobs.get(request.model_id)
+            endpoint = None if job is None or not job.verified else job.endpoint()
+            if endpoint is None:
+                raise TunnelRefused(f"this node does not serve {request.model_id} now")
+            return endpoint
+        if request.service != "rpc":
+            raise TunnelRefused(f"unknown tunnel service {request.service!r}")
+        with trio.move_on_after(_CLAIM_WAIT_S):
+            while not self._leads(request, peer):
+                await trio.sleep(0.1)
+        if not self._leads(request, peer):
+            raise TunnelRefused(
+                f"{peer} is not the primary of {request.model_id} epoch {request.epoch} here"
+            )
+        with trio.move_on_after(_WORKER_READY_WAIT_S):
+            while (job := self._worker_jobs.get(request.model_id)) is None or (
+                endpoint := job.endpoint()
+            ) is None:
+                await trio.sleep(0.1)
+            return endpoint
+        raise TunnelRefused(f"the rpc-server for {request.model_id} is not ready")
+
+    def _leads(self, request: TunnelRequest, peer: str) -> bool:
+        state = self.model_states.get(request.model_id)
+        current = None if state is None else state.current
+        return (
+            current is not None
+            and current.rank == (request.epoch, peer)
+            and self._me in current.workers
+        )
+
+    # -- the API's view ----------------------------------------------------------------------
+
+    def models(self) -> Sequence[ModelEntry]:
+        return [
+            ModelEntry(model_id, self._local[model_id].created if model_id in self._local else 0)
+            for model_id in sorted(self.model_states)
+        ]
+
+    def route(self, model_id: str) -> Upstream:
+        state = self.model_states.get(model_id)
+        if state is None:
+            raise ModelNotFound(model_id)
+        claim = state.current
+        if claim is None:
+            raise UpstreamUnavailable(state.problem or "no primary elected yet")
+        if not claim.serving:
+            raise UpstreamUnavailable(
+                f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {len(claim.nodes)} nodes)"
+            )
+        if claim.primary == self._me:
+            job = self._primary_jobs.get(model_id)
+            endpoint = None if job is None else job.endpoint()
+            if endpoint is None:
+                raise UpstreamUnavailable("the local engine is restarting")
+            return HttpUpstream(self._client, f"http://{endpoint}")
+        listener = self._api_tunnel(claim)
+        return HttpUpstream(self._client, f"http://{listener.endpoint}")
+
+    def health(self) -> tuple[bool, dict[str, str]]:
+        states = {}
+        for model_id in sorted(self.model_states):
+            try:
+                self.route(model_id)
+                states[model_id] = "ready"
+            except (UpstreamUnavailable, ModelNotFound) as err:
+                states[model_id] = str(err)
+        return bool(states) and all(s == "ready" for s in states.values()), states
+
+    def _api_tunnel(self, claim: Claim) -> TunnelListener:
+        key = (claim.model_id, claim.epoch, claim.primary)
+        if key not in self._api_tunnels:
+            assert self._nursery is not None
+            listener = TunnelListener(
+                self._opener(claim.primary), TunnelRequest("api", claim.model_id, claim.epoch)
+            )
+            scope = trio.CancelScope()
+            self._api_tunnels[key] = (listener, scope)
+
+            async def run() -> None:
+                with scope:
+                    await listener.run()
+
+            self._nursery.start_soon(run)
+        return self._api_tunnels[key][0]
+
+    def _close_stale_api_tunnels(self) -> None:
+        for key, (_, scope) in list(self._api_tunnels.items()):
+            state = self.model_states.get(key[0])
+            current = None if state is None else state.current
+            if current is None or (current.model_id, current.epoch, current.primary) != key:
+                scope.cancel()
+                del self._api_tunnels[key]
+
+    def describe(self) -> dict[str, Any]:
+        """Each model's placement as this node sees it (for `peers`/`status`)."""
+        described = {}
+        for model_id, state in sorted(self.model_states.items()):
+            claim = state.current
+            job = self._primary_jobs.get(model_id)
+            described[model_id] = {
+                "current": None if claim is None else claim.to_wire(),
+                "planned": None if state.planned is None else state.planned.as_dict(),
+                "problem": state.problem if job is None else (job.problem or state.problem),
+                "tunnels": {}
+                if job is None
+                else {w: t.stats.as_dict() for w, t in job.tunnels.items()},
+            }
+        return described
+
+
+async def _accepts_tcp(spec: ProcessSpec) -> bool:
+    assert spec.endpoint is not None
+    host, _, port = spec.endpoint.rpartition(":")
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
