@@ -32,6 +32,7 @@ from ..mesh.transport import TransportError
 from ..scheduler.cluster_file import ClusterFileError
 from ..scheduler.placement import PlannerError
 from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
+from .daemon_files import running_api_url
 from .default_model import DefaultModelError, default_model_path
 from .engine import EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
 from .engine_build import EngineBuildError, build_engine
@@ -190,6 +191,14 @@ def _add_mesh_commands(commands: Any) -> None:
     peers.add_argument("--api-port", type=int, help="the local node's API port")
     peers.add_argument("--json", action="store_true", help="print JSON")
     peers.set_defaults(handler=_cmd_peers)
+
+    status = commands.add_parser(
+        "status", help="where each model's layers live, as the local node sees it"
+    )
+    _add_common(status)
+    status.add_argument("--api-port", type=int, help="the local node's API port")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_cmd_status)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -376,18 +385,66 @@ def _peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def _cmd_peers(args: argparse.Namespace) -> int:
+def _ask_local_node(args: argparse.Namespace) -> dict[str, Any]:
+    """The local node's view of the mesh, from its API (the port it recorded, unless given)."""
     import httpx
 
     config = _load(args)
-    port = args.api_port or config.api_port
+    url = f"http://127.0.0.1:{args.api_port}" if args.api_port else running_api_url(config)
     try:
-        answer = httpx.get(f"http://127.0.0.1:{port}/mesh/peers", timeout=5.0)
+        answer = httpx.get(f"{url}/mesh/peers", timeout=5.0)
         view = answer.json()
     except (httpx.HTTPError, ValueError) as err:
         raise CommandError(
-            f"no node answers on 127.0.0.1:{port} ({type(err).__name__}); is it running?"
+            f"no node answers at {url} ({type(err).__name__}); is it running?"
         ) from None
+    if not isinstance(view, dict) or "peers" not in view:
+        raise CommandError(f"{url} does not look like a sharedllm node")
+    return view
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    view = _ask_local_node(args)
+    if args.json:
+        models = {
+            model_id: {"model": model_id, **entry} for model_id, entry in view["models"].items()
+        }
+        print(
+            json.dumps(
+                {"peer_id": view["peer_id"], "mesh": view["mesh"], "models": models}, indent=2
+            )
+        )
+        return 0
+    names = {p["peer_id"]: p.get("name", "?") for p in view["peers"]}
+    print(f"mesh {view['mesh']}, this node {names.get(view['peer_id'], '?')} ({view['peer_id']})")
+    if not view["models"]:
+        print("no model is offered in the mesh yet")
+    for model_id, entry in view["models"].items():
+        _print_placement(model_id, entry, names)
+    return 0
+
+
+def _print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]) -> None:
+    print(f"\nmodel {model_id}: {entry['state']}")
+    primary = entry["primary"]
+    if primary is not None:
+        print(f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}")
+    tunnels = entry.get("tunnels", {})
+    for assignment in entry["assignments"]:
+        node = assignment["node"]
+        line = f"  {names.get(node, '?'):<16} {node[-12:]:<14} layers "
+        line += f"{assignment['first_layer']}-{assignment['last_layer']}"
+        if (traffic := tunnels.get(node)) is not None:
+            line += f", tunnel {traffic['bytes_out'] / 1e6:.1f} MB out"
+            line += f" / {traffic['bytes_back'] / 1e6:.1f} MB back"
+            line += f", {traffic['round_trips']} round trips"
+        print(line)
+    if entry.get("problem"):
+        print(f"  problem: {entry['problem']}")
+
+
+def _cmd_peers(args: argparse.Namespace) -> int:
+    view = _ask_local_node(args)
     if args.json:
         print(json.dumps(view, indent=2))
         return 0

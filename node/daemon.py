@@ -27,6 +27,7 @@ from ..mesh.membership import MembershipState
 from ..mesh.mesh_store import load_revocations, save_addresses
 from ..mesh.service import MeshService
 from .config import NodeConfig
+from .daemon_files import clear_running, record_running
 from .engine import EngineInfo
 from .http_api import create_app
 from .mesh_setup import MeshPlan
@@ -59,6 +60,19 @@ async def run_node(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until SIGINT/SIGTERM; everything it started is stopped before it returns."""
+    try:
+        await _run_node(config, engine, models, mesh, task_status)
+    finally:
+        clear_running(mesh.data_dir)
+
+
+async def _run_node(
+    config: NodeConfig,
+    engine: EngineInfo,
+    models: Sequence[LocalModel],
+    mesh: MeshOptions,
+    task_status: trio.TaskStatus[str],
+) -> None:
     plan = mesh.plan
     async with (
         httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client,
@@ -120,6 +134,7 @@ async def run_node(
             nursery.start_soon(_watch_revocations, service, mesh.data_dir)
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
+            record_running(mesh.data_dir, api_url)
             task_status.started(api_url)
 
 

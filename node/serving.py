@@ -180,8 +180,22 @@ class MeshServing:
                 job.scope.cancel()
                 del self._worker_jobs[model_id]
         for model_id, claim in wanted.items():
-            if model_id not in self._worker_jobs:
+            running = self._worker_jobs.get(model_id)
+            if running is None:
                 self._worker_jobs[model_id] = self._start_job(self._run_worker, claim)
+            elif running.claim.rank != claim.rank:
+                running.claim = claim
+            else:
+                continue
+            first, last = next((a, b) for n, a, b in claim.layers if n == self._me)
+            _log.info(
+                "model %s: holding layers %d-%d for primary %s (epoch %d)",
+                model_id,
+                first,
+                last,
+                claim.primary,
+                claim.epoch,
+            )
         for model_id, streams in self._worker_streams.items():
             current = wanted.get(model_id)
             for rank, scope in streams:
@@ -286,7 +300,6 @@ class MeshServing:
     # -- worker --------------------------------------------------------------------------------
 
     async def _run_worker(self, job: _Job) -> None:
-        _log.info("model %s: serving layers for %s", job.claim.model_id, job.claim.primary)
         cache = self._config.cache_dir / "rpc-cache"
         cache.mkdir(parents=True, exist_ok=True)
         threads = self._config.threads or os.cpu_count() or 1
@@ -365,33 +378,38 @@ class MeshServing:
         ]
 
     def route(self, model_id: str) -> Upstream:
+        reason = self._unavailable(model_id)
+        if reason is not None:
+            raise UpstreamUnavailable(reason)
+        claim = self.model_states[model_id].current
+        assert claim is not None
+        if claim.primary == self._me:
+            endpoint = self._primary_jobs[model_id].endpoint()
+            return HttpUpstream(self._client, f"http://{endpoint}")
+        listener = self._api_tunnel(claim)
+        return HttpUpstream(self._client, f"http://{listener.endpoint}")
+
+    def _unavailable(self, model_id: str) -> str | None:
+        """Why requests for the model cannot be served now (None: they can)."""
         state = self.model_states.get(model_id)
         if state is None:
             raise ModelNotFound(model_id)
         claim = state.current
         if claim is None:
-            raise UpstreamUnavailable(state.problem or "no primary elected yet")
+            return state.problem or "no primary elected yet"
         if not claim.serving:
-            raise UpstreamUnavailable(
-                f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {len(claim.nodes)} nodes)"
-            )
+            nodes = len(claim.nodes)
+            return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)"
         if claim.primary == self._me:
             job = self._primary_jobs.get(model_id)
-            endpoint = None if job is None else job.endpoint()
-            if endpoint is None:
-                raise UpstreamUnavailable("the local engine is restarting")
-            return HttpUpstream(self._client, f"http://{endpoint}")
-        listener = self._api_tunnel(claim)
-        return HttpUpstream(self._client, f"http://{listener.endpoint}")
+            if job is None or job.endpoint() is None:
+                return "the local engine is restarting"
+        return None
 
     def health(self) -> tuple[bool, dict[str, str]]:
-        states = {}
-        for model_id in sorted(self.model_states):
-            try:
-                self.route(model_id)
-                states[model_id] = "ready"
-            except (UpstreamUnavailable, ModelNotFound) as err:
-                states[model_id] = str(err)
+        states = {
+            model_id: self._state_in_words(model_id) for model_id in sorted(self.model_states)
+        }
         return bool(states) and all(s == "ready" for s in states.values()), states
 
     def _api_tunnel(self, claim: Claim) -> TunnelListener:
@@ -420,20 +438,33 @@ class MeshServing:
                 del self._api_tunnels[key]
 
     def describe(self) -> dict[str, Any]:
-        """Each model's placement as this node sees it (for `peers`/`status`)."""
+        """Each model's placement as this node sees it (for `status` and `peers`)."""
         described = {}
         for model_id, state in sorted(self.model_states.items()):
             claim = state.current
             job = self._primary_jobs.get(model_id)
-            described[model_id] = {
-                "current": None if claim is None else claim.to_wire(),
+            entry: dict[str, Any] = {
+                "state": self._state_in_words(model_id),
+                "primary": None if claim is None else claim.primary,
+                "epoch": None if claim is None else claim.epoch,
+                "serving": claim is not None and claim.serving,
+                "assignments": []
+                if claim is None
+                else [
+                    {"node": node, "first_layer": first, "last_layer": last}
+                    for node, first, last in claim.layers
+                ],
                 "planned": None if state.planned is None else state.planned.as_dict(),
-                "problem": state.problem if job is None else (job.problem or state.problem),
+                "problem": (job.problem if job is not None else None) or state.problem,
                 "tunnels": {}
                 if job is None
-                else {w: t.stats.as_dict() for w, t in job.tunnels.items()},
+                else {worker: t.stats.as_dict() for worker, t in job.tunnels.items()},
             }
+            described[model_id] = entry
         return described
+
+    def _state_in_words(self, model_id: str) -> str:
+        return self._unavailable(model_id) or "ready"
 
 
 async def _accepts_tcp(spec: ProcessSpec) -> bool:

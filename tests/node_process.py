@@ -71,13 +71,16 @@ def start_node(
     return node
 
 
-def wait_until_ready(node: RunningNode, timeout_s: float) -> None:
+def wait_until_ready(node: RunningNode, timeout_s: float, *, serving: bool = True) -> None:
+    """Waits until the node's API answers /health: with 200 (every model served), or with any
+    answer when `serving` is False (the node runs, its models may still wait for peers)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if node.process.poll() is not None:
             raise AssertionError(f"node exited with {node.process.returncode}:\n{node.log()}")
         try:
-            if httpx.get(node.api_url + "/health", timeout=2).status_code == 200:
+            status = httpx.get(node.api_url + "/health", timeout=2).status_code
+            if status == 200 or not serving:
                 return
         except httpx.HTTPError:
             pass

@@ -1,0 +1,33 @@
+"""The file a running node leaves in its data directory so that local commands can find it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..mesh.atomic_file import write_atomic
+from .config import NodeConfig
+
+RUNNING_FILE = "running.json"
+
+
+def record_running(data_dir: Path, api_url: str) -> None:
+    body = {"api_url": api_url, "pid": os.getpid()}
+    write_atomic(data_dir / RUNNING_FILE, json.dumps(body).encode(), mode=0o644)
+
+
+def clear_running(data_dir: Path) -> None:
+    (data_dir / RUNNING_FILE).unlink(missing_ok=True)
+
+
+def running_api_url(config: NodeConfig) -> str:
+    """The API of the node running on `config.data_dir`, else the configured port."""
+    try:
+        recorded = json.loads((config.data_dir / RUNNING_FILE).read_text())
+        url = recorded["api_url"]
+        if isinstance(url, str) and url.startswith("http://"):
+            return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return f"http://127.0.0.1:{config.api_port}"

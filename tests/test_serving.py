@@ -1,0 +1,192 @@
+"""The real Gemma model split over three `sharedllm-node` processes on 127.0.0.1.
+
+Memory caps leave the planner one choice: six layers on each node. The founder holds the file and
+leads; the two others join without a model file and lend memory. Clients talk to a node that is
+not the primary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psutil
+import pytest
+import trio
+from sharedllm.mesh.data_plane import DataPlane
+from sharedllm.mesh.identity import load_or_create_identity
+from sharedllm.mesh.membership import MembershipState
+from sharedllm.mesh.mesh_store import load_mesh
+from sharedllm.mesh.tunnel import TUNNEL, TunnelRefused, TunnelRequest, open_tunnel
+from sharedllm.node.engine import EngineInfo
+
+from .node_process import RunningNode, node_command, start_node, wait_until_ready
+
+pytestmark = pytest.mark.integration
+GEMMA_ID = "gemma-3-270m-q4_k_m"
+PROMPT = "The three primary colours are"
+# Memory caps (see the planner's cost model: 256 MiB of buffers per node, 5 % headroom, the
+# 170 MiB embedding table on the primary, ~7.8 MiB per layer with its 4096-token KV cache).
+FOUNDER_CAP, WORKER_CAP = "500MiB", "320MiB"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [node_command(), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _greedy(base_url: str, stream: bool = False) -> str:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    if not stream:
+        answer = client.completions.create(
+            model=GEMMA_ID, prompt=PROMPT, max_tokens=16, temperature=0, seed=7
+        )
+        return answer.choices[0].text
+    pieces = client.completions.create(
+        model=GEMMA_ID, prompt=PROMPT, max_tokens=16, temperature=0, seed=7, stream=True
+    )
+    return "".join(piece.choices[0].text for piece in pieces if piece.choices)
+
+
+@pytest.fixture(scope="module")
+def single_answer(tmp_path_factory: pytest.TempPathFactory, engine: EngineInfo) -> str:
+    node = start_node(tmp_path_factory.mktemp("alone"))
+    try:
+        return _greedy(node.api_url)
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(
+    tmp_path_factory: pytest.TempPathFactory, engine: EngineInfo, gemma_path: Path
+) -> Iterator[list[RunningNode]]:
+    base = tmp_path_factory.mktemp("split")
+    nodes: list[RunningNode] = []
+    try:
+        founder = start_node(
+            base / "a", "--name", "a", "--max-memory", FOUNDER_CAP, wait_ready=False
+        )
+        nodes.append(founder)
+        wait_until_ready(founder, 180, serving=False)  # alone it cannot hold the model
+        done = _cli("invite", "--data-dir", str(base / "a" / "data"), "--uses", "2")
+        assert done.returncode == 0, done.stderr
+        token = done.stdout.strip()
+        for name in ("b", "c"):
+            nodes.append(
+                start_node(
+                    base / name,
+                    *("--name", name, "--join", token, "--max-memory", WORKER_CAP),
+                    wait_ready=False,
+                )
+            )
+        for node in nodes:
+            wait_until_ready(node, 180)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _status(node: RunningNode) -> dict[str, Any]:
+    done = _cli("status", "--json", "--data-dir", str(node.log_path.parent / "data"))
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+def test_the_planner_uses_all_three_nodes(mesh: list[RunningNode]) -> None:
+    views = [_status(node) for node in mesh]
+    ids = [view["peer_id"] for view in views]
+    placements = [view["models"][GEMMA_ID] for view in views]
+    assert all(p["primary"] == ids[0] and p["serving"] for p in placements)
+    assert all(p["epoch"] == placements[0]["epoch"] for p in placements)
+    layers = [(a["node"], a["first_layer"], a["last_layer"]) for a in placements[0]["assignments"]]
+    assert layers[0] == (ids[0], 0, 5)
+    assert {node for node, _, _ in layers[1:]} == set(ids[1:])  # workers in the planner's order
+    assert [(first, last) for _, first, last in layers[1:]] == [(6, 11), (12, 17)]
+
+
+def test_openai_client_through_a_node_that_is_not_the_primary(
+    mesh: list[RunningNode], single_answer: str
+) -> None:
+    client = openai.OpenAI(base_url=mesh[2].api_url + "/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model=GEMMA_ID, messages=[{"role": "user", "content": "Say hello."}], max_tokens=12
+    )
+    assert chat.choices[0].message.content
+    pieces = client.chat.completions.create(
+        model=GEMMA_ID,
+        messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=12,
+        stream=True,
+    )
+    deltas = [p.choices[0].delta.content for p in pieces if p.choices and p.choices[0].delta]
+    assert len([d for d in deltas if d]) > 3, "the answer should arrive in several pieces"
+    # Greedy decoding over the split gives the single node's answer: every device is a CPU
+    # backend running the same kernels, and each layer's arithmetic is the same wherever it runs.
+    assert _greedy(mesh[2].api_url) == single_answer
+    assert _greedy(mesh[1].api_url, stream=True) == single_answer
+
+
+def test_workers_log_their_layers_and_carried_the_weights(mesh: list[RunningNode]) -> None:
+    ids = [_status(node)["peer_id"] for node in mesh]
+    assignments = _status(mesh[0])["models"][GEMMA_ID]["assignments"]
+    held = {a["node"]: (a["first_layer"], a["last_layer"]) for a in assignments}
+    for node, peer_id in zip(mesh[1:], ids[1:], strict=True):
+        first, last = held[peer_id]
+        assert re.search(
+            rf"model {GEMMA_ID}: holding layers {first}-{last} for primary {ids[0]}", node.log()
+        )
+    assert "layers as planned" in mesh[0].log()
+    tunnels = _status(mesh[0])["models"][GEMMA_ID]["tunnels"]
+    for worker in ids[1:]:
+        # six layers of ~3.6 MiB each went up the tunnel when the primary loaded the model
+        assert tunnels[worker]["bytes_out"] > 6 * 3 * 2**20
+        assert tunnels[worker]["round_trips"] > 0
+
+
+def test_engines_listen_on_loopback_only(mesh: list[RunningNode]) -> None:
+    engines = 0
+    for node in mesh:
+        for pid in node.engine_pids():
+            engines += 1
+            for conn in psutil.Process(pid).net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    assert conn.laddr.ip == "127.0.0.1", (pid, conn)
+    assert engines == 3  # one llama-server, two rpc-servers
+
+
+def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[RunningNode]) -> None:
+    """Acting as node b (a member, not the primary) towards node c's rpc-server."""
+    b_data = mesh[1].log_path.parent / "data"
+    identity = load_or_create_identity(b_data)
+    files = load_mesh(b_data)
+    c_view = httpx.get(mesh[2].api_url + "/mesh/peers", timeout=5).json()
+    c_self = next(p for p in c_view["peers"] if p["peer_id"] == c_view["peer_id"])
+    host, port = c_self["data_addr"]
+    epoch = c_view["models"][GEMMA_ID]["epoch"]
+    plane = DataPlane(identity, files.proof, MembershipState(files.mesh_public_key).admit)
+
+    async def attempt() -> str:
+        async def opener() -> Any:
+            return await plane.open_stream(c_view["peer_id"], host, port, TUNNEL)
+
+        try:
+            stream = await open_tunnel(opener, TunnelRequest("rpc", GEMMA_ID, epoch))
+        except TunnelRefused as err:
+            return str(err)
+        await stream.aclose()
+        return "accepted"
+
+    started = time.monotonic()
+    assert "is not the primary" in trio.run(attempt)
+    assert time.monotonic() - started < 30
