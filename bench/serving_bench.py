@@ -1,0 +1,270 @@
+"""Serving benchmark: one model, one layer split, three ways, in one run on loopback.
+
+- single: one llama-server holding every layer;
+- direct: llama-server with `--rpc` straight to two ggml-rpc-servers (plain llama.cpp RPC);
+- mesh: three `sharedllm-node` processes whose memory caps force the same split, the rpc traffic
+  going through our tunnels over the TLS data plane; asked at the primary (tunnel cost only) and
+  at a worker node (plus API forwarding through the mesh).
+
+Requests are interleaved round by round so that drift of a shared machine hits every setup
+alike. Generation and prompt speeds are the engine's own timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sharedllm.node.config import default_cache_dir
+from sharedllm.node.default_model import default_model_path
+from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
+from sharedllm.scheduler.llama_args import split_args
+from sharedllm.scheduler.placement import Assignment, Placement
+
+ROUNDS = 5
+MAX_TOKENS = 64
+CONTEXT = 4096
+PROMPT = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle. "
+    "The story should have a beginning, a middle and an end, and mention the sea, "
+    "a storm, a seagull and an old map. Keep the language simple."
+)
+SPLIT = ((0, 5), (6, 11), (12, 17))  # primary, worker 1, worker 2 (the caps force this split)
+FOUNDER_CAP, WORKER_CAP = "500MiB", "320MiB"
+# Three engine processes share this machine's cores in the split setups: one thread each, in
+# both the direct and the mesh setup, so that neither pays for oversubscribed spinning threads.
+THREADS = ["--threads", "1"]
+_ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1"}
+
+
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=_ENV)
+
+
+def _wait_http(url: str, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def _started(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = _spawn(argv, log)
+    try:
+        yield process
+    finally:
+        _stop(process)
+
+
+def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) -> list[str]:
+    return [
+        str(engine.llama_server),
+        *("--host", "127.0.0.1", "--port", str(port), "--model", str(model)),
+        *("--alias", "gemma", "--ctx-size", str(CONTEXT), "--no-webui"),
+        *extra,
+    ]
+
+
+def _direct_split_args(endpoints: list[str]) -> list[str]:
+    nodes = ("primary", "w1", "w2")
+    assignments = tuple(
+        Assignment(node, first, last, 0) for node, (first, last) in zip(nodes, SPLIT, strict=True)
+    )
+    placement = Placement("gemma", "primary", assignments, 0, 0.0, 0.0)
+    return split_args(placement, SPLIT[-1][1] + 1).argv(endpoints)
+
+
+def _node(command: str, data: Path, port: int, *args: str) -> list[str]:
+    return [
+        *(command, "up", "--data-dir", str(data), "--api-port", str(port)),
+        *("--listen", "/ip4/127.0.0.1/tcp/0", *args),
+    ]
+
+
+def _complete(url: str, model: str) -> dict[str, float]:
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
+    answer = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
+    timings = answer["timings"]
+    return {
+        "gen_tok_s": timings["predicted_per_second"],
+        "prompt_tok_s": timings["prompt_per_second"],
+        "generated": timings["predicted_n"],
+    }
+
+
+def _tunnel_totals(url: str, model: str) -> dict[str, dict[str, int]]:
+    view = httpx.get(url + "/mesh/peers", timeout=5).json()
+    totals: dict[str, dict[str, int]] = view["models"][model]["tunnels"]
+    return totals
+
+
+def run() -> dict[str, Any]:
+    engine = find_engine(default_cache_dir(), None)
+    model = default_model_path(default_cache_dir())
+    model_id = model.name.removesuffix(".gguf")
+    command = str(Path(sys.executable).parent / "sharedllm-node")
+    work = Path(tempfile.mkdtemp(prefix="sharedllm-bench-"))
+    urls: dict[str, str] = {}
+    try:
+        with ExitStack() as stack:
+            port = free_loopback_port()
+            stack.enter_context(
+                _started(_llama_server(engine, model, port, []), work / "single.log")
+            )
+            urls["single"] = f"http://127.0.0.1:{port}"
+            rpc = [free_loopback_port(), free_loopback_port()]
+            for index, rpc_port in enumerate(rpc):
+                argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
+                stack.enter_context(_started(argv, work / f"rpc{index}.log"))
+            time.sleep(0.5)
+            port = free_loopback_port()
+            split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc]), *THREADS]
+            stack.enter_context(
+                _started(_llama_server(engine, model, port, split), work / "direct.log")
+            )
+            urls["direct"] = f"http://127.0.0.1:{port}"
+            urls.update(_start_mesh(stack, command, work))
+            for url in urls.values():
+                _wait_http(url)
+            return _measure(urls, model_id)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _start_mesh(stack: ExitStack, command: str, work: Path) -> dict[str, str]:
+    ports = [free_loopback_port() for _ in range(3)]
+    founder = work / "a"
+    stack.enter_context(
+        _started(
+            _node(command, founder, ports[0], "--max-memory", FOUNDER_CAP, *THREADS), work / "a.log"
+        )
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        invite = subprocess.run(
+            [command, "invite", "--data-dir", str(founder), "--uses", "2"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if invite.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    token = invite.stdout.strip()
+    for index in (1, 2):
+        argv = _node(
+            command, work / f"n{index}", ports[index], "--join", token, "--max-memory", WORKER_CAP
+        )
+        argv += THREADS
+        stack.enter_context(_started(argv, work / f"n{index}.log"))
+    return {
+        "mesh_at_primary": f"http://127.0.0.1:{ports[0]}",
+        "mesh_at_worker": f"http://127.0.0.1:{ports[2]}",
+    }
+
+
+def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    traffic: list[dict[str, float]] = []
+    for name, url in urls.items():  # warm-up: first requests pay one-time costs
+        _complete(url, "gemma" if not name.startswith("mesh") else model_id)
+    for _ in range(ROUNDS):
+        for name, url in urls.items():
+            if name == "mesh_at_primary":
+                before = _tunnel_totals(url, model_id)
+                sample = _complete(url, model_id)
+                after = _tunnel_totals(url, model_id)
+                traffic.append(_per_token(before, after, sample["generated"]))
+            else:
+                sample = _complete(url, model_id if name.startswith("mesh") else "gemma")
+            samples[name].append(sample)
+    return _report(samples, traffic)
+
+
+def _per_token(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], tokens: float
+) -> dict[str, float]:
+    moved = sum(
+        after[w]["bytes_out"] + after[w]["bytes_back"] - b["bytes_out"] - b["bytes_back"]
+        for w, b in before.items()
+    )
+    trips = sum(after[w]["round_trips"] - b["round_trips"] for w, b in before.items())
+    return {"bytes": moved / tokens, "round_trips": trips / tokens}
+
+
+def _report(
+    samples: dict[str, list[dict[str, float]]], traffic: list[dict[str, float]]
+) -> dict[str, Any]:
+    medians = {
+        name: {
+            "gen_tok_s": statistics.median(s["gen_tok_s"] for s in runs),
+            "prompt_tok_s": statistics.median(s["prompt_tok_s"] for s in runs),
+            "gen_tok_s_runs": [round(s["gen_tok_s"], 2) for s in runs],
+        }
+        for name, runs in samples.items()
+    }
+    direct = medians["direct"]
+    print(f"serving: gemma 270M, split 6/6/6 layers, {ROUNDS} interleaved rounds, loopback")
+    print(f"  {'setup':<16} {'gen tok/s':>10} {'prompt tok/s':>13} {'gen vs direct':>14}")
+    for name, figures in medians.items():
+        ratio = figures["gen_tok_s"] / direct["gen_tok_s"]
+        figures["gen_ratio_vs_direct"] = ratio
+        figures["prompt_ratio_vs_direct"] = figures["prompt_tok_s"] / direct["prompt_tok_s"]
+        print(
+            f"  {name:<16} {figures['gen_tok_s']:>10.1f} {figures['prompt_tok_s']:>13.1f} "
+            f"{ratio:>14.3f}"
+        )
+    per_token = {
+        "bytes": statistics.median(t["bytes"] for t in traffic),
+        "round_trips": statistics.median(t["round_trips"] for t in traffic),
+    }
+    print(
+        f"  through the tunnels, per generated token (the prompt's share included): "
+        f"{per_token['bytes']:.0f} bytes, {per_token['round_trips']:.2f} round trips"
+    )
+    return {
+        "setups": medians,
+        "tunnel_per_token": per_token,
+        "mesh_vs_direct_rpc_tokens_ratio": medians["mesh_at_primary"]["gen_ratio_vs_direct"],
+        "rounds": ROUNDS,
+        "max_tokens": MAX_TOKENS,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
