@@ -230,7 +230,7 @@ def _per_token(
 def _report(
     samples: dict[str, list[dict[str, float]]], traffic: list[dict[str, float]]
 ) -> dict[str, Any]:
-    medians = {
+    medians: dict[str, dict[str, Any]] = {
         name: {
             "gen_tok_s": statistics.median(s["gen_tok_s"] for s in runs),
             "prompt_tok_s": statistics.median(s["prompt_tok_s"] for s in runs),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sharedllm.node.config import DEFAULT_API_PORT, ConfigError, load_config
+from sharedllm.node.config import DEFAULT_API_PORT, ConfigError, load_config, parse_size
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -59,3 +59,31 @@ def test_bad_environment_value(tmp_path: Path) -> None:
 def test_explicit_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(data_dir=tmp_path, config_file=tmp_path / "nope.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("512MB", 512_000_000),
+        ("6GiB", 6 * 1024**3),
+        ("300 MiB", 300 * 1024**2),
+        ("1.5g", 1_500_000_000),
+        ("1048576", 1048576),
+        ("2T", 2 * 10**12),
+    ],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "x", "-1", "0", "5XB", "1e9"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_max_memory_is_validated(tmp_path: Path) -> None:
+    config = load_config(data_dir=tmp_path, environ={"SHAREDLLM_MAX_MEMORY": "6GiB"})
+    assert config.max_memory_bytes == 6 * 1024**3
+    with pytest.raises(ConfigError, match="max_memory 'lots'"):
+        load_config(data_dir=tmp_path, environ={"SHAREDLLM_MAX_MEMORY": "lots"})

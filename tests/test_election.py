@@ -1,0 +1,191 @@
+"""Election from gossip: every node reaches the same claim from the same states, claims wait for
+the plan to settle, higher claims fence lower ones, epochs only grow, and hostile state content is
+ignored rather than trusted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sharedllm.mesh.election import (
+    ASSUMED_BANDWIDTH_MBPS,
+    Claim,
+    Elector,
+    claims_in,
+    cluster_view,
+    current_claims,
+    offered_models,
+)
+from sharedllm.scheduler.model_profile import ModelProfile, profile_to_dict
+
+MIB = 1024**2
+PROFILE = ModelProfile(
+    name="m",
+    architecture="llama",
+    layer_weight_bytes=(40 * MIB,) * 8,
+    embedding_bytes=100 * MIB,
+    output_bytes=0,
+    other_bytes=1024,
+    kv_bytes_per_token_per_layer=1024,
+    embedding_length=1024,
+    vocab_size=32000,
+    context_length=4096,
+)
+
+
+def _node(
+    peer: str, ram_mib: int, *, holds: bool = False, links: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "ram_total": ram_mib * MIB,
+        "vram_total": 0,
+        "gflops": 50.0,
+        "rpc_protocol": "7.0.0",
+        "memory_cap": None,
+        "models": [{"id": "m", "context": 1024, "profile": profile_to_dict(PROFILE)}]
+        if holds
+        else [],
+        "links": {other: {"rtt_ms": 0.5, "bandwidth_mbps": 1000.0} for other in links},
+        "claims": [],
+    }
+
+
+def _mesh(ram: dict[str, int], holders: set[str]) -> dict[str, dict[str, Any]]:
+    peers = sorted(ram)
+    return {
+        p: _node(p, ram[p], holds=p in holders, links=tuple(o for o in peers if o != p))
+        for p in peers
+    }
+
+
+def _run(elector: Elector, members: dict[str, dict[str, Any]], until: float) -> None:
+    now = 0.0
+    while now <= until:
+        elector.step(now, members)
+        now += 0.5
+
+
+def test_the_planned_primary_claims_after_the_plan_settles() -> None:
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    elector = Elector("a", settle_s=2.0)
+    elector.step(0.0, members)
+    assert elector.claims == {}  # the plan must stay the same for settle_s first
+    elector.step(1.0, members)
+    assert elector.claims == {}
+    states = elector.step(2.0, members)
+    claim = elector.claims["m"]
+    assert claim.primary == "a" and claim.epoch == 1 and not claim.serving
+    assert states["m"].current == claim
+
+
+def test_a_node_that_is_not_the_planned_primary_never_claims() -> None:
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    elector = Elector("b")
+    _run(elector, members, 10.0)
+    assert elector.claims == {}
+
+
+def test_only_a_holder_may_lead() -> None:
+    # b is far bigger, but without the file it may only lend memory.
+    members = _mesh({"a": 1024, "b": 65536}, holders={"a"})
+    elector = Elector("a")
+    _run(elector, members, 3.0)
+    assert elector.claims["m"].primary == "a"
+
+
+def test_no_holder_means_no_model_and_a_shortfall_is_explained() -> None:
+    assert offered_models(_mesh({"a": 4096}, holders=set())) == {}
+    members = _mesh({"a": 300}, holders={"a"})
+    states = Elector("a").step(0.0, members)
+    assert states["m"].current is None
+    assert states["m"].problem is not None and "GiB" in states["m"].problem
+
+
+def test_a_higher_claim_fences_ours_and_epochs_only_grow() -> None:
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a", "b"})
+    elector = Elector("a")
+    _run(elector, members, 3.0)
+    mine = elector.claims["m"]
+    members["b"]["claims"] = [Claim("m", mine.epoch + 1, "b", (("b", 0, 7),)).to_wire()]
+    states = elector.step(10.0, members)
+    assert "m" not in elector.claims
+    assert states["m"].current is not None and states["m"].current.primary == "b"
+    # b dies: a leads again, with an epoch above every epoch it has seen
+    del members["b"]
+    _run(elector, members, 3.0)
+    assert elector.claims["m"].epoch == mine.epoch + 2
+
+
+def test_a_lost_worker_is_replaced_by_a_new_claim() -> None:
+    members = _mesh({"a": 700, "b": 1400, "c": 1400}, holders={"a"})
+    elector = Elector("a")
+    _run(elector, members, 3.0)
+    first = elector.claims["m"]
+    assert first.workers  # a cannot hold the model alone
+    lost = first.workers[0]
+    del members[lost]
+    for other in members.values():
+        other["links"].pop(lost, None)
+    _run(elector, members, 3.0)
+    second = elector.claims["m"]
+    assert second.epoch > first.epoch and lost not in second.nodes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["p1", "p2", "p3", "p4", "p5"]),
+        st.integers(min_value=600, max_value=4000),
+        min_size=1,
+    ),
+    st.data(),
+)
+def test_every_node_computes_the_same_plan(ram: dict[str, int], data: st.DataObject) -> None:
+    holders = set(data.draw(st.sets(st.sampled_from(sorted(ram)), min_size=1)))
+    members = _mesh(ram, holders)
+    claimants = []
+    planned = set()
+    for peer in ram:
+        elector = Elector(peer)
+        states = {}
+        for now in (0.0, 1.0, 2.0, 3.0):
+            states = elector.step(now, members)
+        if elector.claims:
+            claimants.append(peer)
+        plan = states["m"].planned
+        planned.add(None if plan is None else (plan.primary, plan.nodes))
+    assert len(planned) == 1  # one answer from one view
+    assert len(claimants) <= 1  # and so at most one node claims the model
+
+
+def test_hostile_content_is_ignored() -> None:
+    garbage: list[Any] = [None, 7, "x", [], {"models": "no"}, {"claims": [{"epoch": -1}]}]
+    members: dict[str, Any] = {f"bad{i}": g for i, g in enumerate(garbage) if isinstance(g, dict)}
+    members["good"] = _node("good", 4096, holds=True)
+    members["good"]["links"] = {"bad0": {"rtt_ms": float("nan")}, "x": "y"}
+    members["liar"] = {**_node("liar", 4096), "claims": [{"model": "m"}, "junk"]}
+    view = cluster_view(members)
+    assert {n.peer_id for n in view.nodes} == {"good", "liar"}
+    assert claims_in(members["liar"], "liar") == []
+    # a claim naming another node as primary counts for nothing
+    members["liar"]["claims"] = [Claim("m", 99, "good", (("good", 0, 7),)).to_wire()]
+    assert current_claims(members) == {}
+
+
+def test_unmeasured_bandwidth_is_assumed() -> None:
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    members["a"]["links"]["b"] = {"rtt_ms": 1.0, "bandwidth_mbps": None}
+    link = cluster_view(members).link("a", "b")
+    assert link is not None and link.bandwidth_mbps == ASSUMED_BANDWIDTH_MBPS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=5), st.lists, max_leaves=12))
+def test_claim_decoder_accepts_or_refuses_cleanly(data: object) -> None:
+    wire = {"model": "m", "epoch": 1, "primary": "p", "layers": data, "serving": False}
+    try:
+        claim = Claim.from_wire(wire)
+    except ValueError:
+        return
+    assert Claim.from_wire(claim.to_wire()) == claim
