@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import psutil
 
 from ..mesh.atomic_file import write_atomic
+from .devices import Device
 from .engine import EngineInfo
 
 _BENCH_SIZE = 384
@@ -42,13 +44,18 @@ def measured_gflops(cache_dir: Path) -> float:
 
 
 def describe(
-    engine: EngineInfo, gflops: float, api_port: int, memory_cap_bytes: int | None = None
+    engine: EngineInfo,
+    gflops: float,
+    api_port: int,
+    memory_cap_bytes: int | None = None,
+    devices: Sequence[Device] = (),
 ) -> dict[str, Any]:
     memory = psutil.virtual_memory()
     return {
         "ram_total": memory.total,
         "ram_free": memory.available,
-        "vram_total": 0,
+        "vram_total": sum(device.total_bytes for device in devices),
+        "devices": [device.as_dict() for device in devices],
         "memory_cap": memory_cap_bytes,
         "gflops": round(gflops, 1),
         "engine_version": engine.version,

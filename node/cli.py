@@ -34,6 +34,7 @@ from ..scheduler.placement import PlannerError
 from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
 from .daemon_files import running_api_url
 from .default_model import DefaultModelError, default_model_path
+from .devices import list_devices
 from .engine import EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
 from .engine_build import EngineBuildError, build_engine
 from .mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
@@ -501,13 +502,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         )
     gflops = measured_gflops(config.cache_dir)
     cap = config.max_memory_bytes
+    devices = list_devices(engine.llama_server)
     mesh = MeshOptions(
         plan=plan,
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
         peers=tuple(args.peer),
         node_name=_node_name(args),
         data_dir=config.data_dir,
-        capacity=lambda: describe(engine, gflops, config.api_port, cap),
+        capacity=lambda: describe(engine, gflops, config.api_port, cap, devices),
     )
     try:
         trio.run(run_node, config, engine, models, mesh)

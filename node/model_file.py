@@ -8,6 +8,7 @@ file becomes a `ModelFileError` whose message fits on one line.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 import gguf
 
+from ..mesh.atomic_file import write_atomic
 from ..scheduler.model_profile import ModelProfile
 from .gguf_header import ArrayInfo, GgufFormatError, GgufHeader, read_header
 
@@ -103,6 +105,27 @@ def file_sha256(path: Path) -> str:
     except OSError as err:
         raise ModelFileError(f"{path}: cannot read: {err.strerror}") from None
     return digest.hexdigest()
+
+
+def cached_sha256(path: Path, cache_dir: Path) -> str:
+    """The file's SHA-256, remembered per (path, size, modification time): hashing a model of
+    tens of gigabytes takes minutes, and the file rarely changes."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = cache_dir / "model_hashes.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    digest = known.get(key)
+    if isinstance(digest, str):
+        return digest
+    digest = file_sha256(path)
+    known[key] = digest
+    write_atomic(cache, json.dumps(known, indent=1).encode(), mode=0o644)
+    return digest
 
 
 def _check_file(path: Path) -> int:

@@ -41,7 +41,7 @@ from .config import NodeConfig
 from .engine import EngineInfo, free_loopback_port
 from .http_api import ModelEntry, ModelNotFound
 from .load_report import LoadReport
-from .model_file import ModelInfo
+from .model_file import ModelFileError, ModelInfo, cached_sha256
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
 
@@ -64,13 +64,16 @@ class LocalModel:
     def path(self) -> Path:
         return self.info.path
 
-    def gossip_entry(self, context: int) -> dict[str, Any]:
-        return {
+    def gossip_entry(self, context: int, sha256: str | None) -> dict[str, Any]:
+        entry = {
             "id": self.model_id,
             "size": self.info.size_bytes,
             "context": context,
             "profile": profile_to_dict(self.info.profile),
         }
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        return entry
 
 
 @dataclass
@@ -119,12 +122,16 @@ class MeshServing:
         self.worker_stats: dict[str, TunnelStats] = {}
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
+        self._hashes: dict[str, str] = {}
 
     # -- gossip ------------------------------------------------------------------------------
 
     def gossip_fields(self) -> dict[str, Any]:
         return {
-            "models": [m.gossip_entry(self._config.context_size) for m in self._local.values()],
+            "models": [
+                m.gossip_entry(self._config.context_size, self._hashes.get(m.model_id))
+                for m in self._local.values()
+            ],
             "claims": [claim.to_wire() for _, claim in sorted(self.elector.claims.items())],
         }
 
@@ -134,11 +141,23 @@ class MeshServing:
         self._data_plane.serve(TUNNEL, self._serve_tunnel)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._hash_models)
             while True:
                 await self._step()
                 with trio.move_on_after(_STEP_S):
                     await self._changed.wait()
                 self._changed = trio.Event()
+
+    async def _hash_models(self) -> None:
+        """Hashes the offered files in a thread (minutes for big ones), then gossips the hashes."""
+        for model in self._local.values():
+            try:
+                self._hashes[model.model_id] = await trio.to_thread.run_sync(
+                    cached_sha256, model.path, self._config.cache_dir, abandon_on_cancel=True
+                )
+            except (OSError, ModelFileError) as err:
+                _log.warning("model %s: cannot hash %s: %s", model.model_id, model.path, err)
+        await self._service.publish_now()
 
     async def _step(self) -> None:
         before = dict(self.elector.claims)

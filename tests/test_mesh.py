@@ -90,6 +90,12 @@ def test_three_nodes_converge_with_rtts(mesh: dict[str, Any]) -> None:
     peer = next(p for p in _view(nodes[0])["peers"] if p["name"] == "three")
     assert peer["rpc_protocol"] == "7.0.0"
     assert peer["models"] and peer["ram_total"] > 0 and peer["gflops"] > 0
+    hashed = _wait(
+        lambda: all(m.get("sha256") for p in _view(nodes[0])["peers"] for m in p.get("models", [])),
+        30,
+        "the model hashes in gossip",
+    )
+    print(f"model hashes gossiped {hashed:.1f} s later")
     peers_cli = _cli("peers", "--api-port", nodes[0].api_url.rsplit(":", 1)[1])
     assert peers_cli.returncode == 0
     assert "three" in peers_cli.stdout and "alive" in peers_cli.stdout

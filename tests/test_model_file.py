@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sharedllm.node.gguf_header import read_header
-from sharedllm.node.model_file import ModelFileError, file_sha256, inspect_model
+from sharedllm.node.model_file import ModelFileError, cached_sha256, file_sha256, inspect_model
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -92,3 +92,16 @@ def test_damaged_headers_fail_cleanly(
     damaged.write_bytes(bytes(original))
     with contextlib.suppress(ModelFileError):
         inspect_model(damaged)
+
+
+def test_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF first")
+    cache = tmp_path / "cache"
+    first = cached_sha256(model, cache)
+    assert first == file_sha256(model)
+    assert first in (cache / "model_hashes.json").read_text()
+    model.write_bytes(b"GGUF second, longer")
+    assert cached_sha256(model, cache) == file_sha256(model) != first
+    (cache / "model_hashes.json").write_text("not json")  # a damaged cache is rebuilt
+    assert cached_sha256(model, cache) == file_sha256(model)

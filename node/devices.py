@@ -1,0 +1,57 @@
+"""The engine's compute devices (GPUs), as `llama-server --list-devices` reports them.
+
+A CPU-only build lists none. A CUDA or Metal build lists each device with its memory, which the
+node gossips so that the planner places layers by VRAM.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_DEVICE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
+_MIB = 1024**2
+_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    total_bytes: int
+    free_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "total": self.total_bytes,
+            "free": self.free_bytes,
+        }
+
+
+def parse_device_list(output: str) -> list[Device]:
+    devices = []
+    for line in output.splitlines():
+        if found := _DEVICE.match(line):
+            name, description, total, free = found.groups()
+            devices.append(Device(name, description, int(total) * _MIB, int(free) * _MIB))
+    return devices
+
+
+def list_devices(llama_server: Path) -> list[Device]:
+    """The engine's devices; none if it cannot say (the node then lends RAM only)."""
+    try:
+        done = subprocess.run(
+            [str(llama_server), "--list-devices"],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_device_list(done.stdout + done.stderr)
