@@ -13,7 +13,7 @@ anyone else is disconnected.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +91,8 @@ class MeshService:
     admitted: set[str] = field(default_factory=set)
     links: dict[str, PeerLink] = field(default_factory=dict)
     _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    _in_flight: set[tuple[str, str]] = field(default_factory=set)
+    _tasks: trio.Nursery | None = None
     _version: int = 0
     _leaving: bool = False
 
@@ -105,6 +107,7 @@ class MeshService:
         self.transport.serve(PING, self._guarded(self._serve_ping))
         self._publish()
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             nursery.start_soon(self._every, self.timing.heartbeat_s, self._heartbeat)
             nursery.start_soon(self._every, self.timing.gossip_interval_s, self._gossip_round)
             nursery.start_soon(self._every, self.timing.ping_interval_s, self._ping_round)
@@ -170,7 +173,7 @@ class MeshService:
         """The gossiped states of this node and of every member neither dead nor gone."""
         now = trio.current_time()
         members = {}
-        for origin, state in self.store.states.items():
+        for origin, state in sorted(self.store.states.items()):
             if origin != self.identity.peer_id and self.detector.status(origin, now) not in (
                 Liveness.ALIVE,
                 Liveness.SUSPECT,
@@ -180,6 +183,15 @@ class MeshService:
             if content is not None:
                 members[origin] = content
         return members
+
+    def all_contents(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every stored state's content, live or not (for epochs, which must only grow)."""
+        found = []
+        for origin, state in sorted(self.store.states.items()):
+            content = self.content_of(state)
+            if content is not None:
+                found.append((origin, content))
+        return found
 
     def content_of(self, state: SignedState) -> dict[str, Any] | None:
         """A state's decoded content, decoded once per version."""
@@ -276,14 +288,35 @@ class MeshService:
             self.detector.observe(state.origin, state.version, now, leaving)
 
     async def _gossip_round(self) -> None:
-        peers = [p for p in self.transport.connected_peers() if p in self.admitted]
+        """Starts exchanges with `fanout` random peers and goes on: a frozen peer holds up
+        neither the other exchanges nor the next round."""
+        peers = [
+            p
+            for p in self.transport.connected_peers()
+            if p in self.admitted and (GOSSIP, p) not in self._in_flight
+        ]
         for peer in self.rng.sample(peers, min(self.timing.fanout, len(peers))):
-            with trio.move_on_after(self.timing.exchange_timeout_s):
-                try:
-                    await self._exchange_with(peer)
-                except _PROTOCOL_FAULTS as err:
-                    _log.debug("gossip with %s failed: %s", peer, err)
+            self._in_background(GOSSIP, peer, self._exchange_with)
         await self._enforce_revocations()
+
+    def _in_background(
+        self, kind: str, peer: str, action: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Runs `action(peer)` in the service's nursery, bounded in time, one per (kind, peer)."""
+        if self._tasks is None or (kind, peer) in self._in_flight:
+            return
+        self._in_flight.add((kind, peer))
+
+        async def bounded() -> None:
+            try:
+                with trio.move_on_after(self.timing.exchange_timeout_s):
+                    await action(peer)
+            except _PROTOCOL_FAULTS as err:
+                _log.debug("%s with %s failed: %s", kind, peer, err)
+            finally:
+                self._in_flight.discard((kind, peer))
+
+        self._tasks.start_soon(bounded)
 
     async def _exchange_with(self, peer: str) -> None:
         stream = await self.transport.open_stream(peer, GOSSIP)
@@ -313,19 +346,18 @@ class MeshService:
 
     async def _ping_round(self) -> None:
         for peer in [p for p in self.transport.connected_peers() if p in self.admitted]:
-            with trio.move_on_after(self.timing.exchange_timeout_s):
-                try:
-                    started = trio.current_time()
-                    stream = await self.transport.open_stream(peer, PING)
-                    try:
-                        await send_frame(stream, b"ping")
-                        await receive_frame(stream, self.timing.exchange_timeout_s)
-                    finally:
-                        await stream.aclose()
-                    sample = (trio.current_time() - started) * 1000
-                    self.links.setdefault(peer, PeerLink()).observe(sample)
-                except _PROTOCOL_FAULTS as err:
-                    _log.debug("ping %s failed: %s", peer, err)
+            self._in_background(PING, peer, self._ping)
+
+    async def _ping(self, peer: str) -> None:
+        started = trio.current_time()
+        stream = await self.transport.open_stream(peer, PING)
+        try:
+            await send_frame(stream, b"ping")
+            await receive_frame(stream, self.timing.exchange_timeout_s)
+        finally:
+            await stream.aclose()
+        sample = (trio.current_time() - started) * 1000
+        self.links.setdefault(peer, PeerLink()).observe(sample)
 
     async def _bandwidth_loop(self) -> None:
         """One probe per interval (so serving traffic keeps the links), sooner while some
@@ -395,7 +427,10 @@ class MeshService:
                 except TransportError as err:
                     _log.debug("cannot reach %s: %s", address, err)
                     continue
-                if peer not in self.admitted and peer != self.identity.peer_id:
+                # A new connection proves membership again, even to a peer admitted before:
+                # the other side may have restarted and forgotten us.
+                if peer not in connected and peer != self.identity.peer_id:
+                    connected.add(peer)
                     await self.introduce(peer)
 
     # -- views ------------------------------------------------------------------------------

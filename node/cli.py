@@ -122,6 +122,19 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_mesh_commands(commands)
 
+    simulate = commands.add_parser(
+        "simulate", help="run the real mesh code on a simulated network of N nodes"
+    )
+    simulate.add_argument("--nodes", type=int, default=100, help="how many nodes (default: 100)")
+    simulate.add_argument("--seed", type=int, default=1, help="fixes every random choice")
+    simulate.add_argument(
+        "--scenario", default="steady", help="steady, churn, partition, join-storm"
+    )
+    simulate.add_argument("--loss", type=float, default=0.0, help="segment loss rate, e.g. 0.01")
+    simulate.add_argument("--json", action="store_true", help="print one JSON object")
+    simulate.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    simulate.set_defaults(handler=_cmd_simulate)
+
     engine = commands.add_parser("engine", help="the llama.cpp engine").add_subparsers(
         metavar="ACTION"
     )
@@ -402,6 +415,53 @@ def _ask_local_node(args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(view, dict) or "peers" not in view:
         raise CommandError(f"{url} does not look like a sharedllm node")
     return view
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from ..simnet.scenarios import SCENARIOS, simulate
+
+    if args.scenario not in SCENARIOS:
+        raise CommandError(f"unknown scenario {args.scenario!r} (known: {', '.join(SCENARIOS)})")
+    if not 2 <= args.nodes <= 5000:
+        raise CommandError("--nodes must be between 2 and 5000")
+    if not 0.0 <= args.loss < 0.5:
+        raise CommandError("--loss must be between 0 and 0.5")
+    report = simulate(args.scenario, args.nodes, args.seed, loss=args.loss)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f} s"
+
+    rows = [
+        ("scenario", f"{report.scenario}, {report.nodes} nodes, seed {report.seed}"),
+        ("converged", "yes" if report.converged else "NO"),
+        (
+            "convergence",
+            f"{seconds(report.convergence_s)} virtual, {report.rounds or 0:.1f} rounds",
+        ),
+        ("failure detection", seconds(report.failure_detection_s)),
+        ("recovery", seconds(report.recovery_s)),
+        ("false suspicions", str(report.false_suspicions)),
+        (
+            "elections",
+            f"{report.elections} (epochs with two primaries: {report.election_safety_violations})",
+        ),
+        ("placements agree", "yes" if report.placements_agree else "no"),
+        (
+            "per node per s",
+            f"{report.messages_per_node_per_s:.1f} messages, "
+            f"{report.bytes_per_node_per_s / 1024:.1f} KiB",
+        ),
+        ("time", f"{report.virtual_s:.1f} s virtual in {report.wall_s:.1f} s wall"),
+        ("trace digest", report.trace_digest),
+    ]
+    for label, value in rows:
+        print(f"{label:<18} {value}")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0 if report.converged else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -161,11 +161,7 @@ class MeshServing:
 
     async def _step(self) -> None:
         before = dict(self.elector.claims)
-        self.elector.note_epochs(
-            (origin, content)
-            for origin, state in self._service.store.states.items()
-            if (content := self._service.content_of(state)) is not None
-        )
+        self.elector.note_epochs(self._service.all_contents())
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
         self._reconcile_primary()
         self._reconcile_workers()

@@ -1,0 +1,211 @@
+"""A mesh of N nodes running the real mesh and election code on the simulated network.
+
+Each node is a real `MeshService` (membership handshake, signed gossip, failure detection) and a
+real `Elector`, wired to a `SimTransport`; nothing in `mesh/` or `scheduler/` knows it is
+simulated. The simulation adds what a test needs: starting, crashing and restarting nodes,
+partitions, and invariants checked against every live node's view.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..mesh.election import Claim, Elector, current_claims
+from ..mesh.identity import NodeIdentity
+from ..mesh.membership import Certificate, MembershipState, MeshKey, Proof, Revocation
+from ..mesh.service import MeshService, MeshTiming
+from ..scheduler.model_profile import ModelProfile, profile_to_dict
+from .network import LinkProfile, SimNetwork, SimTransport
+
+GIB = 1024**3
+MIB = 1024**2
+ELECTION_STEP_S = 0.5
+# A 4 GiB, 32-layer model: a few nodes of the default size must share it.
+SIM_MODEL = ModelProfile(
+    name="sim-8b",
+    architecture="llama",
+    layer_weight_bytes=(110 * MIB,) * 32,
+    embedding_bytes=250 * MIB,
+    output_bytes=250 * MIB,
+    other_bytes=1 * MIB,
+    kv_bytes_per_token_per_layer=128 * 1024,
+    embedding_length=4096,
+    vocab_size=128_000,
+    context_length=8192,
+)
+
+
+@dataclass
+class SimNode:
+    index: int
+    identity: NodeIdentity
+    transport: SimTransport
+    service: MeshService
+    elector: Elector
+    ram_bytes: int
+    holds_model: bool
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    alive: bool = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+
+@dataclass
+class Simulation:
+    seed: int
+    timing: MeshTiming = field(default_factory=MeshTiming)
+    link: LinkProfile = field(default_factory=LinkProfile)
+    nodes: list[SimNode] = field(default_factory=list)
+    claims_seen: dict[tuple[str, int], set[str]] = field(default_factory=dict)
+    elections: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.network = SimNetwork(random.Random(self.rng.random()), self.link)
+        self.mesh_key = MeshKey.generate(self._seed_bytes("mesh"))
+        self._nursery: trio.Nursery | None = None
+
+    def _seed_bytes(self, label: str) -> bytes:
+        return random.Random(f"{self.seed}:{label}").randbytes(32)
+
+    # -- building ------------------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hosts the nodes' tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def add_node(self, ram_bytes: int = 8 * GIB, holds_model: bool = False) -> SimNode:
+        index = len(self.nodes)
+        identity = NodeIdentity.from_seed(self._seed_bytes(f"node{index}"))
+        node = self._make_node(index, identity, ram_bytes, holds_model)
+        self.nodes.append(node)
+        return node
+
+    def _make_node(
+        self, index: int, identity: NodeIdentity, ram_bytes: int, holds_model: bool
+    ) -> SimNode:
+        transport = self.network.add_node(identity.peer_id)
+        certificate = Certificate.issue(
+            self.mesh_key, identity.peer_id, f"n{index}", ["member"], 0.0
+        )
+        elector = Elector(identity.peer_id)
+        node_rng = random.Random(self.rng.random())
+
+        def describe() -> dict[str, Any]:
+            return {
+                "ram_total": ram_bytes,
+                "vram_total": 0,
+                "gflops": 50.0 + index % 7 * 10,
+                "rpc_protocol": "7.0.0",
+                "memory_cap": None,
+                "models": [{"id": "sim-8b", "context": 4096, "profile": profile_to_dict(SIM_MODEL)}]
+                if holds_model
+                else [],
+                "claims": [c.to_wire() for _, c in sorted(elector.claims.items())],
+            }
+
+        service = MeshService(
+            transport=transport,
+            identity=identity,
+            membership=MembershipState(self.mesh_key.public_key),
+            proof=Proof(certificate=certificate),
+            name=f"n{index}",
+            describe_self=describe,
+            wall_clock=trio.current_time,
+            rng=node_rng,
+            timing=self.timing,
+        )
+        return SimNode(index, identity, transport, service, elector, ram_bytes, holds_model)
+
+    def start(self, node: SimNode, bootstrap: Sequence[SimNode]) -> None:
+        assert self._nursery is not None
+        node.alive = True
+        node.transport.up = True
+        node.scope = trio.CancelScope()
+        addresses = [a for other in bootstrap for a in other.transport.listen_addrs()]
+        self._nursery.start_soon(self._run_node, node, addresses)
+
+    async def _run_node(self, node: SimNode, bootstrap: list[str]) -> None:
+        with node.scope:
+            async with trio.open_nursery() as nursery:
+                node.transport.nursery = nursery
+                nursery.start_soon(node.service.run, bootstrap)
+                nursery.start_soon(self._elect, node)
+
+    async def _elect(self, node: SimNode) -> None:
+        """What a real node's serving loop does with the election, without the engines."""
+        while True:
+            before = dict(node.elector.claims)
+            node.elector.note_epochs(node.service.all_contents())
+            node.elector.step(trio.current_time(), node.service.member_states())
+            for claim in node.elector.claims.values():
+                node.elector.set_serving(claim.model_id, claim.epoch, True)  # no engine to wait
+                self._note_claim(claim)
+            if node.elector.claims != before:
+                self.elections += 1
+                workers = {w for c in node.elector.claims.values() for w in c.workers}
+                await node.service.publish_now(sorted(workers))
+            await trio.sleep(ELECTION_STEP_S)
+
+    def _note_claim(self, claim: Claim) -> None:
+        self.claims_seen.setdefault((claim.model_id, claim.epoch), set()).add(claim.primary)
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def crash(self, node: SimNode) -> None:
+        node.alive = False
+        node.scope.cancel()
+        self.network.crash(node.peer_id)
+
+    def restart(self, node: SimNode, bootstrap: Sequence[SimNode], keep_state: bool) -> SimNode:
+        """Starts a crashed node's machine again. A real node keeps only its data directory:
+        with `keep_state` it comes back with the same identity (and empty memory); without, its
+        disk was wiped and a new identity joins in its place (the old one stays dead)."""
+        assert not node.alive
+        if keep_state:
+            identity = node.identity
+        else:
+            identity = NodeIdentity.from_seed(self._seed_bytes(f"node{node.index}-wiped"))
+        fresh = self._make_node(node.index, identity, node.ram_bytes, node.holds_model)
+        if keep_state:
+            self.nodes[self.nodes.index(node)] = fresh
+        else:
+            self.nodes.append(fresh)
+        self.start(fresh, bootstrap)
+        return fresh
+
+    def revoke(self, node: SimNode, via: SimNode) -> None:
+        """An admin's revocation, entered at node `via` (as `sharedllm-node revoke` does)."""
+        revocation = Revocation.issue(self.mesh_key, node.peer_id, "revoked in simulation", 0.0)
+        via.service.membership.add_revocation(revocation)
+
+    # -- views and invariants -------------------------------------------------------------------
+
+    def live(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.alive]
+
+    def members_seen(self, node: SimNode) -> set[str]:
+        return set(node.service.member_states())
+
+    def converged(self, expected: set[str] | None = None) -> bool:
+        """Every live node sees exactly the live nodes (or `expected`) as members."""
+        wanted = expected if expected is not None else {n.peer_id for n in self.live()}
+        return all(self.members_seen(n) == wanted for n in self.live())
+
+    def placements_agree(self) -> bool:
+        views = [current_claims(n.service.member_states()) for n in self.live()]
+        return all(v == views[0] for v in views)
+
+    def election_safety_violations(self) -> list[tuple[str, int, set[str]]]:
+        """(model, epoch, primaries) for every epoch claimed by more than one primary."""
+        return [(m, e, p) for (m, e), p in sorted(self.claims_seen.items()) if len(p) > 1]

@@ -1,0 +1,150 @@
+"""The simulated network and the real mesh code on it: stream semantics under the virtual clock,
+repeatable traces, convergence, crashes, partitions and loss."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import trio
+import trio.testing
+from sharedllm.mesh.transport import TransportError
+from sharedllm.simnet.network import LinkProfile, SimNetwork
+from sharedllm.simnet.scenarios import simulate
+
+
+def _bound_s(nodes: int) -> float:
+    """Convergence bound: a few gossip rounds per doubling of the mesh."""
+    return 2.0 + 2.0 * math.log2(nodes)
+
+
+async def _pair(link: LinkProfile) -> tuple[SimNetwork, list[bytes], trio.Event]:
+    network = SimNetwork(random.Random(1), link)
+    network.add_node("a")
+    b = network.add_node("b")
+    received: list[bytes] = []
+    done = trio.Event()
+
+    async def sink(stream: object) -> None:
+        assert hasattr(stream, "receive_some")
+        while data := await stream.receive_some(4):
+            received.append(data)
+        done.set()
+
+    b.serve("/sink", sink)
+    return network, received, done
+
+
+async def test_streams_keep_order_take_time_and_half_close(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    link = LinkProfile(latency_s=0.01, jitter_s=0.0, bandwidth_bytes_per_s=1000.0)
+    network, received, done = await _pair(link)
+    a, b = network.nodes["a"], network.nodes["b"]
+    async with trio.open_nursery() as nursery:
+        a.up = b.up = True
+        b.nursery = nursery
+        start = trio.current_time()
+        assert await a.connect("/sim/b/p2p/b") == "b"
+        stream = await a.open_stream("b", "/sink")
+        await stream.send_all(b"hello")
+        await stream.send_all(b"world")
+        await stream.aclose()
+        await done.wait()
+        assert b"".join(received) == b"helloworld"
+        assert all(len(piece) <= 4 for piece in received)
+        # connect and open each cost a round trip; 10 bytes take 10 ms at 1000 B/s; 10 ms latency
+        assert trio.current_time() - start == pytest.approx(0.02 + 0.02 + 0.01 + 0.01, abs=1e-6)
+
+
+async def test_a_crashed_peer_breaks_the_stream(autojump_clock: trio.testing.MockClock) -> None:
+    network, _, _ = await _pair(LinkProfile())
+    a, b = network.nodes["a"], network.nodes["b"]
+
+    async def hold(stream: object) -> None:
+        await trio.sleep_forever()
+
+    b.serve("/hold", hold)
+    async with trio.open_nursery() as nursery:
+        a.up = b.up = True
+        b.nursery = nursery
+        await a.connect("/sim/b/p2p/b")
+        stream = await a.open_stream("b", "/hold")
+        network.crash("b")
+        with pytest.raises(TransportError):
+            await stream.receive_some(10)
+        with pytest.raises(TransportError):
+            await a.connect("/sim/b/p2p/b")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_partition_holds_traffic_until_it_heals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network, received, _ = await _pair(LinkProfile(latency_s=0.001))
+    a, b = network.nodes["a"], network.nodes["b"]
+    async with trio.open_nursery() as nursery:
+        a.up = b.up = True
+        b.nursery = nursery
+        await a.connect("/sim/b/p2p/b")
+        stream = await a.open_stream("b", "/sink")
+        network.partition(["a"], ["b"], both_ways=False)
+        await stream.send_all(b"late")
+        await trio.sleep(5)
+        assert received == []
+        network.heal()
+        await trio.sleep(0.01)
+        assert b"".join(received) == b"late"
+        nursery.cancel_scope.cancel()
+
+
+def test_the_same_seed_gives_the_same_trace() -> None:
+    first = simulate("churn", 12, seed=5)
+    second = simulate("churn", 12, seed=5)
+    assert first.trace_digest == second.trace_digest
+    assert first.events == second.events
+    assert simulate("churn", 12, seed=6).trace_digest != first.trace_digest
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_steady_mesh_converges_and_elects_one_primary(seed: int) -> None:
+    report = simulate("steady", 10, seed, steady_s=20)
+    print(report.as_dict())
+    assert report.converged and report.convergence_s is not None
+    assert report.convergence_s <= _bound_s(10)
+    assert report.false_suspicions == 0
+    assert report.elections >= 1 and report.election_safety_violations == 0
+    assert report.placements_agree
+
+
+@pytest.mark.slow
+def test_a_hundred_nodes_converge_within_the_log_bound() -> None:
+    report = simulate("join-storm", 100, seed=1)
+    print(f"100 nodes: {report.convergence_s} s virtual, {report.wall_s:.1f} s wall")
+    assert report.converged and report.convergence_s is not None
+    assert report.convergence_s <= _bound_s(100)
+
+
+def test_crashed_tenth_is_detected_and_survivors_agree() -> None:
+    report = simulate("churn", 20, seed=4)
+    print(report.as_dict())
+    assert report.failure_detection_s is not None
+    # the detector declares death after 10 s of silence; agreement follows within a few rounds
+    assert report.failure_detection_s <= 10 + _bound_s(20)
+    assert report.converged and report.election_safety_violations == 0
+
+
+def test_a_partition_heals_into_one_view() -> None:
+    report = simulate("partition", 12, seed=2)
+    print(report.as_dict())
+    assert report.failure_detection_s is not None  # each half saw the other go
+    assert report.converged and report.recovery_s is not None
+    assert report.recovery_s <= _bound_s(12)
+    assert report.election_safety_violations == 0 and report.placements_agree
+
+
+def test_one_percent_loss_kills_no_live_node() -> None:
+    report = simulate("steady", 12, seed=3, loss=0.01, steady_s=60)
+    print(f"false suspicions {report.false_suspicions}, false deaths {report.false_deaths}")
+    assert report.converged and report.false_deaths == 0
