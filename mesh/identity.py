@@ -7,6 +7,7 @@ same string. It is computed here from the key alone, without libp2p.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+@functools.lru_cache(maxsize=65536)
 def peer_id_of(public_key: bytes) -> str:
     """libp2p's peer id for a raw 32-byte Ed25519 public key."""
     if len(public_key) != 32:
@@ -44,6 +46,7 @@ def peer_id_of(public_key: bytes) -> str:
     return base58.b58encode(_IDENTITY_MULTIHASH + bytes([len(encoded)]) + encoded).decode()
 
 
+@functools.lru_cache(maxsize=65536)
 def public_key_of_peer_id(peer_id: str) -> bytes:
     """The Ed25519 key inside a peer id (identity multihash), so signatures can be checked
     from the id alone."""
@@ -57,7 +60,10 @@ def public_key_of_peer_id(peer_id: str) -> bytes:
     return raw[len(prefix) :]
 
 
+@functools.lru_cache(maxsize=8192)
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Checks an Ed25519 signature. Results are remembered: the same signed state reaches a node
+    from several peers (and, in the simulator, every node of the process)."""
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):

@@ -56,6 +56,7 @@ class ClusterView:
     nodes: tuple[NodeCapacity, ...]
     links: tuple[Link, ...] = ()
     _index: Mapping[tuple[str, str], Link] = field(default_factory=dict, compare=False, repr=False)
+    _degrees: dict[str, int] | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def build(nodes: Iterable[NodeCapacity], links: Iterable[Link] = ()) -> ClusterView:
@@ -79,6 +80,18 @@ class ClusterView:
             if candidate.peer_id == peer_id:
                 return candidate
         raise KeyError(peer_id)
+
+    def reachable_count(self, peer_id: str) -> int:
+        """How many other nodes `peer_id` has a link to (computed once per view)."""
+        if self._degrees is None:
+            present = {node.peer_id for node in self.nodes}
+            degrees: dict[str, int] = {}
+            for source, target in self._index:
+                if target in present and target != source:
+                    degrees[source] = degrees.get(source, 0) + 1
+            object.__setattr__(self, "_degrees", degrees)
+        assert self._degrees is not None
+        return self._degrees.get(peer_id, 0)
 
     def __contains__(self, peer_id: object) -> bool:
         return any(candidate.peer_id == peer_id for candidate in self.nodes)

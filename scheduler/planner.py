@@ -117,7 +117,7 @@ def _primary_candidates(
     able = [n for n in view.nodes if cost.memory_budget(n) >= extra]
 
     def promise(node: NodeCapacity) -> tuple[float, str]:
-        reachable = sum(1 for other in view.nodes if view.link(node.peer_id, other.peer_id))
+        reachable = view.reachable_count(node.peer_id) + 1  # it reaches itself too
         return (-node.gflops * math.log2(1 + reachable), node.peer_id)
 
     holders = sorted((n for n in able if request.model_id in n.models), key=promise)
