@@ -60,6 +60,10 @@ class Claim:
     def workers(self) -> tuple[str, ...]:
         return tuple(node for node in self.nodes if node != self.primary)
 
+    def nodes_in(self, members: Mapping[str, object]) -> bool:
+        """Whether the primary and every node holding layers are among `members`."""
+        return self.primary in members and all(node in members for node in self.nodes)
+
     def counts(self) -> list[tuple[str, int]]:
         return [(node, last - first + 1) for node, first, last in self.layers]
 
@@ -264,8 +268,9 @@ class Elector:
     def step(self, now: float, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelState]:
         """`members` are the live members' states, this node's own included."""
         self.note_epochs(members.items())
-        view = cluster_view(members)
         current = current_claims(members)
+        held = {model_id for model_id, _ in _model_entries(members.get(self.me, {}))}
+        view: ClusterView | None = None
         for model_id, mine in list(self.claims.items()):
             winner = current.get(model_id)
             if winner is not None and winner.rank > mine.rank:
@@ -273,7 +278,13 @@ class Elector:
         states: dict[str, ModelState] = {}
         used: dict[str, int] = {}
         for model_id, request in sorted(offered_models(members).items()):
-            state = self._decide(now, view.with_memory_used(used), request, current.get(model_id))
+            claim = current.get(model_id)
+            if model_id not in held and claim is not None and claim.nodes_in(members):
+                # Only holders may lead, so only they need to plan while a placement stands.
+                states[model_id] = ModelState(request, claim, None, None)
+                continue
+            view = cluster_view(members) if view is None else view
+            state = self._decide(now, view.with_memory_used(used), request, claim)
             states[model_id] = state
             if state.planned is not None:
                 for node, amount in memory_used(state.planned).items():

@@ -13,26 +13,33 @@ anyone else is disconnected.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
+from . import records
 from .data_plane import DataPlane
-from .failure_detector import FailureDetector, Liveness
 from .framing import FrameError, receive_frame, send_frame
 from .gossip import Digest, Exchange, GossipStore, SignedState, next_version
 from .identity import NodeIdentity
 from .membership import MembershipError, MembershipState, Proof, Revocation
 from .records import RecordError
+from .swim import Liveness, Rumor, Swim
 from .transport import MeshStream, StreamHandler, Transport, TransportError
 
 HELLO = "/sharedllm/hello/1"
 GOSSIP = "/sharedllm/gossip/1"
 PING = "/sharedllm/ping/1"
+PING_REQ = "/sharedllm/ping-req/1"
 BANDWIDTH = "/sharedllm/bandwidth/1"
 _MAX_PROBE_BYTES = 64 * 1024 * 1024
+_STATES_PER_PROBE = 4
+# Parts of our state that are measurements: they change all the time, so they alone do not
+# make us publish; they are refreshed every `refresh_s`.
+_MEASUREMENTS = frozenset({"links", "ram_free", "load", "devices"})
 _log = logging.getLogger("sharedllm.mesh")
 _PROTOCOL_FAULTS = (TransportError, FrameError, RecordError)
 
@@ -44,18 +51,24 @@ class RandomSource(Protocol):
 
     def sample(self, population: Sequence[str], k: int) -> list[str]: ...
 
+    def shuffle(self, x: list[str]) -> None: ...
+
 
 @dataclass(frozen=True)
 class MeshTiming:
-    heartbeat_s: float = 1.0
-    gossip_interval_s: float = 1.0
+    heartbeat_s: float = 1.0  # how often our state is checked for changes worth publishing
+    refresh_s: float = 15.0  # the most a state's measurements (links, free memory) may age
+    gossip_interval_s: float = 1.0  # anti-entropy; stretched in big meshes (see _gossip_every)
     fanout: int = 3
-    ping_interval_s: float = 2.0
+    probe_interval_s: float = 1.0
+    probe_timeout_s: float = 1.0
+    indirect_probes: int = 3
+    suspicion_s: float = 4.0
+    rumors_per_message: int = 12
     bandwidth_probe_interval_s: float = 30.0
     bandwidth_probe_bytes: int = 4 * 1024 * 1024
     reconnect_interval_s: float = 2.0
-    suspect_after_s: float = 4.0
-    dead_after_s: float = 10.0
+    min_connections: int = 6
     exchange_timeout_s: float = 5.0
 
 
@@ -97,7 +110,10 @@ class MeshService:
     _leaving: bool = False
 
     def __post_init__(self) -> None:
-        self.detector = FailureDetector(self.timing.suspect_after_s, self.timing.dead_after_s)
+        self.swim = Swim(self.identity.peer_id, self.rng, suspicion_s=self.timing.suspicion_s)
+        self._state_rumors: dict[str, tuple[SignedState, int]] = {}
+        self._published: dict[str, Any] | None = None
+        self._published_at = -math.inf
 
     # -- running ---------------------------------------------------------------------------
 
@@ -105,12 +121,13 @@ class MeshService:
         self.transport.serve(HELLO, self._serve_hello)
         self.transport.serve(GOSSIP, self._guarded(self._serve_gossip))
         self.transport.serve(PING, self._guarded(self._serve_ping))
+        self.transport.serve(PING_REQ, self._guarded(self._serve_ping_request))
         self._publish()
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
             nursery.start_soon(self._every, self.timing.heartbeat_s, self._heartbeat)
-            nursery.start_soon(self._every, self.timing.gossip_interval_s, self._gossip_round)
-            nursery.start_soon(self._every, self.timing.ping_interval_s, self._ping_round)
+            nursery.start_soon(self._gossip_loop)
+            nursery.start_soon(self._every, self.timing.probe_interval_s, self._probe_round)
             nursery.start_soon(
                 self._every, self.timing.reconnect_interval_s, self._reconnect, bootstrap
             )
@@ -122,8 +139,12 @@ class MeshService:
         """Announces a clean departure to a few peers (best effort, bounded in time)."""
         self._leaving = True
         self._publish()
+        self.swim.leaving()
+        peers = [p for p in self.transport.connected_peers() if p in self.admitted]
         with trio.move_on_after(2.0):
-            await self._gossip_round()
+            async with trio.open_nursery() as nursery:
+                for peer in self.rng.sample(peers, min(self.timing.fanout, len(peers))):
+                    nursery.start_soon(self._bounded, "leave", peer, self._exchange_with)
 
     async def _every(self, interval_s: float, action: Callable[..., Any], *args: Any) -> None:
         while True:
@@ -132,9 +153,8 @@ class MeshService:
 
     # -- our own state ---------------------------------------------------------------------
 
-    def _publish(self) -> None:
-        self._version = next_version(self._version, self.wall_clock())
-        payload = {
+    def _payload(self) -> dict[str, Any]:
+        return {
             **self.describe_self(),
             "name": self.name,
             "proof": self.proof.encode(),
@@ -152,11 +172,49 @@ class MeshService:
             "revocations": [r.encode() for _, r in sorted(self.membership.revocations.items())],
             "leaving": self._leaving,
         }
+
+    def _publish(self) -> None:
+        """Signs and spreads a new version of our state."""
+        payload = self._payload()
+        self._version = next_version(self._version, self.wall_clock())
         state = SignedState.publish(self.identity, self._version, payload)
         self.store.merge([state])
+        self._published, self._published_at = payload, trio.current_time()
+        self.swim.set_incarnation(self._version)
+        self._queue_state(state)
 
     async def _heartbeat(self) -> None:
-        self._publish()
+        """Publishes when something that matters changed, when measurements have aged past
+        `refresh_s`, or to refute a suspicion; otherwise our state (and everyone's work on it)
+        stays as it is."""
+        payload = self._payload()
+        previous = self._published or {}
+        changed = any(
+            payload.get(key) != previous.get(key)
+            for key in set(payload) | set(previous)
+            if key not in _MEASUREMENTS
+        )
+        stale = trio.current_time() - self._published_at >= self.timing.refresh_s
+        if changed or stale or self.swim.must_refute:
+            self._publish()
+        for peer in self.swim.tick(trio.current_time()):
+            _log.info("peer %s declared dead (suspected for %.0f s)", peer, self.timing.suspicion_s)
+
+    def _queue_state(self, state: SignedState) -> None:
+        """Spreads a new state by piggybacking it on probes, a bounded number of times."""
+        sends = 3 * max(1, math.ceil(math.log2(len(self.store.states) + 1)))
+        self._state_rumors[state.origin] = (state, sends)
+
+    def _take_state_rumors(self, limit: int) -> list[SignedState]:
+        chosen = sorted(self._state_rumors.items(), key=lambda item: (-item[1][1], item[0]))
+        taken = []
+        for origin, (state, left) in chosen[:limit]:
+            taken.append(state)
+            if left <= 1:
+                del self._state_rumors[origin]
+            else:
+                self._state_rumors[origin] = (state, left - 1)
+        return taken
 
     async def publish_now(self, peers: Sequence[str] = ()) -> None:
         """Republishes our state at once and pushes it to `peers` (a new claim must reach the
@@ -171,10 +229,9 @@ class MeshService:
 
     def member_states(self) -> dict[str, dict[str, Any]]:
         """The gossiped states of this node and of every member neither dead nor gone."""
-        now = trio.current_time()
         members = {}
         for origin, state in sorted(self.store.states.items()):
-            if origin != self.identity.peer_id and self.detector.status(origin, now) not in (
+            if origin != self.identity.peer_id and self.swim.status(origin) not in (
                 Liveness.ALIVE,
                 Liveness.SUSPECT,
             ):
@@ -279,13 +336,30 @@ class MeshService:
             self.admitted.discard(revocation.peer_id)
             self.store.forget(revocation.peer_id)
             self._contents.pop(revocation.peer_id, None)
-            self.detector.forget(revocation.peer_id)
+            self.swim.forget(revocation.peer_id)
+            self._state_rumors.pop(revocation.peer_id, None)
 
     def _merge(self, states: Sequence[SignedState]) -> None:
         now = trio.current_time()
         for state in self.store.merge(states, admit=self._admit_state):
-            leaving = bool(state.content().get("leaving", False))
-            self.detector.observe(state.origin, state.version, now, leaving)
+            if state.origin == self.identity.peer_id:
+                continue
+            self._queue_state(state)  # news travels on
+            content = self.content_of(state)
+            if content is not None and content.get("leaving") is True:
+                self.swim.hear(Rumor(state.origin, Liveness.LEFT, state.version), now)
+            else:
+                self.swim.heard_of(state.origin, state.version, now)
+
+    async def _gossip_loop(self) -> None:
+        """Anti-entropy: full digest exchanges that repair whatever the rumors missed. A digest
+        names every member, so in a big mesh the rounds are spaced out to keep each node's work
+        per second bounded (rumors carry the news quickly in between)."""
+        while True:
+            await self._gossip_round()
+            spacing = max(1.0, len(self.store.states) / 50)
+            interval = self.timing.gossip_interval_s * spacing
+            await trio.sleep(interval * (0.8 + 0.4 * self.rng.random()))
 
     async def _gossip_round(self) -> None:
         """Starts exchanges with `fanout` random peers and goes on: a frozen peer holds up
@@ -300,23 +374,29 @@ class MeshService:
         await self._enforce_revocations()
 
     def _in_background(
-        self, kind: str, peer: str, action: Callable[[str], Awaitable[None]]
+        self, kind: str, peer: str, action: Callable[[str], Awaitable[object]]
     ) -> None:
         """Runs `action(peer)` in the service's nursery, bounded in time, one per (kind, peer)."""
         if self._tasks is None or (kind, peer) in self._in_flight:
             return
         self._in_flight.add((kind, peer))
 
-        async def bounded() -> None:
+        async def run() -> None:
             try:
-                with trio.move_on_after(self.timing.exchange_timeout_s):
-                    await action(peer)
-            except _PROTOCOL_FAULTS as err:
-                _log.debug("%s with %s failed: %s", kind, peer, err)
+                await self._bounded(kind, peer, action)
             finally:
                 self._in_flight.discard((kind, peer))
 
-        self._tasks.start_soon(bounded)
+        self._tasks.start_soon(run)
+
+    async def _bounded(
+        self, kind: str, peer: str, action: Callable[[str], Awaitable[object]]
+    ) -> None:
+        with trio.move_on_after(self.timing.exchange_timeout_s):
+            try:
+                await action(peer)
+            except _PROTOCOL_FAULTS as err:
+                _log.debug("%s with %s failed: %s", kind, peer, err)
 
     async def _exchange_with(self, peer: str) -> None:
         stream = await self.transport.open_stream(peer, GOSSIP)
@@ -341,23 +421,113 @@ class MeshService:
 
     # -- links and reconnection -----------------------------------------------------------------
 
-    async def _serve_ping(self, stream: MeshStream) -> None:
-        await send_frame(stream, await receive_frame(stream, self.timing.exchange_timeout_s))
+    def _news(self) -> bytes:
+        """What every probe and answer carries: a few rumors and a few new states."""
+        rumors = [r.to_wire() for r in self.swim.rumors_to_send(self.timing.rumors_per_message)]
+        states = [state.encode() for state in self._take_state_rumors(_STATES_PER_PROBE)]
+        return records.encode("news", [rumors, states])
 
-    async def _ping_round(self) -> None:
-        for peer in [p for p in self.transport.connected_peers() if p in self.admitted]:
-            self._in_background(PING, peer, self._ping)
+    def _take_news(self, data: bytes) -> None:
+        rumors, states = records.decode(data, "news", [list, list])
+        now = trio.current_time()
+        for raw in rumors[: 4 * self.timing.rumors_per_message]:
+            try:
+                self.swim.hear(Rumor.from_wire(raw), now)
+            except ValueError:
+                continue
+        if not all(isinstance(s, bytes) for s in states[:_STATES_PER_PROBE]):
+            raise RecordError("news states must be byte strings")
+        self._merge([SignedState.decode(s) for s in states[:_STATES_PER_PROBE]])
+
+    async def _serve_ping(self, stream: MeshStream) -> None:
+        self._take_news(await receive_frame(stream, self.timing.exchange_timeout_s))
+        await send_frame(stream, self._news())
 
     async def _ping(self, peer: str) -> None:
+        """One probe: news out, news back, and the round trip as an RTT sample."""
         started = trio.current_time()
         stream = await self.transport.open_stream(peer, PING)
         try:
-            await send_frame(stream, b"ping")
-            await receive_frame(stream, self.timing.exchange_timeout_s)
+            await send_frame(stream, self._news())
+            answer = await receive_frame(stream, self.timing.probe_timeout_s)
         finally:
             await stream.aclose()
-        sample = (trio.current_time() - started) * 1000
-        self.links.setdefault(peer, PeerLink()).observe(sample)
+        self.links.setdefault(peer, PeerLink()).observe((trio.current_time() - started) * 1000)
+        self._take_news(answer)
+
+    async def _serve_ping_request(self, stream: MeshStream) -> None:
+        """Probes a member on behalf of a peer that could not reach it (indirect probe)."""
+        target = (await receive_frame(stream, self.timing.exchange_timeout_s)).decode()
+        reached = target in self.admitted and await self._try(self._ping, target)
+        await send_frame(stream, b"1" if reached else b"0")
+
+    async def _ask_to_ping(self, helper: str, target: str) -> bool:
+        stream = await self.transport.open_stream(helper, PING_REQ)
+        try:
+            await send_frame(stream, target.encode())
+            return await receive_frame(stream, 2 * self.timing.probe_timeout_s) == b"1"
+        finally:
+            await stream.aclose()
+
+    async def _try(self, action: Callable[..., Awaitable[Any]], *args: Any) -> bool:
+        """Whether `action` finishes without a fault within the probe timeout."""
+        with trio.move_on_after(2 * self.timing.probe_timeout_s):
+            try:
+                result = await action(*args)
+            except _PROTOCOL_FAULTS:
+                return False
+            return result is not False
+        return False
+
+    async def _probe_round(self) -> None:
+        target = self.swim.next_probe()
+        if target is not None:
+            self._in_background(PING, target, self._probe)
+
+    async def _probe(self, target: str) -> None:
+        """SWIM's probe: direct, then through a few others, then suspicion."""
+        now = trio.current_time()
+        if target not in self.transport.connected_peers() and not await self._try(
+            self._connect_to, target
+        ):
+            self.swim.probe_failed(target, now)
+            return
+        if await self._try(self._ping, target):
+            self.swim.probe_answered(target, trio.current_time())
+            return
+        helpers = [
+            p for p in self.transport.connected_peers() if p in self.admitted and p != target
+        ]
+        chosen = self.rng.sample(helpers, min(self.timing.indirect_probes, len(helpers)))
+        answered = False
+        async with trio.open_nursery() as nursery:
+
+            async def ask(helper: str) -> None:
+                nonlocal answered
+                if await self._try(self._ask_to_ping, helper, target):
+                    answered = True
+                    nursery.cancel_scope.cancel()
+
+            for helper in chosen:
+                nursery.start_soon(ask, helper)
+        if answered:
+            self.swim.probe_answered(target, trio.current_time())
+        else:
+            _log.debug("probe of %s failed directly and through %d others", target, len(chosen))
+            self.swim.probe_failed(target, now)
+
+    async def _connect_to(self, peer: str) -> bool:
+        """Dials a member we know of by its gossiped addresses and proves membership."""
+        state = self.store.states.get(peer)
+        content = None if state is None else self.content_of(state)
+        addresses = [] if content is None else content.get("addrs", [])
+        for address in [a for a in addresses if isinstance(a, str)][:4]:
+            try:
+                if await self.transport.connect(address) == peer:
+                    return await self.introduce(peer)
+            except TransportError as err:
+                _log.debug("cannot reach %s at %s: %s", peer, address, err)
+        return False
 
     async def _bandwidth_loop(self) -> None:
         """One probe per interval (so serving traffic keeps the links), sooner while some
@@ -410,28 +580,28 @@ class MeshService:
         return True
 
     async def _reconnect(self, bootstrap: Sequence[str]) -> None:
+        """Back to the bootstrap addresses when alone; otherwise keeps a few connections open
+        (probes dial whoever they need on their own)."""
         connected = set(self.transport.connected_peers())
-        targets = [] if connected else list(bootstrap)
-        now = trio.current_time()
-        for origin, state in sorted(self.store.states.items()):
-            if origin == self.identity.peer_id or origin in connected:
-                continue
-            if self.detector.status(origin, now) in (Liveness.LEFT, Liveness.DEAD):
-                continue
-            addrs = state.content().get("addrs", [])
-            targets += [a for a in addrs if isinstance(a, str)][:4]
-        for address in targets:
-            with trio.move_on_after(self.timing.exchange_timeout_s):
-                try:
-                    peer = await self.transport.connect(address)
-                except TransportError as err:
-                    _log.debug("cannot reach %s: %s", address, err)
-                    continue
-                # A new connection proves membership again, even to a peer admitted before:
-                # the other side may have restarted and forgotten us.
-                if peer not in connected and peer != self.identity.peer_id:
-                    connected.add(peer)
-                    await self.introduce(peer)
+        if not connected:
+            for address in bootstrap:
+                with trio.move_on_after(self.timing.exchange_timeout_s):
+                    try:
+                        peer = await self.transport.connect(address)
+                    except TransportError as err:
+                        _log.debug("cannot reach %s: %s", address, err)
+                        continue
+                    # A new connection proves membership again, even to a peer admitted
+                    # before: the other side may have restarted and forgotten us.
+                    if peer not in connected and peer != self.identity.peer_id:
+                        connected.add(peer)
+                        await self.introduce(peer)
+            return
+        missing = self.timing.min_connections - len(connected)
+        if missing > 0:
+            unconnected = sorted(set(self.swim.live_members()) - connected)
+            for peer in self.rng.sample(unconnected, min(missing, len(unconnected))):
+                self._in_background("connect", peer, self._connect_to)
 
     # -- views ------------------------------------------------------------------------------
 
@@ -447,7 +617,8 @@ class MeshService:
             content.pop("proof", None)
             content.pop("revocations", None)
             me = origin == self.identity.peer_id
-            status = "self" if me else self.detector.status(origin, now).value
+            status = "self" if me else self.swim.status(origin).value
+            since = self.swim.silent_since(origin)
             link = self.links.get(origin)
             rows.append(
                 {
@@ -455,7 +626,7 @@ class MeshService:
                     "state": status,
                     "rtt_ms": None if link is None else link.rtt_ms,
                     "bandwidth_mbps": None if link is None else link.bandwidth_mbps,
-                    "silent_s": None if me else self.detector.silent_for(origin, now),
+                    "status_for_s": None if me or since is None else now - since,
                     "connected": origin in self.transport.connected_peers(),
                     **content,
                 }

@@ -15,8 +15,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from ..mesh.failure_detector import Liveness
 from ..mesh.service import MeshTiming
+from ..mesh.swim import Liveness
 from .network import LinkProfile
 from .simulation import SimNode, Simulation
 
@@ -130,13 +130,12 @@ async def _watch_false_suspicions(sim: Simulation, seconds: float, report: Repor
     """Counts, every sample, each live node that another live node thinks suspect (or dead)."""
     began = trio.current_time()
     while trio.current_time() - began < seconds:
-        now = trio.current_time()
         live = sim.live()
         for observer in live:
             for other in live:
                 if other is observer:
                     continue
-                status = observer.service.detector.status(other.peer_id, now)
+                status = observer.service.swim.status(other.peer_id)
                 if status in (Liveness.SUSPECT, Liveness.DEAD):
                     report.false_suspicions += 1
                 if status is Liveness.DEAD:

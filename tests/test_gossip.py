@@ -1,6 +1,5 @@
 """Gossip merge is commutative, idempotent and convergent; forged, stale and non-member states
-are refused and counted; push-pull exchange spreads a state to every node in O(log N) rounds;
-the failure detector suspects, then kills, and a heartbeat refutes."""
+are refused and counted; push-pull exchange spreads a state to every node in O(log N) rounds."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.mesh.failure_detector import FailureDetector, Liveness
 from sharedllm.mesh.gossip import Digest, Exchange, GossipStore, SignedState, next_version
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.records import RecordError
@@ -116,18 +114,3 @@ def test_push_pull_spreads_a_state_in_log_n_rounds(nodes: int) -> None:
             peer.merge(store.provide(answer.wanted).states)
     print(f"{nodes} nodes: state reached everyone in {rounds} rounds")
     assert rounds <= 2 * math.ceil(math.log2(nodes)) + 2
-
-
-def test_failure_detector_suspects_then_declares_dead_and_heartbeats_refute() -> None:
-    detector = FailureDetector(suspect_after_s=4.0, dead_after_s=10.0)
-    detector.observe("p", 1, now=0.0)
-    assert detector.status("p", 3.9) is Liveness.ALIVE
-    assert detector.status("p", 4.0) is Liveness.SUSPECT
-    detector.observe("p", 1, now=5.0)  # the same version again is no sign of life
-    assert detector.status("p", 5.0) is Liveness.SUSPECT
-    detector.observe("p", 2, now=6.0)  # a heartbeat refutes the suspicion
-    assert detector.status("p", 6.0) is Liveness.ALIVE
-    assert detector.status("p", 16.0) is Liveness.DEAD
-    detector.observe("p", 3, now=17.0, leaving=True)
-    assert detector.status("p", 17.0) is Liveness.LEFT
-    assert detector.status("never-seen", 0.0) is Liveness.DEAD
