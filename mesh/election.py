@@ -36,6 +36,7 @@ from ..scheduler.planner import DEFAULT_COST, plan_model
 ASSUMED_BANDWIDTH_MBPS = 100.0
 _MAX_MODELS_PER_NODE = 16
 _MAX_CLAIMS_PER_NODE = 16
+_EXPLAIN_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]
     """For each model, the highest-ranked claim among `members`."""
     best: dict[str, Claim] = {}
     for origin, content in members.items():
+        if not content.get("claims"):
+            continue
         for claim in claims_in(content, origin):
             held = best.get(claim.model_id)
             if held is None or claim.rank > held.rank:
@@ -257,10 +260,14 @@ class Elector:
     _wanted_since: dict[str, tuple[tuple[str, tuple[tuple[str, int], ...]], float]] = field(
         default_factory=dict
     )
+    _explained: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, ModelState] = field(default_factory=dict)
 
     def note_epochs(self, states: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Remembers the highest epoch of every claim seen, live or not, so epochs only grow."""
         for origin, content in states:
+            if not content.get("claims"):
+                continue
             for claim in claims_in(content, origin):
                 if claim.epoch > self.highest_epoch.get(claim.model_id, 0):
                     self.highest_epoch[claim.model_id] = claim.epoch
@@ -279,10 +286,18 @@ class Elector:
         used: dict[str, int] = {}
         for model_id, request in sorted(offered_models(members).items()):
             claim = current.get(model_id)
-            if model_id not in held and claim is not None and claim.nodes_in(members):
-                # Only holders may lead, so only they need to plan while a placement stands.
-                states[model_id] = ModelState(request, claim, None, None)
+            if model_id not in held and (
+                (claim is not None and claim.nodes_in(members))
+                or now - self._explained.get(model_id, -math.inf) < _EXPLAIN_EVERY_S
+            ):
+                # Only holders may lead, so only they plan while a placement stands; others
+                # plan now and then, to say why a model is not served.
+                previous = self._last.get(model_id)
+                problem = None if previous is None else previous.problem
+                states[model_id] = ModelState(request, claim, None, problem)
                 continue
+            if model_id not in held:
+                self._explained[model_id] = now
             view = cluster_view(members) if view is None else view
             state = self._decide(now, view.with_memory_used(used), request, claim)
             states[model_id] = state
@@ -292,6 +307,7 @@ class Elector:
         for model_id in list(self.claims):
             if model_id not in states:
                 del self.claims[model_id]  # nobody holds the model any more
+        self._last = states
         return states
 
     def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:

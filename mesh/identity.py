@@ -75,11 +75,11 @@ def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
 class NodeIdentity:
     private_key: Ed25519PrivateKey
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         return public_key_bytes(self.private_key.public_key())
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
         return peer_id_of(self.public_key)
 
