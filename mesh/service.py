@@ -618,7 +618,7 @@ class MeshService:
             content.pop("revocations", None)
             me = origin == self.identity.peer_id
             status = "self" if me else self.swim.status(origin).value
-            since = self.swim.silent_since(origin)
+            since = self.swim.status_since(origin)
             link = self.links.get(origin)
             rows.append(
                 {

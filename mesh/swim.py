@@ -178,7 +178,7 @@ class Swim:
         member = self.members.get(peer)
         return Liveness.DEAD if member is None else member.status
 
-    def silent_since(self, peer: str) -> float | None:
+    def status_since(self, peer: str) -> float | None:
         member = self.members.get(peer)
         return None if member is None else member.since
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from ..mesh.service import MeshService, data_address
 from ..mesh.transport import MeshStream, TransportError
 from ..mesh.tunnel import (
     TUNNEL,
+    OpenStream,
     TunnelListener,
     TunnelRefused,
     TunnelRequest,
@@ -217,7 +218,7 @@ class MeshServing:
                 if current is None or rank != current.rank:
                     scope.cancel()  # fenced: that primary no longer leads this model
 
-    def _start_job(self, runner: Any, claim: Claim) -> _Job:
+    def _start_job(self, runner: Callable[[_Job], Awaitable[None]], claim: Claim) -> _Job:
         assert self._nursery is not None
         job = _Job(claim, trio.CancelScope())
         self._nursery.start_soon(runner, job)
@@ -303,7 +304,7 @@ class MeshServing:
             return False
         return answer.status_code == 200
 
-    def _opener(self, peer: str) -> Any:
+    def _opener(self, peer: str) -> OpenStream:
         async def open_stream() -> MeshStream:
             address = data_address(self._service.store.states.get(peer))
             if address is None:

@@ -41,6 +41,24 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def _join_once(data_dir: Path, model: Path, token: str) -> subprocess.CompletedProcess[str]:
+    """`up --join TOKEN` that is expected to stop at once with an error."""
+    listen = "/ip4/127.0.0.1/tcp/0"
+    return _cli(
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--model",
+        str(model),
+        "--join",
+        token,
+        "--listen",
+        listen,
+        "--api-port",
+        "0",
+    )
+
+
 def _invite(data_dir: Path, *args: str) -> str:
     done = _cli("invite", "--data-dir", str(data_dir), *args)
     assert done.returncode == 0, done.stderr
@@ -143,19 +161,7 @@ def test_node_of_another_mesh_is_refused(mesh: dict[str, Any], tmp_path: Path) -
 def test_forged_token_is_a_clear_error(
     tmp_path: Path, token: str, message: str, tiny_model: Path
 ) -> None:
-    done = _cli(
-        "up",
-        "--data-dir",
-        str(tmp_path),
-        "--model",
-        str(tiny_model),
-        "--join",
-        token,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--api-port",
-        "0",
-    )
+    done = _join_once(tmp_path, tiny_model, token)
     assert done.returncode == 1
     assert message in done.stderr and "Traceback" not in done.stderr
 
@@ -163,19 +169,7 @@ def test_forged_token_is_a_clear_error(
 def test_expired_token_is_refused(mesh: dict[str, Any], tmp_path: Path, tiny_model: Path) -> None:
     token = _invite(mesh["base"] / "one" / "data", "--expires", "1s")
     time.sleep(1.5)
-    done = _cli(
-        "up",
-        "--data-dir",
-        str(tmp_path),
-        "--model",
-        str(tiny_model),
-        "--join",
-        token,
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--api-port",
-        "0",
-    )
+    done = _join_once(tmp_path, tiny_model, token)
     assert done.returncode == 1
     assert "expired" in done.stderr
 
