@@ -36,7 +36,6 @@ from ..scheduler.planner import DEFAULT_COST, plan_model
 ASSUMED_BANDWIDTH_MBPS = 100.0
 _MAX_MODELS_PER_NODE = 16
 _MAX_CLAIMS_PER_NODE = 16
-_EXPLAIN_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +215,15 @@ def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]
     return best
 
 
+def _gossiped_problem(members: Mapping[str, Mapping[str, Any]], model_id: str) -> str:
+    """What the holders of a model (the lowest peer id first) say stops it from being served."""
+    for peer_id in sorted(members):
+        problems = members[peer_id].get("problems")
+        if isinstance(problems, dict) and isinstance(problems.get(model_id), str):
+            return str(problems[model_id])[:500]
+    return "no primary elected yet"
+
+
 def _model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
     models = content.get("models")
     if not isinstance(models, list):
@@ -260,8 +268,7 @@ class Elector:
     _wanted_since: dict[str, tuple[tuple[str, tuple[tuple[str, int], ...]], float]] = field(
         default_factory=dict
     )
-    _explained: dict[str, float] = field(default_factory=dict)
-    _last: dict[str, ModelState] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
 
     def note_epochs(self, states: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Remembers the highest epoch of every claim seen, live or not, so epochs only grow."""
@@ -286,20 +293,18 @@ class Elector:
         used: dict[str, int] = {}
         for model_id, request in sorted(offered_models(members).items()):
             claim = current.get(model_id)
-            if model_id not in held and (
-                (claim is not None and claim.nodes_in(members))
-                or now - self._explained.get(model_id, -math.inf) < _EXPLAIN_EVERY_S
-            ):
-                # Only holders may lead, so only they plan while a placement stands; others
-                # plan now and then, to say why a model is not served.
-                previous = self._last.get(model_id)
-                problem = None if previous is None else previous.problem
+            if model_id not in held:
+                # Only holders may lead, so only they plan; the others follow the standing
+                # claim and repeat what the holders say is missing.
+                problem = None if claim is not None else _gossiped_problem(members, model_id)
                 states[model_id] = ModelState(request, claim, None, problem)
                 continue
-            if model_id not in held:
-                self._explained[model_id] = now
             view = cluster_view(members) if view is None else view
             state = self._decide(now, view.with_memory_used(used), request, claim)
+            if state.problem is None:
+                self.problems.pop(model_id, None)
+            else:
+                self.problems[model_id] = state.problem
             states[model_id] = state
             if state.planned is not None:
                 for node, amount in memory_used(state.planned).items():
@@ -307,7 +312,9 @@ class Elector:
         for model_id in list(self.claims):
             if model_id not in states:
                 del self.claims[model_id]  # nobody holds the model any more
-        self._last = states
+        for model_id in list(self.problems):
+            if model_id not in held:
+                del self.problems[model_id]
         return states
 
     def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:

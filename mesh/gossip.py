@@ -13,6 +13,7 @@ version replaces an older one, so merging is commutative, idempotent and converg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,11 @@ class SignedState:
         return SignedState(draft.origin, version, body, signature)
 
     def encode(self) -> bytes:
+        return self._encoded
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
+        """A state is sent many times and never changes: encode it once."""
         return records.encode(self.KIND, [*self.fields(), self.signature])
 
     @staticmethod

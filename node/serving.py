@@ -134,6 +134,7 @@ class MeshServing:
                 for m in self._local.values()
             ],
             "claims": [claim.to_wire() for _, claim in sorted(self.elector.claims.items())],
+            "problems": dict(sorted(self.elector.problems.items())),
         }
 
     # -- the loop ------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class Simulation:
                 if holds_model
                 else [],
                 "claims": [c.to_wire() for _, c in sorted(elector.claims.items())],
+                "problems": dict(sorted(elector.problems.items())),
             }
 
         service = MeshService(

@@ -190,3 +190,14 @@ def test_claim_decoder_accepts_or_refuses_cleanly(data: object) -> None:
     except ValueError:
         return
     assert Claim.from_wire(claim.to_wire()) == claim
+
+
+def test_nodes_without_the_file_repeat_what_the_holder_says_is_missing() -> None:
+    members = _mesh({"a": 300, "b": 300}, holders={"a"})
+    holder, other = Elector("a"), Elector("b")
+    problem = holder.step(0.0, members)["m"].problem
+    assert problem is not None and holder.problems == {"m": problem}
+    assert other.step(0.0, members)["m"].problem == "no primary elected yet"
+    members["a"]["problems"] = dict(holder.problems)  # what a's next gossiped state carries
+    assert other.step(1.0, members)["m"].problem == problem
+    assert other.claims == {} and other.step(1.0, members)["m"].planned is None
