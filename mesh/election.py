@@ -269,6 +269,8 @@ class Elector:
         default_factory=dict
     )
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
+    replan_s: float = 5.0
+    _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
 
     def note_epochs(self, states: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Remembers the highest epoch of every claim seen, live or not, so epochs only grow."""
@@ -284,27 +286,22 @@ class Elector:
         self.note_epochs(members.items())
         current = current_claims(members)
         held = {model_id for model_id, _ in _model_entries(members.get(self.me, {}))}
-        view: ClusterView | None = None
         for model_id, mine in list(self.claims.items()):
             winner = current.get(model_id)
             if winner is not None and winner.rank > mine.rank:
                 del self.claims[model_id]  # fenced: a higher claim exists
         states: dict[str, ModelState] = {}
         used: dict[str, int] = {}
+        views: list[ClusterView] = []  # built once, and only if a holder must plan
         for model_id, request in sorted(offered_models(members).items()):
             claim = current.get(model_id)
-            if model_id not in held:
+            if model_id in held:
+                state = self._plan_held(now, members, request, claim, views=views, used=used)
+            else:
                 # Only holders may lead, so only they plan; the others follow the standing
                 # claim and repeat what the holders say is missing.
                 problem = None if claim is not None else _gossiped_problem(members, model_id)
-                states[model_id] = ModelState(request, claim, None, problem)
-                continue
-            view = cluster_view(members) if view is None else view
-            state = self._decide(now, view.with_memory_used(used), request, claim)
-            if state.problem is None:
-                self.problems.pop(model_id, None)
-            else:
-                self.problems[model_id] = state.problem
+                state = ModelState(request, claim, None, problem)
             states[model_id] = state
             if state.planned is not None:
                 for node, amount in memory_used(state.planned).items():
@@ -312,10 +309,40 @@ class Elector:
         for model_id in list(self.claims):
             if model_id not in states:
                 del self.claims[model_id]  # nobody holds the model any more
-        for model_id in list(self.problems):
-            if model_id not in held:
-                del self.problems[model_id]
+        self.problems = {
+            model_id: state.problem
+            for model_id, state in states.items()
+            if model_id in held and state.problem is not None
+        }
         return states
+
+    def _plan_held(
+        self,
+        now: float,
+        members: Mapping[str, Mapping[str, Any]],
+        request: ModelRequest,
+        claim: Claim | None,
+        *,
+        views: list[ClusterView],
+        used: Mapping[str, int],
+    ) -> ModelState:
+        model_id = request.model_id
+        previous = self._planned_at.get(model_id)
+        if (
+            claim is not None
+            and claim.nodes_in(members)
+            and previous is not None
+            and now - previous[0] < self.replan_s
+            and model_id not in self._wanted_since
+        ):
+            # The placement stands and was checked a moment ago: measurements drift every
+            # second, but a better plan must win by the stability margin anyway.
+            return ModelState(request, claim, previous[1], None)
+        if not views:
+            views.append(cluster_view(members))
+        state = self._decide(now, views[0].with_memory_used(used), request, claim)
+        self._planned_at[model_id] = (now, state.planned)
+        return state
 
     def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:
         claim = self.claims.get(model_id)
