@@ -362,6 +362,11 @@ class Elector:
             planned = plan_model(view, request, self.cost, kept)
         except PlannerError as err:
             self._wanted_since.pop(model_id, None)
+            if current is not None and current.primary == self.me and kept is None:
+                # Our placement lost a node and nothing can replace it: withdraw the claim,
+                # so that everyone says why instead of waiting on a dead split.
+                self.claims.pop(model_id, None)
+                return ModelState(request, None, None, str(err))
             return ModelState(request, current, None, str(err))
         if current is not None and current.same_split(planned):
             self._wanted_since.pop(model_id, None)

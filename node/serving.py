@@ -414,6 +414,10 @@ class MeshServing:
         claim = state.current
         if claim is None:
             return state.problem or "no primary elected yet"
+        members = self._service.member_states()
+        gone = [node for node in (claim.primary, *claim.nodes) if node not in members]
+        if gone:
+            return f"re-planning after node {self._name_of(gone[0])} left"
         if not claim.serving:
             nodes = len(claim.nodes)
             return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)"
@@ -479,6 +483,12 @@ class MeshServing:
             }
             described[model_id] = entry
         return described
+
+    def _name_of(self, peer: str) -> str:
+        state = self._service.store.states.get(peer)
+        content = None if state is None else self._service.content_of(state)
+        name = None if content is None else content.get("name")
+        return f"{name} ({peer[-8:]})" if isinstance(name, str) else peer[-8:]
 
     def _state_in_words(self, model_id: str) -> str:
         return self._unavailable(model_id) or "ready"

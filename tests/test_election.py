@@ -201,3 +201,16 @@ def test_nodes_without_the_file_repeat_what_the_holder_says_is_missing() -> None
     members["a"]["problems"] = dict(holder.problems)  # what a's next gossiped state carries
     assert other.step(1.0, members)["m"].problem == problem
     assert other.claims == {} and other.step(1.0, members)["m"].planned is None
+
+
+def test_a_primary_that_cannot_replace_a_lost_worker_withdraws() -> None:
+    members = _mesh({"a": 700, "b": 700}, holders={"a"})
+    elector = Elector("a")
+    _run(elector, members, 3.0)
+    assert elector.claims["m"].workers == ("b",)
+    members["a"]["claims"] = [elector.claims["m"].to_wire()]
+    del members["b"]
+    members["a"]["links"].clear()
+    state = elector.step(10.0, members)["m"]
+    assert elector.claims == {} and state.current is None
+    assert state.problem is not None and "GiB" in state.problem
