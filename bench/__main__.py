@@ -12,12 +12,13 @@ from typing import Any
 
 import psutil
 
-from . import planner_bench, serving_bench, transport_bench
+from . import planner_bench, serving_bench, simnet_bench, transport_bench
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
     "planner": planner_bench.run,
     "serving": serving_bench.run,
+    "simnet": simnet_bench.run,
     "transport": transport_bench.run,
 }
 
