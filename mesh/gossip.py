@@ -26,6 +26,9 @@ from .records import RecordError
 
 MAX_DIGEST_ENTRIES = 10_000
 MAX_STATE_BYTES = 32 * 1024
+# A digest or exchange names every member: with 10,000 members that is ~600 KB.
+MAX_LISTING_BYTES = 768 * 1024
+EXCHANGE_STATE_BUDGET = 128 * 1024  # states per exchange message, in encoded bytes
 MAX_STATES_PER_MESSAGE = 256
 
 
@@ -100,7 +103,9 @@ class Digest:
 
     @staticmethod
     def decode(data: bytes) -> Digest:
-        (versions,) = records.decode(data, Digest.KIND, [dict])
+        (versions,) = records.decode(
+            data, Digest.KIND, [dict], max_bytes=MAX_LISTING_BYTES, max_items=MAX_DIGEST_ENTRIES
+        )
         if len(versions) > MAX_DIGEST_ENTRIES:
             raise RecordError(f"digest of {len(versions)} entries exceeds {MAX_DIGEST_ENTRIES}")
         if not all(
@@ -125,7 +130,13 @@ class Exchange:
 
     @staticmethod
     def decode(data: bytes) -> Exchange:
-        states, wanted = records.decode(data, Exchange.KIND, [list, list])
+        states, wanted = records.decode(
+            data,
+            Exchange.KIND,
+            [list, list],
+            max_bytes=MAX_LISTING_BYTES,
+            max_items=MAX_DIGEST_ENTRIES,
+        )
         if len(states) > MAX_STATES_PER_MESSAGE or len(wanted) > MAX_DIGEST_ENTRIES:
             raise RecordError("exchange message too large")
         if not all(isinstance(s, bytes) for s in states):
@@ -181,11 +192,11 @@ class GossipStore:
 
     def answer(self, remote: Digest) -> Exchange:
         """The states `remote` lacks or has older (bounded), and the origins where it is newer."""
-        missing = [
+        missing = _within_budget(
             s
             for origin, s in sorted(self.states.items())
             if remote.versions.get(origin, -1) < s.version
-        ][:MAX_STATES_PER_MESSAGE]
+        )
         wanted = [
             origin
             for origin, version in sorted(remote.versions.items())
@@ -194,8 +205,21 @@ class GossipStore:
         return Exchange(tuple(missing), tuple(wanted))
 
     def provide(self, wanted: Iterable[str]) -> Exchange:
-        states = [self.states[o] for o in sorted(set(wanted)) if o in self.states]
-        return Exchange(tuple(states[:MAX_STATES_PER_MESSAGE]), ())
+        states = _within_budget(self.states[o] for o in sorted(set(wanted)) if o in self.states)
+        return Exchange(tuple(states), ())
 
     def forget(self, origin: str) -> None:
         self.states.pop(origin, None)
+
+
+def _within_budget(states: Iterable[SignedState]) -> list[SignedState]:
+    """As many states as fit one message; the rest follow in later rounds."""
+    chosen: list[SignedState] = []
+    used = 0
+    for state in states:
+        size = len(state.encode())
+        if len(chosen) >= MAX_STATES_PER_MESSAGE or used + size > EXCHANGE_STATE_BUDGET:
+            break
+        chosen.append(state)
+        used += size
+    return chosen

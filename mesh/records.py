@@ -32,19 +32,27 @@ def signing_bytes(kind: str, fields: Sequence[Any]) -> bytes:
     return _DOMAIN + encode(kind, fields)
 
 
-def decode(data: bytes, kind: str, types: Sequence[type | tuple[type, ...]]) -> list[Any]:
-    """The fields of a record of `kind`, checked against `types` one by one."""
-    if len(data) > MAX_RECORD_BYTES:
-        raise RecordError(f"{kind} record of {len(data)} bytes exceeds {MAX_RECORD_BYTES}")
+def decode(
+    data: bytes,
+    kind: str,
+    types: Sequence[type | tuple[type, ...]],
+    *,
+    max_bytes: int = MAX_RECORD_BYTES,
+    max_items: int = 4096,
+) -> list[Any]:
+    """The fields of a record of `kind`, checked against `types` one by one. Records that list
+    every member (digests, exchanges) pass larger, still fixed, limits."""
+    if len(data) > max_bytes:
+        raise RecordError(f"{kind} record of {len(data)} bytes exceeds {max_bytes}")
     try:
         value = msgpack.unpackb(
             data,
             raw=False,
             strict_map_key=True,
-            max_array_len=4096,
-            max_map_len=1024,
-            max_str_len=MAX_RECORD_BYTES,
-            max_bin_len=MAX_RECORD_BYTES,
+            max_array_len=max_items,
+            max_map_len=max_items,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
         )
     except (ValueError, msgpack.UnpackException, TypeError) as err:
         raise RecordError(f"{kind} record is not valid msgpack ({type(err).__name__})") from None
