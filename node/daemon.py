@@ -121,6 +121,7 @@ async def _run_node(
                 "mesh": plan.files.name,
                 "peers": service.peers(),
                 "models": serving.describe(),
+                "tunnels_served": serving.served_tunnels(),
             }
 
         app = create_app(serving, mesh_view)

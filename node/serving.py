@@ -458,6 +458,10 @@ class MeshServing:
                 scope.cancel()
                 del self._api_tunnels[key]
 
+    def served_tunnels(self) -> dict[str, dict[str, int]]:
+        """Traffic of the tunnels other nodes opened to this one, by the peer that opened them."""
+        return {peer: stats.as_dict() for peer, stats in sorted(self.worker_stats.items())}
+
     def describe(self) -> dict[str, Any]:
         """Each model's placement as this node sees it (for `status` and `peers`)."""
         described = {}
