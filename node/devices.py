@@ -7,10 +7,11 @@ node gossips so that the planner places layers by VRAM.
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .engine import EngineProbeError, llama_server_output
 
 _DEVICE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
 _MIB = 1024**2
@@ -45,13 +46,6 @@ def parse_device_list(output: str) -> list[Device]:
 def list_devices(llama_server: Path) -> list[Device]:
     """The engine's devices; none if it cannot say (the node then lends RAM only)."""
     try:
-        done = subprocess.run(
-            [str(llama_server), "--list-devices"],
-            capture_output=True,
-            text=True,
-            timeout=_TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        return parse_device_list(llama_server_output(llama_server, "--list-devices", _TIMEOUT_S))
+    except EngineProbeError:
         return []
-    return parse_device_list(done.stdout + done.stderr)

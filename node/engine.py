@@ -121,20 +121,25 @@ def describe_binaries(llama_server: Path, rpc_server: Path, source: str) -> Engi
     )
 
 
-def probe_llama_server_version(llama_server: Path) -> str:
-    """`llama-server --version` prints `version: 7100 (0c1e570)` or, in our pinned tree,
-    `version: 0.5.0-dev (build 1, commit 0c1e570)`."""
+def llama_server_output(llama_server: Path, flag: str, timeout_s: float = _PROBE_TIMEOUT_S) -> str:
+    """What `llama-server FLAG` prints (stdout and stderr), for probes that exit at once."""
     try:
         done = subprocess.run(
-            [str(llama_server), "--version"],
+            [str(llama_server), flag],
             capture_output=True,
             text=True,
-            timeout=_PROBE_TIMEOUT_S,
+            timeout=timeout_s,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise EngineProbeError(f"{llama_server}: cannot run --version: {err}") from None
-    output = done.stdout + done.stderr
+        raise EngineProbeError(f"{llama_server}: cannot run {flag}: {err}") from None
+    return done.stdout + done.stderr
+
+
+def probe_llama_server_version(llama_server: Path) -> str:
+    """`llama-server --version` prints `version: 7100 (0c1e570)` or, in our pinned tree,
+    `version: 0.5.0-dev (build 1, commit 0c1e570)`."""
+    output = llama_server_output(llama_server, "--version")
     match = _VERSION_LINE.search(output)
     if match is None:
         raise EngineProbeError(f"{llama_server}: --version printed no version line")
