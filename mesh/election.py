@@ -31,6 +31,7 @@ from ..scheduler.placement import (
     memory_used,
 )
 from ..scheduler.planner import DEFAULT_COST, plan_model
+from .member_states import MemberStates
 
 # Until a bandwidth probe has measured a link, the planner assumes this much.
 ASSUMED_BANDWIDTH_MBPS = 100.0
@@ -168,8 +169,8 @@ def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelR
     """Every model some member holds; its profile and context come from the lowest peer id
     holding it, so every node derives the same request."""
     requests: dict[str, ModelRequest] = {}
-    for peer_id in sorted(members):
-        for model_id, entry in _model_entries(members[peer_id]):
+    for _, content in MemberStates.of(members).having("models"):
+        for model_id, entry in _model_entries(content):
             if model_id in requests:
                 continue
             try:
@@ -186,28 +187,37 @@ def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelR
     return requests
 
 
-def claims_in(content: Mapping[str, Any], origin: str) -> list[Claim]:
+def claims_in(content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
     """The claims a node makes for itself (a claim naming another primary is ignored)."""
     raw = content.get("claims")
-    if not isinstance(raw, list):
-        return []
+    memo = _claims_memo.get(id(raw))
+    if memo is not None and memo[0] is raw and memo[1] == origin:
+        return memo[2]
     found = []
-    for item in raw[:_MAX_CLAIMS_PER_NODE]:
+    for item in raw[:_MAX_CLAIMS_PER_NODE] if isinstance(raw, list) else []:
         try:
             claim = Claim.from_wire(item)
         except ValueError:
             continue
         if claim.primary == origin:
             found.append(claim)
-    return found
+    if len(_claims_memo) >= _CLAIMS_MEMO_SIZE:
+        _claims_memo.clear()
+    _claims_memo[id(raw)] = (raw, origin, tuple(found))
+    return tuple(found)
+
+
+# Every node reads the claims in the same few states several times a second; gossiped contents
+# are never modified, so each claims list is parsed once (the memo holds the list, so its id
+# stays its own).
+_CLAIMS_MEMO_SIZE = 4096
+_claims_memo: dict[int, tuple[object, str, tuple[Claim, ...]]] = {}
 
 
 def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
     """For each model, the highest-ranked claim among `members`."""
     best: dict[str, Claim] = {}
-    for origin, content in members.items():
-        if not content.get("claims"):
-            continue
+    for origin, content in MemberStates.of(members).having("claims"):
         for claim in claims_in(content, origin):
             held = best.get(claim.model_id)
             if held is None or claim.rank > held.rank:
@@ -217,8 +227,8 @@ def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]
 
 def _gossiped_problem(members: Mapping[str, Mapping[str, Any]], model_id: str) -> str:
     """What the holders of a model (the lowest peer id first) say stops it from being served."""
-    for peer_id in sorted(members):
-        problems = members[peer_id].get("problems")
+    for _, content in MemberStates.of(members).having("problems"):
+        problems = content.get("problems")
         if isinstance(problems, dict) and isinstance(problems.get(model_id), str):
             return str(problems[model_id])[:500]
     return "no primary elected yet"
@@ -283,7 +293,8 @@ class Elector:
 
     def step(self, now: float, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelState]:
         """`members` are the live members' states, this node's own included."""
-        self.note_epochs(members.items())
+        members = MemberStates.of(members)
+        self.note_epochs(members.having("claims"))
         current = current_claims(members)
         held = {model_id for model_id, _ in _model_entries(members.get(self.me, {}))}
         for model_id, mine in list(self.claims.items()):

@@ -78,14 +78,23 @@ class SignedState:
         return verify(key, self.signature, records.signing_bytes(self.KIND, self.fields()))
 
     def content(self) -> dict[str, Any]:
-        """The payload as a map; `RecordError` if it is not one."""
-        try:
-            value = msgpack.unpackb(self.payload, raw=False, strict_map_key=True)
-        except (ValueError, msgpack.UnpackException, TypeError):
-            raise RecordError("state payload is not valid msgpack") from None
-        if not isinstance(value, dict):
-            raise RecordError("state payload is not a map")
-        return value
+        """The payload as a map (a new dict; nested values are shared: do not modify them);
+        `RecordError` if it is not one."""
+        value = _unpacked_payload(self.payload)
+        if value is None:
+            raise RecordError("state payload is not a msgpack map")
+        return dict(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpacked_payload(payload: bytes) -> dict[str, Any] | None:
+    """A state is decoded by every node it reaches (in the simulator, all in one process)
+    and several times on each: unpack each payload once."""
+    try:
+        value = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def next_version(previous: int, now: float) -> int:
@@ -122,18 +131,20 @@ class Exchange:
 
     states: tuple[SignedState, ...]
     wanted: tuple[str, ...]
+    more: bool = False  # states were left out to keep the message small: ask again soon
 
     KIND = "exchange"
 
     def encode(self) -> bytes:
-        return records.encode(self.KIND, [[s.encode() for s in self.states], list(self.wanted)])
+        states = [s.encode() for s in self.states]
+        return records.encode(self.KIND, [states, list(self.wanted), self.more])
 
     @staticmethod
     def decode(data: bytes) -> Exchange:
-        states, wanted = records.decode(
+        states, wanted, more = records.decode(
             data,
             Exchange.KIND,
-            [list, list],
+            [list, list, bool],
             max_bytes=MAX_LISTING_BYTES,
             max_items=MAX_DIGEST_ENTRIES,
         )
@@ -144,6 +155,7 @@ class Exchange:
         return Exchange(
             tuple(SignedState.decode(s) for s in states),
             records.string_list(wanted, "wanted", MAX_DIGEST_ENTRIES),
+            more,
         )
 
 
@@ -192,34 +204,35 @@ class GossipStore:
 
     def answer(self, remote: Digest) -> Exchange:
         """The states `remote` lacks or has older (bounded), and the origins where it is newer."""
-        missing = _within_budget(
-            s
-            for origin, s in sorted(self.states.items())
-            if remote.versions.get(origin, -1) < s.version
+        missing, more = _within_budget(
+            s for origin, s in self.states.items() if remote.versions.get(origin, -1) < s.version
         )
         wanted = [
             origin
-            for origin, version in sorted(remote.versions.items())
+            for origin, version in remote.versions.items()
             if version > (self.states[origin].version if origin in self.states else -1)
         ]
-        return Exchange(tuple(missing), tuple(wanted))
+        return Exchange(tuple(missing), tuple(wanted), more)
 
     def provide(self, wanted: Iterable[str]) -> Exchange:
-        states = _within_budget(self.states[o] for o in sorted(set(wanted)) if o in self.states)
-        return Exchange(tuple(states), ())
+        states, more = _within_budget(
+            self.states[o] for o in sorted(set(wanted)) if o in self.states
+        )
+        return Exchange(tuple(states), (), more)
 
     def forget(self, origin: str) -> None:
         self.states.pop(origin, None)
 
 
-def _within_budget(states: Iterable[SignedState]) -> list[SignedState]:
-    """As many states as fit one message; the rest follow in later rounds."""
+def _within_budget(states: Iterable[SignedState]) -> tuple[list[SignedState], bool]:
+    """As many states as fit one message (the rest follow in later rounds), and whether some
+    were left out."""
     chosen: list[SignedState] = []
     used = 0
     for state in states:
         size = len(state.encode())
         if len(chosen) >= MAX_STATES_PER_MESSAGE or used + size > EXCHANGE_STATE_BUDGET:
-            break
+            return chosen, True
         chosen.append(state)
         used += size
-    return chosen
+    return chosen, False

@@ -60,7 +60,7 @@ def public_key_of_peer_id(peer_id: str) -> bytes:
     return raw[len(prefix) :]
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=32768)
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """Checks an Ed25519 signature. Results are remembered: the same signed state reaches a node
     from several peers (and, in the simulator, every node of the process)."""

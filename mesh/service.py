@@ -25,8 +25,10 @@ from .data_plane import DataPlane
 from .framing import FrameError, receive_frame, send_frame
 from .gossip import Digest, Exchange, GossipStore, SignedState, next_version
 from .identity import NodeIdentity
+from .member_states import MemberStates
 from .membership import MembershipError, MembershipState, Proof, Revocation
 from .records import RecordError
+from .send_queue import SendQueue
 from .swim import Liveness, Rumor, Swim
 from .transport import MeshStream, StreamHandler, Transport, TransportError
 
@@ -37,11 +39,19 @@ PING_REQ = "/sharedllm/ping-req/1"
 BANDWIDTH = "/sharedllm/bandwidth/1"
 _MAX_PROBE_BYTES = 64 * 1024 * 1024
 _STATES_PER_PROBE = 4
+_STATE_SENDS = 4
+# An exchange that brought this many new states means we are behind (a node joining, or the
+# whole mesh forming): the next round comes soon instead of after the big-mesh spacing.
+_CATCHING_UP_STATES = 8
+# Links to this many peers (the nearest) go into our state: the planner pairs a primary with
+# nearby workers, and a state listing every member would grow with the mesh.
+GOSSIPED_LINKS = 32
 # Parts of our state that are measurements: they change all the time, so they alone do not
 # make us publish; they are refreshed every `refresh_s`.
 _MEASUREMENTS = frozenset({"links", "ram_free", "load", "devices"})
 _log = logging.getLogger("sharedllm.mesh")
 _PROTOCOL_FAULTS = (TransportError, FrameError, RecordError)
+_GONE = (Liveness.DEAD, Liveness.LEFT)
 
 
 class RandomSource(Protocol):
@@ -57,7 +67,7 @@ class RandomSource(Protocol):
 @dataclass(frozen=True)
 class MeshTiming:
     heartbeat_s: float = 1.0  # how often our state is checked for changes worth publishing
-    refresh_s: float = 15.0  # the most a state's measurements (links, free memory) may age
+    refresh_s: float = 15.0  # how long measurements (links, free memory) may age, per 25 nodes
     gossip_interval_s: float = 1.0  # anti-entropy; stretched in big meshes (see _gossip_every)
     fanout: int = 3
     probe_interval_s: float = 1.0
@@ -69,6 +79,7 @@ class MeshTiming:
     bandwidth_probe_bytes: int = 4 * 1024 * 1024
     reconnect_interval_s: float = 2.0
     min_connections: int = 6
+    full_mesh_up_to: int = 32  # a mesh this small keeps a connection to every member
     exchange_timeout_s: float = 5.0
 
 
@@ -108,12 +119,19 @@ class MeshService:
     _tasks: trio.Nursery | None = None
     _version: int = 0
     _leaving: bool = False
+    _catching_up: bool = False
 
     def __post_init__(self) -> None:
         self.swim = Swim(self.identity.peer_id, self.rng, suspicion_s=self.timing.suspicion_s)
-        self._state_rumors: dict[str, tuple[SignedState, int]] = {}
+        self._state_rumors: SendQueue[SignedState] = SendQueue(capacity=64)
         self._published: dict[str, Any] | None = None
         self._published_at = -math.inf
+        self._known = MemberStates()  # every stored state's content
+        self._members = MemberStates()  # those of live members (and ours)
+        # The peers we probe: those we connected with (either way), until they die. Each node
+        # keeps a few connections and is a neighbour of those who keep one to it, so each is
+        # probed about once a period without anyone holding a connection to every member.
+        self._neighbours: dict[str, None] = {}
 
     # -- running ---------------------------------------------------------------------------
 
@@ -154,23 +172,34 @@ class MeshService:
     # -- our own state ---------------------------------------------------------------------
 
     def _payload(self) -> dict[str, Any]:
+        return {**self._facts(), "links": self._nearest_links()}
+
+    def _facts(self) -> dict[str, Any]:
+        """Our state without the link measurements (the costly part to gather)."""
         return {
             **self.describe_self(),
             "name": self.name,
             "proof": self.proof.encode(),
             "addrs": list(self.transport.listen_addrs()),
             "data_addr": None if self.data_plane is None else self.data_plane.advertised,
-            "links": {
-                peer: {
-                    "rtt_ms": link.rtt_ms,
-                    "jitter_ms": link.jitter_ms,
-                    "bandwidth_mbps": link.bandwidth_mbps,
-                }
-                for peer, link in sorted(self.links.items())
-                if link.rtt_ms is not None
-            },
             "revocations": [r.encode() for _, r in sorted(self.membership.revocations.items())],
             "leaving": self._leaving,
+        }
+
+    def _nearest_links(self) -> dict[str, dict[str, float | None]]:
+        measured = sorted(
+            (link.rtt_ms, peer)
+            for peer, link in self.links.items()
+            if link.rtt_ms is not None
+            and self.swim.status(peer) in (Liveness.ALIVE, Liveness.SUSPECT)
+        )
+        return {
+            peer: {
+                "rtt_ms": rtt,
+                "jitter_ms": self.links[peer].jitter_ms,
+                "bandwidth_mbps": self.links[peer].bandwidth_mbps,
+            }
+            for rtt, peer in measured[:GOSSIPED_LINKS]
         }
 
     def _publish(self) -> None:
@@ -179,6 +208,7 @@ class MeshService:
         self._version = next_version(self._version, self.wall_clock())
         state = SignedState.publish(self.identity, self._version, payload)
         self.store.merge([state])
+        self._remember(state, payload)
         self._published, self._published_at = payload, trio.current_time()
         self.swim.set_incarnation(self._version)
         self._queue_state(state)
@@ -187,34 +217,34 @@ class MeshService:
         """Publishes when something that matters changed, when measurements have aged past
         `refresh_s`, or to refute a suspicion; otherwise our state (and everyone's work on it)
         stays as it is."""
-        payload = self._payload()
+        facts = self._facts()
         previous = self._published or {}
         changed = any(
-            payload.get(key) != previous.get(key)
-            for key in set(payload) | set(previous)
+            facts.get(key) != previous.get(key)
+            for key in set(facts) | set(previous)
             if key not in _MEASUREMENTS
         )
-        stale = trio.current_time() - self._published_at >= self.timing.refresh_s
+        # Every new state travels to every node: in a big mesh, measurements age longer so that
+        # each node's share of that traffic stays bounded.
+        refresh_s = self.timing.refresh_s * max(1.0, len(self.store.states) / 25)
+        stale = trio.current_time() - self._published_at >= refresh_s
         if changed or stale or self.swim.must_refute:
             self._publish()
         for peer in self.swim.tick(trio.current_time()):
             _log.info("peer %s declared dead (suspected for %.0f s)", peer, self.timing.suspicion_s)
+        connected = set(self.transport.connected_peers())
+        for peer in [p for p in self._neighbours if self._gone(p) and p not in connected]:
+            del self._neighbours[peer]  # (a connected one may be back from the dead)
+
+    def _gone(self, peer: str) -> bool:
+        """Declared dead or gone (a peer we have no state of yet is not)."""
+        return peer in self.swim.members and self.swim.status(peer) in _GONE
 
     def _queue_state(self, state: SignedState) -> None:
-        """Spreads a new state by piggybacking it on probes, a bounded number of times."""
-        sends = 3 * max(1, math.ceil(math.log2(len(self.store.states) + 1)))
-        self._state_rumors[state.origin] = (state, sends)
-
-    def _take_state_rumors(self, limit: int) -> list[SignedState]:
-        chosen = sorted(self._state_rumors.items(), key=lambda item: (-item[1][1], item[0]))
-        taken = []
-        for origin, (state, left) in chosen[:limit]:
-            taken.append(state)
-            if left <= 1:
-                del self._state_rumors[origin]
-            else:
-                self._state_rumors[origin] = (state, left - 1)
-        return taken
+        """Spreads a new state by piggybacking it on the next few probes. Each node that gets
+        it passes it on, so a few sends each reach nearly every node; anti-entropy finds the
+        rest. (More sends would not fit: a probe carries only a few states.)"""
+        self._state_rumors.put(state.origin, state, _STATE_SENDS)
 
     async def publish_now(self, peers: Sequence[str] = ()) -> None:
         """Republishes our state at once and pushes it to `peers` (a new claim must reach the
@@ -227,28 +257,16 @@ class MeshService:
                 except _PROTOCOL_FAULTS as err:
                     _log.debug("push to %s failed: %s", peer, err)
 
-    def member_states(self) -> dict[str, dict[str, Any]]:
-        """The gossiped states of this node and of every member neither dead nor gone."""
-        members = {}
-        for origin, state in sorted(self.store.states.items()):
-            if origin != self.identity.peer_id and self.swim.status(origin) not in (
-                Liveness.ALIVE,
-                Liveness.SUSPECT,
-            ):
-                continue
-            content = self.content_of(state)
-            if content is not None:
-                members[origin] = content
-        return members
+    def member_states(self) -> MemberStates:
+        """The gossiped states of this node and of every member neither dead nor gone (kept up
+        to date as states and liveness change; read-only)."""
+        for peer in self.swim.take_flipped():
+            self._place_member(peer)
+        return self._members
 
-    def all_contents(self) -> list[tuple[str, dict[str, Any]]]:
-        """Every stored state's content, live or not (for epochs, which must only grow)."""
-        found = []
-        for origin, state in sorted(self.store.states.items()):
-            content = self.content_of(state)
-            if content is not None:
-                found.append((origin, content))
-        return found
+    def claimants(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """Every stored state that claims a model, live or not (epochs must only grow)."""
+        return self._known.having("claims")
 
     def content_of(self, state: SignedState) -> dict[str, Any] | None:
         """A state's decoded content, decoded once per version."""
@@ -261,6 +279,22 @@ class MeshService:
             return None
         self._contents[state.origin] = (state.version, content)
         return content
+
+    def _remember(self, state: SignedState, content: dict[str, Any]) -> None:
+        self._contents[state.origin] = (state.version, content)
+        self._known.put(state.origin, content)
+        self._place_member(state.origin)
+
+    def _place_member(self, peer: str) -> None:
+        content = self._known.get(peer)
+        live = peer == self.identity.peer_id or self.swim.status(peer) in (
+            Liveness.ALIVE,
+            Liveness.SUSPECT,
+        )
+        if live and content is not None:
+            self._members.put(peer, content)
+        else:
+            self._members.drop(peer)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -301,6 +335,7 @@ class MeshService:
         if peer not in self.admitted:
             _log.info("admitted %s", peer)
         self.admitted.add(peer)
+        self._neighbours[peer] = None
 
     def _guarded(self, handler: StreamHandler) -> StreamHandler:
         async def guarded(stream: MeshStream) -> None:
@@ -326,6 +361,7 @@ class MeshService:
             self.membership.admit(proof, state.origin)
         except (RecordError, MembershipError, ValueError, TypeError, AttributeError):
             return False
+        self._contents[state.origin] = (state.version, content)
         return True
 
     def _learn_revocation(self, revocation: Revocation) -> None:
@@ -334,32 +370,45 @@ class MeshService:
                 _log.error("this node has been revoked from the mesh: %s", revocation.reason)
             _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
             self.admitted.discard(revocation.peer_id)
+            self._neighbours.pop(revocation.peer_id, None)
             self.store.forget(revocation.peer_id)
             self._contents.pop(revocation.peer_id, None)
+            self._known.drop(revocation.peer_id)
+            self._members.drop(revocation.peer_id)
             self.swim.forget(revocation.peer_id)
-            self._state_rumors.pop(revocation.peer_id, None)
+            self._state_rumors.discard(revocation.peer_id)
 
-    def _merge(self, states: Sequence[SignedState]) -> None:
+    def _merge(self, states: Sequence[SignedState]) -> int:
+        """Keeps the new states among `states`; returns how many there were."""
         now = trio.current_time()
-        for state in self.store.merge(states, admit=self._admit_state):
+        accepted = self.store.merge(states, admit=self._admit_state)
+        for state in accepted:
             if state.origin == self.identity.peer_id:
                 continue
             self._queue_state(state)  # news travels on
             content = self.content_of(state)
-            if content is not None and content.get("leaving") is True:
+            if content is None:
+                continue
+            if content.get("leaving") is True:
                 self.swim.hear(Rumor(state.origin, Liveness.LEFT, state.version), now)
             else:
                 self.swim.heard_of(state.origin, state.version, now)
+            self._remember(state, content)
+        return len(accepted)
 
     async def _gossip_loop(self) -> None:
         """Anti-entropy: full digest exchanges that repair whatever the rumors missed. A digest
         names every member, so in a big mesh the rounds are spaced out to keep each node's work
-        per second bounded (rumors carry the news quickly in between)."""
+        per second bounded (rumors carry the news quickly in between). While exchanges bring
+        many states (a node joining, a mesh forming), rounds follow each other quickly."""
         while True:
+            self._catching_up = False
             await self._gossip_round()
-            spacing = max(1.0, len(self.store.states) / 50)
-            interval = self.timing.gossip_interval_s * spacing
-            await trio.sleep(interval * (0.8 + 0.4 * self.rng.random()))
+            interval = self.timing.gossip_interval_s * (0.8 + 0.4 * self.rng.random())
+            await trio.sleep(interval)  # this round's exchanges end meanwhile
+            if not self._catching_up:
+                spacing = max(1.0, len(self.store.states) / 50)
+                await trio.sleep(interval * (spacing - 1.0))
 
     async def _gossip_round(self) -> None:
         """Starts exchanges with `fanout` random peers and goes on: a frozen peer holds up
@@ -403,16 +452,25 @@ class MeshService:
         try:
             await send_frame(stream, self.store.digest().encode())
             answer = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
-            self._merge(answer.states)
+            self._note_news(self._merge(answer.states), answer.more)
             await send_frame(stream, self.store.provide(answer.wanted).encode())
         finally:
             await stream.aclose()
 
     async def _serve_gossip(self, stream: MeshStream) -> None:
         digest = Digest.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+        # A peer that knows many more members than we do: we are behind (a group of nodes
+        # that joined together may have heard only of each other).
+        self._note_news(len(digest.versions) - len(self.store.states), more=False)
         await send_frame(stream, self.store.answer(digest).encode())
         pushed = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
-        self._merge(pushed.states)
+        self._note_news(self._merge(pushed.states), pushed.more)
+
+    def _note_news(self, new_states: int, more: bool) -> None:
+        """An exchange that brought many states (or had to leave some out) means we are
+        behind: the next round comes soon."""
+        if more or new_states >= _CATCHING_UP_STATES:
+            self._catching_up = True
 
     async def _enforce_revocations(self) -> None:
         for peer in list(self.transport.connected_peers()):
@@ -424,7 +482,7 @@ class MeshService:
     def _news(self) -> bytes:
         """What every probe and answer carries: a few rumors and a few new states."""
         rumors = [r.to_wire() for r in self.swim.rumors_to_send(self.timing.rumors_per_message)]
-        states = [state.encode() for state in self._take_state_rumors(_STATES_PER_PROBE)]
+        states = [state.encode() for state in self._state_rumors.take(_STATES_PER_PROBE)]
         return records.encode("news", [rumors, states])
 
     def _take_news(self, data: bytes) -> None:
@@ -480,7 +538,7 @@ class MeshService:
         return False
 
     async def _probe_round(self) -> None:
-        target = self.swim.next_probe()
+        target = self.swim.next_probe(self._neighbours)
         if target is not None:
             self._in_background(PING, target, self._probe)
 
@@ -580,8 +638,9 @@ class MeshService:
         return True
 
     async def _reconnect(self, bootstrap: Sequence[str]) -> None:
-        """Back to the bootstrap addresses when alone; otherwise keeps a few connections open
-        (probes dial whoever they need on their own)."""
+        """Back to the bootstrap addresses when alone; otherwise keeps a connection to every
+        member of a small mesh, and to a few in a big one (the probe and link measurements
+        cover the peers connected either way)."""
         connected = set(self.transport.connected_peers())
         if not connected:
             for address in bootstrap:
@@ -597,9 +656,11 @@ class MeshService:
                         connected.add(peer)
                         await self.introduce(peer)
             return
-        missing = self.timing.min_connections - len(connected)
+        live = self.swim.live_members()
+        small = len(live) <= self.timing.full_mesh_up_to
+        missing = (len(live) if small else self.timing.min_connections) - len(connected)
         if missing > 0:
-            unconnected = sorted(set(self.swim.live_members()) - connected)
+            unconnected = sorted(set(live) - connected)
             for peer in self.rng.sample(unconnected, min(missing, len(unconnected))):
                 self._in_background("connect", peer, self._connect_to)
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from .send_queue import SendQueue
 
 
 class Liveness(enum.Enum):
@@ -75,8 +77,14 @@ class Swim:
     incarnation: int = 0
     must_refute: bool = False
     members: dict[str, _Member] = field(default_factory=dict)
-    _queue: dict[str, tuple[Rumor, int]] = field(default_factory=dict)  # rumor, sends left
+    _queue: SendQueue[Rumor] = field(default_factory=SendQueue)
     _order: list[str] = field(default_factory=list)
+    # Members by status (insertion-ordered), so that asking for the suspects or the live
+    # members costs what they number, not what the mesh numbers.
+    _by_status: dict[Liveness, dict[str, None]] = field(
+        default_factory=lambda: {status: {} for status in Liveness}
+    )
+    _flipped: dict[str, None] = field(default_factory=dict)  # live <-> not live since asked
 
     # -- what we hear ----------------------------------------------------------------------
 
@@ -100,7 +108,7 @@ class Swim:
             return False
         if known is None and rumor.status is not Liveness.ALIVE:
             return False  # no news about strangers: we learn of members from their states
-        self.members[rumor.peer_id] = _Member(rumor.status, rumor.incarnation, now)
+        self._set(rumor.peer_id, _Member(rumor.status, rumor.incarnation, now))
         if spread:
             self._spread(rumor)
         return True
@@ -116,7 +124,7 @@ class Swim:
         """A probe got its answer: a suspect we probed ourselves is back (locally) alive."""
         known = self.members.get(peer)
         if known is not None and known.status is Liveness.SUSPECT:
-            known.status, known.since = Liveness.ALIVE, now
+            self._set(peer, _Member(Liveness.ALIVE, known.incarnation, now))
 
     def probe_failed(self, peer: str, now: float) -> None:
         """Neither the probe nor the indirect probes were answered."""
@@ -128,8 +136,20 @@ class Swim:
         self._spread(Rumor(self.me, Liveness.LEFT, self.incarnation))
 
     def forget(self, peer: str) -> None:
-        self.members.pop(peer, None)
-        self._queue.pop(peer, None)
+        known = self.members.pop(peer, None)
+        if known is not None:
+            del self._by_status[known.status][peer]
+            self._flipped[peer] = None
+        self._queue.discard(peer)
+
+    def _set(self, peer: str, member: _Member) -> None:
+        known = self.members.get(peer)
+        if known is not None:
+            del self._by_status[known.status][peer]
+        self.members[peer] = member
+        self._by_status[member.status][peer] = None
+        if known is None or _is_live(known.status) != _is_live(member.status):
+            self._flipped[peer] = None
 
     # -- time ------------------------------------------------------------------------------------
 
@@ -137,25 +157,23 @@ class Swim:
         """Suspects past their time become dead; returns them."""
         expired = [
             peer
-            for peer, member in sorted(self.members.items())
-            if member.status is Liveness.SUSPECT and now - member.since >= self.suspicion_s
+            for peer in sorted(self._by_status[Liveness.SUSPECT])
+            if now - self.members[peer].since >= self.suspicion_s
         ]
         for peer in expired:
             self.hear(Rumor(peer, Liveness.DEAD, self.members[peer].incarnation), now)
         return expired
 
-    def next_probe(self) -> str | None:
-        """The next live member to probe: a shuffled round-robin, reshuffled each pass."""
+    def next_probe(self, among: Collection[str] | None = None) -> str | None:
+        """The next live member to probe (of `among`, when given: a node's neighbours): a
+        shuffled round-robin, reshuffled each pass."""
         while self._order:
             peer = self._order.pop()
             member = self.members.get(peer)
-            if member is not None and member.status in (Liveness.ALIVE, Liveness.SUSPECT):
+            if member is not None and _is_live(member.status) and (among is None or peer in among):
                 return peer
-        candidates = sorted(
-            peer
-            for peer, member in self.members.items()
-            if member.status in (Liveness.ALIVE, Liveness.SUSPECT)
-        )
+        pool = self.live_members() if among is None else among
+        candidates = sorted(p for p in pool if _is_live(self.status(p)))
         if not candidates:
             return None
         self.rng.shuffle(candidates)
@@ -166,13 +184,7 @@ class Swim:
 
     def rumors_to_send(self, limit: int) -> list[Rumor]:
         """Up to `limit` rumors, the least-sent first; each goes out a bounded number of times."""
-        chosen = sorted(self._queue.items(), key=lambda item: (-item[1][1], item[0]))[:limit]
-        for peer, (rumor, left) in chosen:
-            if left <= 1:
-                del self._queue[peer]
-            else:
-                self._queue[peer] = (rumor, left - 1)
-        return [rumor for _, (rumor, _) in chosen]
+        return self._queue.take(limit)
 
     def status(self, peer: str) -> Liveness:
         member = self.members.get(peer)
@@ -182,17 +194,28 @@ class Swim:
         member = self.members.get(peer)
         return None if member is None else member.since
 
-    def live_members(self) -> Iterable[str]:
-        return (
-            peer
-            for peer, member in self.members.items()
-            if member.status in (Liveness.ALIVE, Liveness.SUSPECT)
-        )
+    def live_members(self) -> list[str]:
+        """Members alive or suspect."""
+        return [*self._by_status[Liveness.ALIVE], *self._by_status[Liveness.SUSPECT]]
+
+    def with_status(self, status: Liveness) -> Iterable[str]:
+        return self._by_status[status].keys()
+
+    def take_flipped(self) -> list[str]:
+        """Members that became live or stopped being live (or were forgotten) since the last
+        call: whoever keeps a view of the live members updates just these."""
+        flipped = list(self._flipped)
+        self._flipped.clear()
+        return flipped
 
     def _spread(self, rumor: Rumor) -> None:
         size = max(len(self.members), 1) + 1
         sends = self.retransmit_mult * max(1, math.ceil(math.log2(size)))
-        self._queue[rumor.peer_id] = (rumor, sends)
+        self._queue.put(rumor.peer_id, rumor, sends)
+
+
+def _is_live(status: Liveness) -> bool:
+    return status is Liveness.ALIVE or status is Liveness.SUSPECT
 
 
 def _overrides(rumor: Rumor, known: _Member) -> bool:

@@ -7,6 +7,7 @@ to fix, not a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import socket
@@ -318,6 +319,13 @@ def _cmd_engine_build(args: argparse.Namespace) -> int:
 
 
 def _engine_for(config: NodeConfig) -> EngineInfo:
+    engine = _find_or_build_engine(config)
+    if config.rpc_protocol is not None:
+        return dataclasses.replace(engine, rpc_protocol=config.rpc_protocol)
+    return engine
+
+
+def _find_or_build_engine(config: NodeConfig) -> EngineInfo:
     try:
         return find_engine(config.cache_dir, config.engine_dir)
     except EngineNotFoundError:
@@ -500,6 +508,8 @@ def _print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]
             line += f" / {traffic['bytes_back'] / 1e6:.1f} MB back"
             line += f", {traffic['round_trips']} round trips"
         print(line)
+    for node, why in sorted(entry.get("unused", {}).items()):
+        print(f"  {names.get(node, '?'):<16} {node[-12:]:<14} unused: {why}")
     if entry.get("problem"):
         print(f"  problem: {entry['problem']}")
 

@@ -43,6 +43,9 @@ class NodeConfig:
     engine_load_timeout_s: float = 600.0
     log_level: str = "info"
     max_memory: str | None = None  # e.g. "6GiB": the most this node lends to models
+    # Announce this RPC protocol version instead of the engine's (to try mixed-version meshes:
+    # the planner never places nodes of different RPC versions together).
+    rpc_protocol: str | None = None
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -66,6 +69,7 @@ _SETTING_TYPES: dict[str, type] = {
     "log_level": str,
     "cache_dir": Path,
     "max_memory": str,
+    "rpc_protocol": str,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")

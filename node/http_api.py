@@ -30,6 +30,10 @@ from .upstream import (
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 RETRY_AFTER_S = 5
+# How long a request waits for a model that is re-planning, loading or restarting before it
+# is answered 503 (under common client timeouts of 30-60 s).
+RECOVERY_WAIT_S = 20.0
+RECOVERY_POLL_S = 0.5
 _log = logging.getLogger("sharedllm.api")
 
 
@@ -157,22 +161,27 @@ async def _forward(
         model_id = offered[0].model_id
     if not isinstance(model_id, str):
         return _bad_request("'model' must be a string", param="model")
-    try:
-        upstream = router.route(model_id)
-        answer = await upstream.open(
-            ForwardRequest("POST", request.url.path, body, {"content-type": "application/json"})
-        )
-    except ModelNotFound:
-        return _model_not_found(model_id)
-    except UpstreamUnavailable as err:
-        return openai_error(
-            503,
-            f"model {model_id}: {err}",
-            kind="service_unavailable",
-            code="model_not_ready",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
-    return _stream_back(answer)
+    forward = ForwardRequest("POST", request.url.path, body, {"content-type": "application/json"})
+    give_up_at = trio.current_time() + RECOVERY_WAIT_S
+    while True:
+        try:
+            answer = await router.route(model_id).open(forward)
+        except ModelNotFound:
+            return _model_not_found(model_id)
+        except UpstreamUnavailable as err:
+            # Nothing was sent to the client yet: while the mesh re-plans or reloads, the
+            # request waits for it (bounded), then goes to the new placement.
+            if err.transient and trio.current_time() < give_up_at:
+                await trio.sleep(RECOVERY_POLL_S)
+                continue
+            return openai_error(
+                503,
+                f"model {model_id}: {err}",
+                kind="service_unavailable",
+                code="model_not_ready",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return _stream_back(answer)
 
 
 async def _read_json_object(request: Request) -> tuple[bytes, dict[str, Any]] | Response:

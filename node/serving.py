@@ -163,7 +163,7 @@ class MeshServing:
 
     async def _step(self) -> None:
         before = dict(self.elector.claims)
-        self.elector.note_epochs(self._service.all_contents())
+        self.elector.note_epochs(self._service.claimants())
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
         self._reconcile_primary()
         self._reconcile_workers()
@@ -395,9 +395,9 @@ class MeshServing:
         ]
 
     def route(self, model_id: str) -> Upstream:
-        reason = self._unavailable(model_id)
-        if reason is not None:
-            raise UpstreamUnavailable(reason)
+        unavailable = self._unavailable(model_id)
+        if unavailable is not None:
+            raise UpstreamUnavailable(*unavailable)
         claim = self.model_states[model_id].current
         assert claim is not None
         if claim.primary == self._me:
@@ -406,25 +406,26 @@ class MeshServing:
         listener = self._api_tunnel(claim)
         return HttpUpstream(self._client, f"http://{listener.endpoint}")
 
-    def _unavailable(self, model_id: str) -> str | None:
-        """Why requests for the model cannot be served now (None: they can)."""
+    def _unavailable(self, model_id: str) -> tuple[str, bool] | None:
+        """Why requests for the model cannot be served now, and whether that should pass soon
+        (None: they can be served)."""
         state = self.model_states.get(model_id)
         if state is None:
             raise ModelNotFound(model_id)
         claim = state.current
         if claim is None:
-            return state.problem or "no primary elected yet"
+            return (state.problem, False) if state.problem else ("no primary elected yet", True)
         members = self._service.member_states()
         gone = [node for node in (claim.primary, *claim.nodes) if node not in members]
         if gone:
-            return f"re-planning after node {self._name_of(gone[0])} left"
+            return f"re-planning after node {self._name_of(gone[0])} left", True
         if not claim.serving:
             nodes = len(claim.nodes)
-            return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)"
+            return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)", True
         if claim.primary == self._me:
             job = self._primary_jobs.get(model_id)
             if job is None or job.endpoint() is None:
-                return "the local engine is restarting"
+                return "the local engine is restarting", True
         return None
 
     def health(self) -> tuple[bool, dict[str, str]]:
@@ -484,9 +485,26 @@ class MeshServing:
                 "tunnels": {}
                 if job is None
                 else {worker: t.stats.as_dict() for worker, t in job.tunnels.items()},
+                "unused": {} if claim is None else self._unused_nodes(claim),
             }
             described[model_id] = entry
         return described
+
+    def _unused_nodes(self, claim: Claim) -> dict[str, str]:
+        """Why each live member outside a placement is left out of it."""
+        members = self._service.member_states()
+        primary = members.get(claim.primary, {})
+        placed = {claim.primary, *claim.nodes}
+        unused = {}
+        for peer, content in members.items():
+            if peer in placed:
+                continue
+            theirs, ours = content.get("rpc_protocol"), primary.get("rpc_protocol")
+            if theirs != ours:
+                unused[peer] = f"engine RPC protocol {theirs} differs from the primary's {ours}"
+            else:
+                unused[peer] = "not needed by the plan (fewer nodes are faster)"
+        return unused
 
     def _name_of(self, peer: str) -> str:
         state = self._service.store.states.get(peer)
@@ -495,7 +513,8 @@ class MeshServing:
         return f"{name} ({peer[-8:]})" if isinstance(name, str) else peer[-8:]
 
     def _state_in_words(self, model_id: str) -> str:
-        return self._unavailable(model_id) or "ready"
+        unavailable = self._unavailable(model_id)
+        return "ready" if unavailable is None else unavailable[0]
 
 
 async def _accepts_tcp(spec: ProcessSpec) -> bool:

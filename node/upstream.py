@@ -30,7 +30,13 @@ _HOP_HEADERS = frozenset(
 
 
 class UpstreamUnavailable(Exception):
-    """The engine for this model cannot take requests now (the message says why)."""
+    """The engine for this model cannot take requests now (the message says why). `transient`:
+    the mesh is re-planning, loading or restarting and will likely serve again soon, so a
+    request may wait for it; otherwise (nothing can be planned) it is refused at once."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
 
 
 class UpstreamBroken(Exception):
@@ -105,5 +111,7 @@ class HttpUpstream:
         try:
             response = await self._client.send(outgoing, stream=True)
         except httpx.HTTPError as err:
-            raise UpstreamUnavailable(f"engine not reachable ({type(err).__name__})") from None
+            raise UpstreamUnavailable(
+                f"engine not reachable ({type(err).__name__})", transient=True
+            ) from None
         return _HttpxResponse(response)

@@ -208,5 +208,15 @@ def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel
     return (
         f"model {request.model_id} fits the total memory ({offered / gib:.2f} GiB offered, "
         f"{needed / gib:.2f} GiB needed) but no primary can reach enough nodes with the same "
-        "engine RPC version to hold it"
+        f"engine RPC version to hold it{_versions_in_words(view)}"
     )
+
+
+def _versions_in_words(view: ClusterView) -> str:
+    counts: dict[str, int] = {}
+    for node in view.nodes:
+        counts[node.rpc_protocol] = counts.get(node.rpc_protocol, 0) + 1
+    if len(counts) < 2:
+        return ""
+    listed = ", ".join(f"{version} on {n}" for version, n in sorted(counts.items()))
+    return f" (RPC versions: {listed}; nodes of different versions never work together)"

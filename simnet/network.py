@@ -24,6 +24,9 @@ import trio
 from ..mesh.transport import MeshStream, StreamHandler, TransportError
 
 _CONNECT_TIMEOUT_S = 3.0
+# A send that takes longer than this on its link holds the sender (backpressure); shorter ones
+# just arrive later, which costs the simulator one timer less per message.
+_BACKPRESSURE_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,14 @@ class SimStream:
         network = out.network
         link = network.link(out.source, out.target)
         transmit_s = len(data) / link.bandwidth_bytes_per_s
-        await trio.sleep(transmit_s)  # the sender is busy while its bytes go out: backpressure
+        if transmit_s >= _BACKPRESSURE_S:
+            await trio.sleep(transmit_s)  # the sender is busy while its bytes go out
+            transmit_s = 0.0
+        else:
+            await trio.lowlevel.checkpoint()  # small messages: their time goes into the delay
         if out.broken:
             raise TransportError(out.broken)
-        delay = link.latency_s + network.rng.random() * link.jitter_s
+        delay = transmit_s + link.latency_s + network.rng.random() * link.jitter_s
         if link.loss and network.rng.random() < link.loss:
             delay += link.retransmit_s
         due = max(out.last_delivery, trio.current_time() + delay)
@@ -106,8 +113,7 @@ class SimStream:
                         return data
                     channel.segments[0] = (due, data[max_bytes:])
                     return data[:max_bytes]
-                with trio.move_on_at(due):
-                    await channel.arrived.wait()
+                await trio.sleep_until(due)  # later segments come after this one
                 continue
             if not channel.segments and channel.ended:
                 return b""
@@ -131,7 +137,7 @@ class SimTransport:
         self.network = network
         self.peer_id = peer_id
         self.handlers: dict[str, StreamHandler] = {}
-        self.connections: set[str] = set()
+        self.connections: dict[str, None] = {}  # ordered: traces must not hang on str hashes
         self.nursery: trio.Nursery | None = None  # where this node's stream handlers run
         self.up = False
 
@@ -155,8 +161,8 @@ class SimTransport:
         await trio.sleep(rtt)
         if not target.up:
             raise TransportError(f"connection to {address} reset")
-        self.connections.add(peer)
-        target.connections.add(self.peer_id)
+        self.connections[peer] = None
+        target.connections[self.peer_id] = None
         self.network.record("connect", self.peer_id, peer, 0)
         return peer
 
@@ -179,7 +185,7 @@ class SimTransport:
         self.handlers[protocol] = handler
 
     def connected_peers(self) -> Sequence[str]:
-        return sorted(self.connections)
+        return list(self.connections)
 
     async def disconnect(self, peer_id: str) -> None:
         self.network.cut(self.peer_id, peer_id, "disconnected")
@@ -258,7 +264,7 @@ class SimNetwork:
         """Ends the connection between a and b: their open streams break."""
         for transport, other in ((self.nodes.get(a), b), (self.nodes.get(b), a)):
             if transport is not None:
-                transport.connections.discard(other)
+                transport.connections.pop(other, None)
         for channel in self._channels.pop((min(a, b), max(a, b)), []):
             channel.broken = f"connection between {a} and {b} {why}"
             channel.wake()

@@ -17,6 +17,7 @@ import trio.testing
 
 from ..mesh.service import MeshTiming
 from ..mesh.swim import Liveness
+from .determinism import deterministic_trio
 from .network import LinkProfile
 from .simulation import SimNode, Simulation
 
@@ -44,6 +45,8 @@ class Report:
     bytes_per_node_per_s: float = 0.0
     virtual_s: float = 0.0
     wall_s: float = 0.0
+    # The formed mesh alone (steady scenario, after convergence): what a virtual minute costs
+    steady_wall_s_per_virtual_minute: float | None = None
     events: int = 0
     trace_digest: str = ""
     notes: list[str] = field(default_factory=list)
@@ -61,11 +64,10 @@ def simulate(
     if nodes < 2:
         raise ValueError("a scenario needs at least 2 nodes")
     report = Report(scenario, nodes, seed)
-    # trio breaks ties between tasks woken together with its own random source: seed it too.
-    trio._core._run._r.seed(seed)
     started = time.perf_counter()
     setup = _Setup(scenario, nodes, seed, LinkProfile(loss=loss), steady_s)
-    trio.run(_run, setup, report, clock=trio.testing.MockClock(autojump_threshold=0))
+    with deterministic_trio(seed):
+        trio.run(_run, setup, report, clock=trio.testing.MockClock(autojump_threshold=0))
     report.wall_s = time.perf_counter() - started
     return report
 
@@ -130,23 +132,24 @@ async def _watch_false_suspicions(sim: Simulation, seconds: float, report: Repor
     """Counts, every sample, each live node that another live node thinks suspect (or dead)."""
     began = trio.current_time()
     while trio.current_time() - began < seconds:
-        live = sim.live()
-        for observer in live:
-            for other in live:
-                if other is observer:
-                    continue
-                status = observer.service.swim.status(other.peer_id)
-                if status in (Liveness.SUSPECT, Liveness.DEAD):
-                    report.false_suspicions += 1
-                if status is Liveness.DEAD:
-                    report.false_deaths += 1
+        live = {node.peer_id for node in sim.live()}
+        for observer in sim.live():
+            swim = observer.service.swim
+            suspected = live.intersection(swim.with_status(Liveness.SUSPECT))
+            dead = live.intersection(swim.with_status(Liveness.DEAD))
+            report.false_suspicions += len(suspected) + len(dead)
+            report.false_deaths += len(dead)
         await trio.sleep(_SAMPLE_S)
 
 
 async def _steady(sim: Simulation, count: int, steady_s: float, report: Report) -> None:
     _start_all(sim, count, random.Random(sim.seed), storm=False)
     if await _converge(sim, report):
+        started = time.perf_counter()
         await _watch_false_suspicions(sim, steady_s, report)
+        if steady_s > 0:
+            wall_s = time.perf_counter() - started
+            report.steady_wall_s_per_virtual_minute = wall_s / steady_s * 60
 
 
 async def _join_storm(sim: Simulation, count: int, steady_s: float, report: Report) -> None:

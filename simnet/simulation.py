@@ -147,7 +147,7 @@ class Simulation:
         """What a real node's serving loop does with the election, without the engines."""
         while True:
             before = dict(node.elector.claims)
-            node.elector.note_epochs(node.service.all_contents())
+            node.elector.note_epochs(node.service.claimants())
             node.elector.step(trio.current_time(), node.service.member_states())
             for claim in node.elector.claims.values():
                 node.elector.set_serving(claim.model_id, claim.epoch, True)  # no engine to wait
@@ -196,12 +196,12 @@ class Simulation:
         return [n for n in self.nodes if n.alive]
 
     def members_seen(self, node: SimNode) -> set[str]:
-        return set(node.service.member_states())
+        return set(node.service.member_states().ids())
 
     def converged(self, expected: set[str] | None = None) -> bool:
         """Every live node sees exactly the live nodes (or `expected`) as members."""
         wanted = expected if expected is not None else {n.peer_id for n in self.live()}
-        return all(self.members_seen(n) == wanted for n in self.live())
+        return all(n.service.member_states().ids() == wanted for n in self.live())
 
     def placements_agree(self) -> bool:
         views = [current_claims(n.service.member_states()) for n in self.live()]

@@ -4,7 +4,10 @@ repeatable traces, convergence, crashes, partitions and loss."""
 from __future__ import annotations
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -105,6 +108,27 @@ def test_the_same_seed_gives_the_same_trace() -> None:
     assert first.trace_digest == second.trace_digest
     assert first.events == second.events
     assert simulate("churn", 12, seed=6).trace_digest != first.trace_digest
+
+
+def _digest_in_a_new_process(hash_seed: str) -> str:
+    """`sharedllm-node simulate --json` in a fresh interpreter with its own string hashing."""
+    script = (
+        "import json, sys; from sharedllm.simnet.scenarios import simulate;"
+        "print(simulate('churn', 30, seed=7, steady_s=5).trace_digest)"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_the_same_seed_gives_the_same_trace_in_other_processes() -> None:
+    """Ties between timers due at the same virtual instant must not be broken by memory
+    addresses or string hashes, which change from process to process."""
+    digests = {_digest_in_a_new_process(h) for h in ("1", "2", "3")}
+    assert len(digests) == 1, digests
+    assert simulate("churn", 30, seed=7, steady_s=5).trace_digest in digests
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
