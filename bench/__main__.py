@@ -12,10 +12,11 @@ from typing import Any
 
 import psutil
 
-from . import planner_bench, serving_bench, simnet_bench, transport_bench
+from . import failover_bench, planner_bench, serving_bench, simnet_bench, transport_bench
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
+    "failover": failover_bench.run,
     "planner": planner_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
@@ -42,6 +43,8 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine()}
     for name in chosen:
         results[name] = SUITES[name]()
+        if "failover_s" in results[name]:
+            results["failover_s"] = results[name]["failover_s"]
         if "mesh_vs_direct_rpc_tokens_ratio" in results[name]:
             results["mesh_vs_direct_rpc_tokens_ratio"] = results[name][
                 "mesh_vs_direct_rpc_tokens_ratio"

@@ -97,8 +97,22 @@ def save_addresses(data_dir: Path, addresses: list[str]) -> None:
 
 
 def load_addresses(data_dir: Path) -> list[str]:
+    return _load_strings(_dir(data_dir) / "addresses.json")
+
+
+def save_known_peers(data_dir: Path, addresses: list[str]) -> None:
+    """Where other members listened lately: a node that restarts (or whose bootstrap peer is
+    gone) finds the mesh again through them."""
+    write_atomic(_dir(data_dir) / "known_peers.json", json.dumps(addresses).encode())
+
+
+def load_known_peers(data_dir: Path) -> list[str]:
+    return _load_strings(_dir(data_dir) / "known_peers.json")
+
+
+def _load_strings(path: Path) -> list[str]:
     try:
-        value = json.loads((_dir(data_dir) / "addresses.json").read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
     return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []

@@ -116,6 +116,7 @@ class MeshService:
     links: dict[str, PeerLink] = field(default_factory=dict)
     _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _in_flight: set[tuple[str, str]] = field(default_factory=set)
+    _hello_pending: set[str] = field(default_factory=set)
     _tasks: trio.Nursery | None = None
     _version: int = 0
     _leaving: bool = False
@@ -264,6 +265,18 @@ class MeshService:
             self._place_member(peer)
         return self._members
 
+    def member_addresses(self, limit: int = 64) -> list[str]:
+        """Addresses other live members gossip, a few per member (for a restart's bootstrap)."""
+        found: list[str] = []
+        for peer, content in self.member_states().items():
+            addrs = content.get("addrs")
+            if peer == self.identity.peer_id or not isinstance(addrs, list):
+                continue
+            found.extend(a for a in addrs[:2] if isinstance(a, str))
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
     def claimants(self) -> list[tuple[str, Mapping[str, Any]]]:
         """Every stored state that claims a model, live or not (epochs must only grow)."""
         return self._known.having("claims")
@@ -314,12 +327,14 @@ class MeshService:
     async def introduce(self, peer: str) -> bool:
         """Runs the hello exchange with a newly connected peer; False (and disconnected) if
         either side refuses."""
+        self._hello_pending.add(peer)
         try:
             stream = await self.transport.open_stream(peer, HELLO)
             try:
                 await send_frame(stream, self.proof.encode())
                 reply = await receive_frame(stream, self.timing.exchange_timeout_s)
             finally:
+                self._hello_pending.discard(peer)
                 await stream.aclose()
             if not reply:
                 raise MembershipError("the peer refused our membership proof")
@@ -339,6 +354,8 @@ class MeshService:
 
     def _guarded(self, handler: StreamHandler) -> StreamHandler:
         async def guarded(stream: MeshStream) -> None:
+            if stream.remote_peer in self._hello_pending:
+                return  # it admitted us and spoke before its answer to our hello reached us
             if stream.remote_peer not in self.admitted:
                 _log.warning("dropping %s: no membership proof yet", stream.remote_peer)
                 await self.transport.disconnect(stream.remote_peer)

@@ -24,7 +24,12 @@ from hypercorn.trio import serve
 from ..mesh.data_plane import DataPlane
 from ..mesh.libp2p_transport import open_libp2p_transport
 from ..mesh.membership import MembershipState
-from ..mesh.mesh_store import load_revocations, save_addresses
+from ..mesh.mesh_store import (
+    load_known_peers,
+    load_revocations,
+    save_addresses,
+    save_known_peers,
+)
 from ..mesh.service import MeshService
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
@@ -130,13 +135,26 @@ async def _run_node(
             api_url = await nursery.start(_serve_api, app, config)
             data_host = _host_of(mesh.listen[0])
             await nursery.start(data_plane.run, data_host, 0, _host_of(transport.listen_addrs()[0]))
-            nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers])
+            known = load_known_peers(mesh.data_dir)
+            nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers, *known])
+            nursery.start_soon(_remember_peers, service, mesh.data_dir)
             nursery.start_soon(serving.run)
             nursery.start_soon(_watch_revocations, service, mesh.data_dir)
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             record_running(mesh.data_dir, api_url)
             task_status.started(api_url)
+
+
+async def _remember_peers(service: MeshService, data_dir: Path) -> None:
+    """Keeps the members' addresses on disk, for the next start."""
+    saved: list[str] = []
+    while True:
+        await trio.sleep(5.0)
+        addresses = service.member_addresses()
+        if addresses and addresses != saved:
+            save_known_peers(data_dir, addresses)
+            saved = addresses
 
 
 async def _watch_revocations(service: MeshService, data_dir: Path) -> None:
