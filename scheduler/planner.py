@@ -203,7 +203,7 @@ def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel
         return (
             f"model {request.model_id} needs {needed / gib:.2f} GiB (weights, KV cache for "
             f"{request.context} tokens, buffers) but the nodes offer {offered / gib:.2f} GiB: "
-            f"{(needed - offered) / gib:.2f} GiB missing"
+            f"{(needed - offered) / gib:.2f} GiB missing{_versions_in_words(view)}"
         )
     return (
         f"model {request.model_id} fits the total memory ({offered / gib:.2f} GiB offered, "

@@ -213,3 +213,47 @@ def test_losing_the_primary_moves_serving_to_the_other_holder(mesh: _Mesh) -> No
         time.sleep(1)
     final = _serving_placement(mesh.nodes["c"])
     assert final["epoch"] >= after["epoch"]
+
+
+def test_a_node_of_another_rpc_version_is_left_out(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    """A node announcing another engine RPC version (set in its config file) is never placed
+    with the primary; the model waits and every node says why."""
+    founder = start_node(
+        tmp_path / "a",
+        "--name",
+        "a",
+        "--max-memory",
+        CAP,
+        "--model",
+        str(gemma_path),
+        wait_ready=False,
+    )
+    other: RunningNode | None = None
+    try:
+        wait_until_ready(founder, 180, serving=False)
+        token = _cli("invite", "--data-dir", str(tmp_path / "a" / "data")).stdout.strip()
+        config = tmp_path / "d" / "data" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text('rpc_protocol = "6.0.0"\n')
+        other = start_node(
+            tmp_path / "d", "--name", "d", "--join", token, "--max-memory", CAP, wait_ready=False
+        )
+        deadline = time.monotonic() + 90
+        problem = ""
+        while time.monotonic() < deadline and "RPC versions" not in problem:
+            time.sleep(1)
+            problem = _placement(founder).get("problem") or ""
+        print(problem)
+        assert "RPC versions: 6.0.0 on 1, 7.0.0 on 1" in problem
+        message = ""
+        while time.monotonic() < deadline + 30 and "RPC" not in message:
+            answer = _complete(other, timeout=60)  # the other node repeats the holder's reason
+            assert answer.status_code == 503
+            message = answer.json()["error"]["message"]
+        assert "RPC versions" in message
+    finally:
+        founder.stop()
+        if other is not None:
+            other.stop()
