@@ -437,7 +437,23 @@ class MeshService:
         ]
         for peer in self.rng.sample(peers, min(self.timing.fanout, len(peers))):
             self._in_background(GOSSIP, peer, self._exchange_with)
+        self._exchange_afar(set(peers))
         await self._enforce_revocations()
+
+    def _exchange_afar(self, connected: set[str]) -> None:
+        """In a big mesh, one exchange a round with a random member we are not connected to:
+        nodes that joined together may otherwise keep talking only among themselves, each
+        knowing just the others of its group."""
+        live = self.swim.live_members()
+        if len(live) <= self.timing.full_mesh_up_to:
+            return
+        far = live[int(self.rng.random() * len(live))]
+        if far not in connected:
+            self._in_background(GOSSIP, far, self._dial_and_exchange)
+
+    async def _dial_and_exchange(self, peer: str) -> None:
+        if peer in self.transport.connected_peers() or await self._connect_to(peer):
+            await self._exchange_with(peer)
 
     def _in_background(
         self, kind: str, peer: str, action: Callable[[str], Awaitable[object]]
