@@ -191,8 +191,7 @@ class MeshService:
         measured = sorted(
             (link.rtt_ms, peer)
             for peer, link in self.links.items()
-            if link.rtt_ms is not None
-            and self.swim.status(peer) in (Liveness.ALIVE, Liveness.SUSPECT)
+            if link.rtt_ms is not None and self.swim.is_live(peer)
         )
         return {
             peer: {
@@ -300,11 +299,7 @@ class MeshService:
 
     def _place_member(self, peer: str) -> None:
         content = self._known.get(peer)
-        live = peer == self.identity.peer_id or self.swim.status(peer) in (
-            Liveness.ALIVE,
-            Liveness.SUSPECT,
-        )
-        if live and content is not None:
+        if (peer == self.identity.peer_id or self.swim.is_live(peer)) and content is not None:
             self._members.put(peer, content)
         else:
             self._members.drop(peer)

@@ -169,11 +169,10 @@ class Swim:
         shuffled round-robin, reshuffled each pass."""
         while self._order:
             peer = self._order.pop()
-            member = self.members.get(peer)
-            if member is not None and _is_live(member.status) and (among is None or peer in among):
+            if self.is_live(peer) and (among is None or peer in among):
                 return peer
         pool = self.live_members() if among is None else among
-        candidates = sorted(p for p in pool if _is_live(self.status(p)))
+        candidates = sorted(p for p in pool if self.is_live(p))
         if not candidates:
             return None
         self.rng.shuffle(candidates)
@@ -189,6 +188,11 @@ class Swim:
     def status(self, peer: str) -> Liveness:
         member = self.members.get(peer)
         return Liveness.DEAD if member is None else member.status
+
+    def is_live(self, peer: str) -> bool:
+        """Alive or suspect (still a member for every purpose but probing)."""
+        member = self.members.get(peer)
+        return member is not None and _is_live(member.status)
 
     def status_since(self, peer: str) -> float | None:
         member = self.members.get(peer)
