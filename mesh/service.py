@@ -121,6 +121,8 @@ class MeshService:
     _version: int = 0
     _leaving: bool = False
     _catching_up: bool = False
+    _far_spacing: int = 1  # gossip rounds between exchanges with an unconnected member
+    _rounds_to_far: int = 0
 
     def __post_init__(self) -> None:
         self.swim = Swim(self.identity.peer_id, self.rng, suspicion_s=self.timing.suspicion_s)
@@ -313,7 +315,9 @@ class MeshService:
             self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("refused %s: %s", peer, err)
-            await send_frame(stream, b"")
+            # A revoked member is told so (the signed revocation), not just turned away.
+            revocation = self.membership.revocations.get(peer)
+            await send_frame(stream, b"" if revocation is None else revocation.encode())
             await self.transport.disconnect(peer)
             return
         await send_frame(stream, self.proof.encode())
@@ -333,7 +337,12 @@ class MeshService:
                 await stream.aclose()
             if not reply:
                 raise MembershipError("the peer refused our membership proof")
-            self.membership.admit(Proof.decode(reply), peer)
+            try:
+                theirs = Proof.decode(reply)
+            except RecordError:
+                self._learn_revocation(Revocation.decode(reply))
+                raise MembershipError("the peer refused us: this node is revoked") from None
+            self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("could not join %s: %s", peer, err)
             await self.transport.disconnect(peer)
@@ -440,15 +449,22 @@ class MeshService:
         nodes that joined together may otherwise keep talking only among themselves, each
         knowing just the others of its group."""
         live = self.swim.live_members()
-        if len(live) <= self.timing.full_mesh_up_to:
+        self._rounds_to_far -= 1
+        if len(live) <= self.timing.full_mesh_up_to or self._rounds_to_far > 0:
             return
         far = live[int(self.rng.random() * len(live))]
         if far not in connected:
             self._in_background(GOSSIP, far, self._dial_and_exchange)
 
     async def _dial_and_exchange(self, peer: str) -> None:
+        """Once far exchanges stop finding members we did not know, they thin out (every
+        second round, fourth..., up to every eighth); one that finds some brings them back."""
+        known = len(self.store.states)
         if peer in self.transport.connected_peers() or await self._connect_to(peer):
             await self._exchange_with(peer)
+        found = len(self.store.states) > known
+        self._far_spacing = 1 if found else min(8, 2 * self._far_spacing)
+        self._rounds_to_far = self._far_spacing
 
     def _in_background(
         self, kind: str, peer: str, action: Callable[[str], Awaitable[object]]
