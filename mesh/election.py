@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeGuard
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
@@ -28,6 +28,7 @@ from ..scheduler.placement import (
     Placement,
     PlannerError,
     evaluate,
+    fit_together,
     memory_used,
 )
 from ..scheduler.planner import DEFAULT_COST, plan_model
@@ -48,6 +49,9 @@ class Claim:
     primary: str
     layers: tuple[tuple[str, int, int], ...]  # (node, first layer, last layer), in layer order
     serving: bool = False
+    # Make-before-break: the placement this claim replaces keeps serving until this one serves
+    # (its primary judged that both fit in memory at once on every node they share).
+    overlap: bool = False
 
     @property
     def rank(self) -> tuple[int, str]:
@@ -85,6 +89,7 @@ class Claim:
             "primary": self.primary,
             "layers": [list(entry) for entry in self.layers],
             "serving": self.serving,
+            "overlap": self.overlap,
         }
 
     @staticmethod
@@ -94,12 +99,15 @@ class Claim:
             raise ValueError("a claim must be a map")
         model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
         layers, serving = data.get("layers"), data.get("serving", False)
+        overlap = data.get("overlap", False)
         if not isinstance(model, str) or not isinstance(primary, str):
             raise ValueError("a claim needs a model and a primary")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError("a claim's epoch must be a non-negative integer")
         if not isinstance(layers, list) or not isinstance(serving, bool):
             raise ValueError("a claim needs a list of layer ranges")
+        if not isinstance(overlap, bool):
+            raise ValueError("a claim's overlap must be a boolean")
         ranges = []
         for entry in layers:
             if not (
@@ -110,12 +118,12 @@ class Claim:
             ):
                 raise ValueError("a layer range is [node, first, last]")
             ranges.append((entry[0], entry[1], entry[2]))
-        return Claim(model, epoch, primary, tuple(ranges), serving)
+        return Claim(model, epoch, primary, tuple(ranges), serving, overlap)
 
 
-def claim_for(placement: Placement, epoch: int) -> Claim:
+def claim_for(placement: Placement, epoch: int, *, overlap: bool = False) -> Claim:
     layers = tuple((a.node, a.first_layer, a.last_layer) for a in placement.assignments)
-    return Claim(placement.model_id, epoch, placement.primary, layers)
+    return Claim(placement.model_id, epoch, placement.primary, layers, overlap=overlap)
 
 
 # -- reading the gossiped states -----------------------------------------------------------
@@ -216,13 +224,59 @@ _claims_memo: dict[int, tuple[object, str, tuple[Claim, ...]]] = {}
 
 def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
     """For each model, the highest-ranked claim among `members`."""
-    best: dict[str, Claim] = {}
+    return {model_id: ranked[0] for model_id, ranked in ranked_claims(members).items()}
+
+
+def ranked_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Claim]]:
+    """For each model, the claims among `members`, highest rank first."""
+    found: dict[str, list[Claim]] = {}
     for origin, content in MemberStates.of(members).having("claims"):
         for claim in claims_in(content, origin):
-            held = best.get(claim.model_id)
-            if held is None or claim.rank > held.rank:
-                best[claim.model_id] = claim
-    return best
+            found.setdefault(claim.model_id, []).append(claim)
+    for claims in found.values():
+        claims.sort(key=lambda claim: claim.rank, reverse=True)
+    return found
+
+
+def serving_predecessor(
+    current: Claim | None, candidates: Iterable[Claim], members: Mapping[str, object]
+) -> Claim | None:
+    """During a make-before-break switch to `current`, the claim that still serves meanwhile:
+    the highest-ranked lower claim that serves with all its nodes alive."""
+    if current is None or current.serving or not current.overlap:
+        return None
+    standing = [
+        claim
+        for claim in candidates
+        if claim.model_id == current.model_id
+        and claim.rank < current.rank
+        and claim.serving
+        and claim.nodes_in(members)
+    ]
+    return max(standing, key=lambda claim: claim.rank, default=None)
+
+
+def winding_down(
+    current: Claim | None,
+    previous: Claim | None,
+    candidates: Iterable[Claim],
+    members: Mapping[str, object],
+) -> tuple[Claim, ...]:
+    """Claims replaced by a make-before-break switch that their primaries still announce: they
+    finish the requests they took, and nobody sends them new ones."""
+    if current is None or not current.overlap:
+        return ()
+    skip = {current.rank} if previous is None else {current.rank, previous.rank}
+    found: dict[tuple[int, str], Claim] = {}
+    for claim in candidates:
+        if (
+            claim.model_id == current.model_id
+            and claim.rank < current.rank
+            and claim.rank not in skip
+            and claim.nodes_in(members)
+        ):
+            found.setdefault(claim.rank, claim)
+    return tuple(found[rank] for rank in sorted(found, reverse=True))
 
 
 def _gossiped_problem(members: Mapping[str, Mapping[str, Any]], model_id: str) -> str:
@@ -264,6 +318,22 @@ class ModelState:
     current: Claim | None  # the placement everyone follows now
     planned: Placement | None  # what the planner wants on this node's view
     problem: str | None  # why nothing can be planned, in words
+    previous: Claim | None = None  # still serving while `current` loads (make-before-break)
+    winding_down: tuple[Claim, ...] = ()  # replaced, finishing the requests they took
+
+    @property
+    def routed(self) -> Claim | None:
+        """The placement requests go to now: the current one, unless it is still loading and
+        the one it replaces keeps serving meanwhile."""
+        if self.previous is not None and self.current is not None and not self.current.serving:
+            return self.previous
+        return self.current
+
+    def placements(self) -> tuple[Claim, ...]:
+        """The placements whose processes must keep running now: more than one only during a
+        make-before-break switch."""
+        live = tuple(c for c in (self.current, self.previous) if c is not None)
+        return live + self.winding_down
 
 
 @dataclass
@@ -281,6 +351,14 @@ class Elector:
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
     replan_s: float = 5.0
     _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
+    # Our own superseded claims that keep serving until their successor serves.
+    handing_over: dict[str, Claim] = field(default_factory=dict)
+
+    def gossiped_claims(self) -> list[dict[str, Any]]:
+        """This node's claims as gossiped: current ones, then those handing over."""
+        own = [claim for _, claim in sorted(self.claims.items())]
+        own += [claim for _, claim in sorted(self.handing_over.items())]
+        return [claim.to_wire() for claim in own]
 
     def note_epochs(self, states: Iterable[tuple[str, Mapping[str, Any]]]) -> None:
         """Remembers the highest epoch of every claim seen, live or not, so epochs only grow."""
@@ -295,12 +373,14 @@ class Elector:
         """`members` are the live members' states, this node's own included."""
         members = MemberStates.of(members)
         self.note_epochs(members.having("claims"))
-        current = current_claims(members)
+        ranked = ranked_claims(members)
+        current = {model_id: claims[0] for model_id, claims in ranked.items()}
         held = {model_id for model_id, _ in _model_entries(members.get(self.me, {}))}
         for model_id, mine in list(self.claims.items()):
             winner = current.get(model_id)
             if winner is not None and winner.rank > mine.rank:
                 del self.claims[model_id]  # fenced: a higher claim exists
+                self._hand_over(mine, winner)
         states: dict[str, ModelState] = {}
         used: dict[str, int] = {}
         views: list[ClusterView] = []  # built once, and only if a holder must plan
@@ -313,6 +393,10 @@ class Elector:
                 # claim and repeat what the holders say is missing.
                 problem = None if claim is not None else _gossiped_problem(members, model_id)
                 state = ModelState(request, claim, None, problem)
+            candidates = [*ranked.get(model_id, ()), *self.handing_over.values()]
+            previous = serving_predecessor(state.current, candidates, members)
+            ending = winding_down(state.current, previous, candidates, members)
+            state = replace(state, previous=previous, winding_down=ending)
             states[model_id] = state
             if state.planned is not None:
                 for node, amount in memory_used(state.planned).items():
@@ -320,6 +404,12 @@ class Elector:
         for model_id in list(self.claims):
             if model_id not in states:
                 del self.claims[model_id]  # nobody holds the model any more
+        self.handing_over = {
+            model_id: old
+            for model_id, old in self.handing_over.items()
+            if model_id in states
+            and old.rank in {claim.rank for claim in states[model_id].placements()[1:]}
+        }
         self.problems = {
             model_id: state.problem
             for model_id, state in states.items()
@@ -358,9 +448,22 @@ class Elector:
     def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:
         claim = self.claims.get(model_id)
         if claim is not None and claim.epoch == epoch and claim.serving != serving:
-            self.claims[model_id] = Claim(
-                claim.model_id, claim.epoch, claim.primary, claim.layers, serving
-            )
+            self.claims[model_id] = replace(claim, serving=serving)
+        old = self.handing_over.get(model_id)
+        if old is not None and old.epoch == epoch and not serving:
+            del self.handing_over[model_id]  # it no longer serves: nothing left to hand over
+
+    def _hand_over(self, mine: Claim, successor: Claim) -> None:
+        """Keeps our superseded claim announced while its successor loads and then while our
+        engine finishes its requests, if the successor's primary agreed (memory allows)."""
+        if mine.serving and successor.overlap:
+            self.handing_over[mine.model_id] = mine
+
+    def end_handover(self, model_id: str, epoch: int) -> None:
+        """Our replaced engine has finished (or given up on) its requests: withdraw its claim."""
+        old = self.handing_over.get(model_id)
+        if old is not None and old.epoch == epoch:
+            del self.handing_over[model_id]
 
     def _decide(
         self, now: float, view: ClusterView, request: ModelRequest, current: Claim | None
@@ -388,7 +491,16 @@ class Elector:
             self._wanted_since[model_id] = (key, now)
         elif planned.primary == self.me and now - since[1] >= self.settle_s:
             epoch = max(self.highest_epoch.get(model_id, 0), 0) + 1
-            claim = claim_for(planned, epoch)
+            overlap = (
+                current is not None
+                and current.serving
+                and kept is not None
+                and fit_together(view, self.cost, kept, planned)
+            )
+            claim = claim_for(planned, epoch, overlap=overlap)
+            old = self.claims.pop(model_id, None)
+            if old is not None:
+                self._hand_over(old, claim)
             self.claims[model_id] = claim
             self.highest_epoch[model_id] = epoch
             self._wanted_since.pop(model_id, None)

@@ -570,7 +570,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             "`sharedllm-node invite` prints a token for other nodes",
             file=sys.stderr,
         )
-    gflops = measured_gflops(config.cache_dir)
+    gflops = config.compute_gflops or measured_gflops(config.cache_dir)
     cap = config.max_memory_bytes
     devices = list_devices(engine.llama_server)
     mesh = MeshOptions(

@@ -46,6 +46,9 @@ class NodeConfig:
     # Announce this RPC protocol version instead of the engine's (to try mixed-version meshes:
     # the planner never places nodes of different RPC versions together).
     rpc_protocol: str | None = None
+    # Announce this compute speed (GFLOP/s) instead of the measured one: to favour a machine the
+    # quick benchmark underrates, or to spare one that has other work.
+    compute_gflops: float | None = None
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -70,6 +73,7 @@ _SETTING_TYPES: dict[str, type] = {
     "cache_dir": Path,
     "max_memory": str,
     "rpc_protocol": str,
+    "compute_gflops": float,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -177,6 +181,8 @@ def _validate(config: NodeConfig) -> None:
         raise ConfigError(f"threads {config.threads} must be at least 1")
     if config.engine_load_timeout_s <= 0:
         raise ConfigError("engine_load_timeout_s must be positive")
+    if config.compute_gflops is not None and not 0 < config.compute_gflops < 1e9:
+        raise ConfigError(f"compute_gflops {config.compute_gflops} must be a positive number")
     if config.max_memory is not None:
         try:
             parse_size(config.max_memory)

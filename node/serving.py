@@ -9,13 +9,18 @@ its processes match the outcome:
 - as a worker of the current claim: an rpc-server on loopback, reached only through tunnels
   opened by that claim's primary;
 - as any node: API requests go to the local engine or through a tunnel to the primary.
+
+A re-plan while serving switches make-before-break when the new primary found memory for both
+placements at once: the old one serves until the new one does, then finishes the requests it
+took (bounded) before its primary withdraws it. Otherwise the old placement stops at once and a
+worker in both keeps its rpc-server, so the gap is only the new engine's load.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +52,12 @@ from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
 
 _log = logging.getLogger("sharedllm.serving")
+Rank = tuple[int, str]  # a claim's (epoch, primary)
 _STEP_S = 0.5
 _CLAIM_WAIT_S = 5.0  # a worker waits this long for a new claim to reach it by gossip
 _WORKER_READY_WAIT_S = 30.0
+_HANDOVER_MIN_S = 1.0  # routers hear that the new placement serves before the old one stops
+_HANDOVER_LIMIT_S = 60.0  # the longest a replaced engine may take to finish its requests
 _ENGINE_ENV = {"GGML_RPC_NO_RDMA": "1"}
 
 
@@ -116,8 +124,11 @@ class MeshServing:
         self._me = service.identity.peer_id
         self.elector = Elector(self._me)
         self.model_states: dict[str, ModelState] = {}
-        self._primary_jobs: dict[str, _Job] = {}
-        self._worker_jobs: dict[str, _Job] = {}
+        # Jobs by (model, claim rank): two of one model run at once during a switch.
+        self._primary_jobs: dict[tuple[str, Rank], _Job] = {}
+        self._worker_jobs: dict[tuple[str, Rank], _Job] = {}
+        self._accepting: set[tuple[str, Rank]] = set()  # rpc tunnels this worker takes now
+        self._winding: set[tuple[str, Rank]] = set()
         self._worker_streams: dict[str, list[tuple[tuple[int, str], trio.CancelScope]]] = {}
         self._api_tunnels: dict[tuple[str, int, str], tuple[TunnelListener, trio.CancelScope]] = {}
         self.worker_stats: dict[str, TunnelStats] = {}
@@ -133,7 +144,7 @@ class MeshServing:
                 m.gossip_entry(self._config.context_size, self._hashes.get(m.model_id))
                 for m in self._local.values()
             ],
-            "claims": [claim.to_wire() for _, claim in sorted(self.elector.claims.items())],
+            "claims": self.elector.gossiped_claims(),
             "problems": dict(sorted(self.elector.problems.items())),
         }
 
@@ -162,62 +173,107 @@ class MeshServing:
         await self._service.publish_now()
 
     async def _step(self) -> None:
-        before = dict(self.elector.claims)
+        before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
         self._reconcile_primary()
         self._reconcile_workers()
         self._close_stale_api_tunnels()
-        for model_id, job in self._primary_jobs.items():
+        for (model_id, _), job in self._primary_jobs.items():
             ready = job.endpoint() is not None and job.verified
             self.elector.set_serving(model_id, job.claim.epoch, ready)
-        if self.elector.claims != before:
-            workers = {w for claim in self.elector.claims.values() for w in claim.workers}
-            await self._service.publish_now(sorted(workers))
+        if self.elector.gossiped_claims() != before:
+            own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
+            await self._service.publish_now(sorted({w for c in own for w in c.workers}))
 
     def _reconcile_primary(self) -> None:
-        for model_id, job in list(self._primary_jobs.items()):
-            claim = self.elector.claims.get(model_id)
-            if claim is None or claim.rank != job.claim.rank:
-                _log.info("model %s: stopping the engine of epoch %d", model_id, job.claim.epoch)
+        own = (*self.elector.claims.values(), *self.elector.handing_over.values())
+        wanted = {(claim.model_id, claim.rank): claim for claim in own}
+        for key, job in list(self._primary_jobs.items()):
+            if key not in wanted:
+                _log.info("model %s: stopping the engine of epoch %d", key[0], job.claim.epoch)
                 job.scope.cancel()
-                del self._primary_jobs[model_id]
-        for model_id, claim in self.elector.claims.items():
-            if model_id not in self._primary_jobs and model_id in self._local:
-                self._primary_jobs[model_id] = self._start_job(self._run_primary, claim)
+                del self._primary_jobs[key]
+        for key, claim in wanted.items():
+            if key not in self._primary_jobs and claim.model_id in self._local:
+                self._primary_jobs[key] = self._start_job(self._run_primary, claim)
+        for model_id, old in self.elector.handing_over.items():
+            state = self.model_states.get(model_id)
+            key = (model_id, old.rank)
+            successor = None if state is None else state.current
+            if successor is not None and successor.serving and key not in self._winding:
+                self._winding.add(key)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._wind_down, old, self._primary_jobs.get(key))
+
+    async def _wind_down(self, claim: Claim, job: _Job | None) -> None:
+        """Lets a replaced engine finish the requests it took, then withdraws its claim."""
+        with trio.move_on_after(_HANDOVER_LIMIT_S):
+            await trio.sleep(_HANDOVER_MIN_S)
+            while job is not None and await self._engine_busy(job):
+                await trio.sleep(_STEP_S)
+        _log.info("model %s: epoch %d handed over", claim.model_id, claim.epoch)
+        self.elector.end_handover(claim.model_id, claim.epoch)
+        self._winding.discard((claim.model_id, claim.rank))
+        self._changed.set()
+
+    async def _engine_busy(self, job: _Job) -> bool:
+        """Whether llama-server is working on a request (its /slots say so)."""
+        endpoint = job.endpoint()
+        if endpoint is None:
+            return False
+        try:
+            answer = await self._client.get(f"http://{endpoint}/slots", timeout=2.0)
+            slots = answer.json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return isinstance(slots, list) and any(
+            isinstance(slot, dict) and slot.get("is_processing") for slot in slots
+        )
 
     def _reconcile_workers(self) -> None:
-        wanted = {
-            model_id: state.current
-            for model_id, state in self.model_states.items()
-            if state.current is not None and self._me in state.current.workers
-        }
-        for model_id, job in list(self._worker_jobs.items()):
-            if model_id not in wanted:
+        wanted: dict[tuple[str, Rank], Claim] = {}
+        self._accepting = set()
+        for model_id, state in self.model_states.items():
+            running = state.placements()
+            serving_soon = len(running) - len(state.winding_down)  # the others only finish
+            for index, claim in enumerate(running):
+                if self._me in claim.workers:
+                    wanted[(model_id, claim.rank)] = claim
+                    if index < serving_soon:
+                        self._accepting.add((model_id, claim.rank))
+        for key in sorted(self._accepting - self._worker_jobs.keys()):
+            self._start_worker(key, wanted[key], keep=wanted.keys())
+        for key, job in list(self._worker_jobs.items()):
+            if key not in wanted:
                 job.scope.cancel()
-                del self._worker_jobs[model_id]
-        for model_id, claim in wanted.items():
-            running = self._worker_jobs.get(model_id)
-            if running is None:
-                self._worker_jobs[model_id] = self._start_job(self._run_worker, claim)
-            elif running.claim.rank != claim.rank:
-                running.claim = claim
-            else:
-                continue
-            first, last = next((a, b) for n, a, b in claim.layers if n == self._me)
-            _log.info(
-                "model %s: holding layers %d-%d for primary %s (epoch %d)",
-                model_id,
-                first,
-                last,
-                claim.primary,
-                claim.epoch,
-            )
+                del self._worker_jobs[key]
         for model_id, streams in self._worker_streams.items():
-            current = wanted.get(model_id)
             for rank, scope in streams:
-                if current is None or rank != current.rank:
+                if (model_id, rank) not in wanted:
                     scope.cancel()  # fenced: that primary no longer leads this model
+
+    def _start_worker(
+        self, key: tuple[str, Rank], claim: Claim, keep: Collection[tuple[str, Rank]]
+    ) -> None:
+        """Starts the rpc-server for a placement, or hands it the one of the placement it
+        replaces at once (no time to start a process, and the memory is freed as it goes)."""
+        replaced = next((k for k in self._worker_jobs if k[0] == key[0] and k not in keep), None)
+        if replaced is None:
+            self._worker_jobs[key] = self._start_job(self._run_worker, claim)
+        else:
+            job = self._worker_jobs.pop(replaced)
+            job.claim = claim
+            self._worker_jobs[key] = job
+        first, last = next((a, b) for n, a, b in claim.layers if n == self._me)
+        _log.info(
+            "model %s: holding layers %d-%d for primary %s (epoch %d)",
+            claim.model_id,
+            first,
+            last,
+            claim.primary,
+            claim.epoch,
+        )
 
     def _start_job(self, runner: Callable[[_Job], Awaitable[None]], claim: Claim) -> _Job:
         assert self._nursery is not None
@@ -355,7 +411,7 @@ class MeshServing:
 
     async def _tunnel_target(self, request: TunnelRequest, peer: str) -> str:
         if request.service == "api":
-            job = self._primary_jobs.get(request.model_id)
+            job = self._primary_jobs.get((request.model_id, (request.epoch, self._me)))
             endpoint = None if job is None or not job.verified else job.endpoint()
             if endpoint is None:
                 raise TunnelRefused(f"this node does not serve {request.model_id} now")
@@ -369,8 +425,9 @@ class MeshServing:
             raise TunnelRefused(
                 f"{peer} is not the primary of {request.model_id} epoch {request.epoch} here"
             )
+        key = (request.model_id, (request.epoch, peer))
         with trio.move_on_after(_WORKER_READY_WAIT_S):
-            while (job := self._worker_jobs.get(request.model_id)) is None or (
+            while (job := self._worker_jobs.get(key)) is None or (
                 endpoint := job.endpoint()
             ) is None:
                 await trio.sleep(0.1)
@@ -378,13 +435,8 @@ class MeshServing:
         raise TunnelRefused(f"the rpc-server for {request.model_id} is not ready")
 
     def _leads(self, request: TunnelRequest, peer: str) -> bool:
-        state = self.model_states.get(request.model_id)
-        current = None if state is None else state.current
-        return (
-            current is not None
-            and current.rank == (request.epoch, peer)
-            and self._me in current.workers
-        )
+        """Whether `peer` leads a placement of the model that this node serves in now."""
+        return (request.model_id, (request.epoch, peer)) in self._accepting
 
     # -- the API's view ----------------------------------------------------------------------
 
@@ -398,10 +450,10 @@ class MeshServing:
         unavailable = self._unavailable(model_id)
         if unavailable is not None:
             raise UpstreamUnavailable(*unavailable)
-        claim = self.model_states[model_id].current
+        claim = self.model_states[model_id].routed
         assert claim is not None
         if claim.primary == self._me:
-            endpoint = self._primary_jobs[model_id].endpoint()
+            endpoint = self._primary_jobs[(model_id, claim.rank)].endpoint()
             return HttpUpstream(self._client, f"http://{endpoint}")
         listener = self._api_tunnel(claim)
         return HttpUpstream(self._client, f"http://{listener.endpoint}")
@@ -412,7 +464,7 @@ class MeshServing:
         state = self.model_states.get(model_id)
         if state is None:
             raise ModelNotFound(model_id)
-        claim = state.current
+        claim = state.routed
         if claim is None:
             return (state.problem, False) if state.problem else ("no primary elected yet", True)
         members = self._service.member_states()
@@ -423,7 +475,7 @@ class MeshServing:
             nodes = len(claim.nodes)
             return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)", True
         if claim.primary == self._me:
-            job = self._primary_jobs.get(model_id)
+            job = self._primary_jobs.get((model_id, claim.rank))
             if job is None or job.endpoint() is None:
                 return "the local engine is restarting", True
         return None
@@ -452,10 +504,12 @@ class MeshServing:
         return self._api_tunnels[key][0]
 
     def _close_stale_api_tunnels(self) -> None:
+        """Closes tunnels to primaries that lead nothing now (a replaced placement that still
+        finishes requests keeps its tunnel until its primary withdraws it)."""
         for key, (_, scope) in list(self._api_tunnels.items()):
             state = self.model_states.get(key[0])
-            current = None if state is None else state.current
-            if current is None or (current.model_id, current.epoch, current.primary) != key:
+            running = () if state is None else state.placements()
+            if all((claim.model_id, claim.epoch, claim.primary) != key for claim in running):
                 scope.cancel()
                 del self._api_tunnels[key]
 
@@ -468,7 +522,7 @@ class MeshServing:
         described = {}
         for model_id, state in sorted(self.model_states.items()):
             claim = state.current
-            job = self._primary_jobs.get(model_id)
+            job = None if claim is None else self._primary_jobs.get((model_id, claim.rank))
             entry: dict[str, Any] = {
                 "state": self._state_in_words(model_id),
                 "primary": None if claim is None else claim.primary,
@@ -486,6 +540,7 @@ class MeshServing:
                 if job is None
                 else {worker: t.stats.as_dict() for worker, t in job.tunnels.items()},
                 "unused": {} if claim is None else self._unused_nodes(claim),
+                "serving_meanwhile": None if state.previous is None else state.previous.epoch,
             }
             described[model_id] = entry
         return described

@@ -144,3 +144,13 @@ def memory_used(placement: Placement) -> dict[str, int]:
     used = {a.node: a.memory_bytes for a in placement.assignments}
     used[placement.primary] = placement.primary_memory_bytes
     return used
+
+
+def fit_together(view: ClusterView, cost: CostModel, first: Placement, second: Placement) -> bool:
+    """Whether both placements of a model can run at once (while one replaces the other)."""
+    one, two = memory_used(first), memory_used(second)
+    for node in one.keys() & two.keys():
+        budget = cost.memory_budget(view.node(node)) + cost.compute_buffer_bytes
+        if one[node] + two[node] > budget:
+            return False
+    return True

@@ -111,7 +111,7 @@ class Simulation:
                 "models": [{"id": "sim-8b", "context": 4096, "profile": profile_to_dict(SIM_MODEL)}]
                 if holds_model
                 else [],
-                "claims": [c.to_wire() for _, c in sorted(elector.claims.items())],
+                "claims": elector.gossiped_claims(),
                 "problems": dict(sorted(elector.problems.items())),
             }
 
@@ -146,13 +146,17 @@ class Simulation:
     async def _elect(self, node: SimNode) -> None:
         """What a real node's serving loop does with the election, without the engines."""
         while True:
-            before = dict(node.elector.claims)
+            before = node.elector.gossiped_claims()
             node.elector.note_epochs(node.service.claimants())
-            node.elector.step(trio.current_time(), node.service.member_states())
+            states = node.elector.step(trio.current_time(), node.service.member_states())
             for claim in node.elector.claims.values():
                 node.elector.set_serving(claim.model_id, claim.epoch, True)  # no engine to wait
                 self._note_claim(claim)
-            if node.elector.claims != before:
+            for model_id, old in list(node.elector.handing_over.items()):
+                current = states[model_id].current
+                if current is not None and current.serving:
+                    node.elector.end_handover(model_id, old.epoch)  # no requests to finish
+            if node.elector.gossiped_claims() != before:
                 self.elections += 1
                 workers = {w for c in node.elector.claims.values() for w in c.workers}
                 await node.service.publish_now(sorted(workers))

@@ -214,3 +214,68 @@ def test_a_primary_that_cannot_replace_a_lost_worker_withdraws() -> None:
     state = elector.step(10.0, members)["m"]
     assert elector.claims == {} and state.current is None
     assert state.problem is not None and "GiB" in state.problem
+
+
+def _publish(members: dict[str, dict[str, Any]], elector: Elector) -> None:
+    members[elector.me]["claims"] = elector.gossiped_claims()
+
+
+def _serving_alone(ram_mib: int) -> tuple[dict[str, dict[str, Any]], Elector, Claim]:
+    """`a` serves the model alone; then a much faster `c` joins."""
+    members = _mesh({"a": ram_mib}, holders={"a"})
+    elector = Elector("a")
+    _run(elector, members, 3.0)
+    first = elector.claims["m"]
+    elector.set_serving("m", first.epoch, True)
+    _publish(members, elector)
+    members["c"] = _node("c", 4096, links=("a",))
+    members["c"]["gflops"] = 5000.0
+    members["a"]["links"]["c"] = {"rtt_ms": 0.5, "bandwidth_mbps": 1000.0}
+    return members, elector, elector.claims["m"]
+
+
+def _until_new_claim(elector: Elector, members: dict[str, dict[str, Any]], old: Claim) -> Claim:
+    now = 10.0
+    while elector.claims["m"].rank == old.rank:
+        elector.step(now, members)
+        now += 0.5
+        assert now < 30
+    _publish(members, elector)
+    return elector.claims["m"]
+
+
+def test_a_switch_with_room_for_both_placements_is_make_before_break() -> None:
+    members, elector, first = _serving_alone(4096)
+    second = _until_new_claim(elector, members, first)
+    assert second.overlap and "c" in second.nodes
+    follower = Elector("c")
+    for node in (elector, follower):
+        state = node.step(20.0, members)["m"]
+        assert state.current == second and state.routed == first  # the old one serves meanwhile
+        assert {claim.rank for claim in state.placements()} == {first.rank, second.rank}
+    elector.set_serving("m", second.epoch, True)
+    _publish(members, elector)
+    for node in (elector, follower):
+        state = node.step(21.0, members)["m"]
+        assert state.routed is not None and state.routed.rank == second.rank
+        assert [claim.rank for claim in state.winding_down] == [first.rank]  # finishing
+    elector.end_handover("m", first.epoch)
+    _publish(members, elector)
+    state = follower.step(22.0, members)["m"]
+    assert state.placements() == (state.current,) and state.winding_down == ()
+
+
+def test_a_switch_without_room_for_both_stops_the_old_placement_first() -> None:
+    members, elector, first = _serving_alone(900)
+    second = _until_new_claim(elector, members, first)
+    assert not second.overlap and elector.handing_over == {}
+    state = Elector("c").step(20.0, members)["m"]
+    assert state.routed == second and state.placements() == (second,)
+
+
+def test_a_replaced_placement_that_stops_serving_is_withdrawn_at_once() -> None:
+    members, elector, first = _serving_alone(4096)
+    _until_new_claim(elector, members, first)
+    assert elector.handing_over["m"] == first
+    elector.set_serving("m", first.epoch, False)  # its engine died during the switch
+    assert elector.handing_over == {}

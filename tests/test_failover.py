@@ -257,3 +257,68 @@ def test_a_node_of_another_rpc_version_is_left_out(
         founder.stop()
         if other is not None:
             other.stop()
+
+
+def test_a_faster_node_joining_takes_over_without_a_gap(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    """`a` serves Gemma alone; `c` joins announcing a much faster CPU (both speeds are set in
+    the nodes' configs), so the plan moves the layers to `c`. There is memory for both
+    placements at once, so the old one serves until the new one does: requests sent all along
+    never fail."""
+    for name, gflops in (("a", 5.0), ("c", 100000.0)):
+        config = tmp_path / name / "data" / "config.toml"
+        config.parent.mkdir(parents=True)
+        config.write_text(f"compute_gflops = {gflops}\n")
+    founder = start_node(
+        tmp_path / "a", "--name", "a", "--model", str(gemma_path), wait_ready=False
+    )
+    joiner: RunningNode | None = None
+    results: list[tuple[int, str, float]] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:
+        while not stop.is_set() and len(results) < 2000:
+            started = time.monotonic()
+            try:
+                with httpx.stream(
+                    "POST",
+                    founder.api_url + "/v1/completions",
+                    json={"model": GEMMA_ID, "prompt": "Hello", "max_tokens": 12, "stream": True},
+                    timeout=httpx.Timeout(60, read=60),
+                ) as answer:
+                    text = "".join(answer.iter_text())
+                    results.append((answer.status_code, text, time.monotonic() - started))
+            except httpx.HTTPError as err:
+                results.append((0, repr(err), time.monotonic() - started))
+
+    asker = threading.Thread(target=keep_asking)
+    try:
+        wait_until_ready(founder, 240)
+        first = _serving_placement(founder)
+        assert _nodes_used(first) == {first["primary"]}
+        token = _cli("invite", "--data-dir", str(tmp_path / "a" / "data")).stdout.strip()
+        asker.start()
+        joiner = start_node(
+            tmp_path / "c", "--name", "c", "--join", token, "--no-model", wait_ready=False
+        )
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        placement = first
+        while placement.get("epoch") == first["epoch"] or not placement.get("serving"):
+            assert time.monotonic() < deadline, placement
+            time.sleep(0.5)
+            placement = _placement(founder)
+        assert len(_nodes_used(placement)) == 2
+        time.sleep(5)  # and a few more requests on the new placement
+    finally:
+        stop.set()
+        if asker.is_alive():
+            asker.join(timeout=90)
+        founder.stop()
+        if joiner is not None:
+            joiner.stop()
+    failed = [r for r in results if r[0] != 200 or "[DONE]" not in r[1] or '"error"' in r[1]]
+    slowest = max(seconds for _, _, seconds in results)
+    print(f"{len(results)} requests during the switch, slowest {slowest:.2f} s")
+    assert results and not failed, failed[:3]
+    assert f"epoch {first['epoch']} handed over" in founder.log()
