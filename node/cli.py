@@ -498,6 +498,8 @@ def _print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]
     primary = entry["primary"]
     if primary is not None:
         print(f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}")
+    if entry.get("serving_meanwhile") is not None:
+        print(f"  loading; epoch {entry['serving_meanwhile']} serves until it is ready")
     tunnels = entry.get("tunnels", {})
     for assignment in entry["assignments"]:
         node = assignment["node"]
