@@ -63,12 +63,7 @@ class SignedState:
 
     @staticmethod
     def decode(data: bytes) -> SignedState:
-        origin, version, payload, signature = records.decode(
-            data, SignedState.KIND, [str, int, bytes, bytes]
-        )
-        if len(payload) > MAX_STATE_BYTES or version < 0:
-            raise RecordError("state too large or with a negative version")
-        return SignedState(origin, version, payload, signature)
+        return _decoded_state(bytes(data))
 
     def signature_ok(self) -> bool:
         try:
@@ -84,6 +79,18 @@ class SignedState:
         if value is None:
             raise RecordError("state payload is not a msgpack map")
         return dict(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _decoded_state(data: bytes) -> SignedState:
+    """A state reaches a node from several peers (and, in the simulator, every node in one
+    process): decode each encoding once. States are immutable, so sharing them is safe."""
+    origin, version, payload, signature = records.decode(
+        data, SignedState.KIND, [str, int, bytes, bytes]
+    )
+    if len(payload) > MAX_STATE_BYTES or version < 0:
+        raise RecordError("state too large or with a negative version")
+    return SignedState(origin, version, payload, signature)
 
 
 @functools.lru_cache(maxsize=4096)

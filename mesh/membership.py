@@ -17,6 +17,7 @@ of the records and `now`.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Mapping
@@ -303,16 +304,23 @@ class Proof:
 
     @staticmethod
     def decode(data: bytes) -> Proof:
-        cert, red = records.decode(data, Proof.KIND, [bytes, bytes])
-        return Proof(
-            Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
-        )
+        return _decoded_proof(bytes(data))
 
     @property
     def roles(self) -> tuple[str, ...]:
         if self.certificate is not None:
             return self.certificate.roles
         return self.redemption.ticket.roles if self.redemption else ()
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded_proof(data: bytes) -> Proof:
+    """Every state a member gossips carries the same proof: decode each one once (proofs are
+    immutable; checking them against the mesh is still done at every admission)."""
+    cert, red = records.decode(data, Proof.KIND, [bytes, bytes])
+    return Proof(
+        Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
+    )
 
 
 @dataclass

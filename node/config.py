@@ -49,6 +49,8 @@ class NodeConfig:
     # Announce this compute speed (GFLOP/s) instead of the measured one: to favour a machine the
     # quick benchmark underrates, or to spare one that has other work.
     compute_gflops: float | None = None
+    # Workers holding the model file fill their rpc-server weight cache from it before a load.
+    prefill_weights: bool = True
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -74,6 +76,7 @@ _SETTING_TYPES: dict[str, type] = {
     "max_memory": str,
     "rpc_protocol": str,
     "compute_gflops": float,
+    "prefill_weights": bool,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -161,6 +164,8 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             if isinstance(raw, bool | float):
                 raise ValueError("expected an integer")
             return int(raw)
+        if wanted is bool:
+            return _boolean(raw)
         if wanted is float:
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
@@ -170,6 +175,16 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
         return raw
     except ValueError as err:
         raise ConfigError(f"{source}: setting {key!r} = {raw!r}: {err}") from None
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _validate(config: NodeConfig) -> None:

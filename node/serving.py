@@ -50,12 +50,14 @@ from .load_report import LoadReport
 from .model_file import ModelFileError, ModelInfo, cached_sha256
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
+from .warm_start import READY, READY_ANSWER, WeightFiller, answer_ready, await_ready
 
 _log = logging.getLogger("sharedllm.serving")
 Rank = tuple[int, str]  # a claim's (epoch, primary)
 _STEP_S = 0.5
 _CLAIM_WAIT_S = 5.0  # a worker waits this long for a new claim to reach it by gossip
 _WORKER_READY_WAIT_S = 30.0
+_FILL_WAIT_S = 1800.0  # the longest a primary waits for its workers to fill their caches
 _HANDOVER_MIN_S = 1.0  # routers hear that the new placement serves before the old one stops
 _HANDOVER_LIMIT_S = 60.0  # the longest a replaced engine may take to finish its requests
 _ENGINE_ENV = {"GGML_RPC_NO_RDMA": "1"}
@@ -129,6 +131,11 @@ class MeshServing:
         self._worker_jobs: dict[tuple[str, Rank], _Job] = {}
         self._accepting: set[tuple[str, Rank]] = set()  # rpc tunnels this worker takes now
         self._winding: set[tuple[str, Rank]] = set()
+        self._filled: dict[tuple[str, Rank], trio.Event] = {}
+        self._llama_cache = config.cache_dir / "rpc-cache"
+        self._filler = WeightFiller(
+            config.cache_dir, self._llama_cache, enabled=config.prefill_weights
+        )
         self._worker_streams: dict[str, list[tuple[tuple[int, str], trio.CancelScope]]] = {}
         self._api_tunnels: dict[tuple[str, int, str], tuple[TunnelListener, trio.CancelScope]] = {}
         self.worker_stats: dict[str, TunnelStats] = {}
@@ -152,6 +159,7 @@ class MeshServing:
 
     async def run(self) -> None:
         self._data_plane.serve(TUNNEL, self._serve_tunnel)
+        self._data_plane.serve(READY, lambda stream: answer_ready(stream, self._ready_for))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._hash_models)
@@ -248,6 +256,7 @@ class MeshServing:
             if key not in wanted:
                 job.scope.cancel()
                 del self._worker_jobs[key]
+        self._filled = {k: v for k, v in self._filled.items() if k in self._worker_jobs}
         for model_id, streams in self._worker_streams.items():
             for rank, scope in streams:
                 if (model_id, rank) not in wanted:
@@ -266,6 +275,8 @@ class MeshServing:
             job.claim = claim
             self._worker_jobs[key] = job
         first, last = next((a, b) for n, a, b in claim.layers if n == self._me)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._fill, key, first, last)
         _log.info(
             "model %s: holding layers %d-%d for primary %s (epoch %d)",
             claim.model_id,
@@ -288,6 +299,12 @@ class MeshServing:
         model = self._local[claim.model_id]
         _log.info("model %s: leading epoch %d over %s", claim.model_id, claim.epoch, claim.nodes)
         with job.scope:
+            with trio.move_on_after(_FILL_WAIT_S):
+                async with trio.open_nursery() as waiting:
+                    for worker in claim.workers:
+                        request = TunnelRequest("rpc", claim.model_id, claim.epoch)
+                        opener = self._opener(worker, READY)
+                        waiting.start_soon(await_ready, opener, request, self._name_of(worker))
             async with trio.open_nursery() as nursery:
                 for worker in claim.workers:
                     listener = TunnelListener(
@@ -361,19 +378,44 @@ class MeshServing:
             return False
         return answer.status_code == 200
 
-    def _opener(self, peer: str) -> OpenStream:
+    def _opener(self, peer: str, protocol: str = TUNNEL) -> OpenStream:
         async def open_stream() -> MeshStream:
             address = data_address(self._service.store.states.get(peer))
             if address is None:
                 raise TransportError(f"{peer} has not gossiped a data address")
-            return await self._data_plane.open_stream(peer, address[0], address[1], TUNNEL)
+            return await self._data_plane.open_stream(peer, address[0], address[1], protocol)
 
         return open_stream
 
     # -- worker --------------------------------------------------------------------------------
 
+    async def _fill(self, key: tuple[str, Rank], first: int, last: int) -> None:
+        """Fills the weight cache for our layers of a placement, if we hold the model."""
+        done = self._filled[key] = trio.Event()
+        model = self._local.get(key[0])
+        try:
+            if model is not None:
+                await self._filler.fill(key[0], model.path, first, last)
+        finally:
+            done.set()
+
+    async def _ready_for(self, request: TunnelRequest, peer: str) -> bytes:
+        """Waits until this worker's rpc-server for `peer`'s placement is up and its cache
+        filled (bounded); the answer to the primary's ready check."""
+        key = (request.model_id, (request.epoch, peer))
+        with trio.move_on_after(_CLAIM_WAIT_S):
+            while key not in self._accepting:
+                await trio.sleep(0.1)
+        with trio.move_on_after(_FILL_WAIT_S):
+            while key in self._accepting:
+                filled, job = self._filled.get(key), self._worker_jobs.get(key)
+                if filled is not None and filled.is_set() and job and job.endpoint():
+                    return READY_ANSWER
+                await trio.sleep(0.2)
+        return f"not a ready worker of {request.model_id} epoch {request.epoch} here".encode()
+
     async def _run_worker(self, job: _Job) -> None:
-        cache = self._config.cache_dir / "rpc-cache"
+        cache = self._llama_cache
         cache.mkdir(parents=True, exist_ok=True)
         threads = self._config.threads or os.cpu_count() or 1
 

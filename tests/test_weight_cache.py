@@ -1,0 +1,135 @@
+"""Warm loading against the real engine: the cache entry names we compute are the ones
+ggml-rpc-server writes, a load after our fill sends hashes instead of weights, and damaged
+entries are replaced rather than served."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sharedllm.node.engine import EngineInfo, free_loopback_port
+from sharedllm.node.fnv_native import NativeFnv, fnv1a64_python
+from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.weight_cache import (
+    HASH_THRESHOLD_BYTES,
+    cached_layer_tensors,
+    fill_cache,
+    rpc_cache_entries,
+)
+
+# Feed-forward tensors of 2048 x 4096 f16 (16 MiB) are over the engine's hash threshold; the
+# attention ones (8 MiB) are not.
+SHAPE = ModelShape(blocks=2, embedding=2048, feed_forward=4096, heads=16, kv_heads=16)
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "wide.gguf"
+    return write_synthetic_model(path, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def fnv(tmp_path_factory: pytest.TempPathFactory) -> NativeFnv:
+    return NativeFnv(tmp_path_factory.mktemp("native"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=4096), st.integers(min_value=0, max_value=2**64 - 1))
+def test_the_native_hash_is_fnv1a_64(fnv: NativeFnv, data: bytes, start: int) -> None:
+    assert fnv.hash(data, start) == fnv1a64_python(data, start)
+    assert fnv.hash(bytearray(data), start) == fnv1a64_python(data, start)
+
+
+def test_known_value(fnv: NativeFnv) -> None:
+    assert fnv.hash(b"hello") == 0xA430D84680AABD0B
+
+
+@contextmanager
+def _loaded(engine: EngineInfo, model: Path, llama_cache: Path, log: Path) -> Iterator[None]:
+    """A llama-server that puts every layer on one rpc-server started with `-c`."""
+    rpc_port, api_port = free_loopback_port(), free_loopback_port()
+    env = {**os.environ, "LLAMA_CACHE": str(llama_cache), "GGML_RPC_NO_RDMA": "1"}
+    with log.open("ab") as out:
+        worker = subprocess.Popen(
+            [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-c", "-t", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        server = None
+        try:
+            time.sleep(0.5)
+            server = subprocess.Popen(
+                [
+                    str(engine.llama_server),
+                    *("--host", "127.0.0.1", "--port", str(api_port), "--model", str(model)),
+                    *("--rpc", f"127.0.0.1:{rpc_port}", "--n-gpu-layers", "99"),
+                    *("--ctx-size", "256", "--no-webui", "--threads", "1"),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, "llama-server exited"
+                try:
+                    if httpx.get(f"http://127.0.0.1:{api_port}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "llama-server not ready"
+                time.sleep(0.25)
+            yield
+        finally:
+            for process in (server, worker):
+                if process is not None:
+                    process.terminate()
+                    process.wait(timeout=30)
+
+
+@pytest.mark.integration
+def test_our_entries_are_the_engines_and_a_filled_cache_is_hit(
+    tmp_path: Path, engine: EngineInfo, big_model: Path, fnv: NativeFnv
+) -> None:
+    spans = cached_layer_tensors(big_model, 0, SHAPE.blocks - 1)
+    assert len(spans) == 3 * SHAPE.blocks and all(s.size > HASH_THRESHOLD_BYTES for s in spans)
+    # 1. A cold load: the engine writes its own entries; we compute the same names.
+    cold = tmp_path / "cold"
+    with _loaded(engine, big_model, cold, tmp_path / "cold.log"):
+        pass
+    engine_names = {p.name for p in rpc_cache_entries(cold).iterdir()}
+    ours = tmp_path / "ours"
+    report = fill_cache(rpc_cache_entries(ours), big_model, spans, fnv)
+    assert report.written == len(spans)
+    our_names = {p.name for p in rpc_cache_entries(ours).iterdir() if not p.name.startswith(".")}
+    assert our_names == engine_names
+    # 2. A load after our fill sends no weight: the engine saves nothing new.
+    log = tmp_path / "warm.log"
+    with _loaded(engine, big_model, ours, log):
+        pass
+    assert "saved to" in (tmp_path / "cold.log").read_text()
+    assert "saved to" not in log.read_text()
+
+
+def test_damaged_entries_are_replaced(tmp_path: Path, big_model: Path, fnv: NativeFnv) -> None:
+    spans = cached_layer_tensors(big_model, 1, 1)
+    entries = tmp_path / "rpc"
+    fill_cache(entries, big_model, spans, fnv)
+    names = sorted(p for p in entries.iterdir() if not p.name.startswith("."))
+    names[0].write_bytes(names[0].read_bytes()[:1000])  # cut short, as by a crash
+    damaged = bytearray(names[1].read_bytes())
+    damaged[12345] ^= 0xFF  # same size, wrong bytes
+    names[1].write_bytes(bytes(damaged))
+    report = fill_cache(entries, big_model, spans, fnv)
+    assert (report.replaced, report.written, report.already_cached) == (2, 2, 1)
+    again = fill_cache(entries, big_model, spans, fnv)
+    assert again.already_cached == len(spans) and again.written == 0
