@@ -179,20 +179,36 @@ def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelR
     requests: dict[str, ModelRequest] = {}
     for _, content in MemberStates.of(members).having("models"):
         for model_id, entry in _model_entries(content):
-            if model_id in requests:
-                continue
-            try:
-                profile = profile_from_dict(entry.get("profile"))
-            except ValueError:
-                continue
-            context = entry.get("context")
-            requests[model_id] = ModelRequest(
-                model_id,
-                profile,
-                context if _count(context) and context > 0 else 4096,
-                primary_must_hold=True,
-            )
+            if model_id not in requests and (request := _request_of(model_id, entry)):
+                requests[model_id] = request
     return requests
+
+
+def _request_of(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
+    """The request a gossiped model entry describes (None if malformed), parsed once per entry:
+    gossiped contents never change, and every node reads them twice a second."""
+    memo = _requests_memo.get(id(entry))
+    if memo is not None and memo[0] is entry:
+        return memo[1]
+    try:
+        profile = profile_from_dict(entry.get("profile"))
+    except ValueError:
+        request = None
+    else:
+        context = entry.get("context")
+        request = ModelRequest(
+            model_id,
+            profile,
+            context if _count(context) and context > 0 else 4096,
+            primary_must_hold=True,
+        )
+    if len(_requests_memo) >= _CLAIMS_MEMO_SIZE:
+        _requests_memo.clear()
+    _requests_memo[id(entry)] = (entry, request)
+    return request
+
+
+_requests_memo: dict[int, tuple[object, ModelRequest | None]] = {}
 
 
 def claims_in(content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:

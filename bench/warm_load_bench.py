@@ -1,0 +1,226 @@
+"""Warm loading benchmark: loading a split model with cold vs pre-filled worker weight caches.
+
+Two `sharedllm-node` processes on loopback both hold a synthetic model of a realistic layer
+shape (4096-wide Llama-2-7B-style blocks with random f16 weights, 4 of them: ~1.6 GB); memory
+caps make the model need both, so one node's llama-server loads part of it into the other's
+rpc-server through the mesh tunnel. Each run starts both nodes with fresh caches:
+
+- cold: `prefill_weights = false`, so every weight byte crosses the tunnel;
+- warm: the worker fills its rpc-server cache from its own copy of the file first, so the load
+  sends tensor hashes for every tensor over 10 MiB.
+
+Measured per run: the engine's load time (llama-server start to ready, from the node's log),
+bytes the primary sent through the worker's tunnel during the load, and the worker's fill time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sharedllm.node.config import default_cache_dir
+from sharedllm.node.engine import find_engine, free_loopback_port
+from sharedllm.node.gguf_header import read_header
+from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+
+RUNS = 3
+SHAPE = ModelShape(blocks=4, embedding=4096, feed_forward=11008, heads=32, kv_heads=32)
+CAP = "1400MiB"  # ~1.6 GB of weights: two nodes are needed
+_COMMAND = str(Path(sys.executable).parent / "sharedllm-node")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def _log_time(line: str) -> float:
+    found = _STAMP.match(line)
+    assert found is not None, line
+    stamp = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
+
+
+def _engine_load_s(log: Path) -> float | None:
+    """llama-server's last start to ready, from a node's log."""
+    started = ready = None
+    for line in log.read_text(errors="replace").splitlines():
+        if "llama-server started (pid" in line:
+            started, ready = _log_time(line), None
+        elif "llama-server ready at" in line and started is not None:
+            ready = _log_time(line)
+    return None if started is None or ready is None else ready - started
+
+
+def _fill_s(log: Path) -> float | None:
+    found = re.findall(r"weight cache for layers .* in ([\d.]+) s", log.read_text())
+    return float(found[-1]) if found else None
+
+
+class _Node:
+    def __init__(self, work: Path, name: str, model: Path, prefill: bool, *args: str) -> None:
+        self.data = work / name / "data"
+        self.data.mkdir(parents=True)
+        self.data.joinpath("config.toml").write_text(
+            f"prefill_weights = {'true' if prefill else 'false'}\n"
+        )
+        self.port = free_loopback_port()
+        self.log = work / f"{name}.log"
+        engine = find_engine(default_cache_dir(), None)
+        env = {
+            **os.environ,
+            "SHAREDLLM_CACHE_DIR": str(work / name / "cache"),  # cold: nothing from earlier runs
+            "SHAREDLLM_ENGINE_DIR": str(engine.llama_server.parent),
+        }
+        argv = [_COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
+        argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--name", name, "--max-memory", CAP]
+        argv += ["--model", str(model), "--context-size", "512", *args]
+        with self.log.open("ab") as handle:
+            self.process = subprocess.Popen(argv, stdout=handle, stderr=handle, env=env)
+
+    def status(self) -> dict[str, Any]:
+        done = subprocess.run(
+            [_COMMAND, "status", "--json", "--data-dir", str(self.data)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        answer: dict[str, Any] = json.loads(done.stdout)
+        return answer
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _layer_weight_bytes(model: Path) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for tensor in read_header(model).tensors:
+        found = _BLOCK.match(tensor.name)
+        if found is not None:
+            layer = int(found.group(1))
+            sizes[layer] = sizes.get(layer, 0) + tensor.n_bytes
+    return sizes
+
+
+def _one_run(work: Path, model: Path, prefill: bool) -> dict[str, float]:
+    model_id = model.name.removesuffix(".gguf")
+    nodes: list[_Node] = []
+    try:
+        nodes.append(_Node(work, "a", model, prefill))
+        deadline = time.monotonic() + 120
+        while not nodes[0].data.joinpath("running.json").exists():
+            assert time.monotonic() < deadline, "node a did not start"
+            time.sleep(0.25)
+        invite = subprocess.run(
+            [_COMMAND, "invite", "--data-dir", str(nodes[0].data)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        nodes.append(_Node(work, "b", model, prefill, "--join", invite))
+        placement = _serving(nodes[0], model_id)
+        primary = next(n for n in nodes if n.status()["peer_id"] == placement["primary"])
+        worker = next(n for n in nodes if n is not primary)
+        placement = primary.status()["models"][model_id]  # its tunnels, after the load
+        (tunnel,) = placement["tunnels"].values()
+        layers = _layer_weight_bytes(model)
+        assigned = sum(
+            layers[layer]
+            for entry in placement["assignments"]
+            if entry["node"] != placement["primary"]
+            for layer in range(entry["first_layer"], entry["last_layer"] + 1)
+        )
+        load_s = _engine_load_s(primary.log)
+        assert load_s is not None
+        return {
+            "load_s": load_s,
+            "tunnel_bytes": float(tunnel["bytes_out"]),
+            "assigned_weight_bytes": float(assigned),
+            "fill_s": _fill_s(worker.log) or 0.0,
+        }
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def _serving(node: _Node, model_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        placement: dict[str, Any] = node.status()["models"].get(model_id, {})
+        if placement.get("serving") and len(placement.get("assignments", ())) == 2:
+            answer = httpx.post(
+                f"http://127.0.0.1:{node.port}/v1/completions",
+                json={"model": model_id, "prompt": "Hello", "max_tokens": 2},
+                timeout=120,
+            )
+            answer.raise_for_status()
+            return placement
+        time.sleep(0.5)
+    raise RuntimeError("the model was not served in time")
+
+
+def _median(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    values = [run[key] for run in runs]
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run() -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sharedllm-warm-"))
+    try:
+        model = write_synthetic_model(work / "llama2-shape-4-blocks.gguf", SHAPE)
+        model_bytes = model.stat().st_size
+        print(
+            f"warm load: 2 nodes on loopback, synthetic {model_bytes / 1e9:.2f} GB model, "
+            f"{RUNS} runs each"
+        )
+        results: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+        for index in range(RUNS):
+            for kind in ("cold", "warm"):
+                run_dir = work / f"{kind}-{index}"
+                outcome = _one_run(run_dir, model, prefill=kind == "warm")
+                results[kind].append(outcome)
+                print(
+                    f"  {kind} run {index + 1}: load {outcome['load_s']:.1f} s, "
+                    f"{outcome['tunnel_bytes'] / 1e6:.1f} MB through the tunnel for "
+                    f"{outcome['assigned_weight_bytes'] / 1e6:.0f} MB of assigned weights"
+                    + (f", fill {outcome['fill_s']:.1f} s" if kind == "warm" else "")
+                )
+                shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {kind: {key: _median(runs, key) for key in runs[0]} for kind, runs in results.items()}
+    ratios = [warm["tunnel_bytes"] / warm["assigned_weight_bytes"] for warm in results["warm"]]
+    speedups = [
+        cold["load_s"] / warm["load_s"]
+        for cold, warm in zip(results["cold"], results["warm"], strict=True)
+    ]
+    bytes_ratio, speedup = statistics.median(ratios), statistics.median(speedups)
+    print(
+        f"  warm load sends {bytes_ratio:.2%} of the assigned weight bytes (target < 5%); "
+        f"warm/cold load speedup {speedup:.2f}x (target >= 3x)"
+    )
+    return {
+        "model_bytes": model_bytes,
+        "shape": dataclasses.asdict(SHAPE),
+        "runs": results,
+        "summary": summary,
+        "warm_load_bytes_ratio": bytes_ratio,
+        "warm_vs_cold_load_speedup": speedup,
+        "speedup_range": [min(speedups), max(speedups)],
+    }
