@@ -213,7 +213,9 @@ def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
             else:
                 sample = _complete(url, model_id if name.startswith("mesh") else "gemma")
             samples[name].append(sample)
-    return _report(samples, traffic)
+    planned = httpx.get(urls["mesh_at_primary"] + "/mesh/peers", timeout=5).json()
+    predicted = planned["models"][model_id]["planned"]["predicted_tokens_per_s"]
+    return _report(samples, traffic, float(predicted))
 
 
 def _per_token(
@@ -228,7 +230,9 @@ def _per_token(
 
 
 def _report(
-    samples: dict[str, list[dict[str, float]]], traffic: list[dict[str, float]]
+    samples: dict[str, list[dict[str, float]]],
+    traffic: list[dict[str, float]],
+    predicted_tok_s: float,
 ) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {
         name: {
@@ -257,8 +261,16 @@ def _report(
         f"  through the tunnels, per generated token (the prompt's share included): "
         f"{per_token['bytes']:.0f} bytes, {per_token['round_trips']:.2f} round trips"
     )
+    measured = medians["mesh_at_primary"]["gen_tok_s"]
+    error = abs(predicted_tok_s - measured) / measured
+    print(
+        f"  the planner predicted {predicted_tok_s:.1f} tok/s for the mesh's placement; "
+        f"measured {measured:.1f} ({error:.0%} off; target within 15%)"
+    )
     return {
         "setups": medians,
+        "predicted_tok_s": predicted_tok_s,
+        "predicted_vs_measured_error": error,
         "tunnel_per_token": per_token,
         "mesh_vs_direct_rpc_tokens_ratio": medians["mesh_at_primary"]["gen_ratio_vs_direct"],
         "rounds": ROUNDS,
