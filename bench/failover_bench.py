@@ -9,11 +9,9 @@ killed node for the next run. Target (issue 8): under 15 s.
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +23,10 @@ from sharedllm.node.config import default_cache_dir
 from sharedllm.node.default_model import default_model_path
 from sharedllm.node.engine import free_loopback_port
 
+from .node_cli import COMMAND, node_status
+
 RUNS = 3
 CAP = "500MiB"
-_COMMAND = str(Path(sys.executable).parent / "sharedllm-node")
 
 
 class _Node:
@@ -38,7 +37,7 @@ class _Node:
 
     def start(self) -> None:
         self.port = free_loopback_port()
-        argv = [_COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
+        argv = [COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
         argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--name", self.name, "--max-memory", CAP]
         with self.log.open("ab") as handle:
             self.process = subprocess.Popen([*argv, *self.args], stdout=handle, stderr=handle)
@@ -48,15 +47,7 @@ class _Node:
         return f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any]:
-        done = subprocess.run(
-            [_COMMAND, "status", "--json", "--data-dir", str(self.data)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        answer: dict[str, Any] = json.loads(done.stdout)
-        return answer
+        return node_status(self.data)
 
     def kill_machine(self) -> None:
         tree = psutil.Process(self.process.pid)
@@ -102,7 +93,7 @@ def run() -> dict[str, Any]:
         nodes["a"] = _Node(work, "a", "--model", str(model))
         _wait(lambda: nodes["a"].data.joinpath("running.json").exists())
         invite = subprocess.run(
-            [_COMMAND, "invite", "--data-dir", str(nodes["a"].data), "--uses", "2"],
+            [COMMAND, "invite", "--data-dir", str(nodes["a"].data), "--uses", "2"],
             capture_output=True,
             text=True,
             check=True,

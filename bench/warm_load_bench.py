@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,10 +33,11 @@ from sharedllm.node.engine import find_engine, free_loopback_port
 from sharedllm.node.gguf_header import read_header
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
 
+from .node_cli import COMMAND, node_status
+
 RUNS = 3
 SHAPE = ModelShape(blocks=4, embedding=4096, feed_forward=11008, heads=32, kv_heads=32)
 CAP = "1400MiB"  # ~1.6 GB of weights: two nodes are needed
-_COMMAND = str(Path(sys.executable).parent / "sharedllm-node")
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -81,22 +80,14 @@ class _Node:
             "SHAREDLLM_CACHE_DIR": str(work / name / "cache"),  # cold: nothing from earlier runs
             "SHAREDLLM_ENGINE_DIR": str(engine.llama_server.parent),
         }
-        argv = [_COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
+        argv = [COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
         argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--name", name, "--max-memory", CAP]
         argv += ["--model", str(model), "--context-size", "512", *args]
         with self.log.open("ab") as handle:
             self.process = subprocess.Popen(argv, stdout=handle, stderr=handle, env=env)
 
     def status(self) -> dict[str, Any]:
-        done = subprocess.run(
-            [_COMMAND, "status", "--json", "--data-dir", str(self.data)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        answer: dict[str, Any] = json.loads(done.stdout)
-        return answer
+        return node_status(self.data)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -128,7 +119,7 @@ def _one_run(work: Path, model: Path, prefill: bool) -> dict[str, float]:
             assert time.monotonic() < deadline, "node a did not start"
             time.sleep(0.25)
         invite = subprocess.run(
-            [_COMMAND, "invite", "--data-dir", str(nodes[0].data)],
+            [COMMAND, "invite", "--data-dir", str(nodes[0].data)],
             capture_output=True,
             text=True,
             check=True,

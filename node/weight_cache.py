@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -109,7 +107,7 @@ def fill_cache(
                     report.already_cached += 1
                     continue
                 report.replaced += target.exists()
-                _write_entry(target, tensor)
+                write_atomic(target, tensor, mode=0o644)
             finally:
                 tensor.release()
             checked[name] = _stamp(target)
@@ -141,20 +139,6 @@ def _entry_matches(
     if good:
         checked[name] = stamp
     return good
-
-
-def _write_entry(target: Path, tensor: memoryview) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(tensor)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _stamp(path: Path) -> list[int]:
