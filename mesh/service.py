@@ -496,7 +496,8 @@ class MeshService:
         try:
             await send_frame(stream, self.store.digest().encode())
             answer = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
-            self._note_news(self._merge(answer.states), answer.more)
+            known = len(self.store.states)
+            self._note_news(self._merge(answer.states), answer.more, known)
             await send_frame(stream, self.store.provide(answer.wanted).encode())
         finally:
             await stream.aclose()
@@ -508,12 +509,15 @@ class MeshService:
         self._note_news(len(digest.versions) - len(self.store.states), more=False)
         await send_frame(stream, self.store.answer(digest).encode())
         pushed = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
-        self._note_news(self._merge(pushed.states), pushed.more)
+        known = len(self.store.states)
+        self._note_news(self._merge(pushed.states), pushed.more, known)
 
-    def _note_news(self, new_states: int, more: bool) -> None:
-        """An exchange that brought many states (or had to leave some out) means we are
-        behind: the next round comes soon."""
-        if more or new_states >= _CATCHING_UP_STATES:
+    def _note_news(self, new_states: int, more: bool, members_before: int | None = None) -> None:
+        """An exchange that brought many states, had to leave some out or taught us of a
+        member we did not know means we are behind (or the mesh is forming): the next round
+        comes soon. Refreshed states of known members alone do not."""
+        new_members = 0 if members_before is None else len(self.store.states) - members_before
+        if more or new_states >= _CATCHING_UP_STATES or new_members > 0:
             self._catching_up = True
 
     async def _enforce_revocations(self) -> None:

@@ -51,6 +51,9 @@ class NodeConfig:
     compute_gflops: float | None = None
     # Workers holding the model file fill their rpc-server weight cache from it before a load.
     prefill_weights: bool = True
+    # Pace for the weights this node sends to workers without the model file (Mbit/s, 0 for
+    # unpaced), so that a fetch leaves room for the serving traffic on the same links.
+    weight_share_mbps: float = 800.0
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -77,6 +80,7 @@ _SETTING_TYPES: dict[str, type] = {
     "rpc_protocol": str,
     "compute_gflops": float,
     "prefill_weights": bool,
+    "weight_share_mbps": float,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -198,6 +202,10 @@ def _validate(config: NodeConfig) -> None:
         raise ConfigError("engine_load_timeout_s must be positive")
     if config.compute_gflops is not None and not 0 < config.compute_gflops < 1e9:
         raise ConfigError(f"compute_gflops {config.compute_gflops} must be a positive number")
+    if not 0 <= config.weight_share_mbps < 1e7:
+        raise ConfigError(
+            f"weight_share_mbps {config.weight_share_mbps} must be 0 (unpaced) or a positive rate"
+        )
     if config.max_memory is not None:
         try:
             parse_size(config.max_memory)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from .model_file import ModelFileError, ModelInfo, cached_sha256
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
 from .warm_start import READY, READY_ANSWER, WeightFiller, answer_ready, await_ready
+from .weight_share import WEIGHTS, WeightShare
 
 _log = logging.getLogger("sharedllm.serving")
 Rank = tuple[int, str]  # a claim's (epoch, primary)
@@ -136,6 +137,9 @@ class MeshServing:
         self._filler = WeightFiller(
             config.cache_dir, self._llama_cache, enabled=config.prefill_weights
         )
+        self._share = WeightShare(
+            {m.model_id: m.path for m in local_models}, config.cache_dir, config.weight_share_mbps
+        )
         self._worker_streams: dict[str, list[tuple[tuple[int, str], trio.CancelScope]]] = {}
         self._api_tunnels: dict[tuple[str, int, str], tuple[TunnelListener, trio.CancelScope]] = {}
         self.worker_stats: dict[str, TunnelStats] = {}
@@ -160,6 +164,7 @@ class MeshServing:
     async def run(self) -> None:
         self._data_plane.serve(TUNNEL, self._serve_tunnel)
         self._data_plane.serve(READY, lambda stream: answer_ready(stream, self._ready_for))
+        self._data_plane.serve(WEIGHTS, self._share.serve)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._hash_models)
@@ -396,8 +401,30 @@ class MeshServing:
         try:
             if model is not None:
                 await self._filler.fill(key[0], model.path, first, last)
+            else:
+                holders = self._holders_of(key[0], primary=key[1][1])
+                await self._filler.fetch(
+                    key[0], holders, self._weights_stream, range(first, last + 1)
+                )
         finally:
             done.set()
+
+    def _holders_of(self, model_id: str, primary: str) -> list[str]:
+        """Nodes to fetch a model's weights from: the primary (it loads that very file), then
+        the other nodes offering a file of the same content."""
+        states = self._service.member_states()
+        wanted = _offered_sha256(states.get(primary, {}), model_id)
+        others = [
+            origin
+            for origin, content in states.having("models")
+            if origin not in (primary, self._me)
+            and wanted is not None
+            and _offered_sha256(content, model_id) == wanted
+        ]
+        return [primary, *others]
+
+    async def _weights_stream(self, peer: str) -> MeshStream:
+        return await self._opener(peer, WEIGHTS)()
 
     async def _ready_for(self, request: TunnelRequest, peer: str) -> bytes:
         """Waits until this worker's rpc-server for `peer`'s placement is up and its cache
@@ -623,3 +650,14 @@ async def _accepts_tcp(spec: ProcessSpec) -> bool:
         return False
     await stream.aclose()
     return True
+
+
+def _offered_sha256(content: Mapping[str, Any], model_id: str) -> str | None:
+    """The content hash a member gossips for its file of `model_id` (None: not offered or
+    not hashed yet)."""
+    models = content.get("models")
+    for entry in models if isinstance(models, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model_id:
+            sha = entry.get("sha256")
+            return sha if isinstance(sha, str) else None
+    return None

@@ -1,7 +1,8 @@
 """Getting workers ready before their primary loads a placement.
 
-A worker is ready for a placement when its rpc-server is up and, if the worker holds the model
-file, its weight cache holds the tensors of its layers (see `weight_cache`). The primary asks
+A worker is ready for a placement when its rpc-server is up and its weight cache holds the
+tensors of its layers: filled from its own copy of the model file (see `weight_cache`), or
+fetched from a node that holds the file (see `weight_share`). The primary asks
 each worker over a `READY` stream and starts llama-server once every one has said yes, so the
 load finds warm caches and live rpc-servers instead of failing and retrying.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -22,6 +23,7 @@ from ..mesh.tunnel import OpenStream, TunnelRequest
 from .fnv_native import NativeFnv, NativeHashUnavailable
 from .gguf_header import GgufFormatError
 from .weight_cache import FillReport, cached_layer_tensors, fill_cache, rpc_cache_entries
+from .weight_share import OpenWeights, WeightFetch, WeightShareError
 
 READY = "/sharedllm/ready/1"
 READY_ANSWER = b"ok"
@@ -30,7 +32,7 @@ _log = logging.getLogger("sharedllm.warm_start")
 
 
 class WeightFiller:
-    """Fills the rpc-server cache of this node from the model files it holds."""
+    """Fills the rpc-server cache of this node from the model files it holds, or from peers."""
 
     def __init__(self, cache_dir: Path, llama_cache: Path, *, enabled: bool = True) -> None:
         self._cache_dir = cache_dir
@@ -59,6 +61,31 @@ class WeightFiller:
             model_id,
             first_layer,
             last_layer,
+            report.summary(),
+        )
+
+    async def fetch(
+        self, model_id: str, holders: Sequence[str], open_stream: OpenWeights, layers: range
+    ) -> None:
+        """Gets the entries for the layers from `holders` (this node lacks the file); logs and
+        carries on if it cannot (the load then sends the weights)."""
+        if not self._enabled:
+            return
+        try:
+            if self._fnv is None:
+                self._fnv = await trio.to_thread.run_sync(NativeFnv, self._cache_dir)
+            fetch = WeightFetch(
+                open_stream, holders, model_id, layers[0], layers[-1], self.entries, self._fnv
+            )
+            report = await fetch.run()
+        except (OSError, NativeHashUnavailable, WeightShareError) as err:
+            _log.warning("model %s: weights not fetched, the load sends them: %s", model_id, err)
+            return
+        _log.info(
+            "model %s: weights for layers %d-%d from peers: %s",
+            model_id,
+            layers[0],
+            layers[-1],
             report.summary(),
         )
 

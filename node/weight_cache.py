@@ -94,7 +94,7 @@ def fill_cache(
     started = time.monotonic()
     report = FillReport(tensors=len(spans))
     entries.mkdir(parents=True, exist_ok=True)
-    checked = _read_checked(entries)
+    checked = read_checked(entries)
     with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as data:
         for span in spans:
             if stop():
@@ -103,33 +103,33 @@ def fill_cache(
             try:
                 name = entry_name(fnv, tensor)
                 target = entries / name
-                if _entry_matches(target, name, span.size, fnv, checked):
+                if entry_matches(target, name, span.size, fnv, checked):
                     report.already_cached += 1
                     continue
                 report.replaced += target.exists()
                 write_atomic(target, tensor, mode=0o644)
             finally:
                 tensor.release()
-            checked[name] = _stamp(target)
+            checked[name] = stamp(target)
             report.written += 1
             report.bytes_written += span.size
-    _write_checked(entries, checked)
+    write_checked(entries, checked)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _entry_matches(
+def entry_matches(
     target: Path, name: str, size: int, fnv: NativeFnv, checked: dict[str, list[int]]
 ) -> bool:
     """Whether `target` is exactly the tensor it is named after (hashing it only when it
     changed since we last checked)."""
     try:
-        stamp = _stamp(target)
+        found = stamp(target)
     except FileNotFoundError:
         return False
-    if stamp[0] != size:
+    if found[0] != size:
         return False
-    if checked.get(name) == stamp:
+    if checked.get(name) == found:
         return True
     with (
         target.open("rb") as handle,
@@ -137,16 +137,16 @@ def _entry_matches(
     ):
         good = entry_name(fnv, data) == name
     if good:
-        checked[name] = stamp
+        checked[name] = found
     return good
 
 
-def _stamp(path: Path) -> list[int]:
+def stamp(path: Path) -> list[int]:
     info = path.stat()
     return [info.st_size, info.st_mtime_ns]
 
 
-def _read_checked(entries: Path) -> dict[str, list[int]]:
+def read_checked(entries: Path) -> dict[str, list[int]]:
     try:
         known = json.loads((entries / _CHECKED).read_text())
     except (OSError, ValueError):
@@ -158,5 +158,5 @@ def _read_checked(entries: Path) -> dict[str, list[int]]:
     }
 
 
-def _write_checked(entries: Path, checked: dict[str, list[int]]) -> None:
+def write_checked(entries: Path, checked: dict[str, list[int]]) -> None:
     write_atomic(entries / _CHECKED, json.dumps(checked).encode(), mode=0o644)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,11 @@ class RunningNode:
 
 
 def start_node(
-    tmp: Path, *args: str, wait_ready: bool = True, timeout_s: float = 180.0
+    tmp: Path,
+    *args: str,
+    wait_ready: bool = True,
+    timeout_s: float = 180.0,
+    env: Mapping[str, str] | None = None,
 ) -> RunningNode:
     port = free_loopback_port()
     tmp.mkdir(parents=True, exist_ok=True)
@@ -63,7 +68,7 @@ def start_node(
     command += args
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
     node = RunningNode(process, f"http://127.0.0.1:{port}", log_path)
     if wait_ready:
