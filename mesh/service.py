@@ -121,6 +121,7 @@ class MeshService:
     _version: int = 0
     _leaving: bool = False
     _catching_up: bool = False
+    _bootstrapped: bool = False  # a bootstrap peer let us in (or we founded the mesh)
     _far_spacing: int = 1  # gossip rounds between exchanges with an unconnected member
     _rounds_to_far: int = 0
 
@@ -139,6 +140,7 @@ class MeshService:
     # -- running ---------------------------------------------------------------------------
 
     async def run(self, bootstrap: Sequence[str]) -> None:
+        self._bootstrapped = not bootstrap
         self.transport.serve(HELLO, self._serve_hello)
         self.transport.serve(GOSSIP, self._guarded(self._serve_gossip))
         self.transport.serve(PING, self._guarded(self._serve_ping))
@@ -348,6 +350,10 @@ class MeshService:
             await self.transport.disconnect(peer)
             return False
         self._admit(peer)
+        # Exchange states at once: two nodes that joined through different peers may each
+        # belong to a group that has not heard of the other, and only such a first exchange
+        # is sure to tell the groups apart from the start (random rounds may take minutes).
+        self._in_background(GOSSIP, peer, self._exchange_with)
         return True
 
     def _admit(self, peer: str) -> None:
@@ -690,20 +696,14 @@ class MeshService:
         member of a small mesh, and to a few in a big one (the probe and link measurements
         cover the peers connected either way)."""
         connected = set(self.transport.connected_peers())
-        if not connected:
-            for address in bootstrap:
-                with trio.move_on_after(self.timing.exchange_timeout_s):
-                    try:
-                        peer = await self.transport.connect(address)
-                    except TransportError as err:
-                        _log.debug("cannot reach %s: %s", address, err)
-                        continue
-                    # A new connection proves membership again, even to a peer admitted
-                    # before: the other side may have restarted and forgotten us.
-                    if peer not in connected and peer != self.identity.peer_id:
-                        connected.add(peer)
-                        await self.introduce(peer)
-            return
+        if not connected or not self._bootstrapped:
+            await self._dial_bootstrap(bootstrap, connected)
+            if not connected:
+                return
+        for peer in sorted(connected - self.admitted - self._hello_pending):
+            # Connected without a hello that went through (it failed or timed out on one
+            # side): without one, neither side gossips with the other.
+            self._in_background(HELLO, peer, self.introduce)
         live = self.swim.live_members()
         small = len(live) <= self.timing.full_mesh_up_to
         missing = (len(live) if small else self.timing.min_connections) - len(connected)
@@ -711,6 +711,27 @@ class MeshService:
             unconnected = sorted(set(live) - connected)
             for peer in self.rng.sample(unconnected, min(missing, len(unconnected))):
                 self._in_background("connect", peer, self._connect_to)
+
+    async def _dial_bootstrap(self, bootstrap: Sequence[str], connected: set[str]) -> None:
+        """Dials the bootstrap addresses until one of them has let us in. Being connected is
+        not enough: nodes that joined through us may have dialed us while our own way in
+        failed, and such a group would otherwise live on as a mesh of its own."""
+        for address in bootstrap:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    peer = await self.transport.connect(address)
+                except TransportError as err:
+                    _log.debug("cannot reach %s: %s", address, err)
+                    continue
+                if peer == self.identity.peer_id:
+                    continue
+                # A new connection proves membership again, even to a peer admitted before:
+                # the other side may have restarted and forgotten us.
+                if peer not in connected or peer not in self.admitted:
+                    connected.add(peer)
+                    await self.introduce(peer)
+                if peer in self.admitted:
+                    self._bootstrapped = True
 
     # -- views ------------------------------------------------------------------------------
 

@@ -141,7 +141,8 @@ class Simulation:
             async with trio.open_nursery() as nursery:
                 node.transport.nursery = nursery
                 nursery.start_soon(node.service.run, bootstrap)
-                nursery.start_soon(self._elect, node)
+                if node.holds_model:  # only a holder can lead or claim; the others just route
+                    nursery.start_soon(self._elect, node)
 
     async def _elect(self, node: SimNode) -> None:
         """What a real node's serving loop does with the election, without the engines."""
