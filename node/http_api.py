@@ -19,7 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import AnswerTail, NodeMetrics
 from .upstream import (
     ForwardRequest,
     ForwardResponse,
@@ -88,6 +91,8 @@ def _bad_request(message: str, param: str | None = None) -> JSONResponse:
 def create_app(
     router: ModelRouter, mesh_view: Callable[[], dict[str, Any]] | None = None
 ) -> Starlette:
+    metrics = NodeMetrics(mesh_view)
+
     async def list_models(_request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [m.as_openai() for m in router.models()]})
 
@@ -104,10 +109,13 @@ def create_app(
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def chat_completions(request: Request) -> Response:
-        return await _forward(router, request, required=("messages", list))
+        return await _forward(router, metrics, request, required=("messages", list))
 
     async def completions(request: Request) -> Response:
-        return await _forward(router, request, required=("prompt", (str, list)))
+        return await _forward(router, metrics, request, required=("prompt", (str, list)))
+
+    async def prometheus(_request: Request) -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def mesh_peers(_request: Request) -> Response:
         if mesh_view is None:
@@ -121,8 +129,37 @@ def create_app(
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    known = frozenset(route.path for route in routes if "{" not in route.path)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.add_middleware(_CountRequests, metrics=metrics, known=known)
+    return app
+
+
+class _CountRequests:
+    """Counts every answer by endpoint (unknown paths as one) and status."""
+
+    def __init__(self, app: ASGIApp, metrics: NodeMetrics, known: frozenset[str]) -> None:
+        self._app, self._metrics, self._known = app, metrics, known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        endpoint = (
+            path
+            if path in self._known
+            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self._app(scope, receive, counted)
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
@@ -142,7 +179,10 @@ def _model_not_found(model_id: str) -> JSONResponse:
 
 
 async def _forward(
-    router: ModelRouter, request: Request, required: tuple[str, type | tuple[type, ...]]
+    router: ModelRouter,
+    metrics: NodeMetrics,
+    request: Request,
+    required: tuple[str, type | tuple[type, ...]],
 ) -> Response:
     parsed = await _read_json_object(request)
     if isinstance(parsed, Response):
@@ -181,7 +221,7 @@ async def _forward(
                 code="model_not_ready",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        return _stream_back(answer)
+        return _stream_back(answer, model_id, metrics)
 
 
 async def _read_json_object(request: Request) -> tuple[bytes, dict[str, Any]] | Response:
@@ -209,15 +249,19 @@ async def _read_json_object(request: Request) -> tuple[bytes, dict[str, Any]] | 
     return bytes(body), payload
 
 
-def _stream_back(answer: ForwardResponse) -> Response:
+def _stream_back(answer: ForwardResponse, model_id: str, metrics: NodeMetrics) -> Response:
     is_sse = answer.headers.get("content-type", "").startswith("text/event-stream")
 
     async def relay() -> AsyncIterator[bytes]:
+        tail = AnswerTail()
         try:
             async for chunk in answer.body():
+                tail.add(chunk)
                 yield chunk
+            metrics.answered(model_id, tail.bytes())
         except UpstreamBroken as err:
             _log.warning("answer cut off: %s", err)
+            metrics.cut_off.labels(model_id).inc()
             if is_sse:
                 error = {
                     "error": {

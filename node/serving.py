@@ -610,6 +610,9 @@ class MeshServing:
                 else {worker: t.stats.as_dict() for worker, t in job.tunnels.items()},
                 "unused": {} if claim is None else self._unused_nodes(claim),
                 "serving_meanwhile": None if state.previous is None else state.previous.epoch,
+                "engine_restarts": 0
+                if job is None or job.supervisor is None
+                else job.supervisor.restarts,
             }
             described[model_id] = entry
         return described

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ from sharedllm.node.config import default_cache_dir
 from sharedllm.node.default_model import default_model_path
 from sharedllm.node.engine import EngineInfo, EngineNotFoundError, find_engine
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+
+from .node_process import RunningNode, start_node
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +32,13 @@ def gemma_path() -> Path:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-llama.gguf"
     return write_synthetic_model(path, ModelShape())
+
+
+@pytest.fixture(scope="module")
+def gemma_node(
+    tmp_path_factory: pytest.TempPathFactory, engine: EngineInfo, gemma_path: Path
+) -> Iterator[RunningNode]:
+    """One real node serving the default Gemma model, shared by a module's tests."""
+    node = start_node(tmp_path_factory.mktemp("gemma-node"), "--context-size", "2048")
+    yield node
+    node.stop()

@@ -4,7 +4,6 @@ bad input answered with OpenAI-shaped errors, and no engine process left behind.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,15 +15,6 @@ from .node_process import RunningNode, node_command, start_node, wait_gone
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
-
-
-@pytest.fixture(scope="module")
-def gemma_node(
-    tmp_path_factory: pytest.TempPathFactory, engine: EngineInfo, gemma_path: Path
-) -> Iterator[RunningNode]:
-    node = start_node(tmp_path_factory.mktemp("gemma-node"), "--context-size", "2048")
-    yield node
-    node.stop()
 
 
 @pytest.fixture

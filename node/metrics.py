@@ -1,0 +1,181 @@
+"""`/metrics`: what a node sees of the mesh and of its API traffic, in Prometheus text format.
+
+Mesh figures (members, links, placements, tunnels) are read from the same view `status` shows
+at the moment of the scrape, so the two never disagree. API figures (requests by status,
+generated tokens) are counted as answers pass through this node; tokens come from the
+engine's own `timings` in the last part of each answer. Each app has its own registry, so
+several nodes can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TAIL_BYTES = 16 * 1024  # the engine puts its timings in the answer's last event
+
+
+class NodeMetrics:
+    """The registry behind one node's `/metrics`."""
+
+    def __init__(self, mesh_view: Callable[[], dict[str, Any]] | None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sharedllm_requests",
+            "API requests answered by this node, by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sharedllm_generated_tokens",
+            "Tokens generated for requests that entered the mesh at this node",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tokens_per_s = Gauge(
+            "sharedllm_generation_tokens_per_second",
+            "Generation speed the engine reported for the last answer",
+            ["model"],
+            registry=self.registry,
+        )
+        self.cut_off = Counter(
+            "sharedllm_answers_cut_off",
+            "Answers that ended early because the serving placement was lost",
+            ["model"],
+            registry=self.registry,
+        )
+        if mesh_view is not None:
+            self.registry.register(_MeshCollector(mesh_view))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def answered(self, model_id: str, tail: bytes) -> None:
+        """Counts the tokens of a finished answer from the engine's timings in its tail."""
+        timings = engine_timings(tail)
+        if timings is None:
+            return
+        generated, speed = timings
+        self.tokens.labels(model_id).inc(generated)
+        if speed > 0:
+            self.tokens_per_s.labels(model_id).set(speed)
+
+
+def engine_timings(tail: bytes) -> tuple[int, float] | None:
+    """(tokens generated, tokens/s) from the last JSON object in `tail` that has llama-server's
+    `timings` (a whole JSON answer, or the data lines of a server-sent event stream)."""
+    text = tail.decode(errors="replace")
+    events = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+    candidates = [text, *reversed(events)]
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        timings = value.get("timings") if isinstance(value, dict) else None
+        if isinstance(timings, dict):
+            generated, speed = timings.get("predicted_n"), timings.get("predicted_per_second")
+            if isinstance(generated, int) and isinstance(speed, int | float):
+                return generated, float(speed)
+    return None
+
+
+class AnswerTail:
+    """Keeps the last bytes of a relayed answer (bounded), for `NodeMetrics.answered`."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._data += chunk
+        if len(self._data) > 2 * _TAIL_BYTES:
+            del self._data[:-_TAIL_BYTES]
+
+    def bytes(self) -> bytes:
+        return bytes(self._data)
+
+
+class _MeshCollector(Collector):
+    def __init__(self, mesh_view: Callable[[], dict[str, Any]]) -> None:
+        self._view = mesh_view
+
+    def collect(self) -> Iterator[Metric]:
+        view = self._view()
+        yield from _member_metrics(view.get("peers", []))
+        yield from _model_metrics(view.get("models", {}))
+
+
+def _member_metrics(peers: list[Mapping[str, Any]]) -> Iterator[Metric]:
+    members = GaugeMetricFamily(
+        "sharedllm_members", "Mesh members this node knows, by state", labels=["state"]
+    )
+    counts: dict[str, int] = {}
+    for peer in peers:
+        state = str(peer.get("state"))
+        counts[state] = counts.get(state, 0) + 1
+    for state in ("self", "alive", "suspect", "dead", "left", "revoked"):
+        members.add_metric([state], counts.get(state, 0))
+    yield members
+    rtt = GaugeMetricFamily(
+        "sharedllm_peer_rtt_seconds", "Round-trip time to each peer", labels=["peer", "name"]
+    )
+    bandwidth = GaugeMetricFamily(
+        "sharedllm_peer_bandwidth_bytes_per_second",
+        "Measured bandwidth to each peer",
+        labels=["peer", "name"],
+    )
+    for peer in peers:
+        labels = [str(peer.get("peer_id")), str(peer.get("name", ""))]
+        if isinstance(peer.get("rtt_ms"), int | float):
+            rtt.add_metric(labels, peer["rtt_ms"] / 1000)
+        if isinstance(peer.get("bandwidth_mbps"), int | float):
+            bandwidth.add_metric(labels, peer["bandwidth_mbps"] * 1e6 / 8)
+    yield rtt
+    yield bandwidth
+
+
+def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    serving = GaugeMetricFamily(
+        "sharedllm_model_serving", "1 while the model's placement serves", labels=["model"]
+    )
+    epoch = GaugeMetricFamily(
+        "sharedllm_model_epoch",
+        "The placement's epoch (it grows with each re-plan)",
+        labels=["model"],
+    )
+    predicted = GaugeMetricFamily(
+        "sharedllm_model_predicted_tokens_per_second",
+        "The planner's prediction for the chosen placement",
+        labels=["model"],
+    )
+    restarts = CounterMetricFamily(
+        "sharedllm_engine_restarts", "llama-server restarts on this node", labels=["model"]
+    )
+    out = CounterMetricFamily(
+        "sharedllm_tunnel_sent_bytes",
+        "Bytes this primary sent to a worker",
+        labels=["model", "worker"],
+    )
+    back = CounterMetricFamily(
+        "sharedllm_tunnel_received_bytes",
+        "Bytes a worker sent back",
+        labels=["model", "worker"],
+    )
+    for model_id, entry in models.items():
+        serving.add_metric([model_id], 1.0 if entry.get("serving") else 0.0)
+        if isinstance(entry.get("epoch"), int):
+            epoch.add_metric([model_id], entry["epoch"])
+        planned = entry.get("planned") or {}
+        if isinstance(planned.get("predicted_tokens_per_s"), int | float):
+            predicted.add_metric([model_id], planned["predicted_tokens_per_s"])
+        restarts.add_metric([model_id], entry.get("engine_restarts", 0))
+        for worker, stats in (entry.get("tunnels") or {}).items():
+            out.add_metric([model_id, worker], stats.get("bytes_out", 0))
+            back.add_metric([model_id, worker], stats.get("bytes_back", 0))
+    yield from (serving, epoch, predicted, restarts, out, back)

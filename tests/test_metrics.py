@@ -1,0 +1,88 @@
+"""`/metrics` on a real node: Prometheus text that a Prometheus parser reads, with requests by
+status, the tokens the engine generated, members and the model's placement; and the timings
+parser that finds the engine's figures in an answer's tail."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from sharedllm.node.metrics import AnswerTail, engine_timings
+
+from .node_process import RunningNode
+from .test_single_node import GEMMA_ID
+
+
+def _samples(node: RunningNode) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    answer = httpx.get(node.api_url + "/metrics", timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    found = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+@pytest.mark.integration
+def test_metrics_count_requests_tokens_and_show_the_placement(
+    gemma_node: RunningNode,
+) -> None:
+    before = _samples(gemma_node)
+    url = gemma_node.api_url + "/v1/completions"
+    body = {"model": GEMMA_ID, "prompt": "Hello", "max_tokens": 5}
+    plain = httpx.post(url, json=body, timeout=120).json()
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as streamed:
+        assert streamed.status_code == 200
+        "".join(streamed.iter_text())
+    assert httpx.get(gemma_node.api_url + "/nowhere").status_code == 404
+    after = _samples(gemma_node)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("sharedllm_requests_total", endpoint="/v1/completions", status="200") == 2
+    assert grew("sharedllm_requests_total", endpoint="other", status="404") == 1
+    generated = grew("sharedllm_generated_tokens_total", model=GEMMA_ID)
+    assert plain["usage"]["completion_tokens"] < generated <= 10  # both answers counted
+    assert after[("sharedllm_generation_tokens_per_second", (("model", GEMMA_ID),))] > 0
+    assert after[("sharedllm_members", (("state", "self"),))] == 1
+    assert after[("sharedllm_model_serving", (("model", GEMMA_ID),))] == 1
+    assert ("sharedllm_model_predicted_tokens_per_second", (("model", GEMMA_ID),)) in after
+
+
+def test_timings_come_from_the_last_event_or_the_whole_answer() -> None:
+    timings = {"predicted_n": 7, "predicted_per_second": 3.5}
+    whole = json.dumps({"content": "hi", "timings": timings})
+    assert engine_timings(whole.encode()) == (7, 3.5)
+    events = [
+        {"content": "a"},
+        {"content": "b", "timings": {"predicted_n": 2, "predicted_per_second": 9.0}},
+    ]
+    stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    tail = AnswerTail()
+    for index in range(0, len(stream), 7):
+        tail.add(stream[index : index + 7].encode())
+    assert engine_timings(tail.bytes()) == (2, 9.0)
+    assert engine_timings(b'{"content": "no timings"}') is None
+
+
+@given(st.binary(max_size=4096))
+def test_any_tail_parses_or_gives_none(data: bytes) -> None:
+    found = engine_timings(data)
+    assert found is None or (isinstance(found[0], int) and isinstance(found[1], float))
+
+
+@given(st.lists(st.binary(max_size=20_000), max_size=20))
+def test_the_tail_stays_bounded_and_ends_like_the_answer(chunks: list[bytes]) -> None:
+    tail = AnswerTail()
+    for chunk in chunks:
+        tail.add(chunk)
+    kept, whole = tail.bytes(), b"".join(chunks)
+    assert len(kept) <= 2 * 16 * 1024 + 20_000
+    assert whole.endswith(kept) and len(kept) >= min(len(whole), 16 * 1024)
