@@ -11,13 +11,14 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +39,8 @@ RETRY_AFTER_S = 5
 RECOVERY_WAIT_S = 20.0
 RECOVERY_POLL_S = 0.5
 _log = logging.getLogger("sharedllm.api")
+# The live status page: static, it draws itself from /mesh/peers
+STATUS_PAGE = (resources.files(__package__) / "status_page.html").read_text(encoding="utf-8")
 
 
 class ModelNotFound(Exception):
@@ -114,6 +117,9 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await _forward(router, metrics, request, required=("prompt", (str, list)))
 
+    async def status_page(_request: Request) -> Response:
+        return HTMLResponse(STATUS_PAGE)
+
     async def prometheus(_request: Request) -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -130,6 +136,7 @@ def create_app(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        Route("/", status_page, methods=["GET"]),
     ]
     known = frozenset(route.path for route in routes if "{" not in route.path)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -233,3 +234,46 @@ def _eventually_no_llama_server(primary: RunningNode) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _browser(*args: str) -> subprocess.CompletedProcess[str]:
+    """Headless chromium; `--virtual-time-budget` lets the page's script fetch and draw."""
+    assert CHROMIUM is not None
+    argv = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    argv += ["--enable-logging=stderr", "--v=0", "--virtual-time-budget=6000", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _mesh_view(node: RunningNode) -> dict[str, Any]:
+    view: dict[str, Any] = httpx.get(node.api_url + "/mesh/peers", timeout=10).json()
+    return view
+
+
+def test_the_status_page_shows_the_mesh_in_a_real_browser(mesh: list[RunningNode]) -> None:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed here (.ci/run installs it with apt)")
+    page = mesh[1].api_url + "/"  # a worker's page: it sees the whole mesh too
+    deadline = time.monotonic() + 60
+    while sum(p["state"] in ("alive", "self") for p in _mesh_view(mesh[1])["peers"]) < 3:
+        assert time.monotonic() < deadline, "the worker does not see three live members"
+        time.sleep(1)
+    rendered = _browser("--dump-dom", page)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    console = [line for line in rendered.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+    dom = rendered.stdout
+    assert dom.count('class="peer"') == 3 and dom.count('class="node"') == 3
+    for name in ("a", "b", "c"):
+        assert f">{name}: layers " in dom  # each node's part of the placement bar
+        assert f'class="node-name">{name} (' in dom
+    assert 'class="link"' in dom  # links from the gossiped measurements
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "status-page.png"
+    shot.unlink(missing_ok=True)
+    taken = _browser("--window-size=1100,1200", f"--screenshot={shot}", page)
+    assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr[-2000:]
+    print(f"\nstatus page screenshot: {shot}")
