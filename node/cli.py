@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import socket
@@ -58,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not hasattr(args, "handler"):
         parser.print_help()
         sys.exit(EXIT_USAGE)
-    _setup_logging(getattr(args, "log_level", None) or "info")
+    _setup_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_json", False))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         code = handler(args)
@@ -225,6 +226,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--engine-dir", type=Path, help="directory with llama-server and ggml-rpc-server"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object a line (for log collectors)"
+    )
+
+
+class JsonLines(logging.Formatter):
+    """A log record as one JSON object: time (UTC, ISO 8601), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def _load(args: argparse.Namespace) -> NodeConfig:
@@ -232,12 +251,15 @@ def _load(args: argparse.Namespace) -> NodeConfig:
     return load_config(data_dir=args.data_dir, config_file=args.config, overrides=overrides)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, json_lines: bool = False) -> None:
+    """One line per event on stderr, tagged with its component's logger (`sharedllm.mesh`,
+    `sharedllm.engine.llama-server`, ...): as text, or as JSON objects with `--log-json`."""
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonLines())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     for noisy in ("httpx", "httpcore", "hpack", "multiaddr", "libp2p", "async_service"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -5,6 +5,7 @@ parser that finds the engine's figures in an answer's tail."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sharedllm.node.metrics import AnswerTail, engine_timings
 
-from .node_process import RunningNode
+from .node_process import RunningNode, start_node
 from .test_single_node import GEMMA_ID
 
 
@@ -86,3 +87,17 @@ def test_the_tail_stays_bounded_and_ends_like_the_answer(chunks: list[bytes]) ->
     kept, whole = tail.bytes(), b"".join(chunks)
     assert len(kept) <= 2 * 16 * 1024 + 20_000
     assert whole.endswith(kept) and len(kept) >= min(len(whole), 16 * 1024)
+
+
+@pytest.mark.integration
+def test_log_json_gives_one_object_a_line_with_engine_lines_tagged(
+    tmp_path: Path, gemma_path: Path
+) -> None:
+    node = start_node(tmp_path, "--log-json", "--log-level", "debug", "--context-size", "512")
+    node.stop()
+    entries = [json.loads(line) for line in node.log().splitlines() if line.startswith("{")]
+    assert all(set(e) >= {"time", "level", "logger", "message"} for e in entries)
+    loggers = {e["logger"] for e in entries}
+    assert {"sharedllm.cli", "sharedllm.node", "sharedllm.serving"} <= loggers
+    assert "sharedllm.engine.llama-server" in loggers  # the engine's own output, tagged
+    assert any("OpenAI-compatible API" in e["message"] for e in entries)
