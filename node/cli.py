@@ -497,8 +497,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     view = _ask_local_node(args)
     if args.json:
+        traffic = view.get("api_traffic", {})
         models = {
-            model_id: {"model": model_id, **entry} for model_id, entry in view["models"].items()
+            model_id: {"model": model_id, **entry, "api_traffic": traffic.get(model_id)}
+            for model_id, entry in view["models"].items()
         }
         print(
             json.dumps(
@@ -512,7 +514,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print("no model is offered in the mesh yet")
     for model_id, entry in view["models"].items():
         _print_placement(model_id, entry, names)
+        _print_speed(entry, view.get("api_traffic", {}).get(model_id))
     return 0
+
+
+def _print_speed(entry: dict[str, Any], traffic: dict[str, Any] | None) -> None:
+    """The planner's prediction beside what answers through this node measured."""
+    planned = entry.get("planned") or {}
+    parts = []
+    if isinstance(planned.get("predicted_tokens_per_s"), int | float):
+        parts.append(f"predicted {planned['predicted_tokens_per_s']:.1f} tokens/s")
+    if traffic:
+        measured = traffic.get("last_tokens_per_s")
+        if measured is not None:
+            parts.append(f"measured {measured:.1f} tokens/s (last answer)")
+        parts.append(
+            f"through this node: {traffic['served']} answers, {traffic['errors']} errors, "
+            f"{traffic['tokens']} tokens"
+        )
+    if parts:
+        print("  " + "; ".join(parts))
 
 
 def _print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]) -> None:
@@ -523,10 +544,14 @@ def _print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]
     if entry.get("serving_meanwhile") is not None:
         print(f"  loading; epoch {entry['serving_meanwhile']} serves until it is ready")
     tunnels = entry.get("tunnels", {})
+    planned = entry.get("planned") or {}
+    memory = {a["node"]: a["memory_bytes"] for a in planned.get("assignments", [])}
     for assignment in entry["assignments"]:
         node = assignment["node"]
         line = f"  {names.get(node, '?'):<16} {node[-12:]:<14} layers "
         line += f"{assignment['first_layer']}-{assignment['last_layer']}"
+        if node in memory:
+            line += f", {memory[node] / 2**30:.2f} GiB"
         if (traffic := tunnels.get(node)) is not None:
             line += f", tunnel {traffic['bytes_out'] / 1e6:.1f} MB out"
             line += f" / {traffic['bytes_back'] / 1e6:.1f} MB back"

@@ -36,6 +36,7 @@ from .daemon_files import clear_running, record_running
 from .engine import EngineInfo
 from .http_api import create_app
 from .mesh_setup import MeshPlan
+from .metrics import NodeMetrics
 from .serving import LocalModel, MeshServing
 
 _log = logging.getLogger("sharedllm.node")
@@ -127,9 +128,11 @@ async def _run_node(
                 "peers": service.peers(),
                 "models": serving.describe(),
                 "tunnels_served": serving.served_tunnels(),
+                "api_traffic": metrics.traffic(),
             }
 
-        app = create_app(serving, mesh_view)
+        metrics = NodeMetrics(mesh_view)
+        app = create_app(serving, mesh_view, metrics)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(_serve_api, app, config)

@@ -92,9 +92,11 @@ def _bad_request(message: str, param: str | None = None) -> JSONResponse:
 
 
 def create_app(
-    router: ModelRouter, mesh_view: Callable[[], dict[str, Any]] | None = None
+    router: ModelRouter,
+    mesh_view: Callable[[], dict[str, Any]] | None = None,
+    metrics: NodeMetrics | None = None,
 ) -> Starlette:
-    metrics = NodeMetrics(mesh_view)
+    metrics = metrics or NodeMetrics(mesh_view)
 
     async def list_models(_request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [m.as_openai() for m in router.models()]})
@@ -221,6 +223,7 @@ async def _forward(
             if err.transient and trio.current_time() < give_up_at:
                 await trio.sleep(RECOVERY_POLL_S)
                 continue
+            metrics.refused(model_id)
             return openai_error(
                 503,
                 f"model {model_id}: {err}",
@@ -265,10 +268,10 @@ def _stream_back(answer: ForwardResponse, model_id: str, metrics: NodeMetrics) -
             async for chunk in answer.body():
                 tail.add(chunk)
                 yield chunk
-            metrics.answered(model_id, tail.bytes())
+            metrics.answered(model_id, answer.status_code, tail.bytes())
         except UpstreamBroken as err:
             _log.warning("answer cut off: %s", err)
-            metrics.cut_off.labels(model_id).inc()
+            metrics.cut(model_id)
             if is_sse:
                 error = {
                     "error": {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -52,19 +53,50 @@ class NodeMetrics:
         )
         if mesh_view is not None:
             self.registry.register(_MeshCollector(mesh_view))
+        self._traffic: dict[str, ModelTraffic] = {}
+
+    def traffic(self) -> dict[str, dict[str, float | int | None]]:
+        """Per model, what passed through this node's API (for `status`)."""
+        return {model: vars(tally).copy() for model, tally in sorted(self._traffic.items())}
+
+    def _tally(self, model_id: str) -> ModelTraffic:
+        return self._traffic.setdefault(model_id, ModelTraffic())
+
+    def refused(self, model_id: str) -> None:
+        """A request for the model answered with an error before any engine answered."""
+        self._tally(model_id).errors += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def answered(self, model_id: str, tail: bytes) -> None:
-        """Counts the tokens of a finished answer from the engine's timings in its tail."""
+    def answered(self, model_id: str, status: int, tail: bytes) -> None:
+        """Counts a finished answer, and its tokens from the engine's timings in its tail."""
+        tally = self._tally(model_id)
+        if status >= 400:
+            tally.errors += 1
+            return
+        tally.served += 1
         timings = engine_timings(tail)
         if timings is None:
             return
         generated, speed = timings
         self.tokens.labels(model_id).inc(generated)
+        tally.tokens += generated
         if speed > 0:
             self.tokens_per_s.labels(model_id).set(speed)
+            tally.last_tokens_per_s = speed
+
+    def cut(self, model_id: str) -> None:
+        self.cut_off.labels(model_id).inc()
+        self._tally(model_id).errors += 1
+
+
+@dataclass
+class ModelTraffic:
+    served: int = 0  # answers the engine gave
+    errors: int = 0  # answered with an error, or cut off
+    tokens: int = 0
+    last_tokens_per_s: float | None = None
 
 
 def engine_timings(tail: bytes) -> tuple[int, float] | None:

@@ -5,6 +5,7 @@ parser that finds the engine's figures in an answer's tail."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from sharedllm.node.metrics import AnswerTail, engine_timings
 
-from .node_process import RunningNode, start_node
+from .node_process import RunningNode, node_command, start_node
 from .test_single_node import GEMMA_ID
 
 
@@ -27,6 +28,14 @@ def _samples(node: RunningNode) -> dict[tuple[str, tuple[tuple[str, str], ...]],
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [node_command(), *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done
 
 
 @pytest.mark.integration
@@ -55,6 +64,13 @@ def test_metrics_count_requests_tokens_and_show_the_placement(
     assert after[("sharedllm_members", (("state", "self"),))] == 1
     assert after[("sharedllm_model_serving", (("model", GEMMA_ID),))] == 1
     assert ("sharedllm_model_predicted_tokens_per_second", (("model", GEMMA_ID),)) in after
+    data = str(gemma_node.log_path.parent / "data")
+    status = _cli("status", "--data-dir", data)
+    assert "GiB" in status.stdout and "predicted" in status.stdout, status.stdout
+    assert "measured" in status.stdout and "through this node" in status.stdout, status.stdout
+    models = json.loads(_cli("status", "--json", "--data-dir", data).stdout)["models"]
+    traffic = models[GEMMA_ID]["api_traffic"]
+    assert traffic["served"] >= 2 and traffic["tokens"] >= generated
 
 
 def test_timings_come_from_the_last_event_or_the_whole_answer() -> None:
