@@ -423,9 +423,11 @@ def _peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
         _number(peer.get("rtt_ms"), 2),
         _number(peer.get("bandwidth_mbps"), 0),
         _number(peer.get("ram_total"), 1, 1024**3),
+        _number(peer.get("vram_total"), 1, 1024**3),
         str(peer.get("gflops", "-")),
         engine,
         ",".join(m.get("id", "?") for m in peer.get("models", [])),
+        " ".join(peer.get("addrs", []))[:120],
     )
 
 
@@ -569,12 +571,9 @@ def _cmd_peers(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
         return 0
     print(f"mesh {view['mesh']}, this node {view['peer_id']}")
-    columns = "{:<14} {:<16} {:<8} {:>7} {:>8} {:>8} {:>7} {:<20} {}"
-    print(
-        columns.format(
-            "peer", "name", "state", "rtt ms", "Mbit/s", "RAM GiB", "GFLOPS", "engine", "models"
-        )
-    )
+    columns = "{:<14} {:<16} {:<8} {:>7} {:>8} {:>8} {:>8} {:>7} {:<30} {:<20} {}"
+    headers = ("peer", "name", "state", "rtt ms", "Mbit/s", "RAM GiB", "VRAM GiB", "GFLOPS")
+    print(columns.format(*headers, "engine", "models", "addresses"))
     for peer in view["peers"]:
         print(columns.format(*_peer_columns(peer)))
     return 0

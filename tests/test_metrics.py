@@ -117,3 +117,14 @@ def test_log_json_gives_one_object_a_line_with_engine_lines_tagged(
     assert {"sharedllm.cli", "sharedllm.node", "sharedllm.serving"} <= loggers
     assert "sharedllm.engine.llama-server" in loggers  # the engine's own output, tagged
     assert any("OpenAI-compatible API" in e["message"] for e in entries)
+
+
+@pytest.mark.integration
+def test_peers_lists_this_node_with_its_capacity(gemma_node: RunningNode) -> None:
+    data = str(gemma_node.log_path.parent / "data")
+    lines = _cli("peers", "--data-dir", data).stdout.splitlines()
+    header = next(line for line in lines if line.startswith("peer "))
+    for column in ("state", "rtt ms", "Mbit/s", "RAM GiB", "VRAM GiB", "GFLOPS", "engine"):
+        assert column in header
+    (me,) = [line for line in lines if " self " in line]
+    assert GEMMA_ID in me and "rpc 7.0.0" in me and "/ip4/127.0.0.1/tcp/" in me
