@@ -92,35 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(metavar="COMMAND")
 
-    up = commands.add_parser("up", help="run the node: serve a model on an OpenAI-compatible port")
-    _add_common(up)
-    up.add_argument(
-        "--model", type=Path, help="GGUF file to serve (default: the embedded Gemma 3 270M)"
-    )
-    up.add_argument(
-        "--model-name", help="model id in the API (default: the file name without .gguf)"
-    )
-    up.add_argument(
-        "--no-model",
-        action="store_true",
-        help="offer no model file, only memory and compute (the default with --join)",
-    )
-    up.add_argument(
-        "--max-memory", help="the most memory this node lends to models, e.g. 6GiB (default: all)"
-    )
-    up.add_argument("--api-host", help="address of the API (default: 127.0.0.1)")
-    up.add_argument("--api-port", type=int, help=f"port of the API (default: {DEFAULT_API_PORT})")
-    up.add_argument("--context-size", type=int, help="context length per request (default: 4096)")
-    up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
-    up.add_argument(
-        "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"
-    )
-    up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
-    up.add_argument(
-        "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"
-    )
-    up.add_argument("--name", help="this node's name in the mesh (default: the host name)")
-    up.set_defaults(handler=_cmd_up)
+    _add_up_command(commands)
 
     _add_mesh_commands(commands)
 
@@ -215,6 +187,43 @@ def _add_mesh_commands(commands: Any) -> None:
     status.add_argument("--api-port", type=int, help="the local node's API port")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_cmd_status)
+
+
+def _add_up_command(commands: Any) -> None:
+    up = commands.add_parser("up", help="run the node: serve a model on an OpenAI-compatible port")
+    _add_common(up)
+    up.add_argument(
+        "--model", type=Path, help="GGUF file to serve (default: the embedded Gemma 3 270M)"
+    )
+    up.add_argument(
+        "--model-name", help="model id in the API (default: the file name without .gguf)"
+    )
+    up.add_argument(
+        "--no-model",
+        action="store_true",
+        help="offer no model file, only memory and compute (the default with --join)",
+    )
+    up.add_argument(
+        "--max-memory", help="the most memory this node lends to models, e.g. 6GiB (default: all)"
+    )
+    up.add_argument("--api-host", help="address of the API (default: 127.0.0.1)")
+    up.add_argument("--api-port", type=int, help=f"port of the API (default: {DEFAULT_API_PORT})")
+    up.add_argument(
+        "--api-key",
+        help="key clients must send as 'Authorization: Bearer KEY' (needed to bind the API "
+        "beyond 127.0.0.1; or SHAREDLLM_API_KEY)",
+    )
+    up.add_argument("--context-size", type=int, help="context length per request (default: 4096)")
+    up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
+    up.add_argument(
+        "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"
+    )
+    up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
+    up.add_argument(
+        "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"
+    )
+    up.add_argument("--name", help="this node's name in the mesh (default: the host name)")
+    up.set_defaults(handler=_cmd_up)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -438,7 +447,8 @@ def _ask_local_node(args: argparse.Namespace) -> dict[str, Any]:
     config = _load(args)
     url = f"http://127.0.0.1:{args.api_port}" if args.api_port else running_api_url(config)
     try:
-        answer = httpx.get(f"{url}/mesh/peers", timeout=5.0)
+        key = {"authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        answer = httpx.get(f"{url}/mesh/peers", timeout=5.0, headers=key)
         view = answer.json()
     except (httpx.HTTPError, ValueError) as err:
         raise CommandError(

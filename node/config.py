@@ -7,6 +7,7 @@ trust a `NodeConfig`.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ APP_NAME = "sharedllm"
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 9337
 ENV_PREFIX = "SHAREDLLM_"
+MIN_API_KEY_CHARS = 16
 
 
 class ConfigError(Exception):
@@ -54,6 +56,8 @@ class NodeConfig:
     # Pace for the weights this node sends to workers without the model file (Mbit/s, 0 for
     # unpaced), so that a fetch leaves room for the serving traffic on the same links.
     weight_share_mbps: float = 800.0
+    # Required to bind the API anywhere but loopback: clients send it as `Authorization: Bearer`.
+    api_key: str | None = None
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -81,9 +85,19 @@ _SETTING_TYPES: dict[str, type] = {
     "compute_gflops": float,
     "prefill_weights": bool,
     "weight_share_mbps": float,
+    "api_key": str,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def default_data_dir() -> Path:
@@ -205,6 +219,14 @@ def _validate(config: NodeConfig) -> None:
     if not 0 <= config.weight_share_mbps < 1e7:
         raise ConfigError(
             f"weight_share_mbps {config.weight_share_mbps} must be 0 (unpaced) or a positive rate"
+        )
+    if config.api_key is not None and len(config.api_key) < MIN_API_KEY_CHARS:
+        raise ConfigError(f"api_key must have at least {MIN_API_KEY_CHARS} characters")
+    if config.api_key is None and not is_loopback_host(config.api_host):
+        raise ConfigError(
+            f"the API would listen on {config.api_host}, reachable from the network: set an API "
+            "key (--api-key or SHAREDLLM_API_KEY) that clients then send as "
+            "'Authorization: Bearer KEY', or keep api_host at 127.0.0.1"
         )
     if config.max_memory is not None:
         try:

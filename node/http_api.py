@@ -7,6 +7,7 @@ streamed answer (Server-Sent Events) reaches the client token by token.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -95,6 +96,7 @@ def create_app(
     router: ModelRouter,
     mesh_view: Callable[[], dict[str, Any]] | None = None,
     metrics: NodeMetrics | None = None,
+    api_key: str | None = None,
 ) -> Starlette:
     metrics = metrics or NodeMetrics(mesh_view)
 
@@ -142,8 +144,34 @@ def create_app(
     ]
     known = frozenset(route.path for route in routes if "{" not in route.path)
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-    app.add_middleware(_CountRequests, metrics=metrics, known=known)
+    if api_key is not None:
+        app.add_middleware(_RequireKey, key=api_key)
+    app.add_middleware(_CountRequests, metrics=metrics, known=known)  # outermost: counts 401s
     return app
+
+
+class _RequireKey:
+    """Answers 401 to any request but `/health` without `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self._app, self._expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/health":
+            await self._app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if hmac.compare_digest(given, self._expected):
+            await self._app(scope, receive, send)
+            return
+        refusal = openai_error(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'",
+            kind="invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await refusal(scope, receive, send)
 
 
 class _CountRequests:

@@ -1,0 +1,108 @@
+"""What a node exposes: only the mesh, data-plane and API ports listen beyond loopback (the
+engines never do), and an API bound beyond loopback needs a key that every request but
+/health must carry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from sharedllm.node.config import ConfigError, is_loopback_host, load_config
+
+from .node_process import RunningNode, node_command, start_node
+
+KEY = "k" * 8 + "-test-key-0123456789"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "example.org", "::"])
+def test_an_api_beyond_loopback_needs_a_key(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match="API key"):
+        load_config(data_dir=tmp_path, environ={}, overrides={"api_host": host})
+    keyed = {"api_host": host, "api_key": KEY}
+    config = load_config(data_dir=tmp_path, environ={}, overrides=keyed)
+    assert config.api_key == KEY
+
+
+def test_loopback_needs_no_key_and_short_keys_are_refused(tmp_path: Path) -> None:
+    for host in ("127.0.0.1", "127.3.4.5", "::1", "localhost"):
+        assert is_loopback_host(host)
+        assert load_config(data_dir=tmp_path, environ={}, overrides={"api_host": host})
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_config(data_dir=tmp_path, environ={"SHAREDLLM_API_KEY": "short"})
+
+
+@pytest.mark.integration
+def test_up_refuses_a_public_api_without_a_key(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [node_command(), "up", "--data-dir", str(tmp_path), "--api-host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "SHAREDLLM_API_KEY"},
+    )
+    assert done.returncode != 0
+    assert "API key" in done.stderr and "Traceback" not in done.stderr
+
+
+def _listeners(node: RunningNode) -> dict[int, list[tuple[str, int]]]:
+    """Listening TCP sockets by process, for the node and every process it started."""
+    root = psutil.Process(node.process.pid)
+    found: dict[int, list[tuple[str, int]]] = {}
+    for process in [root, *root.children(recursive=True)]:
+        sockets = process.net_connections(kind="tcp")
+        found[process.pid] = [
+            (s.laddr.ip, s.laddr.port) for s in sockets if s.status == psutil.CONN_LISTEN
+        ]
+    return found
+
+
+@pytest.mark.integration
+def test_only_mesh_and_api_ports_listen_beyond_loopback_and_the_key_is_required(
+    tmp_path: Path, gemma_path: Path
+) -> None:
+    node = start_node(
+        tmp_path,
+        *("--listen", "/ip4/0.0.0.0/tcp/0", "--api-host", "0.0.0.0", "--api-key", KEY),
+        *("--context-size", "512"),
+        timeout_s=240,
+    )
+    try:
+        api_port = int(node.api_url.rsplit(":", 1)[1])
+        listeners = _listeners(node)
+        engines = set(node.engine_pids())
+        assert engines, "the node runs its engine"
+        for pid in engines:
+            assert all(ip == "127.0.0.1" for ip, _ in listeners[pid]), listeners[pid]
+        public = sorted(
+            port
+            for pid, sockets in listeners.items()
+            for ip, port in sockets
+            if not is_loopback_host(ip)
+        )
+        # the mesh (libp2p), the data plane beside it, and the API
+        assert api_port in public and len(public) == 3, (public, listeners)
+        print(f"\nlistening beyond loopback: ports {public}; engines on 127.0.0.1 only")
+
+        models = node.api_url + "/v1/models"
+        assert httpx.get(models).status_code == 401
+        wrong = httpx.get(models, headers={"authorization": "Bearer not-the-key"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(models, headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+        assert httpx.get(node.api_url + "/health").status_code == 200
+        assert httpx.get(node.api_url + "/metrics").status_code == 401
+        status = subprocess.run(
+            [node_command(), "status", "--data-dir", str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "SHAREDLLM_API_KEY": KEY},
+        )
+        assert status.returncode == 0, status.stderr
+    finally:
+        node.stop()
