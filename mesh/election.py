@@ -481,6 +481,12 @@ class Elector:
         if old is not None and old.epoch == epoch:
             del self.handing_over[model_id]
 
+    def _settle_s(self, view: ClusterView) -> float:
+        """How long a plan must hold before we claim it: `settle_s`, and longer in a big mesh,
+        where news takes a few gossip hops more to reach every holder (two holders whose views
+        still differ could otherwise both claim the same epoch)."""
+        return self.settle_s * max(1.0, math.log2(max(len(view.nodes), 2)) / 2)
+
     def _decide(
         self, now: float, view: ClusterView, request: ModelRequest, current: Claim | None
     ) -> ModelState:
@@ -505,7 +511,7 @@ class Elector:
         since = self._wanted_since.get(model_id)
         if since is None or since[0] != key:
             self._wanted_since[model_id] = (key, now)
-        elif planned.primary == self.me and now - since[1] >= self.settle_s:
+        elif planned.primary == self.me and now - since[1] >= self._settle_s(view):
             epoch = max(self.highest_epoch.get(model_id, 0), 0) + 1
             overlap = (
                 current is not None

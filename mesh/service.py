@@ -599,12 +599,10 @@ class MeshService:
     async def _probe(self, target: str) -> None:
         """SWIM's probe: direct, then through a few others, then suspicion."""
         now = trio.current_time()
-        if target not in self.transport.connected_peers() and not await self._try(
+        reached = target in self.transport.connected_peers() or await self._try(
             self._connect_to, target
-        ):
-            self.swim.probe_failed(target, now)
-            return
-        if await self._try(self._ping, target):
+        )
+        if reached and await self._try(self._ping, target):
             self.swim.probe_answered(target, trio.current_time())
             return
         helpers = [
@@ -710,7 +708,13 @@ class MeshService:
         if missing > 0:
             unconnected = sorted(set(live) - connected)
             for peer in self.rng.sample(unconnected, min(missing, len(unconnected))):
-                self._in_background("connect", peer, self._connect_to)
+                if small:
+                    # A probe: it connects first, and a member nobody here reaches becomes
+                    # suspect. Otherwise a member we know only through gossip would stay alive
+                    # for as long as a partition cuts us off from all its neighbours.
+                    self._in_background(PING, peer, self._probe)
+                else:  # our few connections are chosen at random: one failing proves little
+                    self._in_background("connect", peer, self._connect_to)
 
     async def _dial_bootstrap(self, bootstrap: Sequence[str], connected: set[str]) -> None:
         """Dials the bootstrap addresses until one of them has let us in. Being connected is

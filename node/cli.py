@@ -490,7 +490,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             "elections",
             f"{report.elections} (epochs with two primaries: {report.election_safety_violations})",
         ),
-        ("placements agree", "yes" if report.placements_agree else "no"),
+        ("placements agree", _agreement(report)),
         (
             "per node per s",
             f"{report.messages_per_node_per_s:.1f} messages, "
@@ -504,6 +504,13 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     return 0 if report.converged else 1
+
+
+def _agreement(report: Any) -> str:
+    agreed = "yes" if report.placements_agree else "no"
+    if report.placements_agree_s is not None:
+        agreed += f" ({report.placements_agree_s:.1f} s after convergence)"
+    return agreed
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

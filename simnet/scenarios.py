@@ -41,6 +41,8 @@ class Report:
     elections: int = 0
     election_safety_violations: int = 0
     placements_agree: bool = False
+    # From convergence until every live node sees the same elected placements (steady)
+    placements_agree_s: float | None = None
     messages_per_node_per_s: float = 0.0
     bytes_per_node_per_s: float = 0.0
     virtual_s: float = 0.0
@@ -145,6 +147,9 @@ async def _watch_false_suspicions(sim: Simulation, seconds: float, report: Repor
 async def _steady(sim: Simulation, count: int, steady_s: float, report: Report) -> None:
     _start_all(sim, count, random.Random(sim.seed), storm=False)
     if await _converge(sim, report):
+        report.placements_agree_s = await _wait_for(
+            lambda: sim.elections > 0 and sim.placements_agree(), _CONVERGE_LIMIT_S
+        )
         started = time.perf_counter()
         await _watch_false_suspicions(sim, steady_s, report)
         if steady_s > 0:

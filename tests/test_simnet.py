@@ -157,10 +157,13 @@ def test_a_thousand_nodes_converge_within_the_log_bound_and_agree(seed: int) -> 
     print(report.as_dict())
     assert report.converged and report.convergence_s is not None
     assert report.convergence_s <= _bound_s(1000)
+    assert report.placements_agree_s is not None
+    assert report.placements_agree_s <= _bound_s(1000)
     assert report.false_suspicions == 0 and report.election_safety_violations == 0
     assert report.placements_agree
     print(
-        f"1000 nodes: converged in {report.convergence_s} s virtual, {report.wall_s:.0f} s wall; "
+        f"1000 nodes: converged in {report.convergence_s} s virtual, placements agreed "
+        f"{report.placements_agree_s} s later, {report.wall_s:.0f} s wall; "
         f"formed mesh {report.steady_wall_s_per_virtual_minute:.0f} s wall per virtual minute; "
         f"{report.bytes_per_node_per_s / 1024:.1f} KiB and "
         f"{report.messages_per_node_per_s:.1f} messages per node per second"
