@@ -100,6 +100,24 @@ class PeerLink:
 
 
 @dataclass
+class ControlTraffic:
+    """Control-plane messages (hello, gossip, probes) this node sent and received."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+
+    def sent(self, size: int) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += size
+
+    def received(self, size: int) -> None:
+        self.messages_received += 1
+        self.bytes_received += size
+
+
+@dataclass
 class MeshService:
     transport: Transport
     identity: NodeIdentity
@@ -114,6 +132,7 @@ class MeshService:
     store: GossipStore = field(default_factory=GossipStore)
     admitted: set[str] = field(default_factory=set)
     links: dict[str, PeerLink] = field(default_factory=dict)
+    traffic: ControlTraffic = field(default_factory=ControlTraffic)
     _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _in_flight: set[tuple[str, str]] = field(default_factory=set)
     _hello_pending: set[str] = field(default_factory=set)
@@ -240,6 +259,15 @@ class MeshService:
         for peer in [p for p in self._neighbours if self._gone(p) and p not in connected]:
             del self._neighbours[peer]  # (a connected one may be back from the dead)
 
+    async def _send(self, stream: MeshStream, payload: bytes) -> None:
+        await send_frame(stream, payload)
+        self.traffic.sent(len(payload))
+
+    async def _receive(self, stream: MeshStream, timeout_s: float) -> bytes:
+        payload = await receive_frame(stream, timeout_s)
+        self.traffic.received(len(payload))
+        return payload
+
     def _gone(self, peer: str) -> bool:
         """Declared dead or gone (a peer we have no state of yet is not)."""
         return peer in self.swim.members and self.swim.status(peer) in _GONE
@@ -313,16 +341,16 @@ class MeshService:
     async def _serve_hello(self, stream: MeshStream) -> None:
         peer = stream.remote_peer
         try:
-            theirs = Proof.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+            theirs = Proof.decode(await self._receive(stream, self.timing.exchange_timeout_s))
             self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("refused %s: %s", peer, err)
             # A revoked member is told so (the signed revocation), not just turned away.
             revocation = self.membership.revocations.get(peer)
-            await send_frame(stream, b"" if revocation is None else revocation.encode())
+            await self._send(stream, b"" if revocation is None else revocation.encode())
             await self.transport.disconnect(peer)
             return
-        await send_frame(stream, self.proof.encode())
+        await self._send(stream, self.proof.encode())
         self._admit(peer)
 
     async def introduce(self, peer: str) -> bool:
@@ -332,8 +360,8 @@ class MeshService:
         try:
             stream = await self.transport.open_stream(peer, HELLO)
             try:
-                await send_frame(stream, self.proof.encode())
-                reply = await receive_frame(stream, self.timing.exchange_timeout_s)
+                await self._send(stream, self.proof.encode())
+                reply = await self._receive(stream, self.timing.exchange_timeout_s)
             finally:
                 self._hello_pending.discard(peer)
                 await stream.aclose()
@@ -500,21 +528,21 @@ class MeshService:
     async def _exchange_with(self, peer: str) -> None:
         stream = await self.transport.open_stream(peer, GOSSIP)
         try:
-            await send_frame(stream, self.store.digest().encode())
-            answer = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+            await self._send(stream, self.store.digest().encode())
+            answer = Exchange.decode(await self._receive(stream, self.timing.exchange_timeout_s))
             known = len(self.store.states)
             self._note_news(self._merge(answer.states), answer.more, known)
-            await send_frame(stream, self.store.provide(answer.wanted).encode())
+            await self._send(stream, self.store.provide(answer.wanted).encode())
         finally:
             await stream.aclose()
 
     async def _serve_gossip(self, stream: MeshStream) -> None:
-        digest = Digest.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+        digest = Digest.decode(await self._receive(stream, self.timing.exchange_timeout_s))
         # A peer that knows many more members than we do: we are behind (a group of nodes
         # that joined together may have heard only of each other).
         self._note_news(len(digest.versions) - len(self.store.states), more=False)
-        await send_frame(stream, self.store.answer(digest).encode())
-        pushed = Exchange.decode(await receive_frame(stream, self.timing.exchange_timeout_s))
+        await self._send(stream, self.store.answer(digest).encode())
+        pushed = Exchange.decode(await self._receive(stream, self.timing.exchange_timeout_s))
         known = len(self.store.states)
         self._note_news(self._merge(pushed.states), pushed.more, known)
 
@@ -552,16 +580,16 @@ class MeshService:
         self._merge([SignedState.decode(s) for s in states[:_STATES_PER_PROBE]])
 
     async def _serve_ping(self, stream: MeshStream) -> None:
-        self._take_news(await receive_frame(stream, self.timing.exchange_timeout_s))
-        await send_frame(stream, self._news())
+        self._take_news(await self._receive(stream, self.timing.exchange_timeout_s))
+        await self._send(stream, self._news())
 
     async def _ping(self, peer: str) -> None:
         """One probe: news out, news back, and the round trip as an RTT sample."""
         started = trio.current_time()
         stream = await self.transport.open_stream(peer, PING)
         try:
-            await send_frame(stream, self._news())
-            answer = await receive_frame(stream, self.timing.probe_timeout_s)
+            await self._send(stream, self._news())
+            answer = await self._receive(stream, self.timing.probe_timeout_s)
         finally:
             await stream.aclose()
         self.links.setdefault(peer, PeerLink()).observe((trio.current_time() - started) * 1000)
@@ -569,15 +597,15 @@ class MeshService:
 
     async def _serve_ping_request(self, stream: MeshStream) -> None:
         """Probes a member on behalf of a peer that could not reach it (indirect probe)."""
-        target = (await receive_frame(stream, self.timing.exchange_timeout_s)).decode()
+        target = (await self._receive(stream, self.timing.exchange_timeout_s)).decode()
         reached = target in self.admitted and await self._try(self._ping, target)
-        await send_frame(stream, b"1" if reached else b"0")
+        await self._send(stream, b"1" if reached else b"0")
 
     async def _ask_to_ping(self, helper: str, target: str) -> bool:
         stream = await self.transport.open_stream(helper, PING_REQ)
         try:
-            await send_frame(stream, target.encode())
-            return await receive_frame(stream, 2 * self.timing.probe_timeout_s) == b"1"
+            await self._send(stream, target.encode())
+            return await self._receive(stream, 2 * self.timing.probe_timeout_s) == b"1"
         finally:
             await stream.aclose()
 

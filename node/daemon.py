@@ -6,6 +6,7 @@ models, and the OpenAI-compatible API that any client can call, all in one trio 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -129,6 +130,7 @@ async def _run_node(
                 "models": serving.describe(),
                 "tunnels_served": serving.served_tunnels(),
                 "api_traffic": metrics.traffic(),
+                "control_traffic": dataclasses.asdict(service.traffic),
             }
 
         metrics = NodeMetrics(mesh_view)

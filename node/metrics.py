@@ -140,6 +140,7 @@ class _MeshCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         view = self._view()
         yield from _member_metrics(view.get("peers", []))
+        yield from _control_metrics(view.get("control_traffic", {}))
         yield from _model_metrics(view.get("models", {}))
 
 
@@ -170,6 +171,22 @@ def _member_metrics(peers: list[Mapping[str, Any]]) -> Iterator[Metric]:
             bandwidth.add_metric(labels, peer["bandwidth_mbps"] * 1e6 / 8)
     yield rtt
     yield bandwidth
+
+
+def _control_metrics(traffic: Mapping[str, int]) -> Iterator[Metric]:
+    messages = CounterMetricFamily(
+        "sharedllm_gossip_messages",
+        "Control-plane messages (hello, gossip, probes) by direction",
+        labels=["direction"],
+    )
+    sizes = CounterMetricFamily(
+        "sharedllm_gossip_bytes", "Control-plane message bytes by direction", labels=["direction"]
+    )
+    for direction in ("sent", "received"):
+        messages.add_metric([direction], traffic.get(f"messages_{direction}", 0))
+        sizes.add_metric([direction], traffic.get(f"bytes_{direction}", 0))
+    yield messages
+    yield sizes
 
 
 def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
