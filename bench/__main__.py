@@ -14,6 +14,7 @@ import psutil
 
 from . import (
     failover_bench,
+    fuzz_bench,
     planner_bench,
     serving_bench,
     simnet_bench,
@@ -24,6 +25,7 @@ from . import (
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
     "failover": failover_bench.run,
+    "fuzz": fuzz_bench.run,
     "planner": planner_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
