@@ -196,46 +196,6 @@ def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[Runnin
     assert time.monotonic() - started < 30
 
 
-def test_losing_a_worker_is_answered_with_a_clear_503(mesh: list[RunningNode]) -> None:
-    """Runs last: kills a worker. The two left cannot hold the model under their caps, so every
-    node must say so quickly (503, Retry-After, a reason), never hang."""
-    lost = mesh[2]
-    lost.process.kill()
-    lost.process.wait()
-    started = time.monotonic()
-    reasons: set[str] = set()
-    while time.monotonic() - started < 40:
-        for node in mesh[:2]:
-            answer = httpx.post(
-                node.api_url + "/v1/completions",
-                json={"model": GEMMA_ID, "prompt": "Hi", "max_tokens": 4},
-                timeout=30,
-            )
-            if answer.status_code == 503:
-                assert answer.headers.get("retry-after")
-                reasons.add(answer.json()["error"]["message"])
-        if any("GiB" in reason for reason in reasons):
-            break
-        time.sleep(0.5)
-    print(f"reasons seen within {time.monotonic() - started:.1f} s: {sorted(reasons)}")
-    assert any("GiB" in reason for reason in reasons), reasons
-    engines = [pid for node in mesh[:2] for pid in node.engine_pids()]
-    assert _eventually_no_llama_server(mesh[0]), engines
-
-
-def _eventually_no_llama_server(primary: RunningNode) -> bool:
-    """The withdrawn placement's engine is stopped."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        names = [
-            psutil.Process(pid).name() for pid in primary.engine_pids() if psutil.pid_exists(pid)
-        ]
-        if not any("llama-server" in name for name in names):
-            return True
-        time.sleep(0.5)
-    return False
-
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -277,3 +237,43 @@ def test_the_status_page_shows_the_mesh_in_a_real_browser(mesh: list[RunningNode
     taken = _browser("--window-size=1100,1200", f"--screenshot={shot}", page)
     assert taken.returncode == 0 and shot.stat().st_size > 10_000, taken.stderr[-2000:]
     print(f"\nstatus page screenshot: {shot}")
+
+
+def test_losing_a_worker_is_answered_with_a_clear_503(mesh: list[RunningNode]) -> None:
+    """Runs last: kills a worker. The two left cannot hold the model under their caps, so every
+    node must say so quickly (503, Retry-After, a reason), never hang."""
+    lost = mesh[2]
+    lost.process.kill()
+    lost.process.wait()
+    started = time.monotonic()
+    reasons: set[str] = set()
+    while time.monotonic() - started < 40:
+        for node in mesh[:2]:
+            answer = httpx.post(
+                node.api_url + "/v1/completions",
+                json={"model": GEMMA_ID, "prompt": "Hi", "max_tokens": 4},
+                timeout=30,
+            )
+            if answer.status_code == 503:
+                assert answer.headers.get("retry-after")
+                reasons.add(answer.json()["error"]["message"])
+        if any("GiB" in reason for reason in reasons):
+            break
+        time.sleep(0.5)
+    print(f"reasons seen within {time.monotonic() - started:.1f} s: {sorted(reasons)}")
+    assert any("GiB" in reason for reason in reasons), reasons
+    engines = [pid for node in mesh[:2] for pid in node.engine_pids()]
+    assert _eventually_no_llama_server(mesh[0]), engines
+
+
+def _eventually_no_llama_server(primary: RunningNode) -> bool:
+    """The withdrawn placement's engine is stopped."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = [
+            psutil.Process(pid).name() for pid in primary.engine_pids() if psutil.pid_exists(pid)
+        ]
+        if not any("llama-server" in name for name in names):
+            return True
+        time.sleep(0.5)
+    return False
