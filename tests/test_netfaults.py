@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sharedllm.node.engine import EngineInfo, free_loopback_port
 
-from .node_process import node_command
+from .node_process import node_command, stop_process
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
@@ -64,13 +64,8 @@ class Host:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def status(self) -> dict[str, Any]:
         done = self.run(
