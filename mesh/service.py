@@ -107,6 +107,8 @@ class ControlTraffic:
     bytes_sent: int = 0
     messages_received: int = 0
     bytes_received: int = 0
+    faults: int = 0  # exchanges that failed: malformed or oversized messages, timeouts, resets
+    refused_streams: int = 0  # streams from peers that had not proved membership
 
     def sent(self, size: int) -> None:
         self.messages_sent += 1
@@ -396,11 +398,13 @@ class MeshService:
                 return  # it admitted us and spoke before its answer to our hello reached us
             if stream.remote_peer not in self.admitted:
                 _log.warning("dropping %s: no membership proof yet", stream.remote_peer)
+                self.traffic.refused_streams += 1
                 await self.transport.disconnect(stream.remote_peer)
                 return
             try:
                 await handler(stream)
             except _PROTOCOL_FAULTS as err:
+                self.traffic.faults += 1
                 _log.debug("stream from %s failed: %s", stream.remote_peer, err)
 
         return guarded
@@ -523,6 +527,7 @@ class MeshService:
             try:
                 await action(peer)
             except _PROTOCOL_FAULTS as err:
+                self.traffic.faults += 1
                 _log.debug("%s with %s failed: %s", kind, peer, err)
 
     async def _exchange_with(self, peer: str) -> None:

@@ -131,6 +131,7 @@ async def _run_node(
                 "tunnels_served": serving.served_tunnels(),
                 "api_traffic": metrics.traffic(),
                 "control_traffic": dataclasses.asdict(service.traffic),
+                "gossiped_states": dataclasses.asdict(service.store.stats),
             }
 
         metrics = NodeMetrics(mesh_view)

@@ -141,6 +141,7 @@ class _MeshCollector(Collector):
         view = self._view()
         yield from _member_metrics(view.get("peers", []))
         yield from _control_metrics(view.get("control_traffic", {}))
+        yield from _state_metrics(view.get("gossiped_states", {}))
         yield from _model_metrics(view.get("models", {}))
 
 
@@ -185,8 +186,28 @@ def _control_metrics(traffic: Mapping[str, int]) -> Iterator[Metric]:
     for direction in ("sent", "received"):
         messages.add_metric([direction], traffic.get(f"messages_{direction}", 0))
         sizes.add_metric([direction], traffic.get(f"bytes_{direction}", 0))
-    yield messages
-    yield sizes
+    faults = CounterMetricFamily(
+        "sharedllm_control_faults",
+        "Control-plane exchanges that failed (malformed or oversized messages, timeouts)",
+    )
+    faults.add_metric([], traffic.get("faults", 0))
+    refused = CounterMetricFamily(
+        "sharedllm_refused_streams", "Streams refused because the peer had not proved membership"
+    )
+    refused.add_metric([], traffic.get("refused_streams", 0))
+    yield from (messages, sizes, faults, refused)
+
+
+def _state_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:
+    states = CounterMetricFamily(
+        "sharedllm_gossiped_states",
+        "Gossiped states received, by outcome: accepted, stale (old or replayed versions), "
+        "forged (bad signature or spoofed origin), refused (not a member)",
+        labels=["outcome"],
+    )
+    for outcome in ("accepted", "stale", "forged", "refused"):
+        states.add_metric([outcome], stats.get(outcome, 0))
+    yield states
 
 
 def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:

@@ -110,6 +110,7 @@ def test_three_nodes_converge_with_rtts(mesh: dict[str, Any]) -> None:
     assert peer["models"] and peer["ram_total"] > 0 and peer["gflops"] > 0
     control = _view(nodes[0])["control_traffic"]
     assert control["messages_sent"] > 0 and control["bytes_received"] > 0
+    assert _view(nodes[0])["gossiped_states"]["accepted"] >= 2
     hashed = _wait(
         lambda: all(m.get("sha256") for p in _view(nodes[0])["peers"] for m in p.get("models", [])),
         30,

@@ -63,6 +63,7 @@ def test_metrics_count_requests_tokens_and_show_the_placement(
     assert after[("sharedllm_generation_tokens_per_second", (("model", GEMMA_ID),))] > 0
     assert after[("sharedllm_members", (("state", "self"),))] == 1
     assert ("sharedllm_gossip_messages_total", (("direction", "sent"),)) in after
+    assert ("sharedllm_gossiped_states_total", (("outcome", "forged"),)) in after
     assert after[("sharedllm_model_serving", (("model", GEMMA_ID),))] == 1
     assert ("sharedllm_model_predicted_tokens_per_second", (("model", GEMMA_ID),)) in after
     data = str(gemma_node.log_path.parent / "data")
