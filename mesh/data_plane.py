@@ -42,6 +42,8 @@ from .transport import MeshStream, StreamHandler, TransportError
 _log = logging.getLogger("sharedllm.mesh.data")
 _NONCE_BYTES = 32
 _AUTH_KIND = "data-auth"
+MAX_HANDSHAKES = 64
+MAX_STREAMS_PER_PEER = 512
 _HANDSHAKE_TIMEOUT_S = 10.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -143,6 +145,9 @@ class DataPlane:
     address: tuple[str, int] | None = None
     advertised: list[Any] | None = None  # [host, port] as gossiped (a wildcard is replaced)
     _contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+    handshaking: int = 0  # connections not authenticated yet
+    streams_of: dict[str, int] = field(default_factory=dict)  # open streams by peer
+    refused_connections: int = 0  # over a limit: a flood of connections or of streams
 
     def __post_init__(self) -> None:
         self._contexts = _tls_contexts(self.identity)
@@ -166,6 +171,41 @@ class DataPlane:
         await trio.serve_listeners(self._handle_connection, listeners)
 
     async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+        """Authenticates, then hands the stream to its protocol. A flood is bounded: at most
+        `MAX_HANDSHAKES` connections wait to authenticate (each for a few seconds at most) and
+        each member may hold `MAX_STREAMS_PER_PEER` streams; beyond that, connections close."""
+        if self.handshaking >= MAX_HANDSHAKES:
+            self.refused_connections += 1
+            await trio.aclose_forcefully(tcp)
+            return
+        self.handshaking += 1
+        try:
+            authenticated = await self._authenticate(tcp)
+        finally:
+            self.handshaking -= 1
+        if authenticated is None:
+            return
+        tls, peer, protocol = authenticated
+        if self.streams_of.get(peer, 0) >= MAX_STREAMS_PER_PEER:
+            self.refused_connections += 1
+            _log.warning("refused a data stream from %s: it holds too many", peer)
+            await trio.aclose_forcefully(tls)
+            return
+        self.streams_of[peer] = self.streams_of.get(peer, 0) + 1
+        stream = DataStream(tls, peer)
+        try:
+            await self.handlers[protocol](stream)
+        except TransportError as err:
+            _log.debug("%s stream from %s ended: %s", protocol, peer, err)
+        finally:
+            self.streams_of[peer] -= 1
+            if not self.streams_of[peer]:
+                del self.streams_of[peer]
+            await stream.aclose()
+
+    async def _authenticate(
+        self, tcp: trio.SocketStream
+    ) -> tuple[trio.SSLStream[trio.SocketStream], str, str] | None:
         assert self._contexts is not None
         _tune(tcp)
         tls = trio.SSLStream(tcp, self._contexts[0], server_side=True)
@@ -184,14 +224,8 @@ class DataPlane:
         ) as err:
             _log.warning("refused a data connection: %s", err)
             await trio.aclose_forcefully(tls)
-            return
-        stream = DataStream(tls, peer)
-        try:
-            await self.handlers[protocol](stream)
-        except TransportError as err:
-            _log.debug("%s stream from %s ended: %s", protocol, peer, err)
-        finally:
-            await stream.aclose()
+            return None
+        return tls, peer, protocol
 
     async def _authenticate_client(self, tls: trio.SSLStream[trio.SocketStream]) -> tuple[str, str]:
         pending = DataStream(tls, "(unauthenticated)")

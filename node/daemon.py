@@ -132,6 +132,7 @@ async def _run_node(
                 "api_traffic": metrics.traffic(),
                 "control_traffic": dataclasses.asdict(service.traffic),
                 "gossiped_states": dataclasses.asdict(service.store.stats),
+                "data_plane_refused": data_plane.refused_connections,
             }
 
         metrics = NodeMetrics(mesh_view)

@@ -142,6 +142,13 @@ class _MeshCollector(Collector):
         yield from _member_metrics(view.get("peers", []))
         yield from _control_metrics(view.get("control_traffic", {}))
         yield from _state_metrics(view.get("gossiped_states", {}))
+        refused = CounterMetricFamily(
+            "sharedllm_data_plane_refused_connections",
+            "Data-plane connections closed at once: too many waiting to authenticate, or too "
+            "many streams from one member",
+        )
+        refused.add_metric([], view.get("data_plane_refused", 0))
+        yield refused
         yield from _model_metrics(view.get("models", {}))
 
 

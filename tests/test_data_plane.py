@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from sharedllm.mesh.data_plane import DataPlane, echo_handler
+from sharedllm.mesh.data_plane import MAX_HANDSHAKES, DataPlane, echo_handler
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MembershipState, MeshKey, Proof
 from sharedllm.mesh.transport import TransportError
@@ -68,4 +68,24 @@ async def test_refusals(case: str) -> None:
         host, port = await nursery.start(server.run, "127.0.0.1", 0)
         with pytest.raises(TransportError):
             await client.open_stream(server.identity.peer_id, host, port, protocol)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_flood_of_silent_connections_is_bounded_and_members_still_get_in() -> None:
+    server, client = _plane(1), _plane(2)
+    server.serve("/echo", echo_handler)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        flood = [await trio.open_tcp_stream(host, port) for _ in range(200)]  # never handshake
+        await trio.sleep(0.2)
+        assert server.handshaking <= MAX_HANDSHAKES
+        assert server.refused_connections >= 200 - MAX_HANDSHAKES
+        for tcp in flood:
+            await tcp.aclose()
+        await trio.sleep(0.2)  # the waiting handshakes fail and free their places
+        stream = await client.open_stream(server.identity.peer_id, host, port, "/echo")
+        await stream.send_all(b"still here")
+        assert await stream.receive_some(100) == b"still here"
+        await stream.aclose()
+        print(f"\n200 silent connections: {server.refused_connections} refused at once")
         nursery.cancel_scope.cancel()
