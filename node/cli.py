@@ -611,9 +611,8 @@ def _models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[Local
     elif args.no_model or args.join:
         return []
     else:
-        with progress_reporter("assembling the default model") as report:
-            report("assemble", 0.0)
-            path = default_model_path(config.cache_dir)
+        with progress_reporter("default model") as report:
+            path = default_model_path(config.cache_dir, report)
     info = inspect_model(path)  # refuse a bad file before starting anything
     model_id = config.model_name or path.name.removesuffix(".gguf")
     return [LocalModel(model_id, info, int(path.stat().st_mtime))]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sharedllm.node.default_model import default_model_path
 from sharedllm.node.gguf_header import read_header
 from sharedllm.node.model_file import ModelFileError, cached_sha256, file_sha256, inspect_model
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
@@ -105,3 +106,17 @@ def test_hash_is_remembered_until_the_file_changes(tmp_path: Path) -> None:
     assert cached_sha256(model, cache) == file_sha256(model) != first
     (cache / "model_hashes.json").write_text("not json")  # a damaged cache is rebuilt
     assert cached_sha256(model, cache) == file_sha256(model)
+
+
+def test_the_default_model_assembles_with_progress(tmp_path: Path, gemma_path: Path) -> None:
+    fractions: list[float] = []
+
+    def report(_step: str, fraction: float) -> None:
+        fractions.append(fraction)
+
+    assembled = default_model_path(tmp_path, report)
+    assert assembled.stat().st_size == gemma_path.stat().st_size
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    count = len(fractions)
+    assert default_model_path(tmp_path, report) == assembled
+    assert len(fractions) == count  # assembled once: the second call finds the file
