@@ -77,6 +77,7 @@ class WeightFiller:
             fetch = WeightFetch(
                 open_stream, holders, model_id, layers[0], layers[-1], self.entries, self._fnv
             )
+            fetch.on_progress = _progress_log(f"model {model_id}: weights from peers")
             report = await fetch.run()
         except (OSError, NativeHashUnavailable, WeightShareError) as err:
             _log.warning("model %s: weights not fetched, the load sends them: %s", model_id, err)
@@ -96,6 +97,19 @@ class WeightFiller:
             self._fnv = NativeFnv(self._cache_dir)
         spans = cached_layer_tensors(model, first, last)
         return fill_cache(self.entries, model, spans, self._fnv, stop=stop.is_set)
+
+
+def _progress_log(what: str) -> Callable[[int, int], None]:
+    """Logs a long transfer at each tenth of the way (the node's output is a log, not a bar)."""
+    logged = set()
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth not in logged:
+            logged.add(tenth)
+            _log.info("%s: %d%% (%.0f of %.0f MB)", what, 10 * tenth, done / 1e6, total / 1e6)
+
+    return progress
 
 
 ReadyCheck = Callable[[TunnelRequest, str], Awaitable[bytes]]

@@ -301,6 +301,8 @@ class WeightFetch:
     attempts: int = 8
     retry_s: float = 1.0
     report: FetchReport = field(default_factory=FetchReport)
+    # Called after each tensor with (bytes in place, bytes of the whole manifest)
+    on_progress: Callable[[int, int], None] | None = None
 
     async def run(self) -> FetchReport:
         if not self.holders:
@@ -310,16 +312,20 @@ class WeightFetch:
         self.report.tensors = len(manifest)
         self.entries.mkdir(parents=True, exist_ok=True)
         checked = read_checked(self.entries)
+        total, done = sum(item.size for item in manifest), 0
         for item in manifest:
             target = self.entries / item.entry
             if await trio.to_thread.run_sync(
                 entry_matches, target, item.entry, item.size, self.fnv, checked
             ):
                 self.report.already_cached += 1
-                continue
-            await self._fetch(item)
-            checked[item.entry] = stamp(target)
-            write_checked(self.entries, checked)
+            else:
+                await self._fetch(item)
+                checked[item.entry] = stamp(target)
+                write_checked(self.entries, checked)
+            done += item.size
+            if self.on_progress is not None:
+                self.on_progress(done, total)
         self.report.seconds = time.monotonic() - started
         return self.report
 

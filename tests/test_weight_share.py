@@ -285,6 +285,7 @@ def test_a_worker_without_the_file_fetches_its_layers_before_the_load(
             f"({small / 1e6:.1f} MB of tensors under the hash threshold, {big / 1e6:.1f} MB over)"
         )
         assert f"{big // (16 * MIB)} fetched" in fetched.group(3)
+        assert "weights from peers: 100%" in worker.log()  # progress, in the log
         assert tunnel["bytes_out"] < small + 2 * MIB  # no big tensor crossed the tunnel
         answer = httpx.post(
             holder.api_url + "/v1/completions",
