@@ -9,6 +9,7 @@ thousand of the same generator (`tests/test_fuzz.py`).
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import time
@@ -51,12 +52,12 @@ _RECORD_ERRORS = (RecordError, MembershipError)
 @dataclass(frozen=True)
 class Target:
     name: str
-    decode: Callable[[bytes], object]
+    decode: Callable[[bytes], object]  # or a coroutine function (run under one trio.run)
     allowed: tuple[type[BaseException], ...]
     samples: tuple[bytes, ...]  # valid encodings to mutate
 
 
-def _frame(data: bytes) -> object:
+async def _frame(data: bytes) -> object:
     """`receive_frame` on a stream that delivers `data` and then ends."""
 
     class _Stream:
@@ -75,10 +76,7 @@ def _frame(data: bytes) -> object:
         async def aclose(self) -> None:
             return None
 
-    async def read() -> bytes:
-        return await receive_frame(_Stream(), timeout_s=1.0)
-
-    return trio.run(read, clock=trio.testing.MockClock(autojump_threshold=0))
+    return await receive_frame(_Stream(), timeout_s=1.0)
 
 
 def _from_msgpack(parse: Callable[[object], object]) -> Callable[[bytes], object]:
@@ -201,16 +199,38 @@ class FuzzResult:
 
 def fuzz(target: Target, count: int, seed: int = 0) -> FuzzResult:
     rng = random.Random(f"{seed}:{target.name}")
-    rejected, findings = 0, []
+    result = FuzzResult(target.name, count, 0, 0.0, [])
     started = time.perf_counter()
-    for data in inputs(target, count, rng):
-        try:
-            target.decode(data)
-        except target.allowed:
-            rejected += 1
-        except Exception as err:  # noqa: BLE001 - every other error is what we look for
-            findings.append(f"{type(err).__name__}: {err} on {data[:80]!r}")
-    return FuzzResult(target.name, count, rejected, time.perf_counter() - started, findings)
+    if inspect.iscoroutinefunction(target.decode):
+
+        async def all_inputs() -> None:
+            for data in inputs(target, count, rng):
+                await _one_async(target, data, result)
+
+        trio.run(all_inputs, clock=trio.testing.MockClock(autojump_threshold=0))
+    else:
+        for data in inputs(target, count, rng):
+            _one(target, data, result)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _one(target: Target, data: bytes, result: FuzzResult) -> None:
+    try:
+        target.decode(data)
+    except target.allowed:
+        result.rejected += 1
+    except Exception as err:  # noqa: BLE001 - every other error is what we look for
+        result.findings.append(f"{type(err).__name__}: {err} on {data[:80]!r}")
+
+
+async def _one_async(target: Target, data: bytes, result: FuzzResult) -> None:
+    try:
+        await target.decode(data)  # type: ignore[misc]
+    except target.allowed:
+        result.rejected += 1
+    except Exception as err:  # noqa: BLE001 - every other error is what we look for
+        result.findings.append(f"{type(err).__name__}: {err} on {data[:80]!r}")
 
 
 def run() -> dict[str, Any]:
