@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import trio
+from sharedllm.mesh.framing import receive_frame, send_frame
+from sharedllm.mesh.gossip import Digest, Exchange, SignedState
+from sharedllm.mesh.identity import NodeIdentity
+from sharedllm.mesh.libp2p_transport import open_libp2p_transport
+from sharedllm.mesh.records import signing_bytes
+from sharedllm.mesh.service import GOSSIP, HELLO
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
+from sharedllm.node.mesh_setup import prepare_mesh
 
-from .node_process import RunningNode, node_command, start_node
+from .node_process import RunningNode, node_command, start_node, wait_until_ready
 
 KEY = "k" * 8 + "-test-key-0123456789"
 
@@ -104,5 +113,59 @@ def test_only_mesh_and_api_ports_listen_beyond_loopback_and_the_key_is_required(
             env={**os.environ, "SHAREDLLM_API_KEY": KEY},
         )
         assert status.returncode == 0, status.stderr
+    finally:
+        node.stop()
+
+
+async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_path: Path) -> None:
+    """A member process (ours, on real libp2p) sends a running node forged states: one claiming
+    to come from the node itself but signed by another key, a replay of the node's own state,
+    and one from a stranger that proves no membership. The node keeps its own view, counts
+    each kind, and keeps running."""
+    node = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    try:
+        await trio.to_thread.run_sync(lambda: wait_until_ready(node, 60, serving=False))
+        token = (
+            (
+                await trio.run_process(
+                    [node_command(), "invite", "--data-dir", str(tmp_path / "a" / "data")],
+                    capture_stdout=True,
+                )
+            )
+            .stdout.decode()
+            .strip()
+        )
+        plan = prepare_mesh(tmp_path / "hostile", "hostile", token, time.time())
+        async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
+            target = await transport.connect(plan.bootstrap[0])
+            hello = await transport.open_stream(target, HELLO)
+            await send_frame(hello, plan.files.proof.encode())
+            assert await receive_frame(hello)  # admitted: its proof came back
+            await hello.aclose()
+            gossip = await transport.open_stream(target, GOSSIP)
+            await send_frame(gossip, Digest({}).encode())
+            theirs = Exchange.decode(await receive_frame(gossip)).states
+            own = next(s for s in theirs if s.origin == target)
+            spoofed = SignedState(target, own.version + 10**9, own.payload)
+            spoofed = SignedState(
+                target,
+                spoofed.version,
+                spoofed.payload,
+                plan.identity.sign(signing_bytes(SignedState.KIND, spoofed.fields())),
+            )
+            stranger = SignedState.publish(
+                NodeIdentity.from_seed(b"\x66" * 32), 1, {"name": "stranger"}
+            )
+            await send_frame(gossip, Exchange((spoofed, own, stranger), (), False).encode())
+            await gossip.aclose()
+        await trio.sleep(1)
+        async with httpx.AsyncClient(timeout=10) as client:
+            view = (await client.get(node.api_url + "/mesh/peers")).json()
+        counted = view["gossiped_states"]
+        assert counted["forged"] >= 1 and counted["stale"] >= 1 and counted["refused"] >= 1
+        me = next(p for p in view["peers"] if p["state"] == "self")
+        assert me["peer_id"] == target and me["name"] == "a"
+        assert node.process.poll() is None
+        print(f"\nrejected and counted: {counted}")
     finally:
         node.stop()
