@@ -148,6 +148,7 @@ class DataPlane:
     handshaking: int = 0  # connections not authenticated yet
     streams_of: dict[str, int] = field(default_factory=dict)  # open streams by peer
     refused_connections: int = 0  # over a limit: a flood of connections or of streams
+    _served: dict[str, set[trio.CancelScope]] = field(default_factory=dict)  # by peer
 
     def __post_init__(self) -> None:
         self._contexts = _tls_contexts(self.identity)
@@ -193,15 +194,31 @@ class DataPlane:
             return
         self.streams_of[peer] = self.streams_of.get(peer, 0) + 1
         stream = DataStream(tls, peer)
+        scope = trio.CancelScope()
+        self._served.setdefault(peer, set()).add(scope)
         try:
-            await self.handlers[protocol](stream)
+            with scope:
+                await self.handlers[protocol](stream)
         except TransportError as err:
             _log.debug("%s stream from %s ended: %s", protocol, peer, err)
         finally:
             self.streams_of[peer] -= 1
             if not self.streams_of[peer]:
                 del self.streams_of[peer]
-            await stream.aclose()
+            self._served[peer].discard(scope)
+            if not self._served[peer]:
+                del self._served[peer]
+            if scope.cancel_called:
+                await trio.aclose_forcefully(tls)  # cut: no goodbye to a revoked peer
+            else:
+                await stream.aclose()
+
+    def cut(self, peer: str) -> int:
+        """Ends every stream `peer` opened to us (it was revoked); returns how many."""
+        scopes = self._served.get(peer, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
 
     async def _authenticate(
         self, tcp: trio.SocketStream

@@ -428,6 +428,8 @@ class MeshService:
             if revocation.peer_id == self.identity.peer_id:
                 _log.error("this node has been revoked from the mesh: %s", revocation.reason)
             _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
+            if self.data_plane is not None:
+                self.data_plane.cut(revocation.peer_id)  # its open tunnels and transfers too
             self.admitted.discard(revocation.peer_id)
             self._neighbours.pop(revocation.peer_id, None)
             self.store.forget(revocation.peer_id)

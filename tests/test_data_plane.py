@@ -89,3 +89,22 @@ async def test_a_flood_of_silent_connections_is_bounded_and_members_still_get_in
         await stream.aclose()
         print(f"\n200 silent connections: {server.refused_connections} refused at once")
         nursery.cancel_scope.cancel()
+
+
+async def test_cutting_a_peer_ends_the_streams_it_opened() -> None:
+    server, client = _plane(1), _plane(2)
+    server.serve("/echo", echo_handler)
+    async with trio.open_nursery() as nursery:
+        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        stream = await client.open_stream(server.identity.peer_id, host, port, "/echo")
+        await stream.send_all(b"ping")
+        assert await stream.receive_some(10) == b"ping"
+        assert server.cut(client.identity.peer_id) == 1
+        with trio.fail_after(5):
+            with pytest.raises(TransportError):
+                while True:  # the server closed its end: the stream ends
+                    if not await stream.receive_some(10):
+                        raise TransportError("closed")
+        await stream.aclose()
+        assert server.cut(client.identity.peer_id) == 0
+        nursery.cancel_scope.cancel()
