@@ -4,7 +4,9 @@ engines never do), and an API bound beyond loopback needs a key that every reque
 
 from __future__ import annotations
 
+import gc
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.libp2p_transport import open_libp2p_transport
+from sharedllm.mesh.mesh_store import load_addresses
 from sharedllm.mesh.records import signing_bytes
 from sharedllm.mesh.service import GOSSIP, HELLO
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
@@ -158,6 +161,8 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
             )
             await send_frame(gossip, Exchange((spoofed, own, stranger), (), False).encode())
             await gossip.aclose()
+            await transport.disconnect(target)
+        gc.collect()  # a socket libp2p left open would be reported here, in this test
         await trio.sleep(1)
         async with httpx.AsyncClient(timeout=10) as client:
             view = (await client.get(node.api_url + "/mesh/peers")).json()
@@ -169,3 +174,50 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
         print(f"\nrejected and counted: {counted}")
     finally:
         node.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known weakness, found by this test: while 300 connections to the libp2p port stay "
+    "silent, a joining member's security handshake fails; the data plane is bounded, the "
+    "libp2p listener not yet",
+)
+def test_a_flood_of_silent_connections_to_the_mesh_port_does_not_lock_members_out(
+    tmp_path: Path,
+) -> None:
+    node = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    flood: list[socket.socket] = []
+    joiner = None
+    try:
+        wait_until_ready(node, 60, serving=False)
+        token = subprocess.run(
+            [node_command(), "invite", "--data-dir", str(tmp_path / "a" / "data")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        port = _mesh_port(tmp_path / "a" / "data")
+        for _ in range(300):  # connections that never start the libp2p handshake
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        joiner = start_node(
+            tmp_path / "b", "--name", "b", "--join", token, "--no-model", wait_ready=False
+        )
+        deadline = time.monotonic() + 60
+        while "admitted" not in joiner.log():
+            assert time.monotonic() < deadline, joiner.log()[-2000:]
+            time.sleep(0.5)
+        assert httpx.get(node.api_url + "/health", timeout=10).status_code in (200, 503)
+        print("\n300 silent connections to the mesh port; a member still joined")
+    finally:
+        for connection in flood:
+            connection.close()
+        node.stop()
+        if joiner is not None:
+            joiner.stop()
+
+
+def _mesh_port(data_dir: Path) -> int:
+    """The libp2p port the node recorded (its addresses: /ip4/127.0.0.1/tcp/PORT/p2p/ID)."""
+    address = next(a for a in load_addresses(data_dir) if a.startswith("/ip4/127.0.0.1/tcp/"))
+    return int(address.split("/")[4])
