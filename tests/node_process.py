@@ -115,3 +115,15 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
             return []
         time.sleep(0.1)
     return [pid for pid in pids if not gone(pid)]
+
+
+def invite_token(data_dir: Path) -> str:
+    """A one-use invite from the running node whose data directory is `data_dir`."""
+    done = subprocess.run(
+        [node_command(), "invite", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()

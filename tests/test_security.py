@@ -25,7 +25,13 @@ from sharedllm.mesh.service import GOSSIP, HELLO
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
 from sharedllm.node.mesh_setup import prepare_mesh
 
-from .node_process import RunningNode, node_command, start_node, wait_until_ready
+from .node_process import (
+    RunningNode,
+    invite_token,
+    node_command,
+    start_node,
+    wait_until_ready,
+)
 
 KEY = "k" * 8 + "-test-key-0123456789"
 
@@ -128,16 +134,7 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
     node = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
     try:
         await trio.to_thread.run_sync(lambda: wait_until_ready(node, 60, serving=False))
-        token = (
-            (
-                await trio.run_process(
-                    [node_command(), "invite", "--data-dir", str(tmp_path / "a" / "data")],
-                    capture_stdout=True,
-                )
-            )
-            .stdout.decode()
-            .strip()
-        )
+        token = await trio.to_thread.run_sync(invite_token, tmp_path / "a" / "data")
         plan = prepare_mesh(tmp_path / "hostile", "hostile", token, time.time())
         async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
             target = await transport.connect(plan.bootstrap[0])
@@ -190,13 +187,7 @@ def test_a_flood_of_silent_connections_to_the_mesh_port_does_not_lock_members_ou
     joiner = None
     try:
         wait_until_ready(node, 60, serving=False)
-        token = subprocess.run(
-            [node_command(), "invite", "--data-dir", str(tmp_path / "a" / "data")],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout.strip()
+        token = invite_token(tmp_path / "a" / "data")
         port = _mesh_port(tmp_path / "a" / "data")
         for _ in range(300):  # connections that never start the libp2p handshake
             flood.append(socket.create_connection(("127.0.0.1", port), timeout=5))

@@ -40,7 +40,7 @@ from sharedllm.node.weight_share import (
     decode_tensor_answer,
 )
 
-from .node_process import node_command, start_node, wait_until_ready
+from .node_process import invite_token, node_command, start_node, wait_until_ready
 
 MESH = MeshKey.generate(b"\x21" * 32)
 SHAPE = ModelShape(blocks=2, embedding=2048, feed_forward=4096, heads=16, kv_heads=16)
@@ -257,12 +257,7 @@ def test_a_worker_without_the_file_fetches_its_layers_before_the_load(
     worker = None
     try:
         wait_until_ready(holder, 120, serving=False)
-        token = subprocess.run(
-            [node_command(), "invite", "--data-dir", str(tmp_path / "a" / "data")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        token = invite_token(tmp_path / "a" / "data")
         worker = start_node(
             tmp_path / "b",
             *("--name", "b", "--join", token, "--no-model", "--max-memory", CAP),
