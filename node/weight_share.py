@@ -178,7 +178,6 @@ class WeightShare:
         self._manifests: dict[tuple[str, int, int], list[ManifestEntry]] = {}
         self._hashing = trio.Lock()
         self._fnv: NativeFnv | None = None
-        self.bytes_sent = 0
 
     async def serve(self, stream: MeshStream) -> None:
         try:
@@ -260,7 +259,6 @@ class WeightShare:
                     raise TransportError(f"{located.path} changed while being sent")
                 await stream.send_all(chunk)
                 position += size
-                self.bytes_sent += size
 
 
 # -- the worker's side -----------------------------------------------------------------------------
