@@ -37,12 +37,13 @@ from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, sett
 from .daemon_files import running_api_url
 from .default_model import DefaultModelError, default_model_path
 from .devices import list_devices
-from .engine import EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
+from .engine import BACKENDS, EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
 from .engine_build import EngineBuildError, build_engine
 from .mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
 from .model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
 from .progress import progress_reporter
 from .serving import LocalModel
+from .synthetic_model import SHAPES, WEIGHT_TYPES, write_synthetic_model
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -122,6 +123,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(build)
     build.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
     build.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    build.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="compute backend (default: cuda where nvcc is installed, metal on macOS, else cpu)",
+    )
     build.set_defaults(handler=_cmd_engine_build)
 
     plan = commands.add_parser(
@@ -143,6 +149,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--no-hash", action="store_true", help="skip the SHA-256 of the file")
     inspect.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     inspect.set_defaults(handler=_cmd_model_inspect)
+    synthetic = model.add_parser(
+        "synthetic",
+        help="write a model of a real model's shape with random weights (for benchmarks)",
+    )
+    synthetic.add_argument("file", type=Path, help="the GGUF file to write")
+    synthetic.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    synthetic.add_argument("--type", choices=WEIGHT_TYPES, default="q4_k", help="weight type")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+    synthetic.set_defaults(handler=_cmd_model_synthetic)
     return parser
 
 
@@ -295,6 +311,18 @@ def _cmd_model_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_synthetic(args: argparse.Namespace) -> int:
+    if args.file.exists():
+        print(f"error: {args.file} exists; choose another name", file=sys.stderr)
+        return 2
+    partial = args.file.with_name(args.file.name + ".part")
+    write_synthetic_model(partial, SHAPES[args.shape], seed=args.seed, dtype=args.type)
+    partial.rename(args.file)
+    size = args.file.stat().st_size
+    print(f"{args.file}: {args.shape} shape, {args.type} weights, {size / 1024**3:.2f} GiB")
+    return 0
+
+
 def _print_model(info: ModelInfo, digest: str | None) -> None:
     p = info.profile
     sizes = sorted(set(p.layer_weight_bytes))
@@ -343,7 +371,13 @@ def _cmd_engine_status(args: argparse.Namespace) -> int:
 def _cmd_engine_build(args: argparse.Namespace) -> int:
     config = _load(args)
     with progress_reporter("building llama.cpp") as report:
-        info = build_engine(config.cache_dir, jobs=args.jobs, force=args.force, progress=report)
+        info = build_engine(
+            config.cache_dir,
+            jobs=args.jobs,
+            force=args.force,
+            progress=report,
+            backend=args.backend,
+        )
     where = info.llama_server.parent
     print(f"engine ready: {where} (version {info.version}, RPC {info.rpc_protocol})")
     return 0

@@ -7,6 +7,7 @@ node gossips so that the planner places layers by VRAM.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,12 @@ def parse_device_list(output: str) -> list[Device]:
             name, description, total, free = found.groups()
             devices.append(Device(name, description, int(total) * _MIB, int(free) * _MIB))
     return devices
+
+
+def gossiped_device_count(state: Mapping[str, Any]) -> int:
+    """How many engine devices a node gossiped (0: it computes on its CPU)."""
+    devices = state.get("devices")
+    return len(devices) if isinstance(devices, list) else 0
 
 
 def list_devices(llama_server: Path) -> list[Device]:

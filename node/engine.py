@@ -17,7 +17,9 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ PINNED_SDIST_VERSION = "0.3.36"
 PINNED_RPC_PROTOCOL = "7.0.0"
 LLAMA_SERVER = "llama-server"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
+BACKENDS = ("cpu", "cuda", "metal")
 
 _VERSION_LINE = re.compile(r"version:\s*(\S+)")
 _COMMIT = re.compile(r"\((?:.*commit\s+)?([0-9a-f]{6,40})\)")
@@ -58,13 +61,43 @@ class EngineInfo:
         return {k: str(v) for k, v in asdict(self).items()}
 
 
-def pinned_build_key(variant: str = "cpu") -> str:
-    """Names our own build in the cache: pinned source version and backend variant."""
-    return f"llama.cpp-{PINNED_SDIST}-{PINNED_SDIST_VERSION}-{variant}"
+def pinned_build_key(backend: str = "cpu") -> str:
+    """Names our own build in the cache: pinned source version and compute backend."""
+    return f"llama.cpp-{PINNED_SDIST}-{PINNED_SDIST_VERSION}-{backend}"
 
 
-def built_engine_dir(cache_dir: Path, variant: str = "cpu") -> Path:
-    return cache_dir / "engine" / pinned_build_key(variant)
+def built_engine_dir(cache_dir: Path, backend: str = "cpu") -> Path:
+    return cache_dir / "engine" / pinned_build_key(backend)
+
+
+def find_nvcc(env: Mapping[str, str] = os.environ) -> Path | None:
+    """CUDA's compiler: on PATH, else under CUDA_HOME (or CUDA_PATH, or the usual place)."""
+    on_path = shutil.which("nvcc", path=env.get("PATH"))
+    if on_path is not None:
+        return Path(on_path)
+    root = Path(env.get("CUDA_HOME") or env.get("CUDA_PATH") or "/usr/local/cuda")
+    return root / "bin" / "nvcc" if _is_executable(root / "bin" / "nvcc") else None
+
+
+def detect_backend(
+    env: Mapping[str, str] = os.environ, system: str = sys.platform, devices: Path = Path("/dev")
+) -> str:
+    """The backend our own build uses: SHAREDLLM_ENGINE_BACKEND if set, else Metal on macOS,
+    CUDA where its compiler is installed and an NVIDIA GPU is present, else the CPU.
+
+    A toolkit alone is not enough: machines without a GPU often have one installed, and a
+    build for no GPU would neither configure (it targets the GPUs present) nor help."""
+    chosen = env.get("SHAREDLLM_ENGINE_BACKEND")
+    if chosen:
+        if chosen not in BACKENDS:
+            raise EngineNotFoundError(
+                f"SHAREDLLM_ENGINE_BACKEND={chosen!r} is not one of {', '.join(BACKENDS)}"
+            )
+        return chosen
+    if system == "darwin":
+        return "metal"
+    has_gpu = any(devices.glob("nvidia[0-9]*"))
+    return "cuda" if has_gpu and find_nvcc(env) is not None else "cpu"
 
 
 def find_engine(
@@ -82,7 +115,7 @@ def find_engine(
     on_path = _binaries_on_path(path_env)
     if on_path is not None:
         return _describe(*on_path, source="PATH", cache_dir=cache_dir)
-    built = load_built_engine(cache_dir)
+    built = load_built_engine(cache_dir, detect_backend())
     if built is not None:
         return built
     raise EngineNotFoundError(
@@ -91,9 +124,9 @@ def find_engine(
     )
 
 
-def load_built_engine(cache_dir: Path, variant: str = "cpu") -> EngineInfo | None:
+def load_built_engine(cache_dir: Path, backend: str = "cpu") -> EngineInfo | None:
     """Our own build, if a finished one is in the cache (the manifest is written last)."""
-    manifest = built_engine_dir(cache_dir, variant) / "engine.json"
+    manifest = built_engine_dir(cache_dir, backend) / "engine.json"
     try:
         data = json.loads(manifest.read_text())
         info = EngineInfo(

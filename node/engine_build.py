@@ -2,8 +2,10 @@
 
 The source is the llama.cpp tree vendored in the llama-cpp-python sdist (fetched with pip, the
 one registry every user of this Python package can reach). The build runs cmake with RPC
-enabled and without anything that would download at build time. Several nodes on one machine
-share the result: a file lock makes the second wait for the first instead of building twice.
+enabled and without anything that would download at build time, for one compute backend: CUDA
+where its compiler is installed, Metal on macOS, else the CPU; each backend has its own build.
+Several nodes on one machine share the result: a file lock makes the second wait for the first
+instead of building twice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -29,6 +31,8 @@ from .engine import (
     EngineInfo,
     built_engine_dir,
     describe_binaries,
+    detect_backend,
+    find_nvcc,
     load_built_engine,
 )
 
@@ -67,13 +71,18 @@ def build_engine(
     progress: ProgressCallback | None = None,
     force: bool = False,
     sdist: Path | None = None,
+    backend: str | None = None,
 ) -> EngineInfo:
-    """Builds (or waits for another process's build of) the pinned engine and returns it."""
+    """Builds (or waits for another process's build of) the pinned engine and returns it.
+
+    `backend` defaults to what this machine supports (`detect_backend`): CUDA where nvcc is
+    installed, Metal on macOS, else the CPU."""
     report = progress or (lambda _step, _fraction: None)
-    target = built_engine_dir(cache_dir)
+    backend = backend or detect_backend()
+    target = built_engine_dir(cache_dir, backend)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target.parent / f"{target.name}.lock", report):
-        existing = load_built_engine(cache_dir)
+        existing = load_built_engine(cache_dir, backend)
         if existing is not None and not force:
             return existing
         log_path = target.parent / f"{target.name}.build.log"
@@ -84,9 +93,8 @@ def build_engine(
             with log_path.open("w") as log:
                 source = _fetch_source(work, sdist or _sdist_from_env(), log, report)
                 build_dir = work / "build"
-                _run_logged(
-                    _configure_command(source, build_dir), log, log_path, "configure", report
-                )
+                configure = configure_command(source, build_dir, backend)
+                _run_logged(configure, log, log_path, "configure", report)
                 _run_logged(_build_command(build_dir, jobs), log, log_path, "compile", report)
             info = _install(build_dir / "bin", target)
         finally:
@@ -153,8 +161,25 @@ def _extract_llama_tree(sdist: Path, dest: Path) -> Path:
     return roots[0]
 
 
-def _configure_command(source: Path, build_dir: Path) -> list[str]:
-    return ["cmake", "-S", str(source), "-B", str(build_dir), *_CMAKE_FLAGS]
+def configure_command(
+    source: Path, build_dir: Path, backend: str, env: Mapping[str, str] = os.environ
+) -> list[str]:
+    """cmake's configure step. Metal is on by default on Apple machines; CUDA builds for the
+    GPUs present at build time unless SHAREDLLM_CUDA_ARCHITECTURES names others."""
+    flags = [*_CMAKE_FLAGS]
+    if backend == "cuda":
+        nvcc = find_nvcc(env)
+        if nvcc is None:
+            raise EngineBuildError(
+                "a CUDA build needs CUDA's compiler (nvcc): install the CUDA toolkit or set "
+                "CUDA_HOME to where it is"
+            )
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}"]
+        if architectures := env.get("SHAREDLLM_CUDA_ARCHITECTURES"):
+            flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={architectures}")
+    elif backend == "cpu":
+        flags.append("-DGGML_METAL=OFF")
+    return ["cmake", "-S", str(source), "-B", str(build_dir), *flags]
 
 
 def _build_command(build_dir: Path, jobs: int | None) -> list[str]:

@@ -36,7 +36,8 @@ def preview(model: ModelInfo, spec: ClusterSpec, context: int | None) -> dict[st
     placement = plan_model(spec.view, request, cost)
     result = placement.as_dict()
     result["context"] = request.context
-    result["llama_server_args"] = split_args(placement, model.profile.layer_count).argv(
+    gpus = {node.peer_id: 1 for node in spec.view.nodes if node.vram_bytes > 0}
+    result["llama_server_args"] = split_args(placement, model.profile.layer_count, gpus).argv(
         [f"<{worker}>" for worker in placement.workers]
     )
     result["baselines"] = {

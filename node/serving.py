@@ -41,9 +41,10 @@ from ..mesh.tunnel import (
     TunnelStats,
     serve_tunnel,
 )
-from ..scheduler.llama_args import split_args
+from ..scheduler.llama_args import LlamaSplitArgs, split_args
 from ..scheduler.model_profile import profile_to_dict
 from .config import NodeConfig
+from .devices import gossiped_device_count
 from .engine import EngineInfo, free_loopback_port
 from .http_api import ModelEntry, ModelNotFound
 from .load_report import LoadReport
@@ -334,7 +335,7 @@ class MeshServing:
         report.offloaded, report.buffers = None, {}
         job.verified = False
         port = free_loopback_port()
-        split = split_args(claim.as_placement(), model.info.profile.layer_count)
+        split = self._split_args(claim, model.info.profile.layer_count)
         endpoints = [job.tunnels[w].endpoint for w in split.rpc_workers]
         argv = [
             str(self._engine.llama_server),
@@ -348,11 +349,20 @@ class MeshServing:
             argv += ["--threads", str(self._config.threads)]
         return ProcessSpec("llama-server", tuple(argv), _ENGINE_ENV, f"127.0.0.1:{port}")
 
+    def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
+        """The claim's layout as llama-server arguments, given the devices each node gossiped."""
+        states = self._service.member_states()
+        devices = {
+            node: gossiped_device_count(states.get(node, {}))
+            for node in {claim.primary, *claim.nodes}
+        }
+        return split_args(claim.as_placement(), layer_count, devices)
+
     async def _verify_load(self, job: _Job, model: LocalModel, report: LoadReport) -> None:
         """Checks each (re)start's log against the plan once the engine is ready."""
         assert job.supervisor is not None
         profile = model.info.profile
-        split = split_args(job.claim.as_placement(), profile.layer_count)
+        split = self._split_args(job.claim, profile.layer_count)
         planned = {
             job.tunnels[node].endpoint: sum(profile.layer_weight_bytes[first : last + 1])
             for node, first, last in job.claim.layers

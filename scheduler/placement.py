@@ -29,7 +29,8 @@ class Assignment:
 
 @dataclass(frozen=True)
 class Placement:
-    """Assignments are in layer order; the primary's own layers come first, as in llama.cpp."""
+    """Assignments are in layer order, as llama.cpp lays them out: the primary's own layers
+    come first when it keeps them on its CPU, last when it has GPUs for them."""
 
     model_id: str
     primary: str
@@ -100,9 +101,10 @@ def evaluate(
         return None
     primary_node = view.node(primary)
     layer_memory = cost.layer_memory(profile, context)
-    ordered = [(primary, c) for p, c in counts if p == primary] + [
-        (p, c) for p, c in counts if p != primary
-    ]
+    own = [(primary, c) for p, c in counts if p == primary]
+    others = [(p, c) for p, c in counts if p != primary]
+    # llama.cpp orders devices: remote ones first, then local GPUs; layers kept on a CPU first.
+    ordered = others + own if primary_node.vram_bytes > 0 else own + others
     seconds = cost.head_seconds(profile, primary_node)
     assignments: list[Assignment] = []
     first = 0

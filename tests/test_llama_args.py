@@ -54,6 +54,68 @@ def test_mapping_gives_exactly_the_planned_counts(
     assert devices == expected
 
 
+def _gpu_placement(worker_layers: list[int], primary_layers: int) -> Placement:
+    """Workers first, then the primary's layers on its GPUs (the planner's order for them)."""
+    assignments = []
+    first = 0
+    nodes = [(f"w{i}", n) for i, n in enumerate(worker_layers)] + [("p", primary_layers)]
+    for node, count in nodes:
+        if count:
+            assignments.append(Assignment(node, first, first + count - 1, 0))
+            first += count
+    return Placement("m", "p", tuple(assignments), 0, 1.0, 1.0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 60), st.integers(1, 4)), min_size=0, max_size=8),
+    st.integers(min_value=0, max_value=120),
+    st.integers(min_value=0, max_value=4),
+)
+def test_devices_of_every_node_get_their_planned_layers(
+    workers: list[tuple[int, int]], primary_layers: int, gpus: int
+) -> None:
+    """Workers may offer several devices each; a primary with GPUs holds the last layers on
+    them and the output layer on its last GPU, one without keeps its first layers on its CPU."""
+    layer_count = primary_layers + sum(layers for layers, _ in workers)
+    if layer_count == 0 or (gpus == 0 and not workers):
+        return
+    devices = {f"w{i}": count for i, (_, count) in enumerate(workers)} | {"p": gpus}
+    worker_layers = [layers for layers, _ in workers]
+    if gpus:
+        placement = _gpu_placement(worker_layers, primary_layers)
+    else:
+        placement = _placement(primary_layers, worker_layers)
+    args = split_args(placement, layer_count, devices)
+    argv = args.argv([f"127.0.0.1:{5000 + i}" for i in range(len(workers))])
+    ngl = int(argv[argv.index("--n-gpu-layers") + 1])
+    split = argv[argv.index("--tensor-split") + 1] if "--tensor-split" in argv else "1"
+    printed = [float(v) for v in split.split(",")]
+    got = llama_layer_devices(layer_count, ngl, printed, with_output=True)
+    # the engine's devices in order: each worker's, then the primary's GPUs
+    owner = [f"w{i}" for i, (_, count) in enumerate(workers) for _ in range(count)]
+    owner += ["p"] * gpus
+    expected = ["w" + str(i) for i, n in enumerate(worker_layers) for _ in range(n)]
+    if gpus:
+        expected = expected + ["p"] * primary_layers + ["p"]  # the output layer too
+    else:
+        expected = ["p"] * primary_layers + expected + ["head"]
+    named = ["p" if d == -1 else owner[d] for d in got]
+    if not gpus:
+        assert "--override-tensor" in argv  # the output head is pinned to the CPU
+        named[-1] = "head"
+    else:
+        assert "--override-tensor" not in argv
+        assert got[-1] == len(owner) - 1  # the output layer on the primary's last GPU
+    assert named == expected
+
+
+def test_a_primary_with_gpus_and_no_workers_offloads_everything() -> None:
+    placement = _gpu_placement([], 24)
+    assert split_args(placement, 24, {"p": 1}).argv([]) == ["--n-gpu-layers", "25"]
+    assert split_args(placement, 24).argv([]) == ["--n-gpu-layers", "0"]
+
+
 def test_rule_matches_llama_cpp_default_behaviour() -> None:
     # With -ngl covering every layer and equal splits, the output layer counts as the ninth of
     # 9 items, so 8 repeating layers split 5/3, not 4/4.

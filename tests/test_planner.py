@@ -37,7 +37,9 @@ def _check_layers_and_memory(
     assert expected_first == request.profile.layer_count
     assert len(set(placement.nodes)) == len(placement.nodes)
     if placement.primary in placement.nodes:
-        assert placement.assignments[0].node == placement.primary
+        # as llama.cpp lays out devices: the primary's layers first on its CPU, last on its GPUs
+        own = -1 if view.node(placement.primary).vram_bytes > 0 else 0
+        assert placement.assignments[own].node == placement.primary
     for assignment in placement.assignments:
         node = view.node(assignment.node)
         assert assignment.memory_bytes <= node.usable_bytes
