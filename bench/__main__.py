@@ -15,6 +15,7 @@ import psutil
 from . import (
     failover_bench,
     fuzz_bench,
+    gpu_bench,
     planner_bench,
     serving_bench,
     simnet_bench,
@@ -26,6 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 SUITES = {
     "failover": failover_bench.run,
     "fuzz": fuzz_bench.run,
+    "gpu": gpu_bench.run,
     "planner": planner_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,

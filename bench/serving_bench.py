@@ -49,9 +49,9 @@ THREADS = ["--threads", "1"]
 _ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1"}
 
 
-def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("wb") as handle:
-        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=_ENV)
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
 def _wait_http(url: str, timeout_s: float = 240.0) -> None:
@@ -77,8 +77,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def _started(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    process = _spawn(argv, log)
+def _started(
+    argv: list[str], log: Path, env: dict[str, str] = _ENV
+) -> Iterator[subprocess.Popen[bytes]]:
+    process = _spawn(argv, log, env)
     try:
         yield process
     finally:

@@ -1,0 +1,321 @@
+"""GPU benchmark: one model split three ways on a CUDA machine, side by side in one run.
+
+- single: one llama-server holding every layer on the GPU;
+- direct: llama-server with `--rpc` straight to two ggml-rpc-servers on the same GPU (plain
+  llama.cpp RPC), split exactly as the mesh split it;
+- mesh: three `sharedllm-node` processes on loopback whose memory caps force a three-way split;
+  the rpc traffic goes through our tunnels over the TLS data plane. The workers hold no model
+  file: they fetch their layers' weights from the primary over the mesh (unpaced here).
+
+Models are synthetic (random weights, real shapes, generated once into the user cache): a
+Llama-3-8B-shaped one in Q4_K and a llama of Gemma 3 270M's size in Q8_0. Requests are
+interleaved round by round; speeds are the engine's own timings; load time is from starting
+the processes to the first answered request. Needs a CUDA build of the engine
+(`sharedllm-node engine build` on a machine with nvcc and an NVIDIA GPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sharedllm.node.config import default_cache_dir
+from sharedllm.node.devices import list_devices
+from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
+from sharedllm.node.model_file import inspect_model
+from sharedllm.node.synthetic_model import SHAPES, write_synthetic_model
+from sharedllm.scheduler.cost_model import CostModel
+from sharedllm.scheduler.llama_args import split_args
+from sharedllm.scheduler.model_profile import ModelProfile
+from sharedllm.scheduler.placement import Assignment, Placement
+
+from .serving_bench import _per_token, _started, _tunnel_totals, _wait_http
+
+ROUNDS = 5
+MAX_TOKENS = 128
+CONTEXT = 4096
+MODELS = (("llama3-8b", "q4_k"), ("gemma3-270m-size", "q8_0"))
+PROMPT = " ".join(["The lighthouse keeper climbed the stairs as the storm rolled in."] * 24)
+_ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1", "SHAREDLLM_WEIGHT_SHARE_MBPS": "0"}
+
+
+def _model(shape: str, weight_type: str) -> Path:
+    """The synthetic model, written once into the user cache (it is large and reproducible)."""
+    path = default_cache_dir() / "bench-models" / f"{shape}-{weight_type}.gguf"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        write_synthetic_model(partial, SHAPES[shape], dtype=weight_type)
+        partial.rename(path)
+    return path
+
+
+def _cap_bytes(profile: ModelProfile, layers: int, primary: bool) -> int:
+    """A `--max-memory` that lets the planner give a node exactly `layers` layers."""
+    cost = CostModel()
+    per_layer = cost.layer_memory(profile, CONTEXT)
+    extra = cost.primary_extra_memory(profile) if primary else 0
+    budget = extra + layers * per_layer + per_layer // 2 + cost.compute_buffer_bytes
+    return math.ceil(budget / (1.0 - cost.memory_headroom_fraction))
+
+
+def _thirds(layer_count: int) -> tuple[int, int, int]:
+    """Primary, worker, worker: as even as can be, the primary taking the fewest (it also
+    holds the embeddings and the output head)."""
+    share, extra = divmod(layer_count, 3)
+    return share, share + (1 if extra > 0 else 0), share + (1 if extra > 1 else 0)
+
+
+def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) -> list[str]:
+    return [
+        str(engine.llama_server),
+        *("--host", "127.0.0.1", "--port", str(port), "--model", str(model)),
+        *("--alias", "bench", "--ctx-size", str(CONTEXT), "--no-webui"),
+        *extra,
+    ]
+
+
+def _complete(url: str, model: str) -> dict[str, float]:
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "cache_prompt": False,
+        "ignore_eos": True,
+    }
+    answer = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
+    timings = answer["timings"]
+    return {
+        "gen_tok_s": timings["predicted_per_second"],
+        "prompt_tok_s": timings["prompt_per_second"],
+        "generated": timings["predicted_n"],
+    }
+
+
+def _ready_after(url: str, model: str, started: float) -> float:
+    _wait_http(url, timeout_s=900)
+    _complete(url, model)
+    return time.monotonic() - started
+
+
+def _node_command() -> str:
+    return shutil.which("sharedllm-node") or str(Path(sys.executable).parent / "sharedllm-node")
+
+
+def _start_mesh(stack: ExitStack, work: Path, model: Path, profile: ModelProfile) -> dict[str, str]:
+    command = _node_command()
+    primary_layers, *worker_layers = _thirds(profile.layer_count)
+    ports = [free_loopback_port() for _ in range(3)]
+
+    def node(name: str, port: int, cap: int, *args: str) -> None:
+        argv = [command, "up", "--data-dir", str(work / name), "--api-port", str(port)]
+        argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--context-size", str(CONTEXT)]
+        argv += ["--max-memory", str(cap), *args]
+        stack.enter_context(_started(argv, work / f"{name}.log", _ENV))
+
+    node("a", ports[0], _cap_bytes(profile, primary_layers, True), "--model", str(model))
+    token = _invite(command, work / "a")
+    for index, layers in enumerate(worker_layers, start=1):
+        node(f"n{index}", ports[index], _cap_bytes(profile, layers, False), "--join", token)
+    return {"mesh_at_primary": f"http://127.0.0.1:{ports[0]}"}
+
+
+def _invite(command: str, data_dir: Path) -> str:
+    deadline = time.monotonic() + 120
+    while True:
+        invite = subprocess.run(
+            [command, "invite", "--data-dir", str(data_dir), "--uses", "2"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if invite.returncode == 0:
+            return invite.stdout.strip()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no invite from the founder: {invite.stderr}")
+        time.sleep(0.5)
+
+
+def _mesh_placement(url: str, model_id: str) -> Placement:
+    described = httpx.get(url + "/mesh/peers", timeout=5).json()["models"][model_id]
+    assignments = tuple(
+        Assignment(a["node"], a["first_layer"], a["last_layer"], 0)
+        for a in described["assignments"]
+    )
+    return Placement(model_id, described["primary"], assignments, 0, 0.0, 0.0)
+
+
+def _start_direct(
+    stack: ExitStack,
+    engine: EngineInfo,
+    work: Path,
+    model: Path,
+    placement: Placement,
+    *,
+    gpus: int,
+) -> str:
+    """Two ggml-rpc-servers on the GPU and a llama-server splitting as the mesh did."""
+    rpc_ports = [free_loopback_port() for _ in placement.workers]
+    for index, port in enumerate(rpc_ports):
+        argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
+        stack.enter_context(_started(argv, work / f"rpc{index}.log", _ENV))
+    time.sleep(1.0)
+    devices = {node: max(gpus, 1) for node in placement.workers} | {placement.primary: gpus}
+    layer_count = sum(a.layer_count for a in placement.assignments)
+    split = split_args(placement, layer_count, devices)
+    port = free_loopback_port()
+    argv = _llama_server(engine, model, port, split.argv([f"127.0.0.1:{p}" for p in rpc_ports]))
+    stack.enter_context(_started(argv, work / "direct.log", _ENV))
+    return f"http://127.0.0.1:{port}"
+
+
+def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) -> dict[str, Any]:
+    """All three setups for one model; `gpus` is how many the engine sees (0 checks the
+    harness on a CPU)."""
+    model = _model(shape, weight_type)
+    profile = inspect_model(model).profile
+    model_id = model.name.removesuffix(".gguf")
+    work = Path(tempfile.mkdtemp(prefix="sharedllm-gpu-bench-"))
+    urls: dict[str, str] = {}
+    load_s: dict[str, float] = {}
+    try:
+        with ExitStack() as stack:
+            started = time.monotonic()
+            port = free_loopback_port()
+            all_layers = ["--n-gpu-layers", str(profile.layer_count + 1 if gpus else 0)]
+            argv = _llama_server(engine, model, port, all_layers)
+            stack.enter_context(_started(argv, work / "single.log", _ENV))
+            urls["single"] = f"http://127.0.0.1:{port}"
+            load_s["single"] = _ready_after(urls["single"], "bench", started)
+            started = time.monotonic()
+            urls.update(_start_mesh(stack, work, model, profile))
+            load_s["mesh"] = _ready_after(urls["mesh_at_primary"], model_id, started)
+            placement = _mesh_placement(urls["mesh_at_primary"], model_id)
+            started = time.monotonic()
+            urls["direct"] = _start_direct(stack, engine, work, model, placement, gpus=gpus)
+            load_s["direct"] = _ready_after(urls["direct"], "bench", started)
+            measured = _measure(urls, model_id)
+    except Exception:
+        _print_log_tails(work)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _report(model, placement, measured, load_s)
+
+
+def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
+    traffic: list[dict[str, float]] = []
+    for _ in range(ROUNDS):
+        for name, url in urls.items():
+            asked = model_id if name.startswith("mesh") else "bench"
+            if name == "mesh_at_primary":
+                before = _tunnel_totals(url, model_id)
+                sample = _complete(url, asked)
+                traffic.append(_per_token(before, _tunnel_totals(url, model_id), MAX_TOKENS))
+            else:
+                sample = _complete(url, asked)
+            samples[name].append(sample)
+    return {"samples": samples, "traffic": traffic}
+
+
+def _report(
+    model: Path, placement: Placement, measured: dict[str, Any], load_s: dict[str, float]
+) -> dict[str, Any]:
+    shape, _, weight_type = model.name.removesuffix(".gguf").rpartition("-")
+    samples: dict[str, list[dict[str, float]]] = measured["samples"]
+    setups = {name: _medians(runs) for name, runs in samples.items()}
+    mesh, direct = setups["mesh_at_primary"], setups["direct"]
+    gen_ratio = mesh["gen_tok_s"] / direct["gen_tok_s"]
+    prompt_ratio = mesh["prompt_tok_s"] / direct["prompt_tok_s"]
+    traffic = measured["traffic"]
+    layers = {a.node[-6:]: a.layer_count for a in placement.assignments}
+    result = {
+        "model_shape": shape,
+        "weight_type": weight_type,
+        "model_bytes": model.stat().st_size,
+        "layers": layers,
+        "setups": setups,
+        "load_s": load_s,
+        "tunnel_bytes_per_token": statistics.median(t["bytes"] for t in traffic),
+        "tunnel_round_trips_per_token": statistics.median(t["round_trips"] for t in traffic),
+        "mesh_vs_direct_gen_ratio": gen_ratio,
+        "mesh_vs_direct_prompt_ratio": prompt_ratio,
+    }
+    print(
+        f"gpu: {shape} ({weight_type}, {model.stat().st_size / 1024**3:.2f} GiB), "
+        f"split {'/'.join(str(c) for c in layers.values())} layers, {ROUNDS} rounds"
+    )
+    print(f"  {'setup':<16} {'gen tok/s':>10} {'prompt tok/s':>13} {'load s':>8}")
+    for name, figures in setups.items():
+        load = load_s.get(name.removesuffix("_at_primary"), float("nan"))
+        print(
+            f"  {name:<16} {figures['gen_tok_s']:>10.1f} {figures['prompt_tok_s']:>13.1f} "
+            f"{load:>8.1f}"
+        )
+    print(
+        f"  mesh / direct: generation {gen_ratio:.3f}, prompt {prompt_ratio:.3f}; through the "
+        f"tunnels per token: {result['tunnel_bytes_per_token']:.0f} bytes, "
+        f"{result['tunnel_round_trips_per_token']:.2f} round trips"
+    )
+    return result
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, Any]:
+    speeds = [s["gen_tok_s"] for s in runs]
+    return {
+        "gen_tok_s": statistics.median(speeds),
+        "gen_tok_s_min_max": [min(speeds), max(speeds)],
+        "prompt_tok_s": statistics.median(s["prompt_tok_s"] for s in runs),
+    }
+
+
+def _print_log_tails(work: Path, lines: int = 25) -> None:
+    """What each process said last, so that a failed run on a remote GPU machine explains
+    itself."""
+    for log in sorted(work.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {log.name} (last {len(tail)} lines)", *tail, sep="\n", file=sys.stderr)
+
+
+def run() -> dict[str, Any]:
+    engine = find_engine(default_cache_dir(), None)
+    devices = list_devices(engine.llama_server)
+    if not devices:
+        print("gpu: skipped, the engine lists no GPU (build it where CUDA or Metal is present)")
+        return {"skipped": "no GPU"}
+    results = [
+        _bench_model(engine, shape, weight_type, len(devices)) for shape, weight_type in MODELS
+    ]
+    return {
+        "devices": [device.as_dict() for device in devices],
+        "driver": _driver(),
+        "engine_version": engine.version,
+        "models": results,
+        "mesh_vs_direct_rpc_tokens_ratio_gpu": results[0]["mesh_vs_direct_gen_ratio"],
+    }
+
+
+def _driver() -> str | None:
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return found.stdout.strip() or None
