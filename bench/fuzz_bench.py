@@ -36,7 +36,7 @@ from sharedllm.mesh.membership import (
 from sharedllm.mesh.records import RecordError
 from sharedllm.mesh.swim import Liveness, Rumor
 from sharedllm.mesh.transport import TransportError
-from sharedllm.mesh.tunnel import TunnelRequest
+from sharedllm.mesh.tunnel import Packer, TunnelRequest, Unpacker
 from sharedllm.node.weight_share import (
     WeightRequest,
     WeightShareError,
@@ -128,6 +128,12 @@ def targets() -> list[Target]:
         Target("weights manifest", decode_manifest, (RecordError, WeightShareError), ()),
         Target("weights tensor answer", decode_tensor_answer, (RecordError, WeightShareError), ()),
         Target("frame", _frame, (FrameError, TransportError), (b"\x00\x00\x00\x03abc",)),
+        Target(
+            "tunnel chunk (zstd)",
+            lambda data: Unpacker().unpack(data),
+            (FrameError,),
+            (Packer().pack(b"ggml graph " * 400),),
+        ),
     ]
 
 

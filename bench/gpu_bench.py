@@ -249,6 +249,7 @@ def _report(
         "setups": setups,
         "load_s": load_s,
         "tunnel_bytes_per_token": statistics.median(t["bytes"] for t in traffic),
+        "tunnel_wire_bytes_per_token": statistics.median(t["wire_bytes"] for t in traffic),
         "tunnel_round_trips_per_token": statistics.median(t["round_trips"] for t in traffic),
         "mesh_vs_direct_gen_ratio": gen_ratio,
         "mesh_vs_direct_prompt_ratio": prompt_ratio,
@@ -266,7 +267,8 @@ def _report(
         )
     print(
         f"  mesh / direct: generation {gen_ratio:.3f}, prompt {prompt_ratio:.3f}; through the "
-        f"tunnels per token: {result['tunnel_bytes_per_token']:.0f} bytes, "
+        f"tunnels per token: {result['tunnel_bytes_per_token']:.0f} bytes "
+        f"({result['tunnel_wire_bytes_per_token']:.0f} on the wire), "
         f"{result['tunnel_round_trips_per_token']:.2f} round trips"
     )
     return result

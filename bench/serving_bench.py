@@ -227,8 +227,12 @@ def _per_token(
         after[w]["bytes_out"] + after[w]["bytes_back"] - b["bytes_out"] - b["bytes_back"]
         for w, b in before.items()
     )
+    wire = sum(
+        after[w]["wire_out"] + after[w]["wire_back"] - b["wire_out"] - b["wire_back"]
+        for w, b in before.items()
+    )
     trips = sum(after[w]["round_trips"] - b["round_trips"] for w, b in before.items())
-    return {"bytes": moved / tokens, "round_trips": trips / tokens}
+    return {"bytes": moved / tokens, "wire_bytes": wire / tokens, "round_trips": trips / tokens}
 
 
 def _report(
@@ -257,11 +261,13 @@ def _report(
         )
     per_token = {
         "bytes": statistics.median(t["bytes"] for t in traffic),
+        "wire_bytes": statistics.median(t["wire_bytes"] for t in traffic),
         "round_trips": statistics.median(t["round_trips"] for t in traffic),
     }
     print(
         f"  through the tunnels, per generated token (the prompt's share included): "
-        f"{per_token['bytes']:.0f} bytes, {per_token['round_trips']:.2f} round trips"
+        f"{per_token['bytes']:.0f} bytes ({per_token['wire_bytes']:.0f} compressed on the "
+        f"wire), {per_token['round_trips']:.2f} round trips"
     )
     measured = medians["mesh_at_primary"]["gen_tok_s"]
     error = abs(predicted_tok_s - measured) / measured

@@ -8,6 +8,12 @@ engine port is ever reachable from the network.
 On the stream, after the opening request, each direction is a sequence of chunks, each a 4-byte
 length then that many bytes; a zero-length chunk is that direction's end (TCP half-close), which
 TLS streams cannot signal themselves. A broken side closes the other at once.
+
+Each direction is one zstd stream, flushed at every chunk: llama.cpp's RPC resends nearly the
+same compute graph for every token, which the window of earlier chunks turns into a few bytes.
+That cuts the bytes that TLS and the link carry per token many times over. A chunk may expand to
+at most `MAX_CHUNK` bytes (what one local read gives the sender), so no peer can make us
+inflate more than that per chunk.
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import IO, cast
 
 import trio
+import zstandard
 
 from . import records
 from .framing import FrameError, receive_frame, send_frame
 from .records import RecordError
 from .transport import MeshStream, TransportError
 
-TUNNEL = "/sharedllm/tunnel/1"
+TUNNEL = "/sharedllm/tunnel/2"
 MAX_CHUNK = 256 * 1024
 _HEADER = 4
 _OPEN_TIMEOUT_S = 10.0
@@ -54,19 +62,24 @@ class TunnelRequest:
 
 @dataclass
 class TunnelStats:
-    """Bytes each way, and round trips: how often the traffic turned from out to back."""
+    """Bytes each way (as the services sent them, and compressed on the wire), and round trips:
+    how often the traffic turned from out to back."""
 
     bytes_out: int = 0
     bytes_back: int = 0
+    wire_out: int = 0
+    wire_back: int = 0
     round_trips: int = 0
     connections: int = 0
     _last_direction: int = field(default=0, repr=False)
 
-    def count(self, direction: int, size: int) -> None:
+    def count(self, direction: int, size: int, wire: int) -> None:
         if direction > 0:
             self.bytes_out += size
+            self.wire_out += wire
         else:
             self.bytes_back += size
+            self.wire_back += wire
             if self._last_direction > 0:
                 self.round_trips += 1
         self._last_direction = direction
@@ -75,9 +88,49 @@ class TunnelStats:
         return {
             "bytes_out": self.bytes_out,
             "bytes_back": self.bytes_back,
+            "wire_out": self.wire_out,
+            "wire_back": self.wire_back,
             "round_trips": self.round_trips,
             "connections": self.connections,
         }
+
+
+class Packer:
+    """One direction's zstd stream, flushed per chunk so the far side can act on it at once."""
+
+    def __init__(self) -> None:
+        self._stream = zstandard.ZstdCompressor(level=1).compressobj()
+
+    def pack(self, data: bytes) -> bytes:
+        return self._stream.compress(data) + self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+
+class Unpacker:
+    """The far end of a `Packer`: each chunk inflates to at most `MAX_CHUNK` bytes."""
+
+    def __init__(self) -> None:
+        self._out = bytearray()
+        sink = cast(IO[bytes], self)  # the decompressor only calls write()
+        # Output space for a whole chunk: with less, the rest of a chunk would wait inside the
+        # decompressor for the next chunk's input.
+        self._stream = zstandard.ZstdDecompressor().stream_writer(
+            sink, write_size=2 * MAX_CHUNK, write_return_read=True
+        )
+
+    def write(self, data: bytes) -> int:
+        """The decompressor's sink (not for callers)."""
+        if len(self._out) + len(data) > MAX_CHUNK:
+            raise FrameError(f"a tunnel chunk inflates to over {MAX_CHUNK} bytes")
+        self._out += data
+        return len(data)
+
+    def unpack(self, data: bytes) -> bytes:
+        self._out = bytearray()
+        try:
+            self._stream.write(data)
+        except zstandard.ZstdError as err:
+            raise FrameError(f"a tunnel chunk does not decompress: {err}") from None
+        return bytes(self._out)
 
 
 class ChunkDecoder:
@@ -136,16 +189,18 @@ async def splice(
 async def _local_to_remote(
     local: trio.SocketStream, remote: MeshStream, stats: TunnelStats, direction: int
 ) -> None:
+    packer = Packer()
     while data := await local.receive_some(MAX_CHUNK):
-        stats.count(direction, len(data))
-        await remote.send_all(encode_chunk(bytes(data)))
+        packed = packer.pack(bytes(data))
+        stats.count(direction, len(data), len(packed))
+        await remote.send_all(encode_chunk(packed))
     await remote.send_all(encode_chunk(b""))
 
 
 async def _remote_to_local(
     remote: MeshStream, local: trio.SocketStream, stats: TunnelStats, direction: int
 ) -> None:
-    decoder = ChunkDecoder()
+    decoder, unpacker = ChunkDecoder(), Unpacker()
     while not decoder.ended:
         data = await remote.receive_some(MAX_CHUNK + _HEADER)
         if not data:
@@ -154,8 +209,9 @@ async def _remote_to_local(
             if chunk is None:
                 await local.send_eof()
             else:
-                stats.count(direction, len(chunk))
-                await local.send_all(chunk)
+                unpacked = unpacker.unpack(chunk)
+                stats.count(direction, len(unpacked), len(chunk))
+                await local.send_all(unpacked)
 
 
 OpenStream = Callable[[], Awaitable[MeshStream]]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sharedllm.mesh.framing import FrameError
@@ -15,10 +17,12 @@ from sharedllm.mesh.transport import TransportError
 from sharedllm.mesh.tunnel import (
     MAX_CHUNK,
     ChunkDecoder,
+    Packer,
     TunnelListener,
     TunnelRefused,
     TunnelRequest,
     TunnelStats,
+    Unpacker,
     encode_chunk,
     open_tunnel,
     serve_tunnel,
@@ -154,3 +158,40 @@ async def test_a_refused_tunnel_reports_why() -> None:
             assert "intruder is not the primary" in str(err)
         else:
             raise AssertionError("the tunnel opened")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=4096),
+            st.builds(
+                lambda n, b: b * n,
+                st.integers(1, MAX_CHUNK // 16),
+                st.binary(min_size=16, max_size=16),
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_compressed_chunks_come_out_as_they_went_in(chunks: list[bytes]) -> None:
+    packer, unpacker = Packer(), Unpacker()
+    for chunk in chunks:
+        assert unpacker.unpack(packer.pack(chunk)) == chunk
+
+
+def test_a_repeated_message_costs_a_few_bytes_after_the_first() -> None:
+    """What makes compression pay: llama.cpp RPC resends nearly the same graph every token."""
+    graph = bytes(range(256)) * 400  # 100 KiB that the window still holds next time
+    packer = Packer()
+    first, again = packer.pack(graph), packer.pack(graph)
+    assert len(again) < 64 < len(first)
+
+
+def test_hostile_chunks_are_refused_not_inflated() -> None:
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * MAX_CHUNK))  # ~4 KiB on the wire
+    with pytest.raises(FrameError, match="inflates to over"):
+        Unpacker().unpack(bomb)
+    with pytest.raises(FrameError, match="does not decompress"):
+        Unpacker().unpack(b"not zstd at all")
