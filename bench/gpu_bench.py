@@ -39,6 +39,7 @@ from sharedllm.scheduler.llama_args import split_args
 from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement
 
+from . import serving_bench
 from .serving_bench import _per_token, _started, _tunnel_totals, _wait_http
 
 ROUNDS = 5
@@ -86,21 +87,8 @@ def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) 
 
 
 def _complete(url: str, model: str) -> dict[str, float]:
-    body = {
-        "model": model,
-        "prompt": PROMPT,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "cache_prompt": False,
-        "ignore_eos": True,
-    }
-    answer = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
-    timings = answer["timings"]
-    return {
-        "gen_tok_s": timings["predicted_per_second"],
-        "prompt_tok_s": timings["prompt_per_second"],
-        "generated": timings["predicted_n"],
-    }
+    # ignore_eos: random weights may pick the end token early; every setup makes all tokens
+    return serving_bench._complete(url, model, PROMPT, MAX_TOKENS, ignore_eos=True)
 
 
 def _ready_after(url: str, model: str, started: float) -> float:

@@ -112,15 +112,18 @@ def _node(command: str, data: Path, port: int, *args: str) -> list[str]:
     ]
 
 
-def _complete(url: str, model: str) -> dict[str, float]:
+def _complete(
+    url: str, model: str, prompt: str = PROMPT, max_tokens: int = MAX_TOKENS, **extra: Any
+) -> dict[str, float]:
     body = {
         "model": model,
-        "prompt": PROMPT,
-        "max_tokens": MAX_TOKENS,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "cache_prompt": False,
+        **extra,
     }
-    answer = httpx.post(url + "/v1/completions", json=body, timeout=300).json()
+    answer = httpx.post(url + "/v1/completions", json=body, timeout=600).json()
     timings = answer["timings"]
     return {
         "gen_tok_s": timings["predicted_per_second"],

@@ -29,6 +29,7 @@ from ..mesh.atomic_file import write_atomic
 PINNED_SDIST = "llama-cpp-python"
 PINNED_SDIST_VERSION = "0.3.36"
 PINNED_RPC_PROTOCOL = "7.0.0"
+BUILD_REVISION = "b2"  # b2: no Intel AMX
 LLAMA_SERVER = "llama-server"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
 BACKENDS = ("cpu", "cuda", "metal")
@@ -62,8 +63,9 @@ class EngineInfo:
 
 
 def pinned_build_key(backend: str = "cpu") -> str:
-    """Names our own build in the cache: pinned source version and compute backend."""
-    return f"llama.cpp-{PINNED_SDIST}-{PINNED_SDIST_VERSION}-{backend}"
+    """Names our own build in the cache: pinned source version, our build recipe's revision
+    (a new one rebuilds every cached engine) and compute backend."""
+    return f"llama.cpp-{PINNED_SDIST}-{PINNED_SDIST_VERSION}-{BUILD_REVISION}-{backend}"
 
 
 def built_engine_dir(cache_dir: Path, backend: str = "cpu") -> Path:

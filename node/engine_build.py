@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -162,11 +163,15 @@ def _extract_llama_tree(sdist: Path, dest: Path) -> Path:
 
 
 def configure_command(
-    source: Path, build_dir: Path, backend: str, env: Mapping[str, str] = os.environ
+    source: Path,
+    build_dir: Path,
+    backend: str,
+    env: Mapping[str, str] = os.environ,
+    machine: str = platform.machine(),
 ) -> list[str]:
     """cmake's configure step. Metal is on by default on Apple machines; CUDA builds for the
     GPUs present at build time unless SHAREDLLM_CUDA_ARCHITECTURES names others."""
-    flags = [*_CMAKE_FLAGS]
+    flags = [*_CMAKE_FLAGS, *_cpu_flags(machine)]
     if backend == "cuda":
         nvcc = find_nvcc(env)
         if nvcc is None:
@@ -180,6 +185,16 @@ def configure_command(
     elif backend == "cpu":
         flags.append("-DGGML_METAL=OFF")
     return ["cmake", "-S", str(source), "-B", str(build_dir), *flags]
+
+
+def _cpu_flags(machine: str) -> list[str]:
+    """The build targets this machine's CPU (llama.cpp's default), but never Intel AMX on x86:
+    some virtual machines advertise AMX yet trap when it runs (this project's CI machines do),
+    and llama.cpp uses it only to speed up a few quantised matrix products."""
+    if machine.lower() not in ("x86_64", "amd64"):
+        return []
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    return [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
 
 
 def _build_command(build_dir: Path, jobs: int | None) -> list[str]:

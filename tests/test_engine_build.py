@@ -83,6 +83,11 @@ def test_cuda_build_turns_on_cuda_with_the_found_compiler(tmp_path: Path) -> Non
     assert "-DCMAKE_CUDA_ARCHITECTURES=90" in chosen
     cpu = configure_command(tmp_path, tmp_path, "cpu", env)
     assert "-DGGML_METAL=OFF" in cpu and not any("CUDA" in flag for flag in cpu)
+    # x86 builds leave out Intel AMX (it traps on some virtual machines); others get no x86 flag
+    x86 = configure_command(tmp_path, tmp_path, "cpu", env, machine="x86_64")
+    assert any(f.startswith("-DCMAKE_CXX_FLAGS=") and "-mno-amx-int8" in f for f in x86)
+    arm = configure_command(tmp_path, tmp_path, "metal", env, machine="arm64")
+    assert not any("amx" in flag for flag in arm)
     with pytest.raises(EngineBuildError, match="needs CUDA's compiler"):
         configure_command(
             tmp_path, tmp_path, "cuda", {"PATH": str(tmp_path), "CUDA_PATH": str(tmp_path)}

@@ -19,10 +19,15 @@ from sharedllm.scheduler.llama_args import llama_layer_devices, split_args
 from sharedllm.scheduler.placement import Assignment, Placement
 
 
-def _placement(primary_layers: int, worker_layers: list[int]) -> Placement:
+def _placement(
+    primary_layers: int, worker_layers: list[int], *, primary_last: bool = False
+) -> Placement:
+    """The primary's layers first (kept on its CPU), or last (on its GPUs)."""
     assignments = []
     first = 0
-    nodes = [("p", primary_layers)] + [(f"w{i}", n) for i, n in enumerate(worker_layers)]
+    own = [("p", primary_layers)]
+    others = [(f"w{i}", n) for i, n in enumerate(worker_layers)]
+    nodes = others + own if primary_last else own + others
     for node, count in nodes:
         if count:
             assignments.append(Assignment(node, first, first + count - 1, 0))
@@ -54,18 +59,6 @@ def test_mapping_gives_exactly_the_planned_counts(
     assert devices == expected
 
 
-def _gpu_placement(worker_layers: list[int], primary_layers: int) -> Placement:
-    """Workers first, then the primary's layers on its GPUs (the planner's order for them)."""
-    assignments = []
-    first = 0
-    nodes = [(f"w{i}", n) for i, n in enumerate(worker_layers)] + [("p", primary_layers)]
-    for node, count in nodes:
-        if count:
-            assignments.append(Assignment(node, first, first + count - 1, 0))
-            first += count
-    return Placement("m", "p", tuple(assignments), 0, 1.0, 1.0)
-
-
 @settings(max_examples=500, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(1, 60), st.integers(1, 4)), min_size=0, max_size=8),
@@ -83,7 +76,7 @@ def test_devices_of_every_node_get_their_planned_layers(
     devices = {f"w{i}": count for i, (_, count) in enumerate(workers)} | {"p": gpus}
     worker_layers = [layers for layers, _ in workers]
     if gpus:
-        placement = _gpu_placement(worker_layers, primary_layers)
+        placement = _placement(primary_layers, worker_layers, primary_last=True)
     else:
         placement = _placement(primary_layers, worker_layers)
     args = split_args(placement, layer_count, devices)
@@ -111,7 +104,7 @@ def test_devices_of_every_node_get_their_planned_layers(
 
 
 def test_a_primary_with_gpus_and_no_workers_offloads_everything() -> None:
-    placement = _gpu_placement([], 24)
+    placement = _placement(24, [], primary_last=True)
     assert split_args(placement, 24, {"p": 1}).argv([]) == ["--n-gpu-layers", "25"]
     assert split_args(placement, 24).argv([]) == ["--n-gpu-layers", "0"]
 
