@@ -112,9 +112,7 @@ def test_the_engine_loads_and_runs_quantised_models(
     model = write_synthetic_model(tmp_path / "m.gguf", shape, dtype=weight_type)
     port = free_loopback_port()
     argv = [str(engine.llama_server), "-m", str(model), "--host", "127.0.0.1"]
-    # --no-repack: some virtual machines (this CI's among them) advertise Intel AMX, which a
-    # native build then uses for these quantised matrices, yet trap when it runs.
-    argv += ["--port", str(port), "-c", "512", "--no-webui", "--no-repack"]
+    argv += ["--port", str(port), "-c", "512", "--no-webui"]
     with (tmp_path / "log").open("wb") as log:
         server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
