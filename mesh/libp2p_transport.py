@@ -92,6 +92,7 @@ class Libp2pTransport:
             info = info_from_p2p_addr(multiaddr.Multiaddr(address))
         except Exception as err:  # noqa: BLE001
             raise TransportError(f"not a peer address: {address} ({err})") from None
+        self._allow_dial(info.peer_id)
         try:
             await self._host.connect(info)
         except Exception as err:  # noqa: BLE001
@@ -100,9 +101,20 @@ class Libp2pTransport:
             ) from None
         return str(info.peer_id)
 
+    def _allow_dial(self, peer: Any) -> None:
+        """Our mesh paces its own dials (bootstrap retries, probes); libp2p's swarm would refuse
+        to dial a peer for 60 s after one failed dial, which let a brief flood of its inbound
+        slots lock joiners out for a minute."""
+        self._host.get_network().unblock_peer(peer)
+
     async def open_stream(self, peer_id: str, protocol: str) -> MeshStream:
         try:
-            stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
+            peer = ID.from_base58(peer_id)
+        except Exception as err:  # noqa: BLE001
+            raise TransportError(f"not a peer id: {peer_id} ({err})") from None
+        self._allow_dial(peer)
+        try:
+            stream = await self._host.new_stream(peer, [TProtocol(protocol)])
         except Exception as err:  # noqa: BLE001
             raise TransportError(
                 f"cannot open {protocol} to {peer_id}: {type(err).__name__}"

@@ -173,12 +173,6 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
         node.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known weakness, found by this test: while 300 connections to the libp2p port stay "
-    "silent, a joining member's security handshake fails; the data plane is bounded, the "
-    "libp2p listener not yet",
-)
 def test_a_flood_of_silent_connections_to_the_mesh_port_does_not_lock_members_out(
     tmp_path: Path,
 ) -> None:
