@@ -16,6 +16,7 @@ from typing import Any
 
 import multiaddr
 import psutil
+import trio
 
 from .identity import NodeIdentity
 from .transport import MeshStream, StreamHandler, TransportError
@@ -101,6 +102,10 @@ class Libp2pTransport:
             ) from None
         return str(info.peer_id)
 
+    def free_inbound_slots(self) -> int:
+        """How many more inbound connections the host would take into a handshake now."""
+        return int(self._host.get_network()._inbound_limiter.available_tokens)
+
     def _allow_dial(self, peer: Any) -> None:
         """Our mesh paces its own dials (bootstrap retries, probes); libp2p's swarm would refuse
         to dial a peer for 60 s after one failed dial, which let a brief flood of its inbound
@@ -184,8 +189,30 @@ async def open_libp2p_transport(
     for address in addrs:
         _check_port_free(address)
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
-    async with host.run(listen_addrs=addrs):
+    async with host.run(listen_addrs=addrs), trio.open_nursery() as nursery:
         transport = Libp2pTransport(host)
         if str(host.get_id()) != identity.peer_id:
             raise TransportError("libp2p derived another peer id from our key")
+        nursery.start_soon(_return_closed_inbound_slots, host.get_network())
         yield transport
+        nursery.cancel_scope.cancel()
+
+
+def inbound_slot_tokens(base: int, borrowed: int, live_connections: int) -> int:
+    """How many inbound slots the swarm should have so that `base` of them are free for new
+    handshakes whenever fewer than `base` connections live: the slots still held by
+    connections that have closed (`borrowed` minus the live ones) are added on top."""
+    return base + max(0, borrowed - live_connections)
+
+
+async def _return_closed_inbound_slots(swarm: Any, period_s: float = 2.0) -> None:
+    """py-libp2p 0.8.1 keeps an inbound connection's slot until the whole host stops, also
+    after that connection has closed; a node would stop accepting members after its 250th
+    inbound connection ever. Every `period_s` the slots of closed connections are given back
+    (counting every live connection as inbound, which can only give back too few)."""
+    limiter = swarm._inbound_limiter  # the pinned version's own cap on waiting handshakes
+    base = int(limiter.total_tokens)
+    while True:
+        await trio.sleep(period_s)
+        live = len(swarm.get_connections())
+        limiter.total_tokens = inbound_slot_tokens(base, int(limiter.borrowed_tokens), live)

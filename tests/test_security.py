@@ -15,10 +15,12 @@ import httpx
 import psutil
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.libp2p_transport import open_libp2p_transport
+from sharedllm.mesh.libp2p_transport import inbound_slot_tokens, open_libp2p_transport
 from sharedllm.mesh.mesh_store import load_addresses
 from sharedllm.mesh.records import signing_bytes
 from sharedllm.mesh.service import GOSSIP, HELLO
@@ -206,3 +208,27 @@ def _mesh_port(data_dir: Path) -> int:
     """The libp2p port the node recorded (its addresses: /ip4/127.0.0.1/tcp/PORT/p2p/ID)."""
     address = next(a for a in load_addresses(data_dir) if a.startswith("/ip4/127.0.0.1/tcp/"))
     return int(address.split("/")[4])
+
+
+@given(st.integers(1, 500), st.integers(0, 2000), st.integers(0, 2000))
+def test_inbound_slots_of_closed_connections_come_back(base: int, borrowed: int, live: int) -> None:
+    tokens = inbound_slot_tokens(base, borrowed, live)
+    assert tokens >= base
+    # free slots for new handshakes: all of `base` unless that many connections really live
+    assert tokens - borrowed >= base - live
+
+
+async def test_a_node_still_accepts_after_many_connections_have_come_and_gone() -> None:
+    """py-libp2p keeps each inbound connection's slot until the host stops; ours returns the
+    slots of closed connections, so reconnecting members never use them up."""
+    ours, theirs = NodeIdentity.from_seed(b"\x07" * 32), NodeIdentity.from_seed(b"\x08" * 32)
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    async with (
+        open_libp2p_transport(ours, loopback) as node,
+        open_libp2p_transport(theirs, loopback) as member,
+    ):
+        for _ in range(40):
+            await member.connect(node.listen_addrs()[0])
+            await member.disconnect(ours.peer_id)
+        await trio.sleep(2.5)  # one round of giving slots back
+        assert node.free_inbound_slots() >= 250
