@@ -1,6 +1,7 @@
 """Transport benchmark: round trip and bulk throughput of each stream kind, side by side, in one
 run and one process (client and server share a core budget, as on a busy node):
-raw TCP (the ceiling), the libp2p control plane (Noise + yamux) and the TLS data plane."""
+raw TCP (the ceiling), the libp2p control plane (Noise + yamux), the TLS data plane, and a whole
+rpc tunnel (TCP in, the data plane with compressed chunks, TCP out)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MembershipState, MeshKey, Proof
 from sharedllm.mesh.transport import MeshStream
+from sharedllm.mesh.tunnel import TUNNEL, TunnelListener, TunnelRequest, TunnelStats, serve_tunnel
 
 PINGS = 400
 BULK_BYTES = 64 * 1024 * 1024
@@ -133,6 +135,39 @@ async def _data_plane() -> AsyncIterator[Opener]:
 
 
 @asynccontextmanager
+async def _tunnel() -> AsyncIterator[Opener]:
+    """What llama-server's RPC traffic crosses: plain TCP into a tunnel listener, the TLS data
+    plane (compressed chunks), and plain TCP out to the service on the far side."""
+    (server_id, server_proof), (client_id, client_proof) = _members()
+    mesh_key = server_proof.certificate.mesh_public_key if server_proof.certificate else b""
+    server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit)
+    client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, host="127.0.0.1"), lambda s: _serve(_TcpStream(s)), 0
+        )
+        service = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+        async def target(_request: TunnelRequest, _peer: str) -> str:
+            return service
+
+        server.serve(TUNNEL, partial(serve_tunnel, target=target, stats=TunnelStats()))
+        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+
+        async def open_data_stream() -> MeshStream:
+            return await client.open_stream(server_id.peer_id, host, port, TUNNEL)
+
+        listener = TunnelListener(open_data_stream, TunnelRequest("rpc", "bench", 1))
+        nursery.start_soon(listener.run)
+
+        async def opener() -> MeshStream:
+            return _TcpStream(await trio.open_tcp_stream("127.0.0.1", listener.port))
+
+        yield opener
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
 async def _libp2p() -> AsyncIterator[Opener]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -158,6 +193,7 @@ async def _run_all() -> dict[str, dict[str, float]]:
     for name, setup in (
         ("raw_tcp", _raw_tcp),
         ("data_plane_tls", _data_plane),
+        ("tunnel", _tunnel),
         ("libp2p_noise_yamux", _libp2p),
     ):
         async with setup() as opener:
