@@ -16,7 +16,6 @@ the processes to the first answered request. Needs a CUDA build of the engine
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import statistics
@@ -34,7 +33,6 @@ from sharedllm.node.devices import list_devices
 from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
 from sharedllm.node.model_file import inspect_model
 from sharedllm.node.synthetic_model import SHAPES, write_synthetic_model
-from sharedllm.scheduler.cost_model import CostModel
 from sharedllm.scheduler.llama_args import split_args
 from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement
@@ -59,15 +57,6 @@ def _model(shape: str, weight_type: str) -> Path:
         write_synthetic_model(partial, SHAPES[shape], dtype=weight_type)
         partial.rename(path)
     return path
-
-
-def _cap_bytes(profile: ModelProfile, layers: int, primary: bool) -> int:
-    """A `--max-memory` that lets the planner give a node exactly `layers` layers."""
-    cost = CostModel()
-    per_layer = cost.layer_memory(profile, CONTEXT)
-    extra = cost.primary_extra_memory(profile) if primary else 0
-    budget = extra + layers * per_layer + per_layer // 2 + cost.compute_buffer_bytes
-    return math.ceil(budget / (1.0 - cost.memory_headroom_fraction))
 
 
 def _thirds(layer_count: int) -> tuple[int, int, int]:
@@ -112,10 +101,22 @@ def _start_mesh(stack: ExitStack, work: Path, model: Path, profile: ModelProfile
         argv += ["--max-memory", str(cap), *args]
         stack.enter_context(_started(argv, work / f"{name}.log", _ENV))
 
-    node("a", ports[0], _cap_bytes(profile, primary_layers, True), "--model", str(model))
+    node(
+        "a",
+        ports[0],
+        serving_bench.cap_bytes(profile, primary_layers, True, CONTEXT),
+        "--model",
+        str(model),
+    )
     token = _invite(command, work / "a")
     for index, layers in enumerate(worker_layers, start=1):
-        node(f"n{index}", ports[index], _cap_bytes(profile, layers, False), "--join", token)
+        node(
+            f"n{index}",
+            ports[index],
+            serving_bench.cap_bytes(profile, layers, False, CONTEXT),
+            "--join",
+            token,
+        )
     return {"mesh_at_primary": f"http://127.0.0.1:{ports[0]}"}
 
 

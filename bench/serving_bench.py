@@ -13,6 +13,7 @@ alike. Generation and prompt speeds are the engine's own timings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,7 +31,10 @@ import httpx
 from sharedllm.node.config import default_cache_dir
 from sharedllm.node.default_model import default_model_path
 from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
+from sharedllm.node.model_file import inspect_model
+from sharedllm.scheduler.cost_model import CostModel
 from sharedllm.scheduler.llama_args import split_args
+from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement
 
 ROUNDS = 5
@@ -41,8 +45,8 @@ PROMPT = (
     "The story should have a beginning, a middle and an end, and mention the sea, "
     "a storm, a seagull and an old map. Keep the language simple."
 )
-SPLIT = ((0, 5), (6, 11), (12, 17))  # primary, worker 1, worker 2 (the caps force this split)
-FOUNDER_CAP, WORKER_CAP = "500MiB", "320MiB"
+# Layers of the primary, then of each worker; memory caps computed from the model force them.
+SPLITS = ((6, 6, 6), (9, 9))
 # Three engine processes share this machine's cores in the split setups: one thread each, in
 # both the direct and the mesh setup, so that neither pays for oversubscribed spinning threads.
 THREADS = ["--threads", "1"]
@@ -96,13 +100,24 @@ def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) 
     ]
 
 
-def _direct_split_args(endpoints: list[str]) -> list[str]:
-    nodes = ("primary", "w1", "w2")
+def _direct_split_args(endpoints: list[str], counts: tuple[int, ...]) -> list[str]:
+    nodes = ["primary", *(f"w{i}" for i in range(1, len(counts)))]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
     assignments = tuple(
-        Assignment(node, first, last, 0) for node, (first, last) in zip(nodes, SPLIT, strict=True)
+        Assignment(node, first, first + count - 1, 0)
+        for node, first, count in zip(nodes, starts, counts, strict=True)
     )
     placement = Placement("gemma", "primary", assignments, 0, 0.0, 0.0)
-    return split_args(placement, SPLIT[-1][1] + 1).argv(endpoints)
+    return split_args(placement, sum(counts)).argv(endpoints)
+
+
+def cap_bytes(profile: ModelProfile, layers: int, primary: bool, context: int) -> int:
+    """A `--max-memory` that lets the planner give a node exactly `layers` layers."""
+    cost = CostModel()
+    per_layer = cost.layer_memory(profile, context)
+    extra = cost.primary_extra_memory(profile) if primary else 0
+    budget = extra + layers * per_layer + per_layer // 2 + cost.compute_buffer_bytes
+    return math.ceil(budget / (1.0 - cost.memory_headroom_fraction))
 
 
 def _node(command: str, data: Path, port: int, *args: str) -> list[str]:
@@ -141,8 +156,24 @@ def _tunnel_totals(url: str, model: str) -> dict[str, dict[str, int]]:
 def run() -> dict[str, Any]:
     engine = find_engine(default_cache_dir(), None)
     model = default_model_path(default_cache_dir())
+    profile = inspect_model(model).profile
+    placements = [_run_split(engine, model, profile, counts) for counts in SPLITS]
+    errors = [p["predicted_vs_measured_error"] for p in placements]
+    print(
+        f"serving: predicted vs measured tokens/s over {len(placements)} placements: "
+        f"{', '.join(f'{e:.0%}' for e in errors)} off (target within 15%)"
+    )
+    return {
+        "placements": placements,
+        "mesh_vs_direct_rpc_tokens_ratio": placements[0]["mesh_vs_direct_rpc_tokens_ratio"],
+        "predicted_vs_measured_error": max(errors),
+    }
+
+
+def _run_split(
+    engine: EngineInfo, model: Path, profile: ModelProfile, counts: tuple[int, ...]
+) -> dict[str, Any]:
     model_id = model.name.removesuffix(".gguf")
-    command = str(Path(sys.executable).parent / "sharedllm-node")
     work = Path(tempfile.mkdtemp(prefix="sharedllm-bench-"))
     urls: dict[str, str] = {}
     try:
@@ -152,37 +183,37 @@ def run() -> dict[str, Any]:
                 _started(_llama_server(engine, model, port, []), work / "single.log")
             )
             urls["single"] = f"http://127.0.0.1:{port}"
-            rpc = [free_loopback_port(), free_loopback_port()]
+            rpc = [free_loopback_port() for _ in counts[1:]]
             for index, rpc_port in enumerate(rpc):
                 argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
                 stack.enter_context(_started(argv, work / f"rpc{index}.log"))
             time.sleep(0.5)
             port = free_loopback_port()
-            split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc]), *THREADS]
+            split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc], counts), *THREADS]
             stack.enter_context(
                 _started(_llama_server(engine, model, port, split), work / "direct.log")
             )
             urls["direct"] = f"http://127.0.0.1:{port}"
-            urls.update(_start_mesh(stack, command, work))
+            caps = [cap_bytes(profile, n, index == 0, CONTEXT) for index, n in enumerate(counts)]
+            urls.update(_start_mesh(stack, work, caps))
             for url in urls.values():
                 _wait_http(url)
-            return _measure(urls, model_id)
+            return {"split": list(counts), **_measure(urls, model_id, counts)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _start_mesh(stack: ExitStack, command: str, work: Path) -> dict[str, str]:
-    ports = [free_loopback_port() for _ in range(3)]
+def _start_mesh(stack: ExitStack, work: Path, caps: list[int]) -> dict[str, str]:
+    """The founder holds the model and leads; each joiner's cap fixes its share of layers."""
+    command = str(Path(sys.executable).parent / "sharedllm-node")
+    ports = [free_loopback_port() for _ in caps]
     founder = work / "a"
-    stack.enter_context(
-        _started(
-            _node(command, founder, ports[0], "--max-memory", FOUNDER_CAP, *THREADS), work / "a.log"
-        )
-    )
+    argv = _node(command, founder, ports[0], "--max-memory", str(caps[0]), *THREADS)
+    stack.enter_context(_started(argv, work / "a.log"))
     deadline = time.monotonic() + 120
     while True:
         invite = subprocess.run(
-            [command, "invite", "--data-dir", str(founder), "--uses", "2"],
+            [command, "invite", "--data-dir", str(founder), "--uses", str(len(caps) - 1)],
             capture_output=True,
             text=True,
             check=False,
@@ -191,19 +222,17 @@ def _start_mesh(stack: ExitStack, command: str, work: Path) -> dict[str, str]:
             break
         time.sleep(0.5)
     token = invite.stdout.strip()
-    for index in (1, 2):
-        argv = _node(
-            command, work / f"n{index}", ports[index], "--join", token, "--max-memory", WORKER_CAP
-        )
-        argv += THREADS
+    for index in range(1, len(caps)):
+        argv = _node(command, work / f"n{index}", ports[index], "--join", token)
+        argv += ["--max-memory", str(caps[index]), *THREADS]
         stack.enter_context(_started(argv, work / f"n{index}.log"))
     return {
         "mesh_at_primary": f"http://127.0.0.1:{ports[0]}",
-        "mesh_at_worker": f"http://127.0.0.1:{ports[2]}",
+        "mesh_at_worker": f"http://127.0.0.1:{ports[-1]}",
     }
 
 
-def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
+def _measure(urls: dict[str, str], model_id: str, counts: tuple[int, ...]) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
     traffic: list[dict[str, float]] = []
     for name, url in urls.items():  # warm-up: first requests pay one-time costs
@@ -220,7 +249,7 @@ def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
             samples[name].append(sample)
     planned = httpx.get(urls["mesh_at_primary"] + "/mesh/peers", timeout=5).json()
     predicted = planned["models"][model_id]["planned"]["predicted_tokens_per_s"]
-    return _report(samples, traffic, float(predicted))
+    return _report(samples, traffic, float(predicted), counts)
 
 
 def _per_token(
@@ -242,6 +271,7 @@ def _report(
     samples: dict[str, list[dict[str, float]]],
     traffic: list[dict[str, float]],
     predicted_tok_s: float,
+    counts: tuple[int, ...],
 ) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {
         name: {
@@ -252,7 +282,8 @@ def _report(
         for name, runs in samples.items()
     }
     direct = medians["direct"]
-    print(f"serving: gemma 270M, split 6/6/6 layers, {ROUNDS} interleaved rounds, loopback")
+    split = "/".join(str(n) for n in counts)
+    print(f"serving: gemma 270M, split {split} layers, {ROUNDS} interleaved rounds, loopback")
     print(f"  {'setup':<16} {'gen tok/s':>10} {'prompt tok/s':>13} {'gen vs direct':>14}")
     for name, figures in medians.items():
         ratio = figures["gen_tok_s"] / direct["gen_tok_s"]
