@@ -33,7 +33,9 @@ from .records import RecordError
 from .transport import MeshStream, TransportError
 
 TUNNEL = "/sharedllm/tunnel/2"
-MAX_CHUNK = 256 * 1024
+MAX_CHUNK = 256 * 1024  # bytes of one local read, and the most a wire chunk may inflate to
+# A compressed chunk of data that does not compress is a little larger than the data itself.
+MAX_WIRE_CHUNK = MAX_CHUNK + MAX_CHUNK // 64
 _HEADER = 4
 _OPEN_TIMEOUT_S = 10.0
 _log = logging.getLogger("sharedllm.mesh.tunnel")
@@ -147,8 +149,8 @@ class ChunkDecoder:
         found: list[bytes | None] = []
         while len(self._buffer) >= _HEADER and not self.ended:
             size = int.from_bytes(self._buffer[:_HEADER], "big")
-            if size > MAX_CHUNK:
-                raise FrameError(f"tunnel chunk of {size} bytes is over {MAX_CHUNK}")
+            if size > MAX_WIRE_CHUNK:
+                raise FrameError(f"tunnel chunk of {size} bytes is over {MAX_WIRE_CHUNK}")
             if len(self._buffer) < _HEADER + size:
                 break
             chunk = bytes(self._buffer[_HEADER : _HEADER + size])
@@ -202,7 +204,7 @@ async def _remote_to_local(
 ) -> None:
     decoder, unpacker = ChunkDecoder(), Unpacker()
     while not decoder.ended:
-        data = await remote.receive_some(MAX_CHUNK + _HEADER)
+        data = await remote.receive_some(MAX_WIRE_CHUNK + _HEADER)
         if not data:
             raise TransportError("the tunnel stream ended without an end marker")
         for chunk in decoder.feed(data):

@@ -4,6 +4,7 @@ loopback connections carried through a stream pair both ways with half-close and
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import partial
 
 import pytest
@@ -16,6 +17,7 @@ from sharedllm.mesh.framing import FrameError
 from sharedllm.mesh.transport import TransportError
 from sharedllm.mesh.tunnel import (
     MAX_CHUNK,
+    MAX_WIRE_CHUNK,
     ChunkDecoder,
     Packer,
     TunnelListener,
@@ -57,7 +59,7 @@ def test_hostile_bytes_decode_or_fail_with_our_error(data: bytes) -> None:
 def test_oversized_chunk_is_refused_before_buffering() -> None:
     decoder = ChunkDecoder()
     try:
-        decoder.feed((MAX_CHUNK + 1).to_bytes(4, "big"))
+        decoder.feed((MAX_WIRE_CHUNK + 1).to_bytes(4, "big"))
     except FrameError as err:
         assert "over" in str(err)
     else:
@@ -101,7 +103,12 @@ async def _echo_upper(stream: trio.SocketStream) -> None:
     await stream.aclose()
 
 
-async def test_a_loopback_connection_crosses_the_tunnel_with_half_close() -> None:
+@pytest.mark.parametrize(
+    "payload",
+    [b"hello tunnel " * 50_000, os.urandom(1_500_000)],  # several chunks; and incompressible
+    ids=["text", "random"],
+)
+async def test_a_loopback_connection_crosses_the_tunnel_with_half_close(payload: bytes) -> None:
     server_stats = TunnelStats()
     async with trio.open_nursery() as nursery:
         serve = partial(trio.serve_tcp, host="127.0.0.1")
@@ -123,7 +130,6 @@ async def test_a_loopback_connection_crosses_the_tunnel_with_half_close() -> Non
         listener = TunnelListener(open_stream, TunnelRequest("rpc", "m", 1))
         nursery.start_soon(listener.run)
         client = await trio.open_tcp_stream("127.0.0.1", listener.port)
-        payload = b"hello tunnel " * 50_000  # several chunks
         await client.send_all(payload)
         await client.send_eof()  # half-close: the service answers only after our end
         answer = b""
@@ -179,6 +185,16 @@ def test_compressed_chunks_come_out_as_they_went_in(chunks: list[bytes]) -> None
     packer, unpacker = Packer(), Unpacker()
     for chunk in chunks:
         assert unpacker.unpack(packer.pack(chunk)) == chunk
+
+
+def test_full_chunks_that_do_not_compress_still_fit_on_the_wire() -> None:
+    packer, unpacker, decoder = Packer(), Unpacker(), ChunkDecoder()
+    for _ in range(4):
+        data = os.urandom(MAX_CHUNK)
+        packed = packer.pack(data)
+        assert len(packed) > MAX_CHUNK  # a little larger than what went in
+        (chunk,) = decoder.feed(encode_chunk(packed))
+        assert chunk is not None and unpacker.unpack(chunk) == data
 
 
 def test_a_repeated_message_costs_a_few_bytes_after_the_first() -> None:
