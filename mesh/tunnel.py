@@ -11,9 +11,10 @@ TLS streams cannot signal themselves. A broken side closes the other at once.
 
 Each direction is one zstd stream, flushed at every chunk: llama.cpp's RPC resends nearly the
 same compute graph for every token, which the window of earlier chunks turns into a few bytes.
-That cuts the bytes that TLS and the link carry per token many times over. A chunk may expand to
-at most `MAX_CHUNK` bytes (what one local read gives the sender), so no peer can make us
-inflate more than that per chunk.
+That cuts the bytes that TLS and the link carry per token many times over. Large chunks that do
+not compress (weights at load) go as they are; a first byte says which a chunk is. A chunk may
+expand to at most `MAX_CHUNK` bytes (what one local read gives the sender), so no peer can make
+us inflate more than that per chunk.
 """
 
 from __future__ import annotations
@@ -97,14 +98,30 @@ class TunnelStats:
         }
 
 
+_RAW, _ZSTD = b"\x00", b"\x01"  # the first byte of every wire chunk says which it is
+_SAMPLE = 4096
+_POOR_RATIO = 0.9
+
+
 class Packer:
-    """One direction's zstd stream, flushed per chunk so the far side can act on it at once."""
+    """One direction's zstd stream, flushed per chunk so the far side can act on it at once.
+
+    A large chunk whose sample does not compress (weights at load, mostly) goes as it is, so
+    loads do not pay for compressing what cannot shrink; the stream carries on with the rest.
+    """
 
     def __init__(self) -> None:
         self._stream = zstandard.ZstdCompressor(level=1).compressobj()
+        self._probe = zstandard.ZstdCompressor(level=1)
 
     def pack(self, data: bytes) -> bytes:
-        return self._stream.compress(data) + self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        if len(data) > 2 * _SAMPLE:
+            middle = len(data) // 2
+            sample = data[middle : middle + _SAMPLE]
+            if len(self._probe.compress(sample)) > _POOR_RATIO * _SAMPLE:
+                return _RAW + data
+        compressed = self._stream.compress(data)
+        return _ZSTD + compressed + self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
 
 class Unpacker:
@@ -127,9 +144,14 @@ class Unpacker:
         return len(data)
 
     def unpack(self, data: bytes) -> bytes:
+        kind, payload = data[:1], data[1:]
+        if kind == _RAW and len(payload) <= MAX_CHUNK:
+            return payload
+        if kind != _ZSTD:
+            raise FrameError("a tunnel chunk is neither plain nor compressed, or is too large")
         self._out = bytearray()
         try:
-            self._stream.write(data)
+            self._stream.write(payload)
         except zstandard.ZstdError as err:
             raise FrameError(f"a tunnel chunk does not decompress: {err}") from None
         return bytes(self._out)

@@ -208,6 +208,22 @@ def test_a_repeated_message_costs_a_few_bytes_after_the_first() -> None:
 def test_hostile_chunks_are_refused_not_inflated() -> None:
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (64 * MAX_CHUNK))  # ~4 KiB on the wire
     with pytest.raises(FrameError, match="inflates to over"):
-        Unpacker().unpack(bomb)
+        Unpacker().unpack(b"\x01" + bomb)
     with pytest.raises(FrameError, match="does not decompress"):
-        Unpacker().unpack(b"not zstd at all")
+        Unpacker().unpack(b"\x01not zstd at all")
+    with pytest.raises(FrameError, match="neither plain nor compressed"):
+        Unpacker().unpack(b"\x07whatever")
+    with pytest.raises(FrameError, match="too large"):
+        Unpacker().unpack(b"\x00" + bytes(MAX_CHUNK + 1))
+
+
+def test_data_that_does_not_compress_goes_as_it_is_and_the_stream_carries_on() -> None:
+    packer, unpacker = Packer(), Unpacker()
+    graph = bytes(range(256)) * 400
+    weights = os.urandom(MAX_CHUNK)
+    assert unpacker.unpack(packer.pack(graph)) == graph
+    plain = packer.pack(weights)
+    assert plain == b"\x00" + weights  # not compressed: no time spent on it
+    assert unpacker.unpack(plain) == weights
+    again = packer.pack(graph)  # the compressed stream still holds the graph from before
+    assert len(again) < 64 and unpacker.unpack(again) == graph
