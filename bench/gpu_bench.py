@@ -53,9 +53,7 @@ def _model(shape: str, weight_type: str) -> Path:
     path = default_cache_dir() / "bench-models" / f"{shape}-{weight_type}.gguf"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
-        write_synthetic_model(partial, SHAPES[shape], dtype=weight_type)
-        partial.rename(path)
+        write_synthetic_model(path, SHAPES[shape], dtype=weight_type)
     return path
 
 

@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--backend",
         choices=BACKENDS,
-        help="compute backend (default: cuda where nvcc is installed, metal on macOS, else cpu)",
+        help="compute backend (default: cuda where nvcc and an NVIDIA GPU are present, metal on "
+        "macOS, else cpu)",
     )
     build.set_defaults(handler=_cmd_engine_build)
 
@@ -315,9 +316,7 @@ def _cmd_model_synthetic(args: argparse.Namespace) -> int:
     if args.file.exists():
         print(f"error: {args.file} exists; choose another name", file=sys.stderr)
         return 2
-    partial = args.file.with_name(args.file.name + ".part")
-    write_synthetic_model(partial, SHAPES[args.shape], seed=args.seed, dtype=args.type)
-    partial.rename(args.file)
+    write_synthetic_model(args.file, SHAPES[args.shape], seed=args.seed, dtype=args.type)
     size = args.file.stat().st_size
     print(f"{args.file}: {args.shape} shape, {args.type} weights, {size / 1024**3:.2f} GiB")
     return 0

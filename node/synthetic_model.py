@@ -162,10 +162,22 @@ def _matrix_type(weight_type: str, cols: int) -> _WeightType:
 def write_synthetic_model(
     path: Path, shape: ModelShape = ModelShape(), seed: int = 0, dtype: str = "f16"
 ) -> Path:
-    """Writes a loadable llama GGUF with random weights to `path` and returns it."""
+    """Writes a loadable llama GGUF with random weights to `path` and returns it. The file
+    appears only when complete (written beside it, then renamed)."""
     if dtype not in _TYPES:
         raise ValueError(f"weight type {dtype!r} is not one of {', '.join(WEIGHT_TYPES)}")
     rng = np.random.default_rng(seed)
+    partial = path.with_name(path.name + ".part")
+    try:
+        _write(partial, shape, dtype, rng)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.rename(path)
+    return path
+
+
+def _write(path: Path, shape: ModelShape, dtype: str, rng: np.random.Generator) -> None:
     tokens, scores, types = _vocabulary(shape.vocab_size)
     writer = gguf.GGUFWriter(str(path), "llama")
     _write_metadata(writer, shape, _TYPES[dtype].file_type)
@@ -197,7 +209,6 @@ def write_synthetic_model(
         else:
             writer.write_tensor_data(planned_kind.generate(rng, rows, cols))
     writer.close()
-    return path
 
 
 def _write_metadata(writer: gguf.GGUFWriter, shape: ModelShape, file_type: int) -> None:
