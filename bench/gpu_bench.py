@@ -73,9 +73,9 @@ def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) 
     ]
 
 
-def _complete(url: str, model: str) -> dict[str, float]:
+def _complete(url: str, model: str, tokens: int = MAX_TOKENS) -> dict[str, float]:
     # ignore_eos: random weights may pick the end token early; every setup makes all tokens
-    return serving_bench._complete(url, model, PROMPT, MAX_TOKENS, ignore_eos=True)
+    return serving_bench._complete(url, model, PROMPT, tokens, ignore_eos=True)
 
 
 def _ready_after(url: str, model: str, started: float) -> float:
@@ -203,18 +203,40 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
 
 def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in urls}
-    traffic: list[dict[str, float]] = []
+    traffic: list[dict[str, Any]] = []
     for _ in range(ROUNDS):
         for name, url in urls.items():
             asked = model_id if name.startswith("mesh") else "bench"
             if name == "mesh_at_primary":
-                before = _tunnel_totals(url, model_id)
-                sample = _complete(url, asked)
-                traffic.append(_per_token(before, _tunnel_totals(url, model_id), MAX_TOKENS))
+                sample, generation = _generation_traffic(url, model_id)
+                traffic.append(generation)
             else:
                 sample = _complete(url, asked)
             samples[name].append(sample)
     return {"samples": samples, "traffic": traffic}
+
+
+def _generation_traffic(url: str, model_id: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """A completion's timings, and what crossed the tunnels per generated token: the traffic of
+    the whole completion less that of the same prompt with one token (the prompt's share)."""
+    start = _tunnel_totals(url, model_id)
+    _complete(url, model_id, tokens=1)
+    middle = _tunnel_totals(url, model_id)
+    sample = _complete(url, model_id)
+    end = _tunnel_totals(url, model_id)
+    prompt, whole = _per_token(start, middle, 1), _per_token(middle, end, 1)
+    tokens = MAX_TOKENS - 1
+    generation: dict[str, Any] = {
+        key: (whole[key] - prompt[key]) / tokens for key in ("bytes", "wire_bytes", "round_trips")
+    }
+    generation["requests"] = {
+        command: {
+            field: (figures[field] - prompt["requests"].get(command, {}).get(field, 0)) / tokens
+            for field in ("requests", "bytes")
+        }
+        for command, figures in whole["requests"].items()
+    }
+    return sample, generation
 
 
 def _report(
@@ -238,6 +260,7 @@ def _report(
         "tunnel_bytes_per_token": statistics.median(t["bytes"] for t in traffic),
         "tunnel_wire_bytes_per_token": statistics.median(t["wire_bytes"] for t in traffic),
         "tunnel_round_trips_per_token": statistics.median(t["round_trips"] for t in traffic),
+        "tunnel_requests_per_token": traffic[-1]["requests"],
         "mesh_vs_direct_gen_ratio": gen_ratio,
         "mesh_vs_direct_prompt_ratio": prompt_ratio,
     }
@@ -258,6 +281,9 @@ def _report(
         f"({result['tunnel_wire_bytes_per_token']:.0f} on the wire), "
         f"{result['tunnel_round_trips_per_token']:.2f} round trips"
     )
+    for command, figures in sorted(result["tunnel_requests_per_token"].items()):
+        requests, size = figures["requests"], figures["bytes"]
+        print(f"    {command:<16} {requests:>7.2f} requests {size:>10.0f} bytes per token")
     return result
 
 

@@ -58,9 +58,16 @@ def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
         return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
+# Every process `_started` runs until its block ends: a wait gives up as soon as one has died.
+_RUNNING: dict[subprocess.Popen[bytes], Path] = {}
+
+
 def _wait_http(url: str, timeout_s: float = 240.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for process, log in _RUNNING.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"the process logging to {log} exited early")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
@@ -85,9 +92,11 @@ def _started(
     argv: list[str], log: Path, env: dict[str, str] = _ENV
 ) -> Iterator[subprocess.Popen[bytes]]:
     process = _spawn(argv, log, env)
+    _RUNNING[process] = log
     try:
         yield process
     finally:
+        del _RUNNING[process]
         _stop(process)
 
 
@@ -147,9 +156,9 @@ def _complete(
     }
 
 
-def _tunnel_totals(url: str, model: str) -> dict[str, dict[str, int]]:
+def _tunnel_totals(url: str, model: str) -> dict[str, dict[str, Any]]:
     view = httpx.get(url + "/mesh/peers", timeout=5).json()
-    totals: dict[str, dict[str, int]] = view["models"][model]["tunnels"]
+    totals: dict[str, dict[str, Any]] = view["models"][model]["tunnels"]
     return totals
 
 
@@ -253,8 +262,8 @@ def _measure(urls: dict[str, str], model_id: str, counts: tuple[int, ...]) -> di
 
 
 def _per_token(
-    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], tokens: float
-) -> dict[str, float]:
+    before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]], tokens: float
+) -> dict[str, Any]:
     moved = sum(
         after[w]["bytes_out"] + after[w]["bytes_back"] - b["bytes_out"] - b["bytes_back"]
         for w, b in before.items()
@@ -264,7 +273,19 @@ def _per_token(
         for w, b in before.items()
     )
     trips = sum(after[w]["round_trips"] - b["round_trips"] for w, b in before.items())
-    return {"bytes": moved / tokens, "wire_bytes": wire / tokens, "round_trips": trips / tokens}
+    requests: dict[str, dict[str, float]] = {}
+    for worker, was in before.items():
+        for command, now in after[worker].get("requests", {}).items():
+            old = was.get("requests", {}).get(command, {"requests": 0, "bytes": 0})
+            entry = requests.setdefault(command, {"requests": 0.0, "bytes": 0.0})
+            entry["requests"] += (now["requests"] - old["requests"]) / tokens
+            entry["bytes"] += (now["bytes"] - old["bytes"]) / tokens
+    return {
+        "bytes": moved / tokens,
+        "wire_bytes": wire / tokens,
+        "round_trips": trips / tokens,
+        "requests": {name: entry for name, entry in requests.items() if entry["requests"]},
+    }
 
 
 def _report(

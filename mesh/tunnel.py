@@ -191,17 +191,25 @@ def encode_chunk(data: bytes) -> bytes:
     return len(data).to_bytes(_HEADER, "big") + data
 
 
+Watch = Callable[[bytes], None]
+
+
 async def splice(
-    local: trio.SocketStream, remote: MeshStream, stats: TunnelStats, outward: bool
+    local: trio.SocketStream,
+    remote: MeshStream,
+    stats: TunnelStats,
+    outward: bool,
+    watch: Watch | None = None,
 ) -> None:
     """Copies both ways until both ends have finished; a failure on either side closes both.
 
     `outward` is True on the side that opened the tunnel: its local bytes count as "out".
+    `watch` sees every local byte sent to the far side, in order (to count what crosses).
     """
     sign = 1 if outward else -1
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_local_to_remote, local, remote, stats, sign)
+            nursery.start_soon(_local_to_remote, local, remote, stats, sign, watch)
             nursery.start_soon(_remote_to_local, remote, local, stats, -sign)
     except* (TransportError, FrameError, trio.BrokenResourceError, OSError) as group:
         _log.debug("tunnel to %s closed: %s", remote.remote_peer, group.exceptions[0])
@@ -211,12 +219,19 @@ async def splice(
 
 
 async def _local_to_remote(
-    local: trio.SocketStream, remote: MeshStream, stats: TunnelStats, direction: int
+    local: trio.SocketStream,
+    remote: MeshStream,
+    stats: TunnelStats,
+    direction: int,
+    watch: Watch | None,
 ) -> None:
     packer = Packer()
     while data := await local.receive_some(MAX_CHUNK):
-        packed = packer.pack(bytes(data))
-        stats.count(direction, len(data), len(packed))
+        chunk = bytes(data)
+        if watch is not None:
+            watch(chunk)
+        packed = packer.pack(chunk)
+        stats.count(direction, len(chunk), len(packed))
         await remote.send_all(encode_chunk(packed))
     await remote.send_all(encode_chunk(b""))
 
@@ -262,11 +277,18 @@ class TunnelListener:
     """A loopback port whose every connection is tunnelled to one peer's service.
 
     The port is bound at construction, so callers outside a task can hand it out at once.
+    `watcher()`, if given, makes a `Watch` for each connection's outgoing bytes.
     """
 
-    def __init__(self, open_stream: OpenStream, request: TunnelRequest) -> None:
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        request: TunnelRequest,
+        watcher: Callable[[], Watch] | None = None,
+    ) -> None:
         self.open_stream = open_stream
         self.request = request
+        self._watcher = watcher
         self.stats = TunnelStats()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
@@ -291,7 +313,8 @@ class TunnelListener:
             await trio.aclose_forcefully(local)
             return
         self.stats.connections += 1
-        await splice(local, remote, self.stats, outward=True)
+        watch = self._watcher() if self._watcher is not None else None
+        await splice(local, remote, self.stats, outward=True, watch=watch)
 
 
 LocalTarget = Callable[[TunnelRequest, str], Awaitable[str]]

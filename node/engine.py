@@ -13,6 +13,7 @@ import json
 import os
 import pty
 import re
+import secrets
 import select
 import shutil
 import socket
@@ -236,11 +237,37 @@ def _read_until(fd: int, pattern: re.Pattern[str], timeout_s: float) -> str:
     return output
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+
+
 def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
+    """A TCP port on 127.0.0.1 that is free right now, for a child process to bind.
+
+    Where the kernel says which ports it hands out by itself (listeners on port 0, the local
+    side of outgoing connections), the port is picked below that range: between our check and
+    the child's bind, the kernel cannot give it to anyone else.
+    """
+    for port in _candidates_below_ephemeral():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _candidates_below_ephemeral(tries: int = 64) -> list[int]:
+    try:
+        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    if low - _LOWEST_PORT < 1000:
+        return []
+    return [_LOWEST_PORT + secrets.randbelow(low - _LOWEST_PORT) for _ in range(tries)]
 
 
 def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: Path) -> EngineInfo:

@@ -244,6 +244,11 @@ def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         "Bytes a worker sent back",
         labels=["model", "worker"],
     )
+    requests = CounterMetricFamily(
+        "sharedllm_tunnel_engine_requests",
+        "llama.cpp RPC requests this primary sent to a worker, by command",
+        labels=["model", "worker", "command"],
+    )
     for model_id, entry in models.items():
         serving.add_metric([model_id], 1.0 if entry.get("serving") else 0.0)
         if isinstance(entry.get("epoch"), int):
@@ -255,4 +260,6 @@ def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         for worker, stats in (entry.get("tunnels") or {}).items():
             out.add_metric([model_id, worker], stats.get("bytes_out", 0))
             back.add_metric([model_id, worker], stats.get("bytes_back", 0))
-    yield from (serving, epoch, predicted, restarts, out, back)
+            for command, tally in (stats.get("requests") or {}).items():
+                requests.add_metric([model_id, worker, command], tally.get("requests", 0))
+    yield from (serving, epoch, predicted, restarts, out, back, requests)

@@ -49,6 +49,7 @@ from .engine import EngineInfo, free_loopback_port
 from .http_api import ModelEntry, ModelNotFound
 from .load_report import LoadReport
 from .model_file import ModelFileError, ModelInfo, cached_sha256
+from .rpc_traffic import RpcTally
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
 from .warm_start import READY, READY_ANSWER, WeightFiller, answer_ready, await_ready
@@ -99,6 +100,7 @@ class _Job:
     problem: str | None = None
     verified: bool = False
     tunnels: dict[str, TunnelListener] = field(default_factory=dict)  # worker -> listener
+    requests: dict[str, RpcTally] = field(default_factory=dict)  # worker -> engine requests
 
     def endpoint(self) -> str | None:
         """Where the job's process listens, once it is ready."""
@@ -313,8 +315,11 @@ class MeshServing:
                         waiting.start_soon(await_ready, opener, request, self._name_of(worker))
             async with trio.open_nursery() as nursery:
                 for worker in claim.workers:
+                    tally = job.requests[worker] = RpcTally()
                     listener = TunnelListener(
-                        self._opener(worker), TunnelRequest("rpc", claim.model_id, claim.epoch)
+                        self._opener(worker),
+                        TunnelRequest("rpc", claim.model_id, claim.epoch),
+                        watcher=tally.reader,
                     )
                     job.tunnels[worker] = listener
                     nursery.start_soon(listener.run)
@@ -617,7 +622,10 @@ class MeshServing:
                 "problem": (job.problem if job is not None else None) or state.problem,
                 "tunnels": {}
                 if job is None
-                else {worker: t.stats.as_dict() for worker, t in job.tunnels.items()},
+                else {
+                    worker: {**t.stats.as_dict(), "requests": job.requests[worker].as_dict()}
+                    for worker, t in job.tunnels.items()
+                },
                 "unused": {} if claim is None else self._unused_nodes(claim),
                 "serving_meanwhile": None if state.previous is None else state.previous.epoch,
                 "engine_restarts": 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import tarfile
 from pathlib import Path
 
 import pytest
-from sharedllm.node.engine import EngineNotFoundError, built_engine_dir, detect_backend
+from sharedllm.node.engine import (
+    EngineNotFoundError,
+    built_engine_dir,
+    detect_backend,
+    free_loopback_port,
+)
 from sharedllm.node.engine_build import EngineBuildError, build_engine, configure_command
 
 
@@ -97,3 +103,12 @@ def test_cuda_build_turns_on_cuda_with_the_found_compiler(tmp_path: Path) -> Non
 def test_each_backend_is_built_and_found_in_its_own_place(tmp_path: Path) -> None:
     assert built_engine_dir(tmp_path, "cuda") != built_engine_dir(tmp_path, "cpu")
     assert built_engine_dir(tmp_path, "cuda").name.endswith("-cuda")
+
+
+def test_ports_for_engines_are_free_and_outside_the_kernels_own_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        port = free_loopback_port()
+        assert port < low
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
