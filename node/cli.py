@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -651,8 +652,29 @@ def _models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[Local
     return [LocalModel(model_id, info, int(path.stat().st_mtime))]
 
 
+def _measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> float:
+    """The engine's own speed on the default model; a matrix-multiply figure if it cannot be
+    timed (it is then on another scale: the planner will misjudge this node)."""
+    from .capacity import measured_gflops
+    from .engine_speed import EngineSpeedError, engine_gflops
+
+    try:
+        model = default_model_path(config.cache_dir)
+        return engine_gflops(
+            engine,
+            model,
+            inspect_model(model).profile,
+            threads=config.threads or os.cpu_count() or 1,
+            gpu_layers=gpu,
+            cache_dir=config.cache_dir,
+        )
+    except (EngineSpeedError, DefaultModelError, ModelFileError, OSError) as err:
+        _log.warning("could not time the engine (%s); measuring matrix multiplies instead", err)
+        return measured_gflops(config.cache_dir)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    from .capacity import describe, measured_gflops
+    from .capacity import describe
     from .daemon import ApiBindError, MeshOptions, run_node
 
     config = _load(args)
@@ -667,9 +689,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
             "`sharedllm-node invite` prints a token for other nodes",
             file=sys.stderr,
         )
-    gflops = config.compute_gflops or measured_gflops(config.cache_dir)
-    cap = config.max_memory_bytes
     devices = list_devices(engine.llama_server)
+    gflops = config.compute_gflops or _measured_speed(config, engine, gpu=bool(devices))
+    cap = config.max_memory_bytes
     mesh = MeshOptions(
         plan=plan,
         listen=tuple(args.listen or [DEFAULT_LISTEN]),

@@ -63,6 +63,13 @@ class CostModel:
         head = profile.output_bytes or profile.embedding_bytes
         return head * self.flops_per_weight_byte / (primary.gflops * 1e9)
 
+    def gflops_for(self, profile: ModelProfile, tokens_per_s: float) -> float:
+        """The speed for which this model predicts `tokens_per_s` on one node holding all of
+        `profile`: how a node turns its engine's measured generation speed into its figure."""
+        head = profile.output_bytes or profile.embedding_bytes
+        weight_bytes = sum(profile.layer_weight_bytes) + head
+        return weight_bytes * self.flops_per_weight_byte * tokens_per_s / 1e9
+
     def bytes_per_token(self, profile: ModelProfile) -> int:
         return self.rpc_overhead_bytes_per_token + 2 * profile.embedding_length * (
             self.activation_bytes_per_element

@@ -268,3 +268,15 @@ def test_plan_beats_memory_proportional_on_a_mixed_cluster() -> None:
     theirs = BASELINES["memory_proportional"](view, request, COST)
     assert theirs is not None
     assert ours.tokens_per_s >= 1.2 * theirs.tokens_per_s
+
+
+@given(profiles(), st.floats(min_value=0.5, max_value=5000.0))
+def test_a_speed_calibrated_from_the_engine_predicts_that_engine_alone(
+    profile: ModelProfile, tokens_per_s: float
+) -> None:
+    cost = CostModel()
+    node = NodeCapacity("solo", ram_bytes=64 * GIB, gflops=cost.gflops_for(profile, tokens_per_s))
+    seconds = cost.head_seconds(profile, node) + profile.layer_count * cost.layer_seconds(
+        profile, node
+    )
+    assert seconds * tokens_per_s == pytest.approx(1.0, rel=1e-9)
