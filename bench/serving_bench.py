@@ -31,6 +31,7 @@ import httpx
 from sharedllm.node.config import default_cache_dir
 from sharedllm.node.default_model import default_model_path
 from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
+from sharedllm.node.engine_speed import engine_gflops
 from sharedllm.node.model_file import inspect_model
 from sharedllm.scheduler.cost_model import CostModel
 from sharedllm.scheduler.llama_args import split_args
@@ -166,6 +167,10 @@ def run() -> dict[str, Any]:
     engine = find_engine(default_cache_dir(), None)
     model = default_model_path(default_cache_dir())
     profile = inspect_model(model).profile
+    # Each node times its engine at its first start; done here first, on a quiet machine, the
+    # nodes find the figure remembered instead of timing while the other nodes start.
+    cache = default_cache_dir()
+    engine_gflops(engine, model, profile, threads=1, gpu_layers=False, cache_dir=cache)
     placements = [_run_split(engine, model, profile, counts) for counts in SPLITS]
     errors = [p["predicted_vs_measured_error"] for p in placements]
     print(

@@ -164,7 +164,10 @@ def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
             continue
         for target, link in measured.items():
             if target in present and target != source and isinstance(link, dict):
-                rtt, bandwidth = link.get("rtt_ms"), link.get("bandwidth_mbps")
+                # the data plane's round trip is what tunnels pay; the control plane's until then
+                rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
+                if not _positive(rtt):
+                    rtt = link.get("rtt_ms")
                 if not _positive(rtt):
                     continue
                 if not _positive(bandwidth):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,8 +37,9 @@ HELLO = "/sharedllm/hello/1"
 GOSSIP = "/sharedllm/gossip/1"
 PING = "/sharedllm/ping/1"
 PING_REQ = "/sharedllm/ping-req/1"
-BANDWIDTH = "/sharedllm/bandwidth/1"
+BANDWIDTH = "/sharedllm/bandwidth/2"
 _MAX_PROBE_BYTES = 64 * 1024 * 1024
+_ECHOES = 9  # round-trip samples after each bandwidth probe
 _STATES_PER_PROBE = 4
 _STATE_SENDS = 4
 # An exchange that brought this many new states means we are behind (a node joining, or the
@@ -87,9 +89,10 @@ class MeshTiming:
 class PeerLink:
     """What this node measured of its link to one peer."""
 
-    rtt_ms: float | None = None
+    rtt_ms: float | None = None  # control plane (libp2p), from probes
     jitter_ms: float = 0.0
-    bandwidth_mbps: float | None = None
+    bandwidth_mbps: float | None = None  # data plane, from bulk probes
+    data_rtt_ms: float | None = None  # data plane, after each bulk probe: what tunnels pay
 
     def observe(self, sample_ms: float) -> None:
         if self.rtt_ms is None:
@@ -223,6 +226,7 @@ class MeshService:
                 "rtt_ms": rtt,
                 "jitter_ms": self.links[peer].jitter_ms,
                 "bandwidth_mbps": self.links[peer].bandwidth_mbps,
+                "data_rtt_ms": self.links[peer].data_rtt_ms,
             }
             for rtt, peer in measured[:GOSSIPED_LINKS]
         }
@@ -717,9 +721,12 @@ class MeshService:
                         await stream.send_all(block)
                     await receive_frame(stream, self.timing.exchange_timeout_s)
                     seconds = trio.current_time() - started
+                    round_trip_s = await _time_echoes(stream, self.timing.exchange_timeout_s)
                 finally:
                     await stream.aclose()
-                self.links.setdefault(peer, PeerLink()).bandwidth_mbps = size * 8 / seconds / 1e6
+                link = self.links.setdefault(peer, PeerLink())
+                link.bandwidth_mbps = size * 8 / seconds / 1e6
+                link.data_rtt_ms = round_trip_s * 1000
             except _PROTOCOL_FAULTS as err:
                 _log.debug("bandwidth probe to %s failed: %s", peer, err)
         return True
@@ -795,6 +802,7 @@ class MeshService:
                     "state": status,
                     "rtt_ms": None if link is None else link.rtt_ms,
                     "bandwidth_mbps": None if link is None else link.bandwidth_mbps,
+                    "data_rtt_ms": None if link is None else link.data_rtt_ms,
                     "status_for_s": None if me or since is None else now - since,
                     "connected": origin in self.transport.connected_peers(),
                     **content,
@@ -823,7 +831,8 @@ def data_address(state: SignedState | None) -> tuple[str, int] | None:
 
 
 async def _sink_and_acknowledge(stream: MeshStream) -> None:
-    """The far end of a bandwidth probe: reads the announced byte count, then acknowledges."""
+    """The far end of a bandwidth probe: reads the announced byte count, acknowledges, then
+    echoes the prober's small frames (its round-trip samples)."""
     header = await receive_frame(stream)
     remaining = min(int.from_bytes(header[:8], "big"), _MAX_PROBE_BYTES)
     while remaining > 0:
@@ -832,3 +841,16 @@ async def _sink_and_acknowledge(stream: MeshStream) -> None:
             return
         remaining -= len(chunk)
     await send_frame(stream, b"k")
+    for _ in range(_ECHOES):
+        await send_frame(stream, await receive_frame(stream))
+
+
+async def _time_echoes(stream: MeshStream, timeout_s: float) -> float:
+    """The median round trip of small frames on a data-plane stream, in seconds."""
+    samples = []
+    for index in range(_ECHOES):
+        started = trio.current_time()
+        await send_frame(stream, index.to_bytes(8, "big"))
+        await receive_frame(stream, timeout_s)
+        samples.append(trio.current_time() - started)
+    return statistics.median(samples)

@@ -463,7 +463,7 @@ def _peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
         peer["peer_id"][-12:],
         str(peer.get("name", "-"))[:16],
         peer["state"],
-        _number(peer.get("rtt_ms"), 2),
+        _number(peer.get("data_rtt_ms") or peer.get("rtt_ms"), 2),
         _number(peer.get("bandwidth_mbps"), 0),
         _number(peer.get("ram_total"), 1, 1024**3),
         _number(peer.get("vram_total"), 1, 1024**3),

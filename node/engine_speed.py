@@ -87,7 +87,7 @@ def _measure(engine: EngineInfo, model: Path, threads: int, gpu_layers: bool, lo
         try:
             _wait_ready(process, url, log)
             _generate(url)  # the first run pays for warming caches
-            return max(_generate(url) for _ in range(2))
+            return max(_generate(url) for _ in range(3))
         finally:
             process.terminate()
             try:

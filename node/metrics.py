@@ -244,6 +244,11 @@ def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         "Bytes a worker sent back",
         labels=["model", "worker"],
     )
+    replans = CounterMetricFamily(
+        "sharedllm_replans",
+        "Placements of a model replaced by a new one (new epoch or primary), as this node saw it",
+        labels=["model"],
+    )
     requests = CounterMetricFamily(
         "sharedllm_tunnel_engine_requests",
         "llama.cpp RPC requests this primary sent to a worker, by command",
@@ -257,9 +262,10 @@ def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
         if isinstance(planned.get("predicted_tokens_per_s"), int | float):
             predicted.add_metric([model_id], planned["predicted_tokens_per_s"])
         restarts.add_metric([model_id], entry.get("engine_restarts", 0))
+        replans.add_metric([model_id], entry.get("replans", 0))
         for worker, stats in (entry.get("tunnels") or {}).items():
             out.add_metric([model_id, worker], stats.get("bytes_out", 0))
             back.add_metric([model_id, worker], stats.get("bytes_back", 0))
             for command, tally in (stats.get("requests") or {}).items():
                 requests.add_metric([model_id, worker, command], tally.get("requests", 0))
-    yield from (serving, epoch, predicted, restarts, out, back, requests)
+    yield from (serving, epoch, predicted, restarts, replans, out, back, requests)

@@ -130,6 +130,7 @@ class MeshServing:
         self._me = service.identity.peer_id
         self.elector = Elector(self._me)
         self.model_states: dict[str, ModelState] = {}
+        self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
         # Jobs by (model, claim rank): two of one model run at once during a switch.
         self._primary_jobs: dict[tuple[str, Rank], _Job] = {}
         self._worker_jobs: dict[tuple[str, Rank], _Job] = {}
@@ -191,7 +192,13 @@ class MeshServing:
     async def _step(self) -> None:
         before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
+        seen = {m: s.current.rank for m, s in self.model_states.items() if s.current is not None}
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
+        for model_id, state in self.model_states.items():
+            if state.current is not None and seen.get(model_id, state.current.rank) != (
+                state.current.rank
+            ):
+                self.replans[model_id] = self.replans.get(model_id, 0) + 1
         self._reconcile_primary()
         self._reconcile_workers()
         self._close_stale_api_tunnels()
@@ -628,6 +635,7 @@ class MeshServing:
                 },
                 "unused": {} if claim is None else self._unused_nodes(claim),
                 "serving_meanwhile": None if state.previous is None else state.previous.epoch,
+                "replans": self.replans.get(model_id, 0),
                 "engine_restarts": 0
                 if job is None or job.supervisor is None
                 else job.supervisor.restarts,

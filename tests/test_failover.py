@@ -202,6 +202,7 @@ def test_losing_the_primary_moves_serving_to_the_other_holder(mesh: _Mesh) -> No
     print(f"primary lost: first completion after {recovered_s:.1f} s")
     after = _serving_placement(mesh.nodes["c"])
     assert after["primary"] != before["primary"] and after["epoch"] > before["epoch"]
+    assert after["replans"] >= 1  # c saw the placement replaced
     assert mesh.by_peer(after["primary"]) in ("a", "b")
     # The old primary comes back: it must not take over with its old claim, nor break serving.
     mesh.start(primary)

@@ -103,8 +103,10 @@ def test_three_nodes_converge_with_rtts(mesh: dict[str, Any]) -> None:
         30,
         "a bandwidth probe over the data plane",
     )
-    rates = [p["bandwidth_mbps"] for p in _view(nodes[0])["peers"] if p.get("bandwidth_mbps")]
-    print(f"first bandwidth measurement after {measured:.1f} s: {rates[0]:.0f} Mbit/s")
+    probed = [p for p in _view(nodes[0])["peers"] if p.get("bandwidth_mbps")]
+    rate, data_rtt = probed[0]["bandwidth_mbps"], probed[0]["data_rtt_ms"]
+    print(f"first bandwidth measurement after {measured:.1f} s: {rate:.0f} Mbit/s, {data_rtt} ms")
+    assert 0 < data_rtt < 1000  # and the data plane's round trip, timed after the bulk
     peer = next(p for p in _view(nodes[0])["peers"] if p["name"] == "three")
     assert peer["rpc_protocol"] == "7.0.0"
     assert peer["models"] and peer["ram_total"] > 0 and peer["gflops"] > 0

@@ -153,6 +153,13 @@ def test_workers_log_their_layers_and_carried_the_weights(mesh: list[RunningNode
         # six layers of ~3.6 MiB each went up the tunnel when the primary loaded the model
         assert tunnels[worker]["bytes_out"] > 6 * 3 * 2**20
         assert tunnels[worker]["round_trips"] > 0
+        requests = tunnels[worker]["requests"]  # the engine's RPC requests, by command
+        assert requests["HELLO"]["requests"] >= 1
+        assert (
+            requests["SET_TENSOR"]["bytes"] + requests.get("SET_TENSOR_HASH", {}).get("bytes", 0)
+            <= tunnels[worker]["bytes_out"]
+        )
+        assert "GRAPH_COMPUTE" in requests  # it has answered requests with this worker
     for node in mesh[1:]:  # and each worker counted the same tunnels from its side
         served = httpx.get(node.api_url + "/mesh/peers", timeout=5).json()["tunnels_served"]
         assert served[ids[0]]["bytes_out"] > 6 * 3 * 2**20  # "out" as the primary sent it
