@@ -76,8 +76,9 @@ class _Node:
     ) -> None:
         self.data = work / name / "data"
         self.data.mkdir(parents=True)
+        # a set speed: timing the engine at start (fresh caches each run) would overlap loads
         self.data.joinpath("config.toml").write_text(
-            f"prefill_weights = {'true' if prefill else 'false'}\n"
+            f"prefill_weights = {'true' if prefill else 'false'}\ncompute_gflops = 50.0\n"
         )
         self.port = free_loopback_port()
         self.log = work / f"{name}.log"

@@ -5,10 +5,11 @@ another. Per generated token:
 
     time = sum over nodes of compute(layers) / speed
          + compute(output head) / speed of the primary
-         + sum over workers of (round trips x RTT + bytes per token / bandwidth)
+         + sum over workers of (round trips x RTT + bytes per token / bandwidth + overhead)
 
 The constants are named parameters so that they can be calibrated against the real engine.
-Defaults come from measurements of the pinned llama.cpp on the gemma 270M model.
+Defaults come from measurements of the pinned llama.cpp on the gemma 270M model; each node's
+speed is its own engine's generation rate turned into this model's units (`gflops_for`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class CostModel:
     rpc_overhead_bytes_per_token: int = 4_300
     # Network: the hidden state crosses each worker link in f32, up and back.
     activation_bytes_per_element: int = 4
+    # Per worker per token, beyond its link: the engines' RPC handling and the tunnel's local
+    # hops (process hand-offs). Fitted on the serving bench (loopback, 2 cores, one engine
+    # thread each); a GPU machine's direct RPC shows about 1 ms.
+    worker_overhead_s: float = 0.004
     # Memory: engine compute buffers per node, and a share of memory left free.
     compute_buffer_bytes: int = 256 * MIB
     memory_headroom_fraction: float = 0.05
@@ -86,7 +91,7 @@ class CostModel:
             return None
         rtt_s = max(out.rtt_ms, back.rtt_ms) / 1000.0
         transfer_s = self.bytes_per_token(profile) * 8 / (out.bandwidth_mbps * 1e6)
-        return self.round_trips_per_token_per_worker * rtt_s + transfer_s
+        return self.round_trips_per_token_per_worker * rtt_s + transfer_s + self.worker_overhead_s
 
     def prompt_tokens_per_s(
         self, view: ClusterView, profile: ModelProfile, primary: str, layers: dict[str, int]
