@@ -181,6 +181,15 @@ def test_unmeasured_bandwidth_is_assumed() -> None:
     assert link is not None and link.bandwidth_mbps == ASSUMED_BANDWIDTH_MBPS
 
 
+def test_tunnels_are_priced_with_the_data_planes_round_trip_once_measured() -> None:
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    members["a"]["links"]["b"] = {"rtt_ms": 4.0, "bandwidth_mbps": 900.0, "data_rtt_ms": 0.3}
+    members["b"]["links"]["a"] = {"rtt_ms": 5.0, "data_rtt_ms": float("nan")}  # not measured
+    ab, ba = cluster_view(members).link("a", "b"), cluster_view(members).link("b", "a")
+    assert ab is not None and ab.rtt_ms == 0.3
+    assert ba is not None and ba.rtt_ms == 5.0  # the control plane's until then
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.recursive(st.none() | st.integers() | st.text(max_size=5), st.lists, max_leaves=12))
 def test_claim_decoder_accepts_or_refuses_cleanly(data: object) -> None:
