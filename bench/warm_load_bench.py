@@ -11,6 +11,10 @@ rpc-server through the mesh tunnel. Each run starts both nodes with fresh caches
 - fetched: the worker holds no copy of the file; it fetches its layers' big tensors from the
   holder over the mesh (paced at the default `weight_share_mbps`) before the load.
 
+Then cold and warm again with each node in a network namespace of its own, joined by a veth
+pair shaped to 1 Gbit/s (`tc tbf`): a home LAN, where the cold load waits on the link (needs
+root; skipped and said so otherwise). The headline figures are loopback's.
+
 Measured per run: the engine's load time (llama-server start to ready, from the node's log),
 bytes the primary sent through the worker's tunnel during the load, and the worker's fill (or
 fetch) time.
@@ -20,25 +24,32 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sharedllm.node.config import default_cache_dir
 from sharedllm.node.engine import find_engine, free_loopback_port
 from sharedllm.node.gguf_header import read_header
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
 
-from .node_cli import COMMAND, node_status
+from .node_cli import COMMAND
 
 RUNS = 3
+LAN_RUNS = 2
+LAN_RATE = "1gbit"
+_SUBNET = "10.197.9"  # addresses inside our own namespaces only
 SHAPE = ModelShape(blocks=4, embedding=4096, feed_forward=11008, heads=32, kv_heads=32)
 CAP = "1400MiB"  # ~1.6 GB of weights: two nodes are needed
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -70,10 +81,32 @@ def _fill_s(log: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where a node runs: this machine's loopback, or a network namespace of ours."""
+
+    address: str = "127.0.0.1"
+    namespace: str | None = None
+
+    def command(self, *argv: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.namespace] if self.namespace else []
+        return [*prefix, *argv]
+
+    def run(self, *argv: str) -> str:
+        done = subprocess.run(
+            self.command(*argv), capture_output=True, text=True, timeout=120, check=True
+        )
+        return done.stdout
+
+
+LOOPBACK = (_Place(), _Place())
+
+
 class _Node:
     def __init__(
-        self, work: Path, name: str, model: Path | None, prefill: bool, *args: str
+        self, work: Path, name: str, model: Path | None, prefill: bool, place: _Place, *args: str
     ) -> None:
+        self.place = place
         self.data = work / name / "data"
         self.data.mkdir(parents=True)
         # a set speed: timing the engine at start (fresh caches each run) would overlap loads
@@ -89,14 +122,29 @@ class _Node:
             "SHAREDLLM_ENGINE_DIR": str(engine.llama_server.parent),
         }
         argv = [COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
-        argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--name", name, "--max-memory", CAP]
+        argv += ["--listen", f"/ip4/{place.address}/tcp/0", "--name", name, "--max-memory", CAP]
         offer = ["--no-model"] if model is None else ["--model", str(model)]
         argv += [*offer, "--context-size", "512", *args]
         with self.log.open("ab") as handle:
-            self.process = subprocess.Popen(argv, stdout=handle, stderr=handle, env=env)
+            self.process = subprocess.Popen(
+                place.command(*argv), stdout=handle, stderr=handle, env=env
+            )
 
     def status(self) -> dict[str, Any]:
-        return node_status(self.data)
+        answer: dict[str, Any] = json.loads(
+            self.place.run(COMMAND, "status", "--json", "--data-dir", str(self.data))
+        )
+        return answer
+
+    def complete(self, model_id: str) -> None:
+        """One short completion asked at this node's API (from inside its namespace)."""
+        body = json.dumps({"model": model_id, "prompt": "Hello", "max_tokens": 2})
+        script = (
+            "import httpx, sys\n"
+            f"httpx.post('http://127.0.0.1:{self.port}/v1/completions', content=sys.argv[1],"
+            " headers={'content-type': 'application/json'}, timeout=120).raise_for_status()"
+        )
+        self.place.run(sys.executable, "-c", script, body)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -118,24 +166,21 @@ def _layer_weight_bytes(model: Path) -> dict[int, int]:
     return sizes
 
 
-def _one_run(work: Path, model: Path, kind: str) -> dict[str, float]:
+def _one_run(
+    work: Path, model: Path, kind: str, places: tuple[_Place, _Place] = LOOPBACK
+) -> dict[str, float]:
     prefill = kind != "cold"
     model_id = model.name.removesuffix(".gguf")
     nodes: list[_Node] = []
     try:
-        nodes.append(_Node(work, "a", model, prefill))
+        nodes.append(_Node(work, "a", model, prefill, places[0]))
         deadline = time.monotonic() + 120
         while not nodes[0].data.joinpath("running.json").exists():
             assert time.monotonic() < deadline, "node a did not start"
             time.sleep(0.25)
-        invite = subprocess.run(
-            [COMMAND, "invite", "--data-dir", str(nodes[0].data)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        invite = places[0].run(COMMAND, "invite", "--data-dir", str(nodes[0].data)).strip()
         worker_file = None if kind == "fetched" else model
-        nodes.append(_Node(work, "b", worker_file, prefill, "--join", invite))
+        nodes.append(_Node(work, "b", worker_file, prefill, places[1], "--join", invite))
         placement = _serving(nodes[0], model_id)
         primary = next(n for n in nodes if n.status()["peer_id"] == placement["primary"])
         worker = next(n for n in nodes if n is not primary)
@@ -166,15 +211,54 @@ def _serving(node: _Node, model_id: str) -> dict[str, Any]:
     while time.monotonic() < deadline:
         placement: dict[str, Any] = node.status()["models"].get(model_id, {})
         if placement.get("serving") and len(placement.get("assignments", ())) == 2:
-            answer = httpx.post(
-                f"http://127.0.0.1:{node.port}/v1/completions",
-                json={"model": model_id, "prompt": "Hello", "max_tokens": 2},
-                timeout=120,
-            )
-            answer.raise_for_status()
+            node.complete(model_id)
             return placement
         time.sleep(0.5)
     raise RuntimeError("the model was not served in time")
+
+
+@contextmanager
+def _shaped_link(rate: str) -> Iterator[tuple[_Place, _Place]]:
+    """Two network namespaces joined by a veth pair whose both ends send at most `rate`."""
+    tag = str(os.getpid())[-6:]
+    names, devices = (f"sllwa{tag}", f"sllwb{tag}"), (f"vsllwa{tag}", f"vsllwb{tag}")
+    places = (_Place(f"{_SUBNET}.1", names[0]), _Place(f"{_SUBNET}.2", names[1]))
+    root = _Place()
+    try:
+        for name, place in zip(names, places, strict=True):
+            root.run("ip", "netns", "add", name)
+            place.run("ip", "link", "set", "lo", "up")
+        root.run("ip", "link", "add", devices[0], "type", "veth", "peer", "name", devices[1])
+        for name, place, device in zip(names, places, devices, strict=True):
+            root.run("ip", "link", "set", device, "netns", name)
+            place.run("ip", "addr", "add", f"{place.address}/24", "dev", device)
+            place.run("ip", "link", "set", device, "up")
+            shape = ("rate", rate, "burst", "256kb", "latency", "50ms")
+            place.run("tc", "qdisc", "add", "dev", device, "root", "tbf", *shape)
+        yield places
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _lan_runs(work: Path, model: Path) -> dict[str, Any]:
+    """Cold and warm loads over a shaped link between two namespaces."""
+    try:
+        with _shaped_link(LAN_RATE) as places:
+            runs: dict[str, list[float]] = {"cold": [], "warm": []}
+            for index in range(LAN_RUNS):
+                for kind, times in runs.items():
+                    run_dir = work / f"lan-{kind}-{index}"
+                    times.append(_one_run(run_dir, model, kind, places)["load_s"])
+                    print(f"  {LAN_RATE} link, {kind} run {index + 1}: load {times[-1]:.1f} s")
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        why = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) else str(err)
+        print(f"  {LAN_RATE} link: skipped, no network namespaces here ({why})")
+        return {"skipped": why}
+    speedup = statistics.median(runs["cold"]) / statistics.median(runs["warm"])
+    print(f"  over the {LAN_RATE} link: warm/cold load speedup {speedup:.2f}x")
+    return {"rate": LAN_RATE, "load_s": runs, "warm_vs_cold_load_speedup": speedup}
 
 
 def _median(runs: list[dict[str, float]], key: str) -> dict[str, float]:
@@ -204,6 +288,7 @@ def run() -> dict[str, Any]:
                     + (f", {kind} in {outcome['fill_s']:.1f} s" if kind != "cold" else "")
                 )
                 shutil.rmtree(run_dir, ignore_errors=True)
+        lan = _lan_runs(work, model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     summary = {kind: {key: _median(runs, key) for key in runs[0]} for kind, runs in results.items()}
@@ -230,4 +315,5 @@ def run() -> dict[str, Any]:
         "warm_vs_cold_load_speedup": speedup,
         "fetched_load_bytes_ratio": fetched_ratio,
         "speedup_range": [min(speedups), max(speedups)],
+        "over_shaped_link": lan,
     }
