@@ -44,7 +44,7 @@ from sharedllm.node.engine import find_engine, free_loopback_port
 from sharedllm.node.gguf_header import read_header
 from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
 
-from .node_cli import COMMAND
+from .node_cli import COMMAND, node_status
 
 RUNS = 3
 LAN_RUNS = 2
@@ -131,10 +131,7 @@ class _Node:
             )
 
     def status(self) -> dict[str, Any]:
-        answer: dict[str, Any] = json.loads(
-            self.place.run(COMMAND, "status", "--json", "--data-dir", str(self.data))
-        )
-        return answer
+        return node_status(self.data, self.place.command())
 
     def complete(self, model_id: str) -> None:
         """One short completion asked at this node's API (from inside its namespace)."""

@@ -192,13 +192,9 @@ class MeshServing:
     async def _step(self) -> None:
         before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
-        seen = {m: s.current.rank for m, s in self.model_states.items() if s.current is not None}
+        previous = self.model_states
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
-        for model_id, state in self.model_states.items():
-            if state.current is not None and seen.get(model_id, state.current.rank) != (
-                state.current.rank
-            ):
-                self.replans[model_id] = self.replans.get(model_id, 0) + 1
+        self._count_replans(previous)
         self._reconcile_primary()
         self._reconcile_workers()
         self._close_stale_api_tunnels()
@@ -208,6 +204,15 @@ class MeshServing:
         if self.elector.gossiped_claims() != before:
             own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
             await self._service.publish_now(sorted({w for c in own for w in c.workers}))
+
+    def _count_replans(self, previous: Mapping[str, ModelState]) -> None:
+        """Counts each model whose placement this step replaced (a new epoch or primary)."""
+        for model_id, state in self.model_states.items():
+            old = previous.get(model_id)
+            if state.current is None or old is None or old.current is None:
+                continue
+            if state.current.rank != old.current.rank:
+                self.replans[model_id] = self.replans.get(model_id, 0) + 1
 
     def _reconcile_primary(self) -> None:
         own = (*self.elector.claims.values(), *self.elector.handing_over.values())
