@@ -131,6 +131,7 @@ class MeshServing:
         self.elector = Elector(self._me)
         self.model_states: dict[str, ModelState] = {}
         self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
+        self._last_rank: dict[str, tuple[int, str]] = {}  # model -> last placement seen
         # Jobs by (model, claim rank): two of one model run at once during a switch.
         self._primary_jobs: dict[tuple[str, Rank], _Job] = {}
         self._worker_jobs: dict[tuple[str, Rank], _Job] = {}
@@ -192,9 +193,8 @@ class MeshServing:
     async def _step(self) -> None:
         before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
-        previous = self.model_states
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
-        self._count_replans(previous)
+        self._count_replans()
         self._reconcile_primary()
         self._reconcile_workers()
         self._close_stale_api_tunnels()
@@ -205,14 +205,19 @@ class MeshServing:
             own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
             await self._service.publish_now(sorted({w for c in own for w in c.workers}))
 
-    def _count_replans(self, previous: Mapping[str, ModelState]) -> None:
-        """Counts each model whose placement this step replaced (a new epoch or primary)."""
+    def _count_replans(self) -> None:
+        """Counts each model whose placement was replaced (a new epoch or primary).
+
+        Compared with the last placement seen, not the last step's: a lost primary
+        usually leaves a few steps with no placement at all before the next one.
+        """
         for model_id, state in self.model_states.items():
-            old = previous.get(model_id)
-            if state.current is None or old is None or old.current is None:
+            if state.current is None:
                 continue
-            if state.current.rank != old.current.rank:
+            last = self._last_rank.get(model_id)
+            if last is not None and state.current.rank != last:
                 self.replans[model_id] = self.replans.get(model_id, 0) + 1
+            self._last_rank[model_id] = state.current.rank
 
     def _reconcile_primary(self) -> None:
         own = (*self.elector.claims.values(), *self.elector.handing_over.values())
