@@ -262,7 +262,8 @@ class MeshService:
         for peer in self.swim.tick(trio.current_time()):
             _log.info("peer %s declared dead (suspected for %.0f s)", peer, self.timing.suspicion_s)
         connected = set(self.transport.connected_peers())
-        for peer in [p for p in self._neighbours if self._gone(p) and p not in connected]:
+        gone = [p for status in _GONE for p in self.swim.with_status(status)]
+        for peer in [p for p in gone if p in self._neighbours and p not in connected]:
             del self._neighbours[peer]  # (a connected one may be back from the dead)
 
     async def _send(self, stream: MeshStream, payload: bytes) -> None:

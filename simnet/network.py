@@ -5,8 +5,8 @@ jitter) plus size over bandwidth, and a segment "lost" on the way arrives one re
 timeout later, as over TCP; streams keep order, half-close and report a dead peer. Partitions
 (one-way too) hold traffic until they heal; a crashed node's streams break at once.
 
-With `trio.testing.MockClock(autojump_threshold=0)` the clock jumps to the next timer whenever
-every task waits, so a simulated minute takes only the CPU time of what happens in it. Every
+Under the simulator's clock (simnet/clock.py) time jumps to the next timer whenever every task
+waits, so a simulated minute takes only the CPU time of what happens in it. Every
 random choice comes from one seeded `random.Random`, and every event feeds a SHA-256 trace
 digest: the same seed must give the same digest.
 """
@@ -14,6 +14,9 @@ digest: the same seed must give the same digest.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
+import math
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -45,7 +48,12 @@ class NodeTraffic:
 
 
 class _Channel:
-    """One direction of a stream: timed segments in order, then maybe an end."""
+    """One direction of a stream: timed segments in order, then maybe an end.
+
+    A reader with nothing to read yet is parked (no timer of its own); the network's postman
+    wakes it when a segment falls due, and an end, a break or a healed partition wakes it at
+    once.
+    """
 
     def __init__(self, network: SimNetwork, source: str, target: str) -> None:
         self.network, self.source, self.target = network, source, target
@@ -54,11 +62,51 @@ class _Channel:
         self.ended = False  # the writer closed: the reader sees b"" after the data
         self.reader_gone = False
         self.broken: str | None = None
-        self.arrived = trio.Event()
+        self._parked: trio.lowlevel.Task | None = None
 
     def wake(self) -> None:
-        self.arrived.set()
-        self.arrived = trio.Event()
+        """The reader looks again now."""
+        task, self._parked = self._parked, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    async def park(self) -> None:
+        self._parked = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+class _Postman:
+    """Wakes each reader when its segment falls due: one timer for the whole network, so
+    the deliveries of one tick cost one wake-up of this task and one of each reader."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, _Channel]] = []
+        self._sequence = itertools.count()  # same-instant deliveries keep their send order
+        self._sleep: trio.CancelScope | None = None
+        self._started = False
+
+    def deliver_at(self, due: float, channel: _Channel) -> None:
+        heapq.heappush(self._due, (due, next(self._sequence), channel))
+        if not self._started:
+            self._started = True
+            trio.lowlevel.spawn_system_task(self._run, name="simnet postman")
+        elif self._sleep is not None and due < self._sleep.deadline:
+            self._sleep.deadline = due
+
+    async def _run(self) -> None:
+        while True:
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                heapq.heappop(self._due)[2].wake()
+            with trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf) as sleep:
+                self._sleep = sleep
+                await trio.sleep_forever()
+            self._sleep = None
 
 
 class SimStream:
@@ -93,11 +141,11 @@ class SimStream:
         due = max(out.last_delivery, trio.current_time() + delay)
         out.last_delivery = due
         out.segments.append((due, bytes(data)))
+        network.postman.deliver_at(due, out)
         traffic = network.traffic.setdefault(out.source, NodeTraffic())
         traffic.messages_sent += 1
         traffic.bytes_sent += len(data)
         network.record("send", out.source, out.target, len(data))
-        out.wake()
 
     async def receive_some(self, max_bytes: int) -> bytes:
         channel = self._in
@@ -113,14 +161,9 @@ class SimStream:
                         return data
                     channel.segments[0] = (due, data[max_bytes:])
                     return data[:max_bytes]
-                await trio.sleep_until(due)  # later segments come after this one
-                continue
-            if not channel.segments and channel.ended:
+            elif not channel.segments and channel.ended:
                 return b""
-            if channel.segments:  # held by a partition until it heals
-                await network.healed_event().wait()
-            else:
-                await channel.arrived.wait()
+            await channel.park()  # for bytes, an end, a break, or a partition's healing
 
     async def aclose(self) -> None:
         if not self._out.ended:
@@ -210,9 +253,9 @@ class SimNetwork:
     traffic: dict[str, NodeTraffic] = field(default_factory=dict)
     _blocked: set[tuple[str, str]] = field(default_factory=set)
     _channels: dict[tuple[str, str], list[_Channel]] = field(default_factory=dict)
-    _healed: trio.Event | None = None
     _trace: hashlib._Hash = field(default_factory=hashlib.sha256)
     events: int = 0
+    postman: _Postman = field(default_factory=_Postman)
     started_at: float = field(default_factory=trio.current_time)
 
     def add_node(self, peer_id: str) -> SimTransport:
@@ -229,11 +272,6 @@ class SimNetwork:
     def blocked(self, source: str, target: str) -> bool:
         return (source, target) in self._blocked
 
-    def healed_event(self) -> trio.Event:
-        if self._healed is None:
-            self._healed = trio.Event()
-        return self._healed
-
     def partition(
         self, side_a: Sequence[str], side_b: Sequence[str], both_ways: bool = True
     ) -> None:
@@ -248,9 +286,9 @@ class SimNetwork:
     def heal(self) -> None:
         self._blocked.clear()
         self.record("heal", "", "", 0)
-        if self._healed is not None:
-            self._healed.set()
-            self._healed = None
+        for channels in self._channels.values():
+            for channel in channels:
+                channel.wake()  # traffic held by the partition flows again
 
     def open_channel(self, source: str, target: str) -> _Channel:
         channel = _Channel(self, source, target)

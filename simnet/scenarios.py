@@ -1,7 +1,7 @@
 """Scenarios for the simulated mesh, with the figures `sharedllm-node simulate` prints.
 
-Every scenario runs under trio's MockClock (virtual time jumps whenever all tasks wait) with
-trio's scheduler tie-breaks seeded too, so one seed gives one event trace.
+Every scenario runs under the simulator's clock (virtual time jumps, in 1 ms ticks, whenever all
+tasks wait) with trio's scheduler tie-breaks seeded too, so one seed gives one event trace.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
-import trio.testing
 
 from ..mesh.service import MeshTiming
 from ..mesh.swim import Liveness
+from .clock import TickClock
 from .determinism import deterministic_trio
 from .network import LinkProfile
 from .simulation import SimNode, Simulation
@@ -69,7 +69,7 @@ def simulate(
     started = time.perf_counter()
     setup = _Setup(scenario, nodes, seed, LinkProfile(loss=loss), steady_s)
     with deterministic_trio(seed):
-        trio.run(_run, setup, report, clock=trio.testing.MockClock(autojump_threshold=0))
+        trio.run(_run, setup, report, clock=TickClock())
     report.wall_s = time.perf_counter() - started
     return report
 

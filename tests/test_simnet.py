@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from sharedllm.mesh.transport import TransportError
+from sharedllm.simnet.clock import TickClock
 from sharedllm.simnet.network import LinkProfile, SimNetwork
 from sharedllm.simnet.scenarios import simulate
 
@@ -100,6 +101,25 @@ async def test_a_partition_holds_traffic_until_it_heals(
         await trio.sleep(0.01)
         assert b"".join(received) == b"late"
         nursery.cancel_scope.cancel()
+
+
+def test_the_tick_clock_wakes_timers_of_one_tick_together_and_never_early() -> None:
+    woke: dict[str, float] = {}
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await trio.sleep(seconds)
+        woke[name] = trio.current_time()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for name, seconds in (("a", 0.0101), ("b", 0.0104), ("c", 0.0113), ("d", 3600.0)):
+                nursery.start_soon(sleeper, name, seconds)
+
+    trio.run(main, clock=TickClock(tick_s=0.001))
+    assert woke["a"] == woke["b"] == pytest.approx(0.011)  # one tick, one wake-up
+    assert woke["c"] == pytest.approx(0.012)
+    assert woke["d"] == pytest.approx(3600.0)  # an hour of virtual time, no wall time
+    assert all(woke[name] >= seconds for name, seconds in (("a", 0.0101), ("c", 0.0113)))
 
 
 def test_the_same_seed_gives_the_same_trace() -> None:
