@@ -34,7 +34,7 @@ from .swim import Liveness, Rumor, Swim
 from .transport import MeshStream, StreamHandler, Transport, TransportError
 
 HELLO = "/sharedllm/hello/1"
-GOSSIP = "/sharedllm/gossip/1"
+GOSSIP = "/sharedllm/gossip/2"
 PING = "/sharedllm/ping/1"
 PING_REQ = "/sharedllm/ping-req/1"
 BANDWIDTH = "/sharedllm/bandwidth/2"

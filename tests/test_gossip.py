@@ -10,6 +10,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sharedllm.mesh import records
 from sharedllm.mesh.gossip import Digest, Exchange, GossipStore, SignedState, next_version
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.records import RecordError
@@ -81,6 +82,23 @@ def test_codecs_round_trip_and_refuse_oversized_digests() -> None:
     assert Digest.decode(digest.encode()) == digest
     with pytest.raises(RecordError):  # refused while decoding, before any use
         Digest.decode(Digest({f"p{i}": i for i in range(10_001)}).encode())
+
+
+@given(
+    st.dictionaries(
+        st.text(st.characters(exclude_characters="\n"), min_size=1, max_size=60),
+        st.integers(min_value=0, max_value=2**64 - 1),
+        max_size=50,
+    )
+)
+def test_digests_round_trip(versions: dict[str, int]) -> None:
+    assert Digest.decode(Digest(versions).encode()).versions == versions
+
+
+def test_a_digest_with_mismatched_or_repeated_entries_is_refused() -> None:
+    for origins, packed in (("a\nb", bytes(8)), ("a", bytes(7)), ("a\na", bytes(16))):
+        with pytest.raises(RecordError):
+            Digest.decode(records.encode(Digest.KIND, [origins, packed]))
 
 
 @settings(max_examples=1000, deadline=None)
