@@ -71,6 +71,12 @@ class SignedState:
         return _decoded_state(bytes(data))
 
     def signature_ok(self) -> bool:
+        return self._signature_ok
+
+    @functools.cached_property
+    def _signature_ok(self) -> bool:
+        """Checked once per decoded state: a state that comes again (from other peers, or to
+        other nodes of the simulator) is the same object (see `_decoded_state`)."""
         try:
             key = public_key_of_peer_id(self.origin)
         except ValueError:

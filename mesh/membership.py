@@ -96,10 +96,15 @@ class Certificate:
             raise MembershipError("certificate belongs to another mesh")
         if self.peer_id != peer_id:
             raise MembershipError("certificate names another peer")
-        if not verify(
-            mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
-        ):
+        if not self._signed_by_its_mesh:
             raise MembershipError("certificate signature is not the mesh key's")
+
+    @functools.cached_property
+    def _signed_by_its_mesh(self) -> bool:
+        """Checked once per decoded certificate (decoded proofs are shared: `_decoded_proof`)."""
+        return verify(
+            self.mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
+        )
 
 
 @dataclass(frozen=True)
