@@ -15,6 +15,7 @@ from sharedllm.mesh.gossip import Digest, Exchange, GossipStore, SignedState, ne
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.records import RecordError
 
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 IDENTITIES = [NodeIdentity.from_seed(bytes([i + 1]) * 32) for i in range(6)]
 STATES = [
     SignedState.publish(identity, version, {"ram": version * 10, "name": f"n{i}"})
@@ -86,7 +87,7 @@ def test_codecs_round_trip_and_refuse_oversized_digests() -> None:
 
 @given(
     st.dictionaries(
-        st.text(st.characters(exclude_characters="\n"), min_size=1, max_size=60),
+        st.text(_BASE58, min_size=1, max_size=60),  # peer ids
         st.integers(min_value=0, max_value=2**64 - 1),
         max_size=50,
     )
