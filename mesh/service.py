@@ -275,10 +275,6 @@ class MeshService:
         self.traffic.received(len(payload))
         return payload
 
-    def _gone(self, peer: str) -> bool:
-        """Declared dead or gone (a peer we have no state of yet is not)."""
-        return peer in self.swim.members and self.swim.status(peer) in _GONE
-
     def _queue_state(self, state: SignedState) -> None:
         """Spreads a new state by piggybacking it on the next few probes. Each node that gets
         it passes it on, so a few sends each reach nearly every node; anti-entropy finds the
