@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from sharedllm.node.config import default_cache_dir
+from sharedllm.node.engine import EngineNotFoundError, EngineProbeError, find_engine
 
 from . import (
     failover_bench,
@@ -46,12 +48,36 @@ HEADLINE = (
 
 def machine() -> dict[str, Any]:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "python": platform.python_version(),
         "system": platform.platform(),
+        "engine": _engine(),
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _engine() -> dict[str, Any] | str:
+    """The engine the benchmarks run: versions, and our build's changes to it if it is ours."""
+    try:
+        engine = find_engine(default_cache_dir(), None)
+    except (EngineNotFoundError, EngineProbeError) as err:
+        return f"none ({err})"
+    described: dict[str, Any] = engine.as_dict()
+    manifest = engine.llama_server.parent.parent / "engine.json"
+    if engine.source == "built" and manifest.exists():
+        described["patches"] = json.loads(manifest.read_text()).get("patches", [])
+    return described
 
 
 def main() -> None:

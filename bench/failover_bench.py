@@ -47,7 +47,7 @@ class _Node:
         return f"http://127.0.0.1:{self.port}"
 
     def status(self) -> dict[str, Any]:
-        return node_status(self.data)
+        return node_status(self.port)
 
     def kill_machine(self) -> None:
         tree = psutil.Process(self.process.pid)

@@ -1,4 +1,4 @@
-"""Driving `sharedllm-node` from benchmarks: the command beside this Python, and `status`."""
+"""Driving `sharedllm-node` from benchmarks: the command beside this Python, and its view."""
 
 from __future__ import annotations
 
@@ -9,18 +9,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 COMMAND = str(Path(sys.executable).parent / "sharedllm-node")
 
+# Runs inside a network namespace: the standard library only, so it starts in milliseconds.
+_FETCH = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
+)
 
-def node_status(data_dir: Path, prefix: Sequence[str] = ()) -> dict[str, Any]:
-    """`sharedllm-node status --json` of the node running with `data_dir`; `prefix` runs it
-    elsewhere (`ip netns exec NAME` for a node in a network namespace)."""
+
+def node_status(api_port: int, prefix: Sequence[str] = ()) -> dict[str, Any]:
+    """The mesh view of the node whose API is at `api_port` (what `status --json` shows).
+
+    Asked over HTTP rather than by starting `sharedllm-node status`: benchmarks poll while a
+    load runs, and a Python CLI started twice a second takes half a core from the engine being
+    timed. `prefix` asks from elsewhere (`ip netns exec NAME` for a node in a namespace)."""
+    url = f"http://127.0.0.1:{api_port}/mesh/peers"
+    if not prefix:
+        answer = httpx.get(url, timeout=30)
+        answer.raise_for_status()
+        view: dict[str, Any] = answer.json()
+        return view
     done = subprocess.run(
-        [*prefix, COMMAND, "status", "--json", "--data-dir", str(data_dir)],
+        [*prefix, sys.executable, "-S", "-c", _FETCH, url],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
         check=True,
     )
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
+    found: dict[str, Any] = json.loads(done.stdout)
+    return found

@@ -131,7 +131,7 @@ class _Node:
             )
 
     def status(self) -> dict[str, Any]:
-        return node_status(self.data, self.place.command())
+        return node_status(self.port, self.place.command())
 
     def complete(self, model_id: str) -> None:
         """One short completion asked at this node's API (from inside its namespace)."""

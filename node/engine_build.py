@@ -36,6 +36,7 @@ from .engine import (
     find_nvcc,
     load_built_engine,
 )
+from .engine_patch import PATCH_NAME, apply_engine_patch
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a step name and the fraction of that step done (0.0 to 1.0)."""
@@ -93,11 +94,12 @@ def build_engine(
         try:
             with log_path.open("w") as log:
                 source = _fetch_source(work, sdist or _sdist_from_env(), log, report)
+                patches = _patch(source, log)
                 build_dir = work / "build"
                 configure = configure_command(source, build_dir, backend)
                 _run_logged(configure, log, log_path, "configure", report)
                 _run_logged(_build_command(build_dir, jobs), log, log_path, "compile", report)
-            info = _install(build_dir / "bin", target)
+            info = _install(build_dir / "bin", target, patches)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         report("done", 1.0)
@@ -232,7 +234,18 @@ def _run_logged(
     report(step, 1.0)
 
 
-def _install(build_bin: Path, target: Path) -> EngineInfo:
+def _patch(source: Path, log: TextIO) -> list[str]:
+    """Our change to the rpc-server's cache hits (engine_patch); a tree it does not fit is
+    built as it is, and the build log says why."""
+    problem = apply_engine_patch(source)
+    if problem is None:
+        log.write(f"sharedllm: applied {PATCH_NAME}\n")
+        return [PATCH_NAME]
+    log.write(f"sharedllm: {PATCH_NAME} not applied, building the tree unchanged: {problem}\n")
+    return []
+
+
+def _install(build_bin: Path, target: Path, patches: list[str]) -> EngineInfo:
     """Copies the binaries into place and writes the manifest last, so a half copy is ignored."""
     staging = target.with_name(target.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
@@ -248,6 +261,7 @@ def _install(build_bin: Path, target: Path) -> EngineInfo:
         "version": info.version,
         "rpc_protocol": info.rpc_protocol,
         "source": f"{PINNED_SDIST}=={PINNED_SDIST_VERSION} vendor/llama.cpp",
+        "patches": patches,
     }
     write_atomic(target / "engine.json", json.dumps(manifest, indent=1).encode(), mode=0o644)
     return info

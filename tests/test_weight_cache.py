@@ -1,6 +1,6 @@
 """Warm loading against the real engine: the cache entry names we compute are the ones
-ggml-rpc-server writes, a load after our fill sends hashes instead of weights, and damaged
-entries are replaced rather than served."""
+ggml-rpc-server writes, a load after our fill sends hashes instead of weights and computes what
+a load of the sent weights computes, and damaged entries are replaced rather than served."""
 
 from __future__ import annotations
 
@@ -53,8 +53,9 @@ def test_known_value(fnv: NativeFnv) -> None:
 
 
 @contextmanager
-def _loaded(engine: EngineInfo, model: Path, llama_cache: Path, log: Path) -> Iterator[None]:
-    """A llama-server that puts every layer on one rpc-server started with `-c`."""
+def _loaded(engine: EngineInfo, model: Path, llama_cache: Path, log: Path) -> Iterator[int]:
+    """A llama-server that puts every layer on one rpc-server started with `-c`; yields its
+    API port."""
     rpc_port, api_port = free_loopback_port(), free_loopback_port()
     env = {**os.environ, "LLAMA_CACHE": str(llama_cache), "GGML_RPC_NO_RDMA": "1"}
     with log.open("ab") as out:
@@ -88,12 +89,25 @@ def _loaded(engine: EngineInfo, model: Path, llama_cache: Path, log: Path) -> It
                     pass
                 assert time.monotonic() < deadline, "llama-server not ready"
                 time.sleep(0.25)
-            yield
+            yield api_port
         finally:
             for process in (server, worker):
                 if process is not None:
                     process.terminate()
                     process.wait(timeout=30)
+
+
+def _next_token_odds(api_port: int) -> object:
+    """The top candidates, with their log-probabilities, for a few greedy tokens."""
+    answer = httpx.post(
+        f"http://127.0.0.1:{api_port}/completion",
+        json={"prompt": "Hello world", "n_predict": 4, "temperature": 0, "n_probs": 5},
+        timeout=60,
+    )
+    answer.raise_for_status()
+    odds = answer.json()["completion_probabilities"]
+    assert len(odds) == 4
+    return odds
 
 
 @pytest.mark.integration
@@ -104,18 +118,19 @@ def test_our_entries_are_the_engines_and_a_filled_cache_is_hit(
     assert len(spans) == 3 * SHAPE.blocks and all(s.size > HASH_THRESHOLD_BYTES for s in spans)
     # 1. A cold load: the engine writes its own entries; we compute the same names.
     cold = tmp_path / "cold"
-    with _loaded(engine, big_model, cold, tmp_path / "cold.log"):
-        pass
+    with _loaded(engine, big_model, cold, tmp_path / "cold.log") as api_port:
+        sent_weights_odds = _next_token_odds(api_port)
     engine_names = {p.name for p in rpc_cache_entries(cold).iterdir()}
     ours = tmp_path / "ours"
     report = fill_cache(rpc_cache_entries(ours), big_model, spans, fnv)
     assert report.written == len(spans)
     our_names = {p.name for p in rpc_cache_entries(ours).iterdir() if not p.name.startswith(".")}
     assert our_names == engine_names
-    # 2. A load after our fill sends no weight: the engine saves nothing new.
+    # 2. A load after our fill sends no weight (the engine saves nothing new), and the weights
+    #    copied from the entries compute exactly what the sent ones did.
     log = tmp_path / "warm.log"
-    with _loaded(engine, big_model, ours, log):
-        pass
+    with _loaded(engine, big_model, ours, log) as api_port:
+        assert _next_token_odds(api_port) == sent_weights_odds
     assert "saved to" in (tmp_path / "cold.log").read_text()
     assert "saved to" not in log.read_text()
 
