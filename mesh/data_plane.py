@@ -37,6 +37,7 @@ from .framing import FrameError, receive_frame, send_frame
 from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify
 from .membership import MembershipError, Proof
 from .records import RecordError
+from .tls_socket import TlsSocket
 from .transport import MeshStream, StreamHandler, TransportError
 
 _log = logging.getLogger("sharedllm.mesh.data")
@@ -51,7 +52,7 @@ _SOCKET_BUFFER = 4 * 1024 * 1024
 class DataStream:
     """A TLS stream to an authenticated member, as a `MeshStream`."""
 
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream], remote_peer: str) -> None:
+    def __init__(self, stream: TlsSocket, remote_peer: str) -> None:
         self._stream = stream
         self._peer = remote_peer
 
@@ -67,7 +68,7 @@ class DataStream:
 
     async def receive_some(self, max_bytes: int) -> bytes:
         try:
-            return bytes(await self._stream.receive_some(max_bytes))
+            return await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise TransportError(f"data stream from {self._peer} broke: {err}") from None
 
@@ -220,19 +221,17 @@ class DataPlane:
             scope.cancel()
         return len(scopes)
 
-    async def _authenticate(
-        self, tcp: trio.SocketStream
-    ) -> tuple[trio.SSLStream[trio.SocketStream], str, str] | None:
+    async def _authenticate(self, tcp: trio.SocketStream) -> tuple[TlsSocket, str, str] | None:
         assert self._contexts is not None
         _tune(tcp)
-        tls = trio.SSLStream(tcp, self._contexts[0], server_side=True)
+        tls = TlsSocket.wrap(tcp, self._contexts[0], server_side=True)
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
                 await tls.do_handshake()
                 peer, protocol = await self._authenticate_client(tls)
         except (
             trio.TooSlowError,
-            trio.BrokenResourceError,
+            OSError,
             TransportError,
             FrameError,
             RecordError,
@@ -244,7 +243,7 @@ class DataPlane:
             return None
         return tls, peer, protocol
 
-    async def _authenticate_client(self, tls: trio.SSLStream[trio.SocketStream]) -> tuple[str, str]:
+    async def _authenticate_client(self, tls: TlsSocket) -> tuple[str, str]:
         pending = DataStream(tls, "(unauthenticated)")
         nonce = os.urandom(_NONCE_BYTES)
         await send_frame(pending, nonce)
@@ -266,18 +265,17 @@ class DataPlane:
     async def open_stream(self, peer_id: str, host: str, port: int, protocol: str) -> DataStream:
         """Connects to `peer_id` at host:port, checking its certificate, then proves ourselves."""
         assert self._contexts is not None
-        tls: trio.SSLStream[trio.SocketStream] | None = None
+        tls: TlsSocket | None = None
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
                 tcp = await trio.open_tcp_stream(host, port)
                 _tune(tcp)
-                tls = trio.SSLStream(tcp, self._contexts[1], server_hostname=None)
+                tls = TlsSocket.wrap(tcp, self._contexts[1], server_side=False)
                 await tls.do_handshake()
                 return await self._prove_ourselves(tls, peer_id, protocol)
         except (
             trio.TooSlowError,
             OSError,
-            trio.BrokenResourceError,
             FrameError,
             TransportError,
         ) as err:
@@ -287,9 +285,7 @@ class DataPlane:
                 f"data stream to {peer_id} at {host}:{port} failed: {err}"
             ) from None
 
-    async def _prove_ourselves(
-        self, tls: trio.SSLStream[trio.SocketStream], peer_id: str, protocol: str
-    ) -> DataStream:
+    async def _prove_ourselves(self, tls: TlsSocket, peer_id: str, protocol: str) -> DataStream:
         found = _peer_id_in_certificate(tls.getpeercert(binary_form=True))
         if found != peer_id:
             raise TransportError(f"the server is {found}, not {peer_id}")

@@ -1,0 +1,88 @@
+"""TLS on a socket for trio, done by the ssl module's own socket: one C call per send or receive.
+
+trio's SSLStream runs TLS through memory buffers with a Python pump around every read and write;
+on the data plane, where each token of a split model crosses several tunnel hops as small
+messages, that pump was most of a hop's cost. Here the ssl module reads and writes the socket
+itself, in non-blocking mode, and trio only waits for the socket to be ready.
+
+One task may send while another receives (a tunnel's two directions), as with any trio stream.
+TLS 1.3 never needs to read to finish a write after the handshake; should it ask, the writer
+waits a moment and retries rather than compete with the reader for the socket.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+_WRITE_WANTS_READ_PAUSE_S = 0.001
+
+
+class TlsSocket(trio.abc.AsyncResource):
+    """A TLS connection over a TCP socket taken from trio (see `wrap`)."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+
+    @staticmethod
+    def wrap(tcp: trio.SocketStream, context: ssl.SSLContext, server_side: bool) -> TlsSocket:
+        """Takes the socket out of `tcp` (which is then unusable) and wraps it for TLS."""
+        plain = socket.socket(fileno=tcp.socket.detach())
+        plain.setblocking(False)
+        tls = context.wrap_socket(plain, server_side=server_side, do_handshake_on_connect=False)
+        return TlsSocket(tls)
+
+    async def do_handshake(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                self._sock.do_handshake()
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._sock)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+
+    def getpeercert(self, binary_form: bool = True) -> bytes | None:
+        assert binary_form
+        return self._sock.getpeercert(binary_form=True)
+
+    async def send_all(self, data: bytes) -> None:
+        """Sends everything; raises OSError (ssl.SSLError included) if the connection broke."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._sock)
+            except ssl.SSLWantReadError:
+                await trio.sleep(_WRITE_WANTS_READ_PAUSE_S)
+            else:
+                view = view[sent:]
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        """Up to `max_bytes` bytes as soon as any are there; b"" at the end of the stream."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                data = self._sock.recv(max_bytes)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._sock)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
+
+    async def aclose(self) -> None:
+        """Closes at once (the data plane's streams say their own goodbyes)."""
+        if self._sock.fileno() != -1:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
+        await trio.lowlevel.checkpoint()
