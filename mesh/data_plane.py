@@ -286,7 +286,7 @@ class DataPlane:
             ) from None
 
     async def _prove_ourselves(self, tls: TlsSocket, peer_id: str, protocol: str) -> DataStream:
-        found = _peer_id_in_certificate(tls.getpeercert(binary_form=True))
+        found = _peer_id_in_certificate(tls.peer_certificate())
         if found != peer_id:
             raise TransportError(f"the server is {found}, not {peer_id}")
         stream = DataStream(tls, peer_id)

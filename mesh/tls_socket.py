@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 import trio
 
 _WRITE_WANTS_READ_PAUSE_S = 0.001
+_Result = TypeVar("_Result")
 
 
 class TlsSocket(trio.abc.AsyncResource):
@@ -35,20 +39,10 @@ class TlsSocket(trio.abc.AsyncResource):
         return TlsSocket(tls)
 
     async def do_handshake(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                self._sock.do_handshake()
-            except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self._sock)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self._sock)
-            else:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return
+        await self._until_done(self._sock.do_handshake)
 
-    def getpeercert(self, binary_form: bool = True) -> bytes | None:
-        assert binary_form
+    def peer_certificate(self) -> bytes | None:
+        """The peer's certificate, DER-encoded (after the handshake)."""
         return self._sock.getpeercert(binary_form=True)
 
     async def send_all(self, data: bytes) -> None:
@@ -68,17 +62,22 @@ class TlsSocket(trio.abc.AsyncResource):
 
     async def receive_some(self, max_bytes: int) -> bytes:
         """Up to `max_bytes` bytes as soon as any are there; b"" at the end of the stream."""
+        return await self._until_done(partial(self._sock.recv, max_bytes))
+
+    async def _until_done(self, operation: Callable[[], _Result]) -> _Result:
+        """Runs a non-blocking TLS operation again each time the socket is ready for what it
+        asked for, until it completes."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                data = self._sock.recv(max_bytes)
+                result = operation()
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._sock)
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self._sock)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
-                return data
+                return result
 
     async def aclose(self) -> None:
         """Closes at once (the data plane's streams say their own goodbyes)."""

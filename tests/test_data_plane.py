@@ -31,7 +31,8 @@ async def test_echo_between_members() -> None:
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(server.run, "127.0.0.1", 0)
         stream = await client.open_stream(server.identity.peer_id, host, port, "/echo")
-        payload = bytes(range(256)) * 4096  # 1 MiB, more than any buffer
+        # 32 MiB: more than the socket buffers hold, so sends wait for the far side to read
+        payload = bytes(range(256)) * 4096 * 32
         received = bytearray()
 
         async def read_back() -> None:
