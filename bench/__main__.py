@@ -67,17 +67,12 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _engine() -> dict[str, Any] | str:
+def _engine() -> dict[str, str] | str:
     """The engine the benchmarks run: versions, and our build's changes to it if it is ours."""
     try:
-        engine = find_engine(default_cache_dir(), None)
+        return find_engine(default_cache_dir(), None).as_dict()
     except (EngineNotFoundError, EngineProbeError) as err:
         return f"none ({err})"
-    described: dict[str, Any] = engine.as_dict()
-    manifest = engine.llama_server.parent.parent / "engine.json"
-    if engine.source == "built" and manifest.exists():
-        described["patches"] = json.loads(manifest.read_text()).get("patches", [])
-    return described
 
 
 def main() -> None:

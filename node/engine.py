@@ -58,6 +58,7 @@ class EngineInfo:
     version: str
     rpc_protocol: str
     source: str  # "configured", "PATH" or "built"
+    changes: str = ""  # our changes to the engine, comma-separated (our build); "" if stock
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -138,6 +139,7 @@ def load_built_engine(cache_dir: Path, backend: str = "cpu") -> EngineInfo | Non
             version=str(data["version"]),
             rpc_protocol=str(data["rpc_protocol"]),
             source="built",
+            changes=",".join(data.get("patches", [])),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None

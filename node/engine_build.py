@@ -10,6 +10,7 @@ instead of building twice.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -254,7 +255,8 @@ def _install(build_bin: Path, target: Path, patches: list[str]) -> EngineInfo:
         shutil.copy2(build_bin / name, staging / "bin" / name)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-    info = describe_binaries(target / "bin" / LLAMA_SERVER, target / "bin" / _TARGETS[0], "built")
+    probed = describe_binaries(target / "bin" / LLAMA_SERVER, target / "bin" / _TARGETS[0], "built")
+    info = dataclasses.replace(probed, changes=",".join(patches))
     manifest = {
         "llama_server": str(info.llama_server),
         "rpc_server": str(info.rpc_server),
