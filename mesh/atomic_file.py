@@ -7,8 +7,12 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o600) -> None:
-    """Writes `data` to a temporary file beside `path`, syncs it, then renames it into place."""
+def write_atomic(
+    path: Path, data: bytes | memoryview, mode: int = 0o600, *, sync: bool = True
+) -> None:
+    """Writes `data` to a temporary file beside `path`, syncs it, then renames it into place.
+    Without `sync`, a crash may leave the file empty (never torn): for records that peers can
+    send again, written by the thousand."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -16,12 +20,14 @@ def write_atomic(path: Path, data: bytes | memoryview, mode: int = 0o600) -> Non
             os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+    if sync:
+        _sync_directory(path.parent)
 
 
 def _sync_directory(directory: Path) -> None:

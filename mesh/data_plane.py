@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from . import records
+from .containment import HandlerFaults, contained
 from .framing import FrameError, receive_frame, send_frame
 from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify
 from .membership import MembershipError, Proof
@@ -149,13 +150,15 @@ class DataPlane:
     handshaking: int = 0  # connections not authenticated yet
     streams_of: dict[str, int] = field(default_factory=dict)  # open streams by peer
     refused_connections: int = 0  # over a limit: a flood of connections or of streams
+    refused_handshakes: int = 0  # connections whose authentication failed
     _served: dict[str, set[trio.CancelScope]] = field(default_factory=dict)  # by peer
+    faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
 
     def __post_init__(self) -> None:
         self._contexts = _tls_contexts(self.identity)
 
     def serve(self, protocol: str, handler: StreamHandler) -> None:
-        self.handlers[protocol] = handler
+        self.handlers[protocol] = contained("data", protocol, handler, self.faults)
 
     async def run(
         self,
@@ -199,9 +202,7 @@ class DataPlane:
         self._served.setdefault(peer, set()).add(scope)
         try:
             with scope:
-                await self.handlers[protocol](stream)
-        except TransportError as err:
-            _log.debug("%s stream from %s ended: %s", protocol, peer, err)
+                await self.handlers[protocol](stream)  # contained: see `serve`
         finally:
             self.streams_of[peer] -= 1
             if not self.streams_of[peer]:
@@ -238,7 +239,8 @@ class DataPlane:
             MembershipError,
             ValueError,
         ) as err:
-            _log.warning("refused a data connection: %s", err)
+            self.refused_handshakes += 1
+            self.faults.log.emit("refused-data", "refused a data connection: %s", err)
             await trio.aclose_forcefully(tls)
             return None
         return tls, peer, protocol

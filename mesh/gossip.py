@@ -37,6 +37,10 @@ _VERSION_BYTES = 8
 assert array.array(_VERSION_CODE).itemsize == _VERSION_BYTES
 
 
+class StateTooLargeError(ValueError):
+    """Our own state would exceed the size every peer enforces (`MAX_STATE_BYTES`)."""
+
+
 @dataclass(frozen=True)
 class SignedState:
     origin: str
@@ -53,7 +57,7 @@ class SignedState:
     def publish(identity: NodeIdentity, version: int, payload: Mapping[str, Any]) -> SignedState:
         body: bytes = msgpack.packb(dict(payload), use_bin_type=True)
         if len(body) > MAX_STATE_BYTES:
-            raise ValueError(f"state of {len(body)} bytes exceeds {MAX_STATE_BYTES}")
+            raise StateTooLargeError(f"state of {len(body)} bytes exceeds {MAX_STATE_BYTES}")
         draft = SignedState(identity.peer_id, version, body)
         signature = identity.sign(records.signing_bytes(draft.KIND, draft.fields()))
         return SignedState(draft.origin, version, body, signature)

@@ -33,6 +33,11 @@ from .records import RecordError
 TOKEN_PREFIX = "sllm1-"
 MAX_TOKEN_CHARS = 8192
 ROLES = frozenset({"member", "admin"})
+MAX_REASON_CHARS = 200
+MAX_NAME_CHARS = 128
+# Revocations are kept forever by every node and listed in one message of the revocation
+# exchange (32 bytes each): this many fit a frame with room to spare.
+MAX_REVOCATIONS = 16_384
 
 
 class MembershipError(Exception):
@@ -203,6 +208,8 @@ class Revocation:
 
     @staticmethod
     def issue(mesh: MeshKey, peer_id: str, reason: str, now: float) -> Revocation:
+        if len(reason) > MAX_REASON_CHARS:
+            raise ValueError(f"a revocation's reason is at most {MAX_REASON_CHARS} characters")
         draft = Revocation(mesh.public_key, peer_id, now, reason)
         return _signed(
             draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
@@ -214,8 +221,10 @@ class Revocation:
     @staticmethod
     def decode(data: bytes) -> Revocation:
         key, peer, at, reason, sig = records.decode(
-            data, Revocation.KIND, [bytes, str, (int, float), str, bytes]
+            data, Revocation.KIND, [bytes, str, (int, float), str, bytes], max_bytes=2048
         )
+        if len(reason) > MAX_REASON_CHARS:
+            raise RecordError(f"a revocation's reason is at most {MAX_REASON_CHARS} characters")
         return Revocation(key, peer, float(at), reason, sig)
 
     def is_valid_for(self, mesh_public_key: bytes) -> bool:
@@ -341,11 +350,15 @@ class MembershipState:
     redemptions: dict[bytes, dict[str, Redemption]] = field(default_factory=dict)
 
     def add_revocation(self, revocation: Revocation) -> bool:
-        """Records a valid revocation; returns whether it was new."""
-        if (
-            not revocation.is_valid_for(self.mesh_public_key)
-            or revocation.peer_id in self.revocations
-        ):
+        """Records a valid revocation; returns whether it was new. A full set takes no more
+        (`MAX_REVOCATIONS`; `sharedllm-node revoke` says so before signing one)."""
+        if revocation.peer_id in self.revocations or len(self.revocations) >= MAX_REVOCATIONS:
+            return False
+        try:
+            public_key_of_peer_id(revocation.peer_id)
+        except ValueError:
+            return False
+        if not revocation.is_valid_for(self.mesh_public_key):
             return False
         self.revocations[revocation.peer_id] = revocation
         return True

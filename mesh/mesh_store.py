@@ -4,12 +4,16 @@ admins only) and the revocations seen. Every write is atomic with 0600 permissio
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_file import write_atomic
-from .membership import MeshKey, Proof, Revocation
+from .membership import MAX_REVOCATIONS, MeshKey, Proof, Revocation
 from .records import RecordError
+
+_log = logging.getLogger("sharedllm.mesh.store")
+_MAX_REVOCATION_FILE_BYTES = 4096
 
 
 class MeshStoreError(Exception):
@@ -77,17 +81,36 @@ def load_mesh_key(data_dir: Path) -> MeshKey:
         raise MeshStoreError(f"{path} is damaged: {err}") from None
 
 
-def save_revocation(data_dir: Path, revocation: Revocation) -> None:
-    write_atomic(_dir(data_dir) / "revocations" / f"{revocation.peer_id}.rev", revocation.encode())
+def save_revocation(data_dir: Path, revocation: Revocation, *, sync: bool = True) -> None:
+    """One file per revoked peer. The admin's own are synced to disk; those learned from peers
+    need not be (a peer sends a lost one again)."""
+    path = revocations_dir(data_dir) / f"{revocation.peer_id}.rev"
+    write_atomic(path, revocation.encode(), sync=sync)
 
 
-def load_revocations(data_dir: Path) -> list[Revocation]:
+def revocations_dir(data_dir: Path) -> Path:
+    return _dir(data_dir) / "revocations"
+
+
+def count_revocations(data_dir: Path) -> int:
+    return sum(1 for _ in revocations_dir(data_dir).glob("*.rev"))
+
+
+def load_revocations(data_dir: Path, tried: set[str] | None = None) -> list[Revocation]:
+    """The revocations saved here (files are named by peer id), but those in `tried`, which
+    then lists every file read. A file that is not a revocation (damaged, oversized) is
+    skipped with one line naming it: the node starts with the others."""
     found = []
-    for path in sorted((_dir(data_dir) / "revocations").glob("*.rev")):
+    tried = set() if tried is None else tried
+    paths = sorted(revocations_dir(data_dir).glob("*.rev"))[:MAX_REVOCATIONS]
+    for path in [p for p in paths if p.stem not in tried]:
+        tried.add(path.stem)
         try:
-            found.append(Revocation.decode(path.read_bytes()))
-        except (OSError, RecordError):
-            continue
+            with path.open("rb") as file:
+                data = file.read(_MAX_REVOCATION_FILE_BYTES + 1)
+            found.append(Revocation.decode(data))
+        except (OSError, RecordError) as err:
+            _log.error("ignoring %s: not a usable revocation (%s)", path, err)
     return found
 
 

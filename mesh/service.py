@@ -21,14 +21,36 @@ from typing import Any, Protocol
 
 import trio
 
-from . import records
+from .containment import HandlerFaults, contained
 from .data_plane import DataPlane
 from .framing import FrameError, receive_frame, send_frame
-from .gossip import Digest, Exchange, GossipStore, SignedState, next_version
+from .gossip import (
+    Digest,
+    Exchange,
+    GossipStore,
+    SignedState,
+    StateTooLargeError,
+    next_version,
+)
 from .identity import NodeIdentity
 from .member_states import MemberStates
 from .membership import MembershipError, MembershipState, Proof, Revocation
+from .probe_records import (
+    News,
+    decode_ping_request,
+    decode_probe_header,
+    encode_ping_request,
+    encode_probe_header,
+)
 from .records import RecordError
+from .revocation_sync import (
+    REVOCATIONS,
+    RevocationBatch,
+    RevokedIds,
+    answer,
+    provide,
+    summary_of,
+)
 from .send_queue import SendQueue
 from .swim import Liveness, Rumor, Swim
 from .transport import MeshStream, StreamHandler, Transport, TransportError
@@ -38,7 +60,6 @@ GOSSIP = "/sharedllm/gossip/2"
 PING = "/sharedllm/ping/1"
 PING_REQ = "/sharedllm/ping-req/1"
 BANDWIDTH = "/sharedllm/bandwidth/2"
-_MAX_PROBE_BYTES = 64 * 1024 * 1024
 _ECHOES = 9  # round-trip samples after each bandwidth probe
 _STATES_PER_PROBE = 4
 _STATE_SENDS = 4
@@ -112,6 +133,7 @@ class ControlTraffic:
     bytes_received: int = 0
     faults: int = 0  # exchanges that failed: malformed or oversized messages, timeouts, resets
     refused_streams: int = 0  # streams from peers that had not proved membership
+    refused_hellos: int = 0  # hellos whose membership proof did not hold
 
     def sent(self, size: int) -> None:
         self.messages_sent += 1
@@ -138,6 +160,7 @@ class MeshService:
     admitted: set[str] = field(default_factory=set)
     links: dict[str, PeerLink] = field(default_factory=dict)
     traffic: ControlTraffic = field(default_factory=ControlTraffic)
+    faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
     _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _in_flight: set[tuple[str, str]] = field(default_factory=set)
     _hello_pending: set[str] = field(default_factory=set)
@@ -153,6 +176,8 @@ class MeshService:
         self.swim = Swim(self.identity.peer_id, self.rng, suspicion_s=self.timing.suspicion_s)
         self._state_rumors: SendQueue[SignedState] = SendQueue(capacity=64)
         self._published: dict[str, Any] | None = None
+        self._summary_of_revocations: tuple[int, str] = (-1, "")
+        self._unsaved_revocations: list[Revocation] = []  # bounded by MAX_REVOCATIONS
         self._published_at = -math.inf
         self._known = MemberStates()  # every stored state's content
         self._members = MemberStates()  # those of live members (and ours)
@@ -165,10 +190,15 @@ class MeshService:
 
     async def run(self, bootstrap: Sequence[str]) -> None:
         self._bootstrapped = not bootstrap
-        self.transport.serve(HELLO, self._serve_hello)
-        self.transport.serve(GOSSIP, self._guarded(self._serve_gossip))
-        self.transport.serve(PING, self._guarded(self._serve_ping))
-        self.transport.serve(PING_REQ, self._guarded(self._serve_ping_request))
+        self.transport.serve(HELLO, contained("control", HELLO, self._serve_hello, self.faults))
+        for protocol, handler in (
+            (GOSSIP, self._serve_gossip),
+            (PING, self._serve_ping),
+            (PING_REQ, self._serve_ping_request),
+            (REVOCATIONS, self._serve_revocations),
+        ):
+            guarded = contained("control", protocol, self._members_only(handler), self.faults)
+            self.transport.serve(protocol, guarded)
         self._publish()
         async with trio.open_nursery() as nursery:
             self._tasks = nursery
@@ -211,7 +241,7 @@ class MeshService:
             "proof": self.proof.encode(),
             "addrs": list(self.transport.listen_addrs()),
             "data_addr": None if self.data_plane is None else self.data_plane.advertised,
-            "revocations": [r.encode() for _, r in sorted(self.membership.revocations.items())],
+            "revoked": self._revocation_summary(),
             "leaving": self._leaving,
         }
 
@@ -231,11 +261,29 @@ class MeshService:
             for rtt, peer in measured[:GOSSIPED_LINKS]
         }
 
+    def _revocation_summary(self) -> str:
+        """The set only grows, so its size names the summary already computed."""
+        count = len(self.membership.revocations)
+        if self._summary_of_revocations[0] != count:
+            self._summary_of_revocations = (count, summary_of(self.membership.revocations))
+        return self._summary_of_revocations[1]
+
     def _publish(self) -> None:
-        """Signs and spreads a new version of our state."""
+        """Signs and spreads a new version of our state. A state over the size every peer
+        enforces is published without its link measurements; if even that is too large, the
+        last state stays and the error is logged (the node keeps running)."""
         payload = self._payload()
-        self._version = next_version(self._version, self.wall_clock())
-        state = SignedState.publish(self.identity, self._version, payload)
+        version = next_version(self._version, self.wall_clock())
+        try:
+            state = SignedState.publish(self.identity, version, payload)
+        except StateTooLargeError:
+            payload = {**payload, "links": {}}
+            try:
+                state = SignedState.publish(self.identity, version, payload)
+            except StateTooLargeError as err:
+                self.faults.log.emit("state-too-large", "not publishing our state: %s", err)
+                return
+        self._version = version
         self.store.merge([state])
         self._remember(state, payload)
         self._published, self._published_at = payload, trio.current_time()
@@ -347,7 +395,8 @@ class MeshService:
             theirs = Proof.decode(await self._receive(stream, self.timing.exchange_timeout_s))
             self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
-            _log.warning("refused %s: %s", peer, err)
+            self.traffic.refused_hellos += 1
+            self.faults.log.emit("refused-hello", "refused %s: %s", peer, err)
             # A revoked member is told so (the signed revocation), not just turned away.
             revocation = self.membership.revocations.get(peer)
             await self._send(stream, b"" if revocation is None else revocation.encode())
@@ -373,7 +422,7 @@ class MeshService:
             try:
                 theirs = Proof.decode(reply)
             except RecordError:
-                self._learn_revocation(Revocation.decode(reply))
+                self.learn_revocation(Revocation.decode(reply))
                 raise MembershipError("the peer refused us: this node is revoked") from None
             self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
@@ -393,22 +442,20 @@ class MeshService:
         self.admitted.add(peer)
         self._neighbours[peer] = None
 
-    def _guarded(self, handler: StreamHandler) -> StreamHandler:
-        async def guarded(stream: MeshStream) -> None:
+    def _members_only(self, handler: StreamHandler) -> StreamHandler:
+        async def members_only(stream: MeshStream) -> None:
             if stream.remote_peer in self._hello_pending:
                 return  # it admitted us and spoke before its answer to our hello reached us
             if stream.remote_peer not in self.admitted:
-                _log.warning("dropping %s: no membership proof yet", stream.remote_peer)
+                self.faults.log.emit(
+                    "no-proof", "dropping %s: no membership proof yet", stream.remote_peer
+                )
                 self.traffic.refused_streams += 1
                 await self.transport.disconnect(stream.remote_peer)
                 return
-            try:
-                await handler(stream)
-            except _PROTOCOL_FAULTS as err:
-                self.traffic.faults += 1
-                _log.debug("stream from %s failed: %s", stream.remote_peer, err)
+            await handler(stream)
 
-        return guarded
+        return members_only
 
     # -- gossip ----------------------------------------------------------------------------
 
@@ -416,16 +463,17 @@ class MeshService:
         try:
             content = state.content()
             proof = Proof.decode(content.get("proof", b""))
-            for raw in content.get("revocations", [])[:1024]:
-                self._learn_revocation(Revocation.decode(raw))
             self.membership.admit(proof, state.origin)
         except (RecordError, MembershipError, ValueError, TypeError, AttributeError):
             return False
         self._contents[state.origin] = (state.version, content)
         return True
 
-    def _learn_revocation(self, revocation: Revocation) -> None:
+    def learn_revocation(self, revocation: Revocation) -> None:
+        """Takes a mesh-signed revocation from anywhere (a peer, the admin's `revoke`): the
+        peer loses its streams, connections and place in the view, and the record is kept."""
         if self.membership.add_revocation(revocation):
+            self._unsaved_revocations.append(revocation)
             if revocation.peer_id == self.identity.peer_id:
                 _log.error("this node has been revoked from the mesh: %s", revocation.reason)
             _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
@@ -439,6 +487,45 @@ class MeshService:
             self._members.drop(revocation.peer_id)
             self.swim.forget(revocation.peer_id)
             self._state_rumors.discard(revocation.peer_id)
+
+    def take_unsaved_revocations(self) -> list[Revocation]:
+        """Revocations learned since the last call, for the node to keep on disk."""
+        taken, self._unsaved_revocations = self._unsaved_revocations, []
+        return taken
+
+    async def _serve_revocations(self, stream: MeshStream) -> None:
+        theirs = RevokedIds.decode(await self._receive(stream, self.timing.exchange_timeout_s))
+        await self._send(stream, answer(self.membership.revocations, theirs).encode())
+        gift = RevocationBatch.decode(await self._receive(stream, self.timing.exchange_timeout_s))
+        for revocation in gift.revocations:
+            self.learn_revocation(revocation)
+
+    async def _sync_revocations_with(self, peer: str) -> None:
+        stream = await self.transport.open_stream(peer, REVOCATIONS)
+        try:
+            await self._send(stream, RevokedIds.of(self.membership.revocations).encode())
+            batch = RevocationBatch.decode(
+                await self._receive(stream, self.timing.exchange_timeout_s)
+            )
+            for revocation in batch.revocations:
+                self.learn_revocation(revocation)
+            await self._send(stream, provide(self.membership.revocations, batch.wanted).encode())
+        finally:
+            await stream.aclose()
+
+    def _sync_revocations(self, peers: Sequence[str]) -> None:
+        """One revocation exchange a round, with a connected member whose set differs."""
+        ours = self._revocation_summary()
+        differing = [
+            p
+            for p in peers
+            if p in self._known
+            and self._known[p].get("revoked", ours) != ours
+            and (REVOCATIONS, p) not in self._in_flight
+        ]
+        if differing:
+            peer = differing[int(self.rng.random() * len(differing))]
+            self._in_background(REVOCATIONS, peer, self._sync_revocations_with)
 
     def _merge(self, states: Sequence[SignedState]) -> int:
         """Keeps the new states among `states`; returns how many there were."""
@@ -483,6 +570,7 @@ class MeshService:
         for peer in self.rng.sample(peers, min(self.timing.fanout, len(peers))):
             self._in_background(GOSSIP, peer, self._exchange_with)
         self._exchange_afar(set(peers))
+        self._sync_revocations(peers)
         await self._enforce_revocations()
 
     def _exchange_afar(self, connected: set[str]) -> None:
@@ -571,21 +659,15 @@ class MeshService:
 
     def _news(self) -> bytes:
         """What every probe and answer carries: a few rumors and a few new states."""
-        rumors = [r.to_wire() for r in self.swim.rumors_to_send(self.timing.rumors_per_message)]
-        states = [state.encode() for state in self._state_rumors.take(_STATES_PER_PROBE)]
-        return records.encode("news", [rumors, states])
+        rumors = self.swim.rumors_to_send(self.timing.rumors_per_message)
+        return News(tuple(rumors), tuple(self._state_rumors.take(_STATES_PER_PROBE))).encode()
 
     def _take_news(self, data: bytes) -> None:
-        rumors, states = records.decode(data, "news", [list, list])
+        news = News.decode(data, 4 * self.timing.rumors_per_message, _STATES_PER_PROBE)
         now = trio.current_time()
-        for raw in rumors[: 4 * self.timing.rumors_per_message]:
-            try:
-                self.swim.hear(Rumor.from_wire(raw), now)
-            except ValueError:
-                continue
-        if not all(isinstance(s, bytes) for s in states[:_STATES_PER_PROBE]):
-            raise RecordError("news states must be byte strings")
-        self._merge([SignedState.decode(s) for s in states[:_STATES_PER_PROBE]])
+        for rumor in news.rumors:
+            self.swim.hear(rumor, now)
+        self._merge(news.states)
 
     async def _serve_ping(self, stream: MeshStream) -> None:
         self._take_news(await self._receive(stream, self.timing.exchange_timeout_s))
@@ -605,14 +687,14 @@ class MeshService:
 
     async def _serve_ping_request(self, stream: MeshStream) -> None:
         """Probes a member on behalf of a peer that could not reach it (indirect probe)."""
-        target = (await self._receive(stream, self.timing.exchange_timeout_s)).decode()
+        target = decode_ping_request(await self._receive(stream, self.timing.exchange_timeout_s))
         reached = target in self.admitted and await self._try(self._ping, target)
         await self._send(stream, b"1" if reached else b"0")
 
     async def _ask_to_ping(self, helper: str, target: str) -> bool:
         stream = await self.transport.open_stream(helper, PING_REQ)
         try:
-            await self._send(stream, target.encode())
+            await self._send(stream, encode_ping_request(target))
             return await self._receive(stream, 2 * self.timing.probe_timeout_s) == b"1"
         finally:
             await stream.aclose()
@@ -712,7 +794,7 @@ class MeshService:
                 stream = await self.data_plane.open_stream(peer, host, port, BANDWIDTH)
                 try:
                     started = trio.current_time()
-                    await send_frame(stream, size.to_bytes(8, "big"))
+                    await send_frame(stream, encode_probe_header(size))
                     block = bytes(256 * 1024)
                     for _ in range(size // len(block)):
                         await stream.send_all(block)
@@ -788,7 +870,6 @@ class MeshService:
             except RecordError:
                 continue
             content.pop("proof", None)
-            content.pop("revocations", None)
             me = origin == self.identity.peer_id
             status = "self" if me else self.swim.status(origin).value
             since = self.swim.status_since(origin)
@@ -830,8 +911,7 @@ def data_address(state: SignedState | None) -> tuple[str, int] | None:
 async def _sink_and_acknowledge(stream: MeshStream) -> None:
     """The far end of a bandwidth probe: reads the announced byte count, acknowledges, then
     echoes the prober's small frames (its round-trip samples)."""
-    header = await receive_frame(stream)
-    remaining = min(int.from_bytes(header[:8], "big"), _MAX_PROBE_BYTES)
+    remaining = decode_probe_header(await receive_frame(stream))
     while remaining > 0:
         chunk = await stream.receive_some(min(remaining, 256 * 1024))
         if not chunk:

@@ -22,9 +22,10 @@ from typing import Any
 import trio
 
 from ..mesh.identity import IdentityError, load_or_create_identity
-from ..mesh.membership import Invite, Revocation
+from ..mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Invite, Revocation
 from ..mesh.mesh_store import (
     MeshStoreError,
+    count_revocations,
     load_addresses,
     load_mesh,
     load_mesh_key,
@@ -448,6 +449,15 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
         public_key_of_peer_id(args.peer)
     except ValueError as err:
         raise CommandError(str(err)) from None
+    if len(args.reason) > MAX_REASON_CHARS:
+        raise CommandError(
+            f"--reason is {len(args.reason)} characters; at most {MAX_REASON_CHARS} travel "
+            "with a revocation"
+        )
+    if count_revocations(config.data_dir) >= MAX_REVOCATIONS:
+        raise CommandError(
+            f"this mesh already holds {MAX_REVOCATIONS} revocations, the most it keeps"
+        )
     save_revocation(config.data_dir, Revocation.issue(key, args.peer, args.reason, time.time()))
     print(f"revoked {args.peer}; the running node spreads this to the mesh")
     return 0

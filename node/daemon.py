@@ -22,14 +22,16 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from ..mesh.containment import HandlerFaults
 from ..mesh.data_plane import DataPlane
 from ..mesh.libp2p_transport import open_libp2p_transport
-from ..mesh.membership import MembershipState
+from ..mesh.membership import MembershipState, Revocation
 from ..mesh.mesh_store import (
     load_known_peers,
     load_revocations,
     save_addresses,
     save_known_peers,
+    save_revocation,
 )
 from ..mesh.service import MeshService
 from .config import NodeConfig
@@ -86,7 +88,8 @@ async def _run_node(
         open_libp2p_transport(plan.identity, mesh.listen) as transport,
     ):
         membership = MembershipState(plan.files.mesh_public_key)
-        data_plane = DataPlane(plan.identity, plan.files.proof, membership.admit)
+        faults = HandlerFaults(trio.current_time)  # one count for both planes' handlers
+        data_plane = DataPlane(plan.identity, plan.files.proof, membership.admit, faults=faults)
         serving: MeshServing | None = None
 
         def describe_self() -> dict[str, Any]:
@@ -102,6 +105,7 @@ async def _run_node(
             describe_self=describe_self,
             wall_clock=time.time,
             rng=random.Random(),
+            faults=faults,
         )
         serving = MeshServing(
             service=service,
@@ -111,7 +115,8 @@ async def _run_node(
             local_models=models,
             client=client,
         )
-        for revocation in load_revocations(mesh.data_dir):
+        revocation_files: set[str] = set()  # read already: the keeper reads only new ones
+        for revocation in load_revocations(mesh.data_dir, revocation_files):
             service.membership.add_revocation(revocation)
         save_addresses(mesh.data_dir, list(transport.listen_addrs()))
         _log.info(
@@ -133,6 +138,8 @@ async def _run_node(
                 "control_traffic": dataclasses.asdict(service.traffic),
                 "gossiped_states": dataclasses.asdict(service.store.stats),
                 "data_plane_refused": data_plane.refused_connections,
+                "data_plane_refused_handshakes": data_plane.refused_handshakes,
+                "handler_faults": faults.as_rows(),
             }
 
         metrics = NodeMetrics(mesh_view)
@@ -146,7 +153,7 @@ async def _run_node(
             nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers, *known])
             nursery.start_soon(_remember_peers, service, mesh.data_dir)
             nursery.start_soon(serving.run)
-            nursery.start_soon(_watch_revocations, service, mesh.data_dir)
+            nursery.start_soon(_keep_revocations, service, mesh.data_dir, revocation_files)
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             record_running(mesh.data_dir, api_url)
@@ -164,12 +171,25 @@ async def _remember_peers(service: MeshService, data_dir: Path) -> None:
             saved = addresses
 
 
-async def _watch_revocations(service: MeshService, data_dir: Path) -> None:
-    """Picks up revocations that `sharedllm-node revoke` wrote while the node runs."""
+async def _keep_revocations(service: MeshService, data_dir: Path, tried: set[str]) -> None:
+    """Every node keeps every revocation it learns, one file each; revocations that
+    `sharedllm-node revoke` writes there while the node runs are picked up (only files not
+    read before are)."""
     while True:
-        for revocation in load_revocations(data_dir):
-            service.membership.add_revocation(revocation)
+        learned = [r for r in service.take_unsaved_revocations() if r.peer_id not in tried]
+        tried.update(revocation.peer_id for revocation in learned)
+        try:
+            await trio.to_thread.run_sync(_save_learned, data_dir, learned)
+        except OSError as err:
+            _log.error("cannot save revocations in %s: %s", data_dir, err)
+        for revocation in load_revocations(data_dir, tried):
+            service.learn_revocation(revocation)
         await trio.sleep(1.0)
+
+
+def _save_learned(data_dir: Path, revocations: list[Revocation]) -> None:
+    for revocation in revocations:
+        save_revocation(data_dir, revocation, sync=False)
 
 
 async def _serve_api(

@@ -149,6 +149,13 @@ class _MeshCollector(Collector):
         )
         refused.add_metric([], view.get("data_plane_refused", 0))
         yield refused
+        failed = CounterMetricFamily(
+            "sharedllm_data_plane_refused_handshakes",
+            "Data-plane connections whose authentication failed (strangers, revoked members)",
+        )
+        failed.add_metric([], view.get("data_plane_refused_handshakes", 0))
+        yield failed
+        yield _fault_metrics(view.get("handler_faults", []))
         yield from _model_metrics(view.get("models", {}))
 
 
@@ -202,7 +209,25 @@ def _control_metrics(traffic: Mapping[str, int]) -> Iterator[Metric]:
         "sharedllm_refused_streams", "Streams refused because the peer had not proved membership"
     )
     refused.add_metric([], traffic.get("refused_streams", 0))
-    yield from (messages, sizes, faults, refused)
+    hellos = CounterMetricFamily(
+        "sharedllm_refused_hellos", "Hellos refused because their membership proof did not hold"
+    )
+    hellos.add_metric([], traffic.get("refused_hellos", 0))
+    yield from (messages, sizes, faults, refused, hellos)
+
+
+def _fault_metrics(rows: list[Mapping[str, Any]]) -> Metric:
+    faults = CounterMetricFamily(
+        "sharedllm_handler_faults",
+        "Streams a handler ended with an error (closed, counted, the node unaffected), by "
+        "plane, protocol and error type",
+        labels=["plane", "protocol", "error"],
+    )
+    for row in rows:
+        faults.add_metric(
+            [str(row["plane"]), str(row["protocol"]), str(row["error"])], row["count"]
+        )
+    return faults
 
 
 def _state_metrics(stats: Mapping[str, int]) -> Iterator[Metric]:

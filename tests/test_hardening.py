@@ -1,0 +1,164 @@
+"""Attacks that took real nodes down, as regression tests against real nodes: a member's broken
+streams, an admin's oversized or numerous revocations."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from sharedllm.mesh.data_plane import DataPlane
+from sharedllm.mesh.framing import receive_frame, send_frame
+from sharedllm.mesh.identity import NodeIdentity
+from sharedllm.mesh.libp2p_transport import open_libp2p_transport
+from sharedllm.mesh.membership import MeshKey, Revocation
+from sharedllm.mesh.mesh_store import load_mesh_key, save_revocation
+from sharedllm.mesh.service import BANDWIDTH, HELLO, PING_REQ
+from sharedllm.node.mesh_setup import prepare_mesh
+
+from .node_process import RunningNode, invite_token, node_command, start_node, wait_until_ready
+
+pytestmark = pytest.mark.integration
+
+
+def _view(node: RunningNode) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(node.api_url + "/mesh/peers", timeout=10).json()
+    return answer
+
+
+def _revoked(node: RunningNode) -> int:
+    return sum(1 for p in _view(node)["peers"] if p["state"] == "revoked")
+
+
+def _wait(condition: Any, timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def _revocations(key: MeshKey, count: int, reason: str = "revoked by an admin") -> list[Revocation]:
+    return [
+        Revocation.issue(key, NodeIdentity.from_seed(os.urandom(32)).peer_id, reason, time.time())
+        for _ in range(count)
+    ]
+
+
+async def test_a_member_s_broken_streams_cost_only_those_streams(tmp_path: Path) -> None:
+    """A non-UTF-8 indirect-probe request and a bandwidth probe abandoned after one echo each
+    killed the node (exit 1) within 2 s; now each is a closed stream and a count in /metrics."""
+    node = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    try:
+        await trio.to_thread.run_sync(lambda: wait_until_ready(node, 60, serving=False))
+        token = await trio.to_thread.run_sync(invite_token, tmp_path / "a" / "data")
+        plan = prepare_mesh(tmp_path / "member", "member", token, time.time())
+        async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
+            target = await transport.connect(plan.bootstrap[0])
+            hello = await transport.open_stream(target, HELLO)
+            await send_frame(hello, plan.files.proof.encode())
+            assert await receive_frame(hello)  # admitted
+            await hello.aclose()
+            probe = await transport.open_stream(target, PING_REQ)
+            await send_frame(probe, b"\xff\xfe\xfd not a peer id")
+            await trio.sleep(0.5)
+            await probe.aclose()
+            async with httpx.AsyncClient(timeout=10) as client:
+                view = (await client.get(node.api_url + "/mesh/peers")).json()
+            host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addr"]
+            data = DataPlane(plan.identity, plan.files.proof, lambda proof, peer: None)
+            stream = await data.open_stream(target, host, port, BANDWIDTH)
+            await send_frame(stream, (1024).to_bytes(8, "big"))
+            await stream.send_all(bytes(1024))
+            assert await receive_frame(stream) == b"k"
+            await send_frame(stream, b"echo one")
+            assert await receive_frame(stream) == b"echo one"
+            await stream.aclose()  # 8 echoes short
+            await trio.sleep(2.0)
+            assert node.process.poll() is None, node.log()[-3000:]
+            async with httpx.AsyncClient(timeout=10) as client:
+                metrics = (await client.get(node.api_url + "/metrics")).text
+                health = await client.get(node.api_url + "/health")
+        assert health.status_code in (200, 503)
+        faults = [
+            line for line in metrics.splitlines() if "sharedllm_handler_faults_total{" in line
+        ]
+        assert any('protocol="/sharedllm/ping-req/1"' in f and "RecordError" in f for f in faults)
+        assert any('protocol="/sharedllm/bandwidth/2"' in f for f in faults), faults
+        assert "Traceback" not in node.log()
+        print("\n" + "\n".join(faults))
+    finally:
+        node.stop()
+
+
+def test_revocations_never_brick_the_admin(tmp_path: Path) -> None:
+    """A 33,000-character reason, or 170 revocations with the default one, overflowed the
+    admin's 32 KiB state: its heartbeat died and it could not start again."""
+    data = tmp_path / "a" / "data"
+    node = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    try:
+        wait_until_ready(node, 60, serving=False)
+        stranger = NodeIdentity.from_seed(b"\x31" * 32).peer_id
+        done = subprocess.run(
+            [node_command(), "revoke", "--data-dir", str(data), stranger, "--reason", "x" * 33_000],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode != 0 and "at most 200" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        for revocation in _revocations(load_mesh_key(data), 300):
+            save_revocation(data, revocation)
+        _wait(lambda: _revoked(node) == 300, 30, "the node to take the 300 revocations")
+        time.sleep(3)  # a few heartbeats
+        assert node.process.poll() is None, node.log()[-3000:]
+        assert httpx.get(node.api_url + "/health", timeout=10).status_code in (200, 503)
+    finally:
+        node.stop()
+    again = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    try:
+        wait_until_ready(again, 60, serving=False)
+        assert _revoked(again) == 300
+        assert "Traceback" not in again.log()
+    finally:
+        again.stop()
+
+
+def test_a_mesh_with_10000_revocations_starts_gossips_and_serves(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    data = tmp_path / "a" / "data"
+    founder = start_node(tmp_path / "a", "--name", "a", "--model", str(tiny_model))
+    founder.stop()
+    for revocation in _revocations(load_mesh_key(data), 10_000):
+        save_revocation(data, revocation, sync=False)
+    (data / "mesh" / "revocations" / "broken.rev").write_bytes(b"\x93not a revocation")
+    founder = start_node(tmp_path / "a", "--name", "a", "--model", str(tiny_model))
+    joiner = None
+    try:
+        assert "broken.rev" in founder.log() and "Traceback" not in founder.log()
+        token = invite_token(data)
+        joiner = start_node(tmp_path / "b", "--name", "b", "--no-model", "--join", token)
+        seconds = _wait(lambda: _revoked(joiner) == 10_000, 120, "the joiner to learn them all")
+        print(f"\n10,000 revocations reached a new member in {seconds:.1f} s")
+        kept = tmp_path / "b" / "data" / "mesh" / "revocations"
+        _wait(lambda: len(list(kept.glob("*.rev"))) == 10_000, 30, "the joiner to keep them")
+        assert httpx.get(founder.api_url + "/health", timeout=10).status_code == 200
+        model = httpx.get(joiner.api_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        answer = httpx.post(
+            joiner.api_url + "/v1/completions",
+            json={"model": model, "prompt": "hello", "max_tokens": 4},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        founder.stop()
+        if joiner is not None:
+            joiner.stop()
