@@ -18,6 +18,7 @@ from . import (
     failover_bench,
     fuzz_bench,
     gpu_bench,
+    hello_flood_bench,
     planner_bench,
     serving_bench,
     simnet_bench,
@@ -30,6 +31,7 @@ SUITES = {
     "failover": failover_bench.run,
     "fuzz": fuzz_bench.run,
     "gpu": gpu_bench.run,
+    "hello_flood": hello_flood_bench.run,
     "planner": planner_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
@@ -43,6 +45,7 @@ HEADLINE = (
     "warm_vs_cold_load_speedup",
     "predicted_vs_measured_error",
     "failover_s",
+    "hello_flood_rss_growth_mib",
 )
 
 

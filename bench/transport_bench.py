@@ -121,8 +121,8 @@ def _members() -> list[tuple[NodeIdentity, Proof]]:
 async def _data_plane() -> AsyncIterator[Opener]:
     (server_id, server_proof), (client_id, client_proof) = _members()
     mesh_key = server_proof.certificate.mesh_public_key if server_proof.certificate else b""
-    server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit)
-    client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit)
+    server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit_encoded)
+    client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit_encoded)
     server.serve("/bench", _serve)
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(server.run, "127.0.0.1", 0)
@@ -140,8 +140,8 @@ async def _tunnel() -> AsyncIterator[Opener]:
     plane (compressed chunks), and plain TCP out to the service on the far side."""
     (server_id, server_proof), (client_id, client_proof) = _members()
     mesh_key = server_proof.certificate.mesh_public_key if server_proof.certificate else b""
-    server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit)
-    client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit)
+    server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit_encoded)
+    client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit_encoded)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             partial(trio.serve_tcp, host="127.0.0.1"), lambda s: _serve(_TcpStream(s)), 0

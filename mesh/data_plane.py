@@ -35,9 +35,10 @@ from cryptography.x509.oid import NameOID
 from . import records
 from .containment import HandlerFaults, contained
 from .framing import FrameError, receive_frame, send_frame
-from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify
-from .membership import MembershipError, Proof
-from .records import RecordError
+from .handshake_limiter import FailedHandshakeLimiter
+from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify_once
+from .membership import MAX_PROOF_BYTES, MembershipError, Proof
+from .records import RecordError, check_peer_id_text
 from .tls_socket import TlsSocket
 from .transport import MeshStream, StreamHandler, TransportError
 
@@ -130,6 +131,13 @@ def _auth_message(nonce: bytes, server: str, client: str) -> bytes:
     return records.signing_bytes(_AUTH_KIND, [nonce, server, client])
 
 
+def _source_of(tcp: trio.SocketStream) -> str:
+    try:
+        return str(tcp.socket.getpeername()[0])
+    except OSError:
+        return "?"
+
+
 def _tune(stream: trio.SocketStream) -> None:
     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
@@ -142,7 +150,7 @@ class DataPlane:
 
     identity: NodeIdentity
     proof: Proof
-    admit: Callable[[Proof, str], None]  # raises MembershipError to refuse
+    admit: Callable[[bytes, str], object]  # an encoded proof; raises MembershipError to refuse
     handlers: dict[str, StreamHandler] = field(default_factory=dict)
     address: tuple[str, int] | None = None
     advertised: list[Any] | None = None  # [host, port] as gossiped (a wildcard is replaced)
@@ -153,6 +161,7 @@ class DataPlane:
     refused_handshakes: int = 0  # connections whose authentication failed
     _served: dict[str, set[trio.CancelScope]] = field(default_factory=dict)  # by peer
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
+    failures: FailedHandshakeLimiter = field(default_factory=FailedHandshakeLimiter)
 
     def __post_init__(self) -> None:
         self._contexts = _tls_contexts(self.identity)
@@ -179,7 +188,10 @@ class DataPlane:
         """Authenticates, then hands the stream to its protocol. A flood is bounded: at most
         `MAX_HANDSHAKES` connections wait to authenticate (each for a few seconds at most) and
         each member may hold `MAX_STREAMS_PER_PEER` streams; beyond that, connections close."""
-        if self.handshaking >= MAX_HANDSHAKES:
+        source = _source_of(tcp)
+        if self.handshaking >= MAX_HANDSHAKES or not self.failures.allows(
+            source, trio.current_time()
+        ):
             self.refused_connections += 1
             await trio.aclose_forcefully(tcp)
             return
@@ -189,6 +201,7 @@ class DataPlane:
         finally:
             self.handshaking -= 1
         if authenticated is None:
+            self.failures.failed(source, trio.current_time())
             return
         tls, peer, protocol = authenticated
         if self.streams_of.get(peer, 0) >= MAX_STREAMS_PER_PEER:
@@ -250,15 +263,19 @@ class DataPlane:
         nonce = os.urandom(_NONCE_BYTES)
         await send_frame(pending, nonce)
         peer, proof_bytes, signature, protocol = records.decode(
-            await receive_frame(pending), "data-hello", [str, bytes, bytes, str]
+            await receive_frame(pending),
+            "data-hello",
+            [str, bytes, bytes, str],
+            max_bytes=MAX_PROOF_BYTES + 1024,
         )
-        if not verify(
+        check_peer_id_text(peer)
+        if not verify_once(
             public_key_of_peer_id(peer),
             signature,
             _auth_message(nonce, self.identity.peer_id, peer),
         ):
             raise MembershipError(f"{peer} did not prove it holds its key")
-        self.admit(Proof.decode(proof_bytes), peer)
+        self.admit(proof_bytes, peer)
         if protocol not in self.handlers:
             raise MembershipError(f"{peer} asked for unknown protocol {protocol!r}")
         await send_frame(pending, b"ok")

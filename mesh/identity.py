@@ -8,7 +8,9 @@ same string. It is computed here from the key alone, without libp2p.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def public_key_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=8192)
 def peer_id_of(public_key: bytes) -> str:
     """libp2p's peer id for a raw 32-byte Ed25519 public key."""
     if len(public_key) != 32:
@@ -46,7 +48,7 @@ def peer_id_of(public_key: bytes) -> str:
     return base58.b58encode(_IDENTITY_MULTIHASH + bytes([len(encoded)]) + encoded).decode()
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=8192)
 def public_key_of_peer_id(peer_id: str) -> bytes:
     """The Ed25519 key inside a peer id (identity multihash), so signatures can be checked
     from the id alone."""
@@ -60,10 +62,31 @@ def public_key_of_peer_id(peer_id: str) -> bytes:
     return raw[len(prefix) :]
 
 
-@functools.lru_cache(maxsize=32768)
+VERIFIED_CACHE_ENTRIES = 16_384
+_verified: OrderedDict[bytes, bool] = OrderedDict()  # digest of (key, signature, message)
+
+
 def verify(public_key: bytes, signature: bytes, message: bytes) -> bool:
-    """Checks an Ed25519 signature. Results are remembered: the same signed state reaches a node
-    from several peers (and, in the simulator, every node of the process)."""
+    """Checks an Ed25519 signature. Results are remembered by a digest of what was checked
+    (32 bytes an entry, `VERIFIED_CACHE_ENTRIES` at most), never by the message itself: the same
+    signed record reaches a node from several peers (and, in the simulator, every node of the
+    process), while a stranger's junk must not pin memory."""
+    digest = hashlib.sha256(
+        len(public_key).to_bytes(2, "big") + public_key + signature + b"|" + message
+    ).digest()
+    known = _verified.get(digest)
+    if known is not None:
+        _verified.move_to_end(digest)
+        return known
+    result = verify_once(public_key, signature, message)
+    _verified[digest] = result
+    if len(_verified) > VERIFIED_CACHE_ENTRIES:
+        _verified.popitem(last=False)
+    return result
+
+
+def verify_once(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """Checks a signature that will never come again (over a fresh nonce): nothing is kept."""
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
     except (InvalidSignature, ValueError):

@@ -20,6 +20,7 @@ import base64
 import functools
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -35,6 +36,8 @@ MAX_TOKEN_CHARS = 8192
 ROLES = frozenset({"member", "admin"})
 MAX_REASON_CHARS = 200
 MAX_NAME_CHARS = 128
+MAX_PROOF_BYTES = 8 * 1024
+ADMITTED_PROOFS_CACHED = 4096
 # Revocations are kept forever by every node and listed in one message of the revocation
 # exchange (32 bytes each): this many fit a frame with room to spare.
 MAX_REVOCATIONS = 16_384
@@ -92,9 +95,9 @@ class Certificate:
     @staticmethod
     def decode(data: bytes) -> Certificate:
         key, peer, name, roles, issued, sig = records.decode(
-            data, Certificate.KIND, [bytes, str, str, list, (int, float), bytes]
+            data, Certificate.KIND, [bytes, str, str, list, (int, float), bytes], max_bytes=2048
         )
-        return Certificate(key, peer, name, _roles(roles), float(issued), sig)
+        return Certificate(key, peer, _name(name), _roles(roles), float(issued), sig)
 
     def check(self, mesh_public_key: bytes, peer_id: str) -> None:
         if self.mesh_public_key != mesh_public_key:
@@ -174,9 +177,9 @@ class Redemption:
     @staticmethod
     def decode(data: bytes) -> Redemption:
         ticket, peer, name, at, sig = records.decode(
-            data, Redemption.KIND, [bytes, str, str, (int, float), bytes]
+            data, Redemption.KIND, [bytes, str, str, (int, float), bytes], max_bytes=2048
         )
-        return Redemption(Ticket.decode(ticket), peer, name, float(at), sig)
+        return Redemption(Ticket.decode(ticket), peer, _name(name), float(at), sig)
 
     @property
     def ticket_id(self) -> bytes:
@@ -318,23 +321,18 @@ class Proof:
 
     @staticmethod
     def decode(data: bytes) -> Proof:
-        return _decoded_proof(bytes(data))
+        cert, red = records.decode(
+            bytes(data), Proof.KIND, [bytes, bytes], max_bytes=MAX_PROOF_BYTES
+        )
+        return Proof(
+            Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
+        )
 
     @property
     def roles(self) -> tuple[str, ...]:
         if self.certificate is not None:
             return self.certificate.roles
         return self.redemption.ticket.roles if self.redemption else ()
-
-
-@functools.lru_cache(maxsize=4096)
-def _decoded_proof(data: bytes) -> Proof:
-    """Every state a member gossips carries the same proof: decode each one once (proofs are
-    immutable; checking them against the mesh is still done at every admission)."""
-    cert, red = records.decode(data, Proof.KIND, [bytes, bytes])
-    return Proof(
-        Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
-    )
 
 
 @dataclass
@@ -348,6 +346,26 @@ class MembershipState:
     mesh_public_key: bytes
     revocations: dict[str, Revocation] = field(default_factory=dict)
     redemptions: dict[bytes, dict[str, Redemption]] = field(default_factory=dict)
+    # Proofs that admitted their peer, by a digest of their encoding: every state a member
+    # gossips carries the same proof, decoded and checked once. A refused proof is never kept,
+    # so a stranger's hellos cost no memory.
+    _admitted: OrderedDict[bytes, tuple[str, Proof]] = field(default_factory=OrderedDict)
+
+    def admit_encoded(self, data: bytes, peer_id: str) -> Proof:
+        """`admit` for a proof as it came from the network; returns it decoded."""
+        digest = hashlib.sha256(data).digest()
+        known = self._admitted.get(digest)
+        if known is not None and known[0] == peer_id:
+            self._admitted.move_to_end(digest)
+            proof = known[1]
+        else:
+            proof = Proof.decode(data)
+        self.admit(proof, peer_id)
+        if known is None:
+            self._admitted[digest] = (peer_id, proof)
+            if len(self._admitted) > ADMITTED_PROOFS_CACHED:
+                self._admitted.popitem(last=False)
+        return proof
 
     def add_revocation(self, revocation: Revocation) -> bool:
         """Records a valid revocation; returns whether it was new. A full set takes no more
@@ -397,6 +415,12 @@ class MembershipState:
         ticket = proof.redemption.ticket
         if peer_id not in self.admitted_by(ticket.ticket_public_key, ticket.uses):
             raise MembershipError("invite already used up by other peers")
+
+
+def _name(value: str) -> str:
+    if len(value) > MAX_NAME_CHARS:
+        raise RecordError(f"a member's name is at most {MAX_NAME_CHARS} characters")
+    return value
 
 
 def _roles(value: Any) -> tuple[str, ...]:

@@ -4,17 +4,14 @@ probe's header. Each decoder turns a peer's bytes into a value or a `RecordError
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 
 from . import records
 from .gossip import SignedState
-from .records import RecordError
+from .records import MAX_PEER_ID_CHARS, RecordError, check_peer_id_text
 from .swim import Rumor
 
-MAX_PEER_ID_CHARS = 128
 MAX_PROBE_BYTES = 64 * 1024 * 1024
-_PEER_ID_ALPHABET = frozenset(string.ascii_letters + string.digits)
 _NEWS_KIND = "news"
 
 
@@ -48,14 +45,6 @@ class News:
                 raise RecordError("news states must be byte strings")
             states.append(SignedState.decode(raw))
         return News(tuple(rumors), tuple(states))
-
-
-def check_peer_id_text(value: str) -> str:
-    """A peer id's text as it travels: base58, bounded. (Whether it names a real key is
-    checked where that matters.)"""
-    if not value or len(value) > MAX_PEER_ID_CHARS or not set(value) <= _PEER_ID_ALPHABET:
-        raise RecordError("not a peer id")
-    return value
 
 
 def encode_ping_request(target: str) -> bytes:

@@ -8,12 +8,15 @@ domain-separated encoding, so a signature made for one kind of record never veri
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from typing import Any
 
 import msgpack
 
 FORMAT_VERSION = 1
+MAX_PEER_ID_CHARS = 128
+_PEER_ID_ALPHABET = frozenset(string.ascii_letters + string.digits)
 MAX_RECORD_BYTES = 64 * 1024
 _DOMAIN = b"sharedllm-record-v1:"
 
@@ -77,3 +80,11 @@ def string_list(value: Any, what: str, limit: int = 64) -> tuple[str, ...]:
     ):
         raise RecordError(f"{what} must be a list of at most {limit} strings")
     return tuple(value)
+
+
+def check_peer_id_text(value: str) -> str:
+    """A peer id's text as it travels: base58, bounded. (Whether it names a real key is
+    checked where that matters.)"""
+    if not value or len(value) > MAX_PEER_ID_CHARS or not set(value) <= _PEER_ID_ALPHABET:
+        raise RecordError("not a peer id")
+    return value

@@ -392,8 +392,8 @@ class MeshService:
     async def _serve_hello(self, stream: MeshStream) -> None:
         peer = stream.remote_peer
         try:
-            theirs = Proof.decode(await self._receive(stream, self.timing.exchange_timeout_s))
-            self.membership.admit(theirs, peer)
+            theirs = await self._receive(stream, self.timing.exchange_timeout_s)
+            self.membership.admit_encoded(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             self.traffic.refused_hellos += 1
             self.faults.log.emit("refused-hello", "refused %s: %s", peer, err)
@@ -420,11 +420,10 @@ class MeshService:
             if not reply:
                 raise MembershipError("the peer refused our membership proof")
             try:
-                theirs = Proof.decode(reply)
+                self.membership.admit_encoded(reply, peer)
             except RecordError:
                 self.learn_revocation(Revocation.decode(reply))
                 raise MembershipError("the peer refused us: this node is revoked") from None
-            self.membership.admit(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("could not join %s: %s", peer, err)
             await self.transport.disconnect(peer)
@@ -462,8 +461,10 @@ class MeshService:
     def _admit_state(self, state: SignedState) -> bool:
         try:
             content = state.content()
-            proof = Proof.decode(content.get("proof", b""))
-            self.membership.admit(proof, state.origin)
+            proof = content.get("proof", b"")
+            if not isinstance(proof, bytes):
+                return False
+            self.membership.admit_encoded(proof, state.origin)
         except (RecordError, MembershipError, ValueError, TypeError, AttributeError):
             return False
         self._contents[state.origin] = (state.version, content)

@@ -89,7 +89,9 @@ async def _run_node(
     ):
         membership = MembershipState(plan.files.mesh_public_key)
         faults = HandlerFaults(trio.current_time)  # one count for both planes' handlers
-        data_plane = DataPlane(plan.identity, plan.files.proof, membership.admit, faults=faults)
+        data_plane = DataPlane(
+            plan.identity, plan.files.proof, membership.admit_encoded, faults=faults
+        )
         serving: MeshServing | None = None
 
         def describe_self() -> dict[str, Any]:

@@ -22,7 +22,7 @@ def _member(seed: int, mesh: MeshKey = MESH) -> tuple[NodeIdentity, Proof]:
 
 def _plane(seed: int, mesh: MeshKey = MESH) -> DataPlane:
     identity, proof = _member(seed, mesh)
-    return DataPlane(identity, proof, MembershipState(MESH.public_key).admit)
+    return DataPlane(identity, proof, MembershipState(MESH.public_key).admit_encoded)
 
 
 async def test_echo_between_members() -> None:

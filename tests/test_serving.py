@@ -185,7 +185,7 @@ def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[Runnin
     c_self = next(p for p in c_view["peers"] if p["peer_id"] == c_view["peer_id"])
     host, port = c_self["data_addr"]
     epoch = c_view["models"][GEMMA_ID]["epoch"]
-    plane = DataPlane(identity, files.proof, MembershipState(files.mesh_public_key).admit)
+    plane = DataPlane(identity, files.proof, MembershipState(files.mesh_public_key).admit_encoded)
 
     async def attempt() -> str:
         async def opener() -> Any:

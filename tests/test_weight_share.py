@@ -61,7 +61,9 @@ def fnv(tmp_path_factory: pytest.TempPathFactory) -> NativeFnv:
 def _plane(seed: int) -> DataPlane:
     identity = NodeIdentity.from_seed(bytes([seed]) * 32)
     cert = Certificate.issue(MESH, identity.peer_id, f"n{seed}", ["member"], 0.0)
-    return DataPlane(identity, Proof(certificate=cert), MembershipState(MESH.public_key).admit)
+    return DataPlane(
+        identity, Proof(certificate=cert), MembershipState(MESH.public_key).admit_encoded
+    )
 
 
 class _CutAfter:
