@@ -26,6 +26,7 @@ from sharedllm.mesh.framing import FrameError, receive_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import (
+    Admission,
     Certificate,
     Invite,
     MembershipError,
@@ -33,7 +34,14 @@ from sharedllm.mesh.membership import (
     Proof,
     Revocation,
 )
+from sharedllm.mesh.probe_records import (
+    News,
+    decode_hello_reply,
+    decode_ping_request,
+    decode_probe_header,
+)
 from sharedllm.mesh.records import RecordError
+from sharedllm.mesh.revocation_sync import RevocationBatch, RevokedIds
 from sharedllm.mesh.swim import Liveness, Rumor
 from sharedllm.mesh.transport import TransportError
 from sharedllm.mesh.tunnel import Packer, TunnelRequest, Unpacker
@@ -128,12 +136,46 @@ def targets() -> list[Target]:
         Target("weights manifest", decode_manifest, (RecordError, WeightShareError), ()),
         Target("weights tensor answer", decode_tensor_answer, (RecordError, WeightShareError), ()),
         Target("frame", _frame, (FrameError, TransportError), (b"\x00\x00\x00\x03abc",)),
+        *_control_targets(certificate, state, revocation, invite),
         Target(
             "tunnel chunk (zstd)",
             lambda data: Unpacker().unpack(data),
             (FrameError,),
             (Packer().pack(b"ggml graph " * 400),),
         ),
+    ]
+
+
+def _control_targets(
+    certificate: Certificate, state: SignedState, revocation: Revocation, invite: Invite
+) -> list[Target]:
+    """The decoders of the probe, hello-reply, revocation-exchange and admission messages."""
+    proof = Proof(certificate=certificate)
+    redemption = invite.redeem(_NODE.peer_id, "fuzz", 1.0)
+    admission = Admission.issue(_NODE, proof, redemption, 2.0)
+    news = News((Rumor(_NODE.peer_id, Liveness.ALIVE, 3),), (state,))
+    batch = RevocationBatch(frozenset({b"k" * 32}), (revocation,))
+    return [
+        Target("news", lambda data: News.decode(data, 48, 4), _RECORD_ERRORS, (news.encode(),)),
+        Target("ping request", decode_ping_request, (RecordError,), (_NODE.peer_id.encode(),)),
+        Target(
+            "bandwidth header", decode_probe_header, (RecordError,), ((1024).to_bytes(8, "big"),)
+        ),
+        Target("hello reply", decode_hello_reply, (RecordError,), ()),
+        Target("admission", Admission.decode, _RECORD_ERRORS, (admission.encode(),)),
+        Target(
+            "proof with admission",
+            Proof.decode,
+            _RECORD_ERRORS,
+            (Proof(redemption=redemption, admission=admission).encode(),),
+        ),
+        Target(
+            "revoked ids",
+            RevokedIds.decode,
+            _RECORD_ERRORS,
+            (RevokedIds(frozenset({b"k" * 32})).encode(),),
+        ),
+        Target("revocation batch", RevocationBatch.decode, _RECORD_ERRORS, (batch.encode(),)),
     ]
 
 

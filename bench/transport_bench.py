@@ -17,7 +17,8 @@ from typing import Any
 import trio
 from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.membership import Certificate, MembershipState, MeshKey, Proof
+from sharedllm.mesh.membership import Certificate, MeshKey, Proof
+from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.transport import MeshStream
 from sharedllm.mesh.tunnel import TUNNEL, TunnelListener, TunnelRequest, TunnelStats, serve_tunnel
 

@@ -197,11 +197,10 @@ class DataPlane:
             return
         self.handshaking += 1
         try:
-            authenticated = await self._authenticate(tcp)
+            authenticated = await self._authenticate(tcp, source)
         finally:
             self.handshaking -= 1
         if authenticated is None:
-            self.failures.failed(source, trio.current_time())
             return
         tls, peer, protocol = authenticated
         if self.streams_of.get(peer, 0) >= MAX_STREAMS_PER_PEER:
@@ -235,13 +234,20 @@ class DataPlane:
             scope.cancel()
         return len(scopes)
 
-    async def _authenticate(self, tcp: trio.SocketStream) -> tuple[TlsSocket, str, str] | None:
+    async def _authenticate(
+        self, tcp: trio.SocketStream, source: str
+    ) -> tuple[TlsSocket, str, str] | None:
+        """The client's peer id and protocol, or None (refused). A client that completed TLS
+        and then failed to prove membership counts against its source address (one that
+        never finishes TLS costs a waiting place only, bounded by `MAX_HANDSHAKES`)."""
         assert self._contexts is not None
         _tune(tcp)
         tls = TlsSocket.wrap(tcp, self._contexts[0], server_side=True)
+        handshaken = False
         try:
             with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
                 await tls.do_handshake()
+                handshaken = True
                 peer, protocol = await self._authenticate_client(tls)
         except (
             trio.TooSlowError,
@@ -253,6 +259,8 @@ class DataPlane:
             ValueError,
         ) as err:
             self.refused_handshakes += 1
+            if handshaken:
+                self.failures.failed(source, trio.current_time())
             self.faults.log.emit("refused-data", "refused a data connection: %s", err)
             await trio.aclose_forcefully(tls)
             return None

@@ -156,6 +156,9 @@ def _check_port_free(address: multiaddr.Multiaddr) -> None:
         return
     family = socket.AF_INET if parts[0] == "ip4" else socket.AF_INET6
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # A crashed node's connections linger in TIME_WAIT for up to a minute; they must not
+        # keep it from starting again (a listener still there does: Linux refuses the bind).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((parts[1], int(parts[3])))
         except (OSError, ValueError) as err:

@@ -20,9 +20,8 @@ import base64
 import functools
 import hashlib
 import os
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -185,6 +184,10 @@ class Redemption:
     def ticket_id(self) -> bytes:
         return self.ticket.ticket_public_key
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.encode()).digest()
+
     def check(self, mesh_public_key: bytes, peer_id: str) -> None:
         self.ticket.check(mesh_public_key)
         if self.peer_id != peer_id:
@@ -306,26 +309,107 @@ class Invite:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A member's signed word that it let `peer_id` in by a redemption at `admitted_at`, read
+    on the member's own clock. The joiner chooses its redemption's time; it cannot choose
+    this one, so expiry and the order of a ticket's uses are judged by it (SECURITY.md).
+    The admitter's own proof rides along, so any node can check the chain offline."""
+
+    redemption_digest: bytes
+    peer_id: str
+    admitted_at: float
+    admitter: str
+    admitter_proof: bytes
+    signature: bytes = b""
+
+    KIND = "admission"
+
+    def fields(self) -> list[Any]:
+        return [
+            self.redemption_digest,
+            self.peer_id,
+            self.admitted_at,
+            self.admitter,
+            self.admitter_proof,
+        ]
+
+    @staticmethod
+    def issue(
+        identity: NodeIdentity, own_proof: Proof, redemption: Redemption, now: float
+    ) -> Admission:
+        draft = Admission(
+            redemption.digest, redemption.peer_id, now, identity.peer_id, own_proof.encode()
+        )
+        return _signed(draft, identity.sign(records.signing_bytes(draft.KIND, draft.fields())))
+
+    def encode(self) -> bytes:
+        return records.encode(self.KIND, [*self.fields(), self.signature])
+
+    @staticmethod
+    def decode(data: bytes) -> Admission:
+        digest, peer, at, admitter, proof, sig = records.decode(
+            data,
+            Admission.KIND,
+            [bytes, str, (int, float), str, bytes, bytes],
+            max_bytes=MAX_PROOF_BYTES,
+        )
+        return Admission(digest, peer, float(at), admitter, proof, sig)
+
+    def check(
+        self, mesh_public_key: bytes, redemption: Redemption, revoked: Container[str], depth: int
+    ) -> None:
+        if self.redemption_digest != redemption.digest or self.peer_id != redemption.peer_id:
+            raise MembershipError("the admission is for another redemption")
+        if self.admitted_at > redemption.ticket.expires_at:
+            raise MembershipError("the invite had expired when this peer was admitted")
+        if self.admitter in revoked:
+            raise MembershipError("the peer was admitted by a revoked member")
+        message = records.signing_bytes(self.KIND, self.fields())
+        if not verify(public_key_of_peer_id(self.admitter), self.signature, message):
+            raise MembershipError("the admission is not signed by its admitter")
+        admitter = Proof.decode(self.admitter_proof)
+        if admitter.certificate is not None:
+            admitter.certificate.check(mesh_public_key, self.admitter)
+        elif admitter.redemption is None or admitter.admission is None or depth <= 0:
+            raise MembershipError("the admitter's own membership cannot be checked")
+        else:
+            admitter.redemption.check(mesh_public_key, self.admitter)
+            admitter.admission.check(mesh_public_key, admitter.redemption, revoked, depth - 1)
+
+
+@dataclass(frozen=True)
 class Proof:
-    """What a peer shows to prove membership: a certificate, or an invite redemption."""
+    """What a peer shows to prove membership: a certificate, or an invite redemption and the
+    admission a member gave it for that redemption (a bare redemption only asks for one)."""
 
     certificate: Certificate | None = None
     redemption: Redemption | None = None
+    admission: Admission | None = None
 
     KIND = "proof"
 
     def encode(self) -> bytes:
         cert = self.certificate.encode() if self.certificate else b""
         red = self.redemption.encode() if self.redemption else b""
-        return records.encode(self.KIND, [cert, red])
+        adm = self.admission.encode() if self.admission else b""
+        return records.encode(self.KIND, [cert, red, adm])
 
     @staticmethod
     def decode(data: bytes) -> Proof:
-        cert, red = records.decode(
-            bytes(data), Proof.KIND, [bytes, bytes], max_bytes=MAX_PROOF_BYTES
-        )
+        """Also reads proofs saved before admissions existed (no third field)."""
+        try:
+            cert, red, adm = records.decode(
+                bytes(data), Proof.KIND, [bytes, bytes, bytes], max_bytes=MAX_PROOF_BYTES
+            )
+        except RecordError:
+            cert, red = records.decode(
+                bytes(data), Proof.KIND, [bytes, bytes], max_bytes=MAX_PROOF_BYTES
+            )
+            adm = b""
         return Proof(
-            Certificate.decode(cert) if cert else None, Redemption.decode(red) if red else None
+            Certificate.decode(cert) if cert else None,
+            Redemption.decode(red) if red else None,
+            Admission.decode(adm) if adm else None,
         )
 
     @property
@@ -333,88 +417,6 @@ class Proof:
         if self.certificate is not None:
             return self.certificate.roles
         return self.redemption.ticket.roles if self.redemption else ()
-
-
-@dataclass
-class MembershipState:
-    """What a node knows about the mesh's membership: revocations and redemptions seen so far.
-
-    Both only grow, and merging is a set union, so every node that has seen the same records
-    reaches the same verdicts.
-    """
-
-    mesh_public_key: bytes
-    revocations: dict[str, Revocation] = field(default_factory=dict)
-    redemptions: dict[bytes, dict[str, Redemption]] = field(default_factory=dict)
-    # Proofs that admitted their peer, by a digest of their encoding: every state a member
-    # gossips carries the same proof, decoded and checked once. A refused proof is never kept,
-    # so a stranger's hellos cost no memory.
-    _admitted: OrderedDict[bytes, tuple[str, Proof]] = field(default_factory=OrderedDict)
-
-    def admit_encoded(self, data: bytes, peer_id: str) -> Proof:
-        """`admit` for a proof as it came from the network; returns it decoded."""
-        digest = hashlib.sha256(data).digest()
-        known = self._admitted.get(digest)
-        if known is not None and known[0] == peer_id:
-            self._admitted.move_to_end(digest)
-            proof = known[1]
-        else:
-            proof = Proof.decode(data)
-        self.admit(proof, peer_id)
-        if known is None:
-            self._admitted[digest] = (peer_id, proof)
-            if len(self._admitted) > ADMITTED_PROOFS_CACHED:
-                self._admitted.popitem(last=False)
-        return proof
-
-    def add_revocation(self, revocation: Revocation) -> bool:
-        """Records a valid revocation; returns whether it was new. A full set takes no more
-        (`MAX_REVOCATIONS`; `sharedllm-node revoke` says so before signing one)."""
-        if revocation.peer_id in self.revocations or len(self.revocations) >= MAX_REVOCATIONS:
-            return False
-        try:
-            public_key_of_peer_id(revocation.peer_id)
-        except ValueError:
-            return False
-        if not revocation.is_valid_for(self.mesh_public_key):
-            return False
-        self.revocations[revocation.peer_id] = revocation
-        return True
-
-    def add_redemption(self, redemption: Redemption) -> bool:
-        """Records a valid redemption; returns whether it was new."""
-        try:
-            redemption.check(self.mesh_public_key, redemption.peer_id)
-        except MembershipError:
-            return False
-        seen = self.redemptions.setdefault(redemption.ticket_id, {})
-        if redemption.peer_id in seen:
-            return False
-        seen[redemption.peer_id] = redemption
-        return True
-
-    def admitted_by(self, ticket_id: bytes, uses: int) -> list[str]:
-        """The peers a ticket admits: its earliest `uses` redemptions, ties by peer id."""
-        seen: Mapping[str, Redemption] = self.redemptions.get(ticket_id, {})
-        ranked = sorted(seen.values(), key=lambda r: (r.redeemed_at, r.peer_id))
-        return [r.peer_id for r in ranked[:uses]]
-
-    def admit(self, proof: Proof, peer_id: str) -> None:
-        """Raises `MembershipError` unless `peer_id` is a current member by `proof`; a valid
-        redemption it carries is recorded (so it counts against the ticket's uses)."""
-        public_key_of_peer_id(peer_id)  # a malformed id fails here, not later
-        if peer_id in self.revocations:
-            raise MembershipError(f"peer {peer_id} has been revoked")
-        if proof.certificate is not None:
-            proof.certificate.check(self.mesh_public_key, peer_id)
-            return
-        if proof.redemption is None:
-            raise MembershipError("no membership proof")
-        proof.redemption.check(self.mesh_public_key, peer_id)
-        self.add_redemption(proof.redemption)
-        ticket = proof.redemption.ticket
-        if peer_id not in self.admitted_by(ticket.ticket_public_key, ticket.uses):
-            raise MembershipError("invite already used up by other peers")
 
 
 def _name(value: str) -> str:
@@ -430,7 +432,7 @@ def _roles(value: Any) -> tuple[str, ...]:
     return roles
 
 
-_Record = TypeVar("_Record", Certificate, Ticket, Redemption, Revocation)
+_Record = TypeVar("_Record", Certificate, Ticket, Redemption, Revocation, Admission)
 
 
 def _signed(draft: _Record, signature: bytes) -> _Record:

@@ -74,3 +74,14 @@ def decode_probe_header(data: bytes) -> int:
     if size > MAX_PROBE_BYTES:
         raise RecordError(f"a bandwidth probe of {size} bytes exceeds {MAX_PROBE_BYTES}")
     return size
+
+
+def encode_hello_reply(proof: bytes, admission: bytes) -> bytes:
+    """The listener's answer to an admitted hello: its own proof, and the admission it gave a
+    joiner that came with a bare invite redemption (else empty)."""
+    return records.encode("hello-reply", [proof, admission])
+
+
+def decode_hello_reply(data: bytes) -> tuple[bytes, bytes]:
+    proof, admission = records.decode(data, "hello-reply", [bytes, bytes], max_bytes=20_000)
+    return proof, admission

@@ -34,11 +34,14 @@ from .gossip import (
 )
 from .identity import NodeIdentity
 from .member_states import MemberStates
-from .membership import MembershipError, MembershipState, Proof, Revocation
+from .membership import Admission, MembershipError, Proof, Revocation
+from .membership_state import AdmissionNeeded, MembershipState
 from .probe_records import (
     News,
+    decode_hello_reply,
     decode_ping_request,
     decode_probe_header,
+    encode_hello_reply,
     encode_ping_request,
     encode_probe_header,
 )
@@ -55,7 +58,7 @@ from .send_queue import SendQueue
 from .swim import Liveness, Rumor, Swim
 from .transport import MeshStream, StreamHandler, Transport, TransportError
 
-HELLO = "/sharedllm/hello/1"
+HELLO = "/sharedllm/hello/2"
 GOSSIP = "/sharedllm/gossip/2"
 PING = "/sharedllm/ping/1"
 PING_REQ = "/sharedllm/ping-req/1"
@@ -161,6 +164,7 @@ class MeshService:
     links: dict[str, PeerLink] = field(default_factory=dict)
     traffic: ControlTraffic = field(default_factory=ControlTraffic)
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
+    on_new_proof: Callable[[Proof], None] | None = None  # to keep an admission we were given
     _contents: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     _in_flight: set[tuple[str, str]] = field(default_factory=set)
     _hello_pending: set[str] = field(default_factory=set)
@@ -393,7 +397,7 @@ class MeshService:
         peer = stream.remote_peer
         try:
             theirs = await self._receive(stream, self.timing.exchange_timeout_s)
-            self.membership.admit_encoded(theirs, peer)
+            admission = self._admission_for(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             self.traffic.refused_hellos += 1
             self.faults.log.emit("refused-hello", "refused %s: %s", peer, err)
@@ -402,8 +406,39 @@ class MeshService:
             await self._send(stream, b"" if revocation is None else revocation.encode())
             await self.transport.disconnect(peer)
             return
-        await self._send(stream, self.proof.encode())
+        await self._send(stream, encode_hello_reply(self.proof.encode(), admission))
         self._admit(peer)
+
+    def _admission_for(self, proof: bytes, peer: str) -> bytes:
+        """Checks a hello's proof; a joiner's bare invite redemption is admitted here, by our
+        clock (the encoded admission, else b"")."""
+        try:
+            self.membership.admit_encoded(proof, peer)
+        except AdmissionNeeded:
+            redemption = Proof.decode(proof).redemption
+            assert redemption is not None
+            granted = self.membership.grant(
+                redemption, self.identity, self.proof, self.wall_clock()
+            )
+            return granted.encode()
+        return b""
+
+    def _adopt(self, admission: Admission) -> None:
+        """A member admitted our redemption: from now on we show that admission (the earliest
+        one we were given), and the node keeps it for its next start."""
+        current = self.proof
+        if current.redemption is None or (
+            current.admission is not None and current.admission.admitted_at <= admission.admitted_at
+        ):
+            return
+        proof = Proof(redemption=current.redemption, admission=admission)
+        self.membership.admit(proof, self.identity.peer_id)
+        self.proof = proof
+        if self.data_plane is not None:
+            self.data_plane.proof = proof
+        if self.on_new_proof is not None:
+            self.on_new_proof(proof)
+        self._publish()
 
     async def introduce(self, peer: str) -> bool:
         """Runs the hello exchange with a newly connected peer; False (and disconnected) if
@@ -420,10 +455,13 @@ class MeshService:
             if not reply:
                 raise MembershipError("the peer refused our membership proof")
             try:
-                self.membership.admit_encoded(reply, peer)
+                theirs, admission = decode_hello_reply(reply)
             except RecordError:
                 self.learn_revocation(Revocation.decode(reply))
                 raise MembershipError("the peer refused us: this node is revoked") from None
+            self.membership.admit_encoded(theirs, peer)
+            if admission:
+                self._adopt(Admission.decode(admission))
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("could not join %s: %s", peer, err)
             await self.transport.disconnect(peer)

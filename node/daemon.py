@@ -25,12 +25,14 @@ from hypercorn.trio import serve
 from ..mesh.containment import HandlerFaults
 from ..mesh.data_plane import DataPlane
 from ..mesh.libp2p_transport import open_libp2p_transport
-from ..mesh.membership import MembershipState, Revocation
+from ..mesh.membership import Revocation
+from ..mesh.membership_state import MembershipState
 from ..mesh.mesh_store import (
     load_known_peers,
     load_revocations,
     save_addresses,
     save_known_peers,
+    save_mesh,
     save_revocation,
 )
 from ..mesh.service import MeshService
@@ -108,6 +110,9 @@ async def _run_node(
             wall_clock=time.time,
             rng=random.Random(),
             faults=faults,
+            on_new_proof=lambda proof: save_mesh(
+                mesh.data_dir, dataclasses.replace(plan.files, proof=proof)
+            ),
         )
         serving = MeshServing(
             service=service,

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import AnswerTail, NodeMetrics
+from .request_body import RequestBodyError, parse_json_object
 from .upstream import (
     ForwardRequest,
     ForwardResponse,
@@ -279,12 +280,9 @@ async def _read_json_object(request: Request) -> tuple[bytes, dict[str, Any]] | 
     except ClientDisconnect:
         return _bad_request("client disconnected before sending the whole body")
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        return _bad_request(f"request body is not valid JSON: {err}")
-    if not isinstance(payload, dict):
-        return _bad_request("request body must be a JSON object")
-    return bytes(body), payload
+        return bytes(body), parse_json_object(bytes(body))
+    except RequestBodyError as err:
+        return _bad_request(str(err))
 
 
 def _stream_back(answer: ForwardResponse, model_id: str, metrics: NodeMetrics) -> Response:

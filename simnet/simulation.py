@@ -17,7 +17,8 @@ import trio
 
 from ..mesh.election import Claim, Elector, current_claims
 from ..mesh.identity import NodeIdentity
-from ..mesh.membership import Certificate, MembershipState, MeshKey, Proof, Revocation
+from ..mesh.membership import Certificate, MeshKey, Proof, Revocation
+from ..mesh.membership_state import MembershipState
 from ..mesh.service import MeshService, MeshTiming
 from ..scheduler.model_profile import ModelProfile, profile_to_dict
 from .network import LinkProfile, SimNetwork, SimTransport

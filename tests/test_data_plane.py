@@ -7,7 +7,8 @@ import pytest
 import trio
 from sharedllm.mesh.data_plane import MAX_HANDSHAKES, DataPlane, echo_handler
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.membership import Certificate, MembershipState, MeshKey, Proof
+from sharedllm.mesh.membership import Certificate, MeshKey, Proof
+from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.transport import TransportError
 
 MESH = MeshKey.generate(b"\x11" * 32)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.libp2p_transport import open_libp2p_transport
-from sharedllm.mesh.membership import MeshKey, Revocation
+from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
 from sharedllm.mesh.mesh_store import load_mesh_key, save_revocation
+from sharedllm.mesh.probe_records import decode_hello_reply
 from sharedllm.mesh.service import BANDWIDTH, HELLO, PING_REQ
 from sharedllm.node.mesh_setup import prepare_mesh
 
@@ -65,8 +67,13 @@ async def test_a_member_s_broken_streams_cost_only_those_streams(tmp_path: Path)
             target = await transport.connect(plan.bootstrap[0])
             hello = await transport.open_stream(target, HELLO)
             await send_frame(hello, plan.files.proof.encode())
-            assert await receive_frame(hello)  # admitted
+            _, admission = decode_hello_reply(await receive_frame(hello))  # admitted
             await hello.aclose()
+            proof = Proof(
+                plan.files.proof.certificate,
+                plan.files.proof.redemption,
+                Admission.decode(admission),
+            )
             probe = await transport.open_stream(target, PING_REQ)
             await send_frame(probe, b"\xff\xfe\xfd not a peer id")
             await trio.sleep(0.5)
@@ -74,7 +81,7 @@ async def test_a_member_s_broken_streams_cost_only_those_streams(tmp_path: Path)
             async with httpx.AsyncClient(timeout=10) as client:
                 view = (await client.get(node.api_url + "/mesh/peers")).json()
             host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addr"]
-            data = DataPlane(plan.identity, plan.files.proof, lambda proof, peer: None)
+            data = DataPlane(plan.identity, proof, lambda proof, peer: None)
             stream = await data.open_stream(target, host, port, BANDWIDTH)
             await send_frame(stream, (1024).to_bytes(8, "big"))
             await stream.send_all(bytes(1024))
@@ -174,3 +181,37 @@ def test_a_stranger_s_hellos_cost_the_node_no_memory() -> None:
     assert result["node_alive"] and result["refused"] == 3000
     assert result["failed_handshakes"] > 1000  # most got as far as their proof
     assert result["rss_growth_mib"] <= 20
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"model": "m", "prompt": "hi", "temperature": NaN}',
+        b'{"model": "m", "prompt": "hi", "max_tokens": 1e400}',
+        b'{"model": "m", "prompt": "\\ud800"}',
+    ],
+    ids=["deep", "nan", "overflow", "lone-surrogate"],
+)
+def test_bad_bodies_get_a_400_in_openai_s_shape(
+    node_without_model: RunningNode, body: bytes
+) -> None:
+    """A body nested 100,000 deep got a plain-text 500 and a traceback; NaN, 1e400 and lone
+    surrogates reached llama-server, which answered 500."""
+    answer = httpx.post(
+        node_without_model.api_url + "/v1/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["error"]["type"] == "invalid_request_error"
+    assert "Traceback" not in node_without_model.log()
+
+
+@pytest.fixture(scope="module")
+def node_without_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
+    node = start_node(tmp_path_factory.mktemp("bare"), "--no-model", wait_ready=False)
+    wait_until_ready(node, 60, serving=False)
+    yield node
+    node.stop()

@@ -22,13 +22,13 @@ from sharedllm.mesh.membership import (
     Certificate,
     Invite,
     MembershipError,
-    MembershipState,
     MeshKey,
     Proof,
     Redemption,
     Revocation,
     Ticket,
 )
+from sharedllm.mesh.membership_state import AdmissionNeeded, MembershipState
 from sharedllm.mesh.records import RecordError
 
 NOW = 1_800_000_000.0
@@ -97,6 +97,18 @@ def _invite(uses: int = 1, expires_in_s: float = 3600.0) -> Invite:
     )
 
 
+def _admitter(n: int) -> tuple[NodeIdentity, Proof]:
+    identity = _peer(n)
+    cert = Certificate.issue(MESH, identity.peer_id, f"admin{n}", ["admin", "member"], NOW)
+    return identity, Proof(certificate=cert)
+
+
+def _granted(state: MembershipState, redemption: Redemption, at: float, by: int = 1) -> Proof:
+    identity, proof = _admitter(by)
+    admission = state.grant(redemption, identity, proof, at)
+    return Proof.decode(Proof(redemption=redemption, admission=admission).encode())
+
+
 def test_invite_token_round_trip_and_redeem() -> None:
     invite = Invite.from_token(_invite().to_token())
     assert invite.mesh_name == "home"
@@ -104,21 +116,76 @@ def test_invite_token_round_trip_and_redeem() -> None:
     joiner = _peer(3)
     redemption = invite.redeem(joiner.peer_id, "laptop", NOW + 10)
     state = MembershipState(MESH.public_key)
-    state.admit(Proof.decode(Proof(redemption=redemption).encode()), joiner.peer_id)
+    with pytest.raises(AdmissionNeeded):
+        state.admit(Proof.decode(Proof(redemption=redemption).encode()), joiner.peer_id)
+    proof = _granted(state, redemption, NOW + 11)
+    MembershipState(MESH.public_key).admit(proof, joiner.peer_id)  # anyone can check it
 
 
 def test_single_use_invite_admits_exactly_one_peer_everywhere() -> None:
     invite = _invite(uses=1)
     early = invite.redeem(_peer(3).peer_id, "a", NOW + 5)
     late = invite.redeem(_peer(4).peer_id, "b", NOW + 6)
-    # Two nodes see the redemptions in opposite orders and still agree.
-    for order in ([early, late], [late, early]):
+    # Two admitters that had not heard of each other each admitted one...
+    first = _granted(MembershipState(MESH.public_key), early, NOW + 5, by=1)
+    second = _granted(MembershipState(MESH.public_key), late, NOW + 6, by=2)
+    # ...and every node, whatever order it learns them in, keeps the earlier admission.
+    for order in ([first, second], [second, first]):
         state = MembershipState(MESH.public_key)
-        for redemption in order:
-            state.add_redemption(redemption)
-        state.admit(Proof(redemption=early), _peer(3).peer_id)
+        for proof in order:
+            with contextlib.suppress(MembershipError):
+                assert proof.redemption is not None
+                state.admit(proof, proof.redemption.peer_id)
+        state.admit(first, _peer(3).peer_id)
         with pytest.raises(MembershipError, match="used up"):
-            state.admit(Proof(redemption=late), _peer(4).peer_id)
+            state.admit(second, _peer(4).peer_id)
+        with pytest.raises(MembershipError, match="used up"):
+            state.grant(late, *_admitter(1), NOW + 7)
+
+
+def test_a_back_dated_redemption_never_outranks_an_earlier_admission() -> None:
+    """The issue's attack: with the token of a used (or expired) single-use invite, a forger
+    signs a redemption dated before the legitimate one. Admission times are the admitters'
+    clocks, so the forger ranks after the member, and an expired ticket admits no one."""
+    invite = _invite(uses=1, expires_in_s=60)
+    legit = invite.redeem(_peer(3).peer_id, "legit", NOW + 10)
+    state = MembershipState(MESH.public_key)
+    member = _granted(state, legit, NOW + 10)
+    forged = _sign_redemption(invite, Redemption(invite.ticket, _peer(5).peer_id, "f", NOW))
+    with pytest.raises(MembershipError, match="used up"):
+        state.grant(forged, *_admitter(1), NOW + 20)
+    # An admitter that had not heard of the member admits the forger, but only after it:
+    unaware = _granted(MembershipState(MESH.public_key), forged, NOW + 20, by=2)
+    elsewhere = MembershipState(MESH.public_key)
+    for proof in (unaware, member):
+        with contextlib.suppress(MembershipError):
+            assert proof.redemption is not None
+            elsewhere.admit(proof, proof.redemption.peer_id)
+    elsewhere.admit(member, _peer(3).peer_id)
+    with pytest.raises(MembershipError, match="used up"):
+        elsewhere.admit(unaware, _peer(5).peer_id)
+    # After expiry nobody admits anyone new, whatever date the redemption carries.
+    late = _sign_redemption(invite, Redemption(invite.ticket, _peer(6).peer_id, "g", NOW))
+    with pytest.raises(MembershipError, match="expired"):
+        MembershipState(MESH.public_key).grant(late, *_admitter(1), NOW + 61)
+
+
+def test_a_flood_of_redemptions_keeps_only_a_ticket_s_uses() -> None:
+    invite = _invite(uses=2)
+    state = MembershipState(MESH.public_key)
+    for n in range(10, 60):
+        redemption = invite.redeem(_peer(n).peer_id, "x", NOW + 1)
+        with contextlib.suppress(MembershipError):
+            state.grant(redemption, *_admitter(1), NOW + n)
+    assert sum(len(best) for best in state.admissions.values()) == 2
+
+
+def _sign_redemption(invite: Invite, draft: Redemption) -> Redemption:
+    from sharedllm.mesh import records
+
+    key = NodeIdentity.from_seed(invite.ticket_seed)
+    signature = key.sign(records.signing_bytes(draft.KIND, draft.fields()))
+    return Redemption(draft.ticket, draft.peer_id, draft.name, draft.redeemed_at, signature)
 
 
 def test_expired_invite_cannot_be_redeemed_or_backdated_past_expiry() -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import multiaddr
 import psutil
 import pytest
 import trio
@@ -20,10 +21,15 @@ from hypothesis import strategies as st
 from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.libp2p_transport import inbound_slot_tokens, open_libp2p_transport
+from sharedllm.mesh.libp2p_transport import (
+    _check_port_free,
+    inbound_slot_tokens,
+    open_libp2p_transport,
+)
 from sharedllm.mesh.mesh_store import load_addresses
 from sharedllm.mesh.records import signing_bytes
 from sharedllm.mesh.service import GOSSIP, HELLO
+from sharedllm.mesh.transport import TransportError
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
 from sharedllm.node.mesh_setup import prepare_mesh
 
@@ -232,3 +238,20 @@ async def test_a_node_still_accepts_after_many_connections_have_come_and_gone() 
             await member.disconnect(ours.peer_id)
         await trio.sleep(2.5)  # one round of giving slots back
         assert node.free_inbound_slots() >= 250
+
+
+def test_the_port_check_passes_time_wait_but_not_a_listener() -> None:
+    """A node killed with connections open could not start again on its port for up to 60 s
+    ("Address already in use"): the check bound without SO_REUSEADDR."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the port goes to TIME_WAIT
+    client.recv(1)
+    client.close()
+    address = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
+    with pytest.raises(TransportError, match="cannot listen"):
+        _check_port_free(address)  # while something listens there, refused
+    listener.close()
+    _check_port_free(address)

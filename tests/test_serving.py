@@ -23,7 +23,7 @@ import pytest
 import trio
 from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.identity import load_or_create_identity
-from sharedllm.mesh.membership import MembershipState
+from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.mesh_store import load_mesh
 from sharedllm.mesh.tunnel import TUNNEL, TunnelRefused, TunnelRequest, open_tunnel
 from sharedllm.node.engine import EngineInfo

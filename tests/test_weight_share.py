@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.membership import Certificate, MembershipState, MeshKey, Proof
+from sharedllm.mesh.membership import Certificate, MeshKey, Proof
+from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.records import RecordError
 from sharedllm.mesh.transport import MeshStream, TransportError
 from sharedllm.node.config import default_cache_dir
