@@ -27,6 +27,7 @@ from sharedllm.node.mesh_setup import prepare_mesh
 from bench.hello_flood_bench import measure
 
 from .node_process import RunningNode, invite_token, node_command, start_node, wait_until_ready
+from .test_mesh import _wait
 
 pytestmark = pytest.mark.integration
 
@@ -38,15 +39,6 @@ def _view(node: RunningNode) -> dict[str, Any]:
 
 def _revoked(node: RunningNode) -> int:
     return sum(1 for p in _view(node)["peers"] if p["state"] == "revoked")
-
-
-def _wait(condition: Any, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if condition():
-            return time.monotonic() - started
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _revocations(key: MeshKey, count: int, reason: str = "revoked by an admin") -> list[Revocation]:
