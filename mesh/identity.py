@@ -123,7 +123,8 @@ def load_or_create_identity(data_dir: Path) -> NodeIdentity:
     path = data_dir / _KEY_FILE
     if path.exists():
         try:
-            seed = path.read_bytes()
+            with path.open("rb") as file:
+                seed = file.read(64)  # a seed is 32 bytes: never read a huge file whole
             return NodeIdentity.from_seed(seed)
         except (OSError, ValueError) as err:
             raise IdentityError(f"node key {path} is unreadable or damaged: {err}") from None

@@ -148,7 +148,7 @@ class Libp2pTransport:
             _log.debug("disconnecting %s: %s", peer_id, err)
 
 
-def _check_port_free(address: multiaddr.Multiaddr) -> None:
+def check_port_free(address: multiaddr.Multiaddr | str) -> None:
     """libp2p listens with SO_REUSEPORT, so two nodes could silently share a port; refuse that."""
     text = str(address)
     parts = text.strip("/").split("/")
@@ -190,7 +190,7 @@ async def open_libp2p_transport(
     except Exception as err:  # noqa: BLE001
         raise TransportError(f"bad listen address in {list(listen)}: {err}") from None
     for address in addrs:
-        _check_port_free(address)
+        check_port_free(address)
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
     async with host.run(listen_addrs=addrs), trio.open_nursery() as nursery:
         transport = Libp2pTransport(host)

@@ -14,6 +14,10 @@ from .records import RecordError
 
 _log = logging.getLogger("sharedllm.mesh.store")
 _MAX_REVOCATION_FILE_BYTES = 4096
+_MAX_MESH_FILE_BYTES = 64 * 1024
+_MAX_LIST_FILE_BYTES = 1 << 20  # addresses and known peers: a few KiB in practice
+MAX_REMEMBERED_EPOCHS = 1024
+_MAX_EPOCH = 2**53
 
 
 class MeshStoreError(Exception):
@@ -47,18 +51,21 @@ def save_mesh(data_dir: Path, files: MeshFiles) -> None:
 def load_mesh(data_dir: Path) -> MeshFiles:
     path = _dir(data_dir) / "mesh.json"
     try:
-        body = json.loads(path.read_text())
-        return MeshFiles(
-            body["name"],
-            bytes.fromhex(body["mesh_public_key"]),
-            Proof.decode(bytes.fromhex(body["proof"])),
-        )
+        with path.open("rb") as file:
+            data = file.read(_MAX_MESH_FILE_BYTES + 1)
+        if len(data) > _MAX_MESH_FILE_BYTES:
+            raise ValueError(f"over {_MAX_MESH_FILE_BYTES} bytes")
+        body = json.loads(data)
+        name, key, proof = body["name"], body["mesh_public_key"], body["proof"]
+        if not all(isinstance(text, str) for text in (name, key, proof)):
+            raise ValueError("its name, key and proof must be strings")
+        return MeshFiles(name, bytes.fromhex(key), Proof.decode(bytes.fromhex(proof)))
     except FileNotFoundError:
         raise MeshStoreError(
             f"this node belongs to no mesh yet ({path} is missing): run "
             "`sharedllm-node mesh create` or `sharedllm-node up --join TOKEN`"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, RecordError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecordError, RecursionError) as err:
         raise MeshStoreError(f"{path} is damaged: {err}") from None
 
 
@@ -72,7 +79,8 @@ def save_mesh_key(data_dir: Path, key: MeshKey) -> None:
 def load_mesh_key(data_dir: Path) -> MeshKey:
     path = _dir(data_dir) / "mesh_key"
     try:
-        return MeshKey.generate(path.read_bytes())
+        with path.open("rb") as file:
+            return MeshKey.generate(file.read(64))
     except FileNotFoundError:
         raise MeshStoreError(
             "this node is not an admin of its mesh (it holds no mesh key)"
@@ -133,9 +141,57 @@ def load_known_peers(data_dir: Path) -> list[str]:
     return _load_strings(_dir(data_dir) / "known_peers.json")
 
 
+def save_epochs(data_dir: Path, epochs: dict[str, int]) -> None:
+    """The highest epoch seen per model: a claim after a restart (even of every node) must
+    outrank every claim before it. Written without sync: a lost update is one the mesh's
+    gossiped claims still carry, unless every node crashed within the same second."""
+    kept = dict(sorted(epochs.items(), key=lambda item: -item[1])[:MAX_REMEMBERED_EPOCHS])
+    write_atomic(_dir(data_dir) / "epochs.json", json.dumps(kept).encode(), sync=False)
+
+
+def load_epochs(data_dir: Path) -> dict[str, int]:
+    """The epochs saved by `save_epochs`; a damaged file is named in one line and ignored."""
+    path = _dir(data_dir) / "epochs.json"
+    value = _load_json(path)
+    if not isinstance(value, dict):
+        if value is not None:
+            _log.error("ignoring %s: not a table of epochs", path)
+        return {}
+    epochs = {
+        model: epoch
+        for model, epoch in list(value.items())[:MAX_REMEMBERED_EPOCHS]
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and 0 <= epoch < _MAX_EPOCH
+    }
+    if len(epochs) != len(value):
+        _log.error("ignoring some entries of %s: not epochs", path)
+    return epochs
+
+
 def _load_strings(path: Path) -> list[str]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    value = _load_json(path)
+    if not isinstance(value, list):
+        if value is not None:
+            _log.error("ignoring %s: not a list of addresses", path)
         return []
-    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+    return [a for a in value if isinstance(a, str) and len(a) <= 1024][:1024]
+
+
+def _load_json(path: Path) -> object:
+    """A small JSON file's content; None (with one line naming it) when it is missing,
+    oversized or not JSON."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(_MAX_LIST_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        _log.error("ignoring %s: %s", path, err.strerror or err)
+        return None
+    if len(data) > _MAX_LIST_FILE_BYTES:
+        _log.error("ignoring %s: over %d bytes", path, _MAX_LIST_FILE_BYTES)
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:
+        _log.error("ignoring %s: not JSON (%s)", path, err)
+        return None

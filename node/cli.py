@@ -685,10 +685,15 @@ def _measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> flo
 
 def _cmd_up(args: argparse.Namespace) -> int:
     from .capacity import describe
-    from .daemon import ApiBindError, MeshOptions, run_node
+    from .daemon import ApiBindError, MeshOptions, check_ports_free, run_node
 
     config = _load(args)
     logging.getLogger().setLevel(config.log_level.upper())
+    listen = tuple(args.listen or [DEFAULT_LISTEN])
+    try:
+        check_ports_free(config, listen)
+    except (ApiBindError, TransportError) as err:
+        raise CommandError(str(err)) from None
     models = _models_to_offer(args, config)
     engine = _engine_for(config)
     _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
@@ -704,7 +709,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cap = config.max_memory_bytes
     mesh = MeshOptions(
         plan=plan,
-        listen=tuple(args.listen or [DEFAULT_LISTEN]),
+        listen=listen,
         peers=tuple(args.peer),
         node_name=_node_name(args),
         data_dir=config.data_dir,

@@ -22,6 +22,7 @@ APP_NAME = "sharedllm"
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 9337
 ENV_PREFIX = "SHAREDLLM_"
+_MAX_CONFIG_BYTES = 1 << 20
 MIN_API_KEY_CHARS = 16
 
 
@@ -141,9 +142,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return {}
     try:
         with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except tomllib.TOMLDecodeError as err:
+            raw = handle.read(_MAX_CONFIG_BYTES + 1)
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is over {_MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     node_table = data.get("node", data)

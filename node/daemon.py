@@ -24,7 +24,7 @@ from hypercorn.trio import serve
 
 from ..mesh.containment import HandlerFaults
 from ..mesh.data_plane import DataPlane
-from ..mesh.libp2p_transport import open_libp2p_transport
+from ..mesh.libp2p_transport import check_port_free, open_libp2p_transport
 from ..mesh.membership import Revocation
 from ..mesh.membership_state import MembershipState
 from ..mesh.mesh_store import (
@@ -212,6 +212,14 @@ async def _serve_api(
     url = f"http://{_bracket(host)}:{port}"
     task_status.started(url)
     await serve(app, hyper)  # type: ignore[arg-type]
+
+
+def check_ports_free(config: NodeConfig, listen: tuple[str, ...]) -> None:
+    """Refuses a busy API or mesh port before any slow start-up work (finding and timing the
+    engine takes seconds); raises ApiBindError or TransportError with the one-line reason."""
+    _listen(config.api_host, config.api_port).close()
+    for address in listen:
+        check_port_free(address)
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -10,6 +10,7 @@ from ..mesh.atomic_file import write_atomic
 from .config import NodeConfig
 
 RUNNING_FILE = "running.json"
+_MAX_RUNNING_FILE_BYTES = 4096
 
 
 def record_running(data_dir: Path, api_url: str) -> None:
@@ -24,10 +25,11 @@ def clear_running(data_dir: Path) -> None:
 def running_api_url(config: NodeConfig) -> str:
     """The API of the node running on `config.data_dir`, else the configured port."""
     try:
-        recorded = json.loads((config.data_dir / RUNNING_FILE).read_text())
+        with (config.data_dir / RUNNING_FILE).open("rb") as file:
+            recorded = json.loads(file.read(_MAX_RUNNING_FILE_BYTES))
         url = recorded["api_url"]
         if isinstance(url, str) and url.startswith("http://"):
             return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        pass  # no node recorded here, or a damaged record: try the configured port
     return f"http://127.0.0.1:{config.api_port}"

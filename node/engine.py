@@ -278,7 +278,7 @@ def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: P
     key = "|".join(_fingerprint(p) for p in (llama_server, rpc_server))
     try:
         known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         known = {}
     if not isinstance(known, dict):
         known = {}

@@ -23,6 +23,7 @@ from ..mesh.atomic_file import write_atomic
 from ..scheduler.cost_model import CostModel
 from ..scheduler.model_profile import ModelProfile
 from .engine import EngineInfo, free_loopback_port
+from .supervisor import popen_tied_to_node, stop_group
 
 _log = logging.getLogger("sharedllm.node.speed")
 _TOKENS = 48
@@ -68,7 +69,7 @@ def engine_gflops(
 def _read(cache: Path) -> dict[str, object]:
     try:
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return known if isinstance(known, dict) else {}
 
@@ -83,18 +84,15 @@ def _measure(engine: EngineInfo, model: Path, threads: int, gpu_layers: bool, lo
     ]
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as output:
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
+        # Tied to the node like every engine it runs: `kill -9` of the node mid-timing leaves
+        # no llama-server behind.
+        process = popen_tied_to_node(argv, stdout=output)
         try:
             _wait_ready(process, url, log)
             _generate(url)  # the first run pays for warming caches
             return max(_generate(url) for _ in range(3))
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_group(process, grace_s=10)
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:

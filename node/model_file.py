@@ -115,7 +115,7 @@ def cached_sha256(path: Path, cache_dir: Path) -> str:
     cache = cache_dir / "model_hashes.json"
     try:
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         known = {}
     if not isinstance(known, dict):
         known = {}

@@ -23,7 +23,7 @@ def load_cluster(path: Path, model_id: str) -> ClusterSpec:
         data = json.loads(path.read_text())
     except OSError as err:
         raise ClusterFileError(f"cannot read {path}: {err.strerror}") from None
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise ClusterFileError(f"{path} is not valid JSON: {err}") from None
     return parse_cluster(data, model_id)
 

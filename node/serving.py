@@ -30,6 +30,7 @@ import trio
 
 from ..mesh.data_plane import DataPlane
 from ..mesh.election import Claim, Elector, ModelState
+from ..mesh.mesh_store import load_epochs, save_epochs
 from ..mesh.service import MeshService, data_address
 from ..mesh.transport import MeshStream, TransportError
 from ..mesh.tunnel import (
@@ -49,6 +50,7 @@ from .engine import EngineInfo, free_loopback_port
 from .http_api import ModelEntry, ModelNotFound
 from .load_report import LoadReport
 from .model_file import ModelFileError, ModelInfo, cached_sha256
+from .offered_recently import RecentlyOffered
 from .rpc_traffic import RpcTally
 from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
@@ -128,7 +130,9 @@ class MeshServing:
         self._local = {model.model_id: model for model in local_models}
         self._client = client
         self._me = service.identity.peer_id
-        self.elector = Elector(self._me)
+        self.elector = Elector(self._me, highest_epoch=load_epochs(config.data_dir))
+        self._saved_epochs = dict(self.elector.highest_epoch)
+        self._recently_offered = RecentlyOffered()
         self.model_states: dict[str, ModelState] = {}
         self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
         self._last_rank: dict[str, tuple[int, str]] = {}  # model -> last placement seen
@@ -194,7 +198,9 @@ class MeshServing:
         before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
+        self._recently_offered.note(self.model_states, trio.current_time())
         self._count_replans()
+        await self._save_epochs()
         self._reconcile_primary()
         self._reconcile_workers()
         self._close_stale_api_tunnels()
@@ -204,6 +210,17 @@ class MeshServing:
         if self.elector.gossiped_claims() != before:
             own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
             await self._service.publish_now(sorted({w for c in own for w in c.workers}))
+
+    async def _save_epochs(self) -> None:
+        """Keeps the highest epochs on disk before any claim of them starts an engine."""
+        epochs = dict(self.elector.highest_epoch)
+        if epochs == self._saved_epochs:
+            return
+        try:
+            await trio.to_thread.run_sync(save_epochs, self._config.data_dir, epochs)
+        except OSError as err:
+            _log.error("cannot save epochs in %s: %s", self._config.data_dir, err)
+        self._saved_epochs = epochs
 
     def _count_replans(self) -> None:
         """Counts each model whose placement was replaced (a new epoch or primary).
@@ -564,7 +581,10 @@ class MeshServing:
         (None: they can be served)."""
         state = self.model_states.get(model_id)
         if state is None:
-            raise ModelNotFound(model_id)
+            gone_for = self._recently_offered.gone_for(model_id, trio.current_time())
+            if gone_for is None:
+                raise ModelNotFound(model_id)
+            return f"no member holding it has been reachable for {gone_for:.0f} s", True
         claim = state.routed
         if claim is None:
             return (state.problem, False) if state.problem else ("no primary elected yet", True)
@@ -582,8 +602,10 @@ class MeshServing:
         return None
 
     def health(self) -> tuple[bool, dict[str, str]]:
+        missing = self._recently_offered.missing(self.model_states, trio.current_time())
         states = {
-            model_id: self._state_in_words(model_id) for model_id in sorted(self.model_states)
+            model_id: self._state_in_words(model_id)
+            for model_id in sorted([*self.model_states, *missing])
         }
         return bool(states) and all(s == "ready" for s in states.values()), states
 

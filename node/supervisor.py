@@ -17,8 +17,9 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import IO
 
 import trio
 
@@ -210,17 +211,37 @@ class ChildProcess:
 def _spawn(spec: ProcessSpec) -> ChildProcess:
     env = dict(os.environ)
     env.update(spec.env)
-    popen = subprocess.Popen(
-        list(spec.argv),
+    # Forked from the event loop's thread on purpose (see ChildProcess); no other thread forks.
+    return ChildProcess(popen_tied_to_node(spec.argv, stdout=subprocess.PIPE, env=env))
+
+
+def popen_tied_to_node(
+    argv: Sequence[str], *, stdout: int | IO[bytes], env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts a child in its own process group that the kernel kills when the node dies.
+
+    Call it from the thread that lives as long as the node (the main thread, which also runs
+    the event loop): the parent-death signal fires when the forking thread ends.
+    """
+    return subprocess.Popen(
+        list(argv),
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         env=env,
         start_new_session=True,
-        # Forked from the event loop's thread on purpose (see ChildProcess); no other thread forks.
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
     )
-    return ChildProcess(popen)
+
+
+def stop_group(popen: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM to the child's group, then SIGKILL after `grace_s` (blocking: for start-up work
+    that runs before the event loop)."""
+    _signal_group(popen.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=grace_s)
+    _signal_group(popen.pid, signal.SIGKILL)
+    popen.wait()
 
 
 def _die_with_parent() -> None:

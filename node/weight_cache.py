@@ -149,7 +149,7 @@ def stamp(path: Path) -> list[int]:
 def read_checked(entries: Path) -> dict[str, list[int]]:
     try:
         known = json.loads((entries / _CHECKED).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(known, dict):
         return {}

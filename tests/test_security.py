@@ -22,7 +22,7 @@ from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.libp2p_transport import (
-    _check_port_free,
+    check_port_free,
     inbound_slot_tokens,
     open_libp2p_transport,
 )
@@ -252,6 +252,6 @@ def test_the_port_check_passes_time_wait_but_not_a_listener() -> None:
     client.close()
     address = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
     with pytest.raises(TransportError, match="cannot listen"):
-        _check_port_free(address)  # while something listens there, refused
+        check_port_free(address)  # while something listens there, refused
     listener.close()
-    _check_port_free(address)
+    check_port_free(address)
