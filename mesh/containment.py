@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .transport import MeshStream, StreamHandler
+from .transport import MeshStream, StreamHandler, TransportError
 
 _log = logging.getLogger("sharedllm.mesh.faults")
 MAX_FAULT_KINDS = 256  # (plane, protocol, error type) keys counted; the rest count as "other"
@@ -73,6 +73,10 @@ class HandlerFaults:
         if kind not in self.counts and len(self.counts) >= MAX_FAULT_KINDS:
             kind = (plane, "other", "other")
         self.counts[kind] = self.counts.get(kind, 0) + 1
+        if isinstance(error, TransportError):
+            # The peer went away mid-stream: what networks do, counted but not worth a warning.
+            _log.debug("%s stream from %s lost: %s", protocol, peer, _short(error))
+            return
         self.log.emit(
             "/".join(kind),
             "%s stream from %s failed (%s): %s",

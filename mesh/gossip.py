@@ -213,6 +213,7 @@ class GossipStore:
 
     states: dict[str, SignedState] = field(default_factory=dict)
     stats: MergeStats = field(default_factory=MergeStats)
+    oldest_version: int = 0  # states older than this are refused (see `prune`)
     # origin -> version of `states`, kept alongside: digests and answers compare these maps
     # (in a formed mesh they are mostly equal, which one dict comparison tells).
     _versions: dict[str, int] = field(init=False, repr=False)
@@ -234,7 +235,9 @@ class GossipStore:
         accepted: list[SignedState] = []
         for state in incoming:
             current = self.states.get(state.origin)
-            if current is not None and state.version <= current.version:
+            if state.version < self.oldest_version or (
+                current is not None and state.version <= current.version
+            ):
                 self.stats.stale += 1
                 continue
             if not state.signature_ok():
@@ -271,6 +274,21 @@ class GossipStore:
     def forget(self, origin: str) -> None:
         self.states.pop(origin, None)
         self._versions.pop(origin, None)
+
+    def prune(self, oldest_version: int, keep: Callable[[str], bool]) -> list[str]:
+        """Forgets every state older than `oldest_version` (but those whose origin `keep`s)
+        and refuses such states from now on; returns their origins. Versions follow their
+        publisher's wall clock and live members republish often, so with every node pruning
+        at the same age, a long-gone member's state cannot come back from a peer that kept it."""
+        self.oldest_version = max(self.oldest_version, oldest_version)
+        ancient = [
+            origin
+            for origin, version in self._versions.items()
+            if version < self.oldest_version and not keep(origin)
+        ]
+        for origin in ancient:
+            self.forget(origin)
+        return ancient
 
 
 def _within_budget(states: Iterable[SignedState]) -> tuple[list[SignedState], bool]:

@@ -107,6 +107,10 @@ class MeshTiming:
     min_connections: int = 6
     full_mesh_up_to: int = 32  # a mesh this small keeps a connection to every member
     exchange_timeout_s: float = 5.0
+    # Members gone (dead, left, or silent) this long are forgotten; their states are refused
+    # from then on. Far above how long any live member goes without republishing.
+    forget_gone_after_s: float = 24 * 3600.0
+    forget_check_s: float = 60.0
 
 
 @dataclass
@@ -183,6 +187,7 @@ class MeshService:
         self._summary_of_revocations: tuple[int, str] = (-1, "")
         self._unsaved_revocations: list[Revocation] = []  # bounded by MAX_REVOCATIONS
         self._published_at = -math.inf
+        self._checked_gone_at = -math.inf
         self._known = MemberStates()  # every stored state's content
         self._members = MemberStates()  # those of live members (and ours)
         # The peers we probe: those we connected with (either way), until they die. Each node
@@ -307,12 +312,17 @@ class MeshService:
         )
         # Every new state travels to every node: in a big mesh, measurements age longer so that
         # each node's share of that traffic stays bounded.
-        refresh_s = self.timing.refresh_s * max(1.0, len(self.store.states) / 25)
+        # Never longer than a quarter of the horizon after which silent members are forgotten.
+        refresh_s = min(
+            self.timing.refresh_s * max(1.0, len(self.store.states) / 25),
+            self.timing.forget_gone_after_s / 4,
+        )
         stale = trio.current_time() - self._published_at >= refresh_s
         if changed or stale or self.swim.must_refute:
             self._publish()
         for peer in self.swim.tick(trio.current_time()):
             _log.info("peer %s declared dead (suspected for %.0f s)", peer, self.timing.suspicion_s)
+        self._forget_long_gone()
         connected = set(self.transport.connected_peers())
         gone = [p for status in _GONE for p in self.swim.with_status(status)]
         for peer in [p for p in gone if p in self._neighbours and p not in connected]:
@@ -518,14 +528,37 @@ class MeshService:
             _log.warning("peer %s revoked: %s", revocation.peer_id, revocation.reason)
             if self.data_plane is not None:
                 self.data_plane.cut(revocation.peer_id)  # its open tunnels and transfers too
-            self.admitted.discard(revocation.peer_id)
-            self._neighbours.pop(revocation.peer_id, None)
-            self.store.forget(revocation.peer_id)
-            self._contents.pop(revocation.peer_id, None)
-            self._known.drop(revocation.peer_id)
-            self._members.drop(revocation.peer_id)
-            self.swim.forget(revocation.peer_id)
-            self._state_rumors.discard(revocation.peer_id)
+            self._drop_peer(revocation.peer_id)
+
+    def _drop_peer(self, peer: str) -> None:
+        """Forgets everything about `peer` (revoked, or gone for long)."""
+        self.admitted.discard(peer)
+        self._neighbours.pop(peer, None)
+        self.store.forget(peer)
+        self._contents.pop(peer, None)
+        self._known.drop(peer)
+        self._members.drop(peer)
+        self.swim.forget(peer)
+        self._state_rumors.discard(peer)
+        self.links.pop(peer, None)
+
+    def _forget_long_gone(self) -> None:
+        """Bounded growth over time: members silent for `forget_gone_after_s` are dropped, by
+        the age of their last state (the same on every node; a live member republishes at
+        least every quarter of that), and those SWIM has held dead or left that long."""
+        now = trio.current_time()
+        if now - self._checked_gone_at < self.timing.forget_check_s:
+            return
+        self._checked_gone_at = now
+        horizon = self.timing.forget_gone_after_s
+        oldest = int((self.wall_clock() - horizon) * 1000)
+        me = self.identity.peer_id
+        gone = set(self.store.prune(oldest, keep=lambda peer: peer == me))
+        gone.update(self.swim.gone_since(now - horizon))
+        for peer in sorted(gone):
+            self._drop_peer(peer)
+        if gone:
+            _log.info("forgot %d members gone for over %.0f s", len(gone), horizon)
 
     def take_unsaved_revocations(self) -> list[Revocation]:
         """Revocations learned since the last call, for the node to keep on disk."""

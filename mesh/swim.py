@@ -92,8 +92,12 @@ class Swim:
         """A state of `peer` at `version` arrived. State versions only grow (they follow the
         wall clock), so a newer one is proof of life that beats older suspicions, and a node
         restarted after being declared dead comes back with it."""
-        if peer != self.me:
-            self.hear(Rumor(peer, Liveness.ALIVE, version), now, spread=False)
+        if peer == self.me:
+            return
+        if peer not in self.members:
+            self._set(peer, _Member(Liveness.ALIVE, version, now))  # a member's first state
+            return
+        self.hear(Rumor(peer, Liveness.ALIVE, version), now, spread=False)
 
     def hear(self, rumor: Rumor, now: float, spread: bool = True) -> bool:
         """Applies a rumor; True if it changed what we believe (then we pass it on)."""
@@ -106,8 +110,10 @@ class Swim:
         known = self.members.get(rumor.peer_id)
         if known is not None and not _overrides(rumor, known):
             return False
-        if known is None and rumor.status is not Liveness.ALIVE:
-            return False  # no news about strangers: we learn of members from their states
+        if known is None:
+            # No news about strangers, not even that they live: we learn of members only from
+            # their signed states, so a peer's rumours cannot fill our table with made-up ids.
+            return False
         self._set(rumor.peer_id, _Member(rumor.status, rumor.incarnation, now))
         if spread:
             self._spread(rumor)
@@ -134,6 +140,15 @@ class Swim:
 
     def leaving(self) -> None:
         self._spread(Rumor(self.me, Liveness.LEFT, self.incarnation))
+
+    def gone_since(self, before: float) -> list[str]:
+        """Members dead or gone since before `before`, for the caller to forget."""
+        return [
+            peer
+            for status in (Liveness.DEAD, Liveness.LEFT)
+            for peer in self._by_status[status]
+            if self.members[peer].since < before
+        ]
 
     def forget(self, peer: str) -> None:
         known = self.members.pop(peer, None)

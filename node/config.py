@@ -23,6 +23,7 @@ DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 9337
 ENV_PREFIX = "SHAREDLLM_"
 _MAX_CONFIG_BYTES = 1 << 20
+MIN_FORGET_AFTER_S = 2 * 3600.0
 MIN_API_KEY_CHARS = 16
 
 
@@ -59,6 +60,8 @@ class NodeConfig:
     weight_share_mbps: float = 800.0
     # Required to bind the API anywhere but loopback: clients send it as `Authorization: Bearer`.
     api_key: str | None = None
+    # Members gone (dead, left or silent) this long are forgotten, and their old states refused.
+    forget_gone_peers_after_s: float = 24 * 3600.0
 
     @property
     def max_memory_bytes(self) -> int | None:
@@ -87,6 +90,7 @@ _SETTING_TYPES: dict[str, type] = {
     "prefill_weights": bool,
     "weight_share_mbps": float,
     "api_key": str,
+    "forget_gone_peers_after_s": float,
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -225,6 +229,11 @@ def _validate(config: NodeConfig) -> None:
     if not 0 <= config.weight_share_mbps < 1e7:
         raise ConfigError(
             f"weight_share_mbps {config.weight_share_mbps} must be 0 (unpaced) or a positive rate"
+        )
+    if not MIN_FORGET_AFTER_S <= config.forget_gone_peers_after_s < 1e9:
+        raise ConfigError(
+            f"forget_gone_peers_after_s {config.forget_gone_peers_after_s} must be at least "
+            f"{MIN_FORGET_AFTER_S:.0f} (live members of a big mesh republish only every hour or so)"
         )
     if config.api_key is not None and len(config.api_key) < MIN_API_KEY_CHARS:
         raise ConfigError(f"api_key must have at least {MIN_API_KEY_CHARS} characters")

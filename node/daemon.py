@@ -35,7 +35,7 @@ from ..mesh.mesh_store import (
     save_mesh,
     save_revocation,
 )
-from ..mesh.service import MeshService
+from ..mesh.service import MeshService, MeshTiming
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine import EngineInfo
@@ -110,6 +110,7 @@ async def _run_node(
             wall_clock=time.time,
             rng=random.Random(),
             faults=faults,
+            timing=MeshTiming(forget_gone_after_s=config.forget_gone_peers_after_s),
             on_new_proof=lambda proof: save_mesh(
                 mesh.data_dir, dataclasses.replace(plan.files, proof=proof)
             ),

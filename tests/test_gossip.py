@@ -151,3 +151,18 @@ def test_exchanges_stay_within_their_byte_budget_and_the_rest_follows() -> None:
         rounds += 1
     assert rounds >= 4  # 300 states of ~1.6 KB do not fit one 128 KB message
     assert Digest.decode(receiver.digest().encode()).versions == store.digest().versions
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(STATES), max_size=30), st.integers(0, 4))
+def test_pruned_states_are_gone_and_never_come_back(states: list[SignedState], oldest: int) -> None:
+    store = GossipStore()
+    store.merge(states)
+    keep = IDENTITIES[0].peer_id
+    before = dict(store.digest().versions)
+    pruned = store.prune(oldest, keep=lambda origin: origin == keep)
+    left = store.digest().versions
+    assert set(pruned) == {o for o, v in before.items() if v < oldest and o != keep}
+    assert all(v >= oldest or o == keep for o, v in left.items())
+    store.merge(states)  # a peer that still had them sends them again: refused
+    assert all(v >= oldest or o == keep for o, v in store.digest().versions.items())
