@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import IO, cast
 
@@ -30,6 +30,7 @@ import zstandard
 
 from . import records
 from .framing import FrameError, receive_frame, send_frame
+from .loopback_owner import kernel_can_tell, opened_by
 from .records import RecordError
 from .transport import MeshStream, TransportError
 
@@ -74,6 +75,7 @@ class TunnelStats:
     wire_back: int = 0
     round_trips: int = 0
     connections: int = 0
+    refused_local: int = 0  # loopback connections from processes other than the engine's
     _last_direction: int = field(default=0, repr=False)
 
     def count(self, direction: int, size: int, wire: int) -> None:
@@ -95,6 +97,7 @@ class TunnelStats:
             "wire_back": self.wire_back,
             "round_trips": self.round_trips,
             "connections": self.connections,
+            "refused_local": self.refused_local,
         }
 
 
@@ -285,10 +288,13 @@ class TunnelListener:
         open_stream: OpenStream,
         request: TunnelRequest,
         watcher: Callable[[], Watch] | None = None,
+        allowed_pids: Callable[[], Collection[int]] | None = None,
     ) -> None:
         self.open_stream = open_stream
         self.request = request
         self._watcher = watcher
+        # Whose connections are carried (the engine's, the node's own); None: any process's.
+        self._allowed_pids = allowed_pids if kernel_can_tell() else None
         self.stats = TunnelStats()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
@@ -306,6 +312,19 @@ class TunnelListener:
         return f"127.0.0.1:{self.port}"
 
     async def _carry(self, local: trio.SocketStream) -> None:
+        if self._allowed_pids is not None and not opened_by(
+            local.socket.getpeername(), local.socket.getsockname(), self._allowed_pids()
+        ):
+            self.stats.refused_local += 1
+            if self.stats.refused_local in (1, 10, 100, 1000):
+                _log.warning(
+                    "tunnel for %s %s: refused %d local connections not opened by its engine",
+                    self.request.model_id,
+                    self.request.service,
+                    self.stats.refused_local,
+                )
+            await trio.aclose_forcefully(local)
+            return
         try:
             remote = await open_tunnel(self.open_stream, self.request)
         except (TransportError, TunnelRefused) as err:

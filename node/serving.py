@@ -104,6 +104,11 @@ class _Job:
     tunnels: dict[str, TunnelListener] = field(default_factory=dict)  # worker -> listener
     requests: dict[str, RpcTally] = field(default_factory=dict)  # worker -> engine requests
 
+    def engine_pids(self) -> tuple[int, ...]:
+        """The job's engine process, while it runs: its tunnels carry its connections only."""
+        pid = None if self.supervisor is None else self.supervisor.pid
+        return () if pid is None else (pid,)
+
     def endpoint(self) -> str | None:
         """Where the job's process listens, once it is ready."""
         supervisor = self.supervisor
@@ -354,6 +359,7 @@ class MeshServing:
                         self._opener(worker),
                         TunnelRequest("rpc", claim.model_id, claim.epoch),
                         watcher=tally.reader,
+                        allowed_pids=job.engine_pids,
                     )
                     job.tunnels[worker] = listener
                     nursery.start_soon(listener.run)
@@ -614,7 +620,9 @@ class MeshServing:
         if key not in self._api_tunnels:
             assert self._nursery is not None
             listener = TunnelListener(
-                self._opener(claim.primary), TunnelRequest("api", claim.model_id, claim.epoch)
+                self._opener(claim.primary),
+                TunnelRequest("api", claim.model_id, claim.epoch),
+                allowed_pids=lambda: (os.getpid(),),  # only this node's own HTTP client
             )
             scope = trio.CancelScope()
             self._api_tunnels[key] = (listener, scope)

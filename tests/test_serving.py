@@ -7,9 +7,11 @@ not the primary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -202,6 +204,42 @@ def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[Runnin
     assert "is not the primary" in trio.run(attempt)
     assert time.monotonic() - started < 30
 
+
+def _answer_to(address: tuple[str, int], request: bytes) -> bytes:
+    """What a local process that is not the engine gets back for `request` (b"": closed)."""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := sock.recv(4096):
+                received += chunk
+        return received
+
+
+def test_local_processes_cannot_use_the_tunnels(mesh: list[RunningNode]) -> None:
+    """Any local process could reach the workers' rpc-servers through the primary's tunnel
+    listeners (HELLO answered), and the primary's llama-server through another node's API
+    tunnel (no API key asked)."""
+    hello = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)  # RPC_CMD_HELLO
+    llama = next(psutil.Process(pid) for pid in mesh[0].engine_pids())
+    rpc = llama.cmdline()[llama.cmdline().index("--rpc") + 1].split(",")
+    assert len(rpc) == 2
+    for endpoint in rpc:
+        host, _, port = endpoint.rpartition(":")
+        assert _answer_to((host, int(port)), hello) == b""
+    # (an rpc-server serves one connection at a time, so silence alone proves nothing)
+    assert mesh[0].log().count("refused 1 local connections not opened by its engine") == 2
+    assert _greedy(mesh[1].api_url)  # a request through node b opens b's API tunnel
+    api_port = int(mesh[1].api_url.rsplit(":", 1)[1])
+    listening = {
+        conn.laddr.port
+        for conn in psutil.Process(mesh[1].process.pid).net_connections(kind="tcp")
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1"
+    }
+    request = b"GET /slots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    for port in sorted(listening - {api_port}):
+        assert not _answer_to(("127.0.0.1", port), request).startswith(b"HTTP/"), port
+    assert _greedy(mesh[1].api_url)  # the node itself still serves
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
