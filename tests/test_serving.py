@@ -237,8 +237,8 @@ def test_local_processes_cannot_use_the_tunnels(mesh: list[RunningNode]) -> None
         if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1"
     }
     request = b"GET /slots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    for port in sorted(listening - {api_port}):
-        assert not _answer_to(("127.0.0.1", port), request).startswith(b"HTTP/"), port
+    for other in sorted(listening - {api_port}):
+        assert not _answer_to(("127.0.0.1", other), request).startswith(b"HTTP/"), other
     assert _greedy(mesh[1].api_url)  # the node itself still serves
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
