@@ -339,14 +339,21 @@ class TunnelListener:
 LocalTarget = Callable[[TunnelRequest, str], Awaitable[str]]
 
 
+async def _connect_local(endpoint: str) -> trio.SocketStream:
+    """`unix:/path` (an engine's private socket) or `host:port` on loopback."""
+    if endpoint.startswith("unix:"):
+        return await trio.open_unix_socket(endpoint[len("unix:") :])
+    host, _, port = endpoint.rpartition(":")
+    return await trio.open_tcp_stream(host, int(port))
+
+
 async def serve_tunnel(stream: MeshStream, target: LocalTarget, stats: TunnelStats) -> None:
-    """The far end: `target(request, peer)` names the loopback host:port to connect the stream
-    to, or raises TunnelRefused."""
+    """The far end: `target(request, peer)` names the loopback host:port or `unix:` socket to
+    connect the stream to, or raises TunnelRefused."""
     try:
         request = TunnelRequest.decode(await receive_frame(stream, _OPEN_TIMEOUT_S))
         endpoint = await target(request, stream.remote_peer)
-        host, _, port = endpoint.rpartition(":")
-        local = await trio.open_tcp_stream(host, int(port))
+        local = await _connect_local(endpoint)
     except (RecordError, FrameError, TunnelRefused, OSError) as err:
         _log.info("refused a tunnel from %s: %s", stream.remote_peer, err)
         await send_frame(stream, str(err).encode()[:300] or b"refused")

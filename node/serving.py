@@ -47,6 +47,7 @@ from ..scheduler.model_profile import profile_to_dict
 from .config import NodeConfig
 from .devices import gossiped_device_count
 from .engine import EngineInfo, free_loopback_port
+from .engine_socket import ENGINE_BASE_URL, engine_client, private_socket_dir, unix_endpoint
 from .http_api import ModelEntry, ModelNotFound
 from .load_report import LoadReport
 from .model_file import ModelFileError, ModelInfo, cached_sha256
@@ -102,6 +103,8 @@ class _Job:
     problem: str | None = None
     verified: bool = False
     tunnels: dict[str, TunnelListener] = field(default_factory=dict)  # worker -> listener
+    socket: Path | None = None  # the primary's llama-server listens here
+    http: httpx.AsyncClient | None = None  # bound to `socket`
     requests: dict[str, RpcTally] = field(default_factory=dict)  # worker -> engine requests
 
     def engine_pids(self) -> tuple[int, ...]:
@@ -160,6 +163,8 @@ class MeshServing:
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self._hashes: dict[str, str] = {}
+        self._socket_dir: Path | None = None
+        self._engines_started = 0
 
     # -- gossip ------------------------------------------------------------------------------
 
@@ -179,6 +184,10 @@ class MeshServing:
         self._data_plane.serve(TUNNEL, self._serve_tunnel)
         self._data_plane.serve(READY, lambda stream: answer_ready(stream, self._ready_for))
         self._data_plane.serve(WEIGHTS, self._share.serve)
+        with private_socket_dir() as self._socket_dir:
+            await self._serve_models()
+
+    async def _serve_models(self) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._hash_models)
@@ -274,11 +283,10 @@ class MeshServing:
 
     async def _engine_busy(self, job: _Job) -> bool:
         """Whether llama-server is working on a request (its /slots say so)."""
-        endpoint = job.endpoint()
-        if endpoint is None:
+        if job.endpoint() is None or job.http is None:
             return False
         try:
-            answer = await self._client.get(f"http://{endpoint}/slots", timeout=2.0)
+            answer = await job.http.get("/slots", timeout=2.0)
             slots = answer.json()
         except (httpx.HTTPError, ValueError):
             return False
@@ -342,6 +350,17 @@ class MeshServing:
     # -- primary -------------------------------------------------------------------------------
 
     async def _run_primary(self, job: _Job) -> None:
+        assert self._socket_dir is not None
+        self._engines_started += 1
+        job.socket = self._socket_dir / f"engine-{self._engines_started}.sock"
+        job.http = engine_client(job.socket, self._client.timeout)
+        try:
+            await self._lead(job)
+        finally:
+            with trio.CancelScope(shield=True):
+                await job.http.aclose()
+
+    async def _lead(self, job: _Job) -> None:
         claim = job.claim
         model = self._local[claim.model_id]
         _log.info("model %s: leading epoch %d over %s", claim.model_id, claim.epoch, claim.nodes)
@@ -366,7 +385,7 @@ class MeshServing:
                 report = LoadReport()
                 job.supervisor = Supervisor(
                     lambda: self._llama_server_spec(model, claim, job, report),
-                    self._is_http_ready,
+                    lambda _spec: self._engine_healthy(job),
                     logger=_log,
                     ready_timeout_s=self._config.engine_load_timeout_s,
                     on_log_line=report.feed,
@@ -379,12 +398,13 @@ class MeshServing:
     ) -> ProcessSpec:
         report.offloaded, report.buffers = None, {}
         job.verified = False
-        port = free_loopback_port()
+        assert job.socket is not None
+        job.socket.unlink(missing_ok=True)  # left by the engine's previous run
         split = self._split_args(claim, model.info.profile.layer_count)
         endpoints = [job.tunnels[w].endpoint for w in split.rpc_workers]
         argv = [
             str(self._engine.llama_server),
-            *("--host", "127.0.0.1", "--port", str(port)),
+            *("--host", str(job.socket)),  # a Unix socket, for this user only (engine_socket)
             *("--model", str(model.path), "--alias", model.model_id),
             *("--ctx-size", str(self._config.context_size)),
             *("--no-webui", "--log-verbosity", "4"),
@@ -392,7 +412,7 @@ class MeshServing:
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
-        return ProcessSpec("llama-server", tuple(argv), _ENGINE_ENV, f"127.0.0.1:{port}")
+        return ProcessSpec("llama-server", tuple(argv), _ENGINE_ENV, unix_endpoint(job.socket))
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
         """The claim's layout as llama-server arguments, given the devices each node gossiped."""
@@ -431,9 +451,10 @@ class MeshServing:
                 )
             self._changed.set()
 
-    async def _is_http_ready(self, spec: ProcessSpec) -> bool:
+    async def _engine_healthy(self, job: _Job) -> bool:
+        assert job.http is not None
         try:
-            answer = await self._client.get(f"http://{spec.endpoint}/health", timeout=2.0)
+            answer = await job.http.get("/health", timeout=2.0)
         except httpx.HTTPError:
             return False
         return answer.status_code == 200
@@ -577,8 +598,9 @@ class MeshServing:
         claim = self.model_states[model_id].routed
         assert claim is not None
         if claim.primary == self._me:
-            endpoint = self._primary_jobs[(model_id, claim.rank)].endpoint()
-            return HttpUpstream(self._client, f"http://{endpoint}")
+            http = self._primary_jobs[(model_id, claim.rank)].http
+            assert http is not None
+            return HttpUpstream(http, ENGINE_BASE_URL)
         listener = self._api_tunnel(claim)
         return HttpUpstream(self._client, f"http://{listener.endpoint}")
 

@@ -219,7 +219,7 @@ def _answer_to(address: tuple[str, int], request: bytes) -> bytes:
 def test_local_processes_cannot_use_the_tunnels(mesh: list[RunningNode]) -> None:
     """Any local process could reach the workers' rpc-servers through the primary's tunnel
     listeners (HELLO answered), and the primary's llama-server through another node's API
-    tunnel (no API key asked)."""
+    tunnel or on its own loopback port (no API key asked)."""
     hello = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)  # RPC_CMD_HELLO
     llama = next(psutil.Process(pid) for pid in mesh[0].engine_pids())
     rpc = llama.cmdline()[llama.cmdline().index("--rpc") + 1].split(",")
@@ -240,6 +240,11 @@ def test_local_processes_cannot_use_the_tunnels(mesh: list[RunningNode]) -> None
     for other in sorted(listening - {api_port}):
         assert not _answer_to(("127.0.0.1", other), request).startswith(b"HTTP/"), other
     assert _greedy(mesh[1].api_url)  # the node itself still serves
+    # the primary's llama-server has no TCP port: a Unix socket in a directory of this user's
+    listens = [c for c in llama.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listens == []
+    engine_socket = Path(llama.cmdline()[llama.cmdline().index("--host") + 1])
+    assert engine_socket.is_socket() and engine_socket.parent.stat().st_mode & 0o777 == 0o700
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
