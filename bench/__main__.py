@@ -15,6 +15,7 @@ from sharedllm.node.config import default_cache_dir
 from sharedllm.node.engine import EngineNotFoundError, EngineProbeError, find_engine
 
 from . import (
+    chaos_bench,
     failover_bench,
     fuzz_bench,
     gpu_bench,
@@ -28,6 +29,7 @@ from . import (
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = {
+    "chaos": chaos_bench.run,
     "failover": failover_bench.run,
     "fuzz": fuzz_bench.run,
     "gpu": gpu_bench.run,
@@ -46,6 +48,8 @@ HEADLINE = (
     "predicted_vs_measured_error",
     "failover_s",
     "hello_flood_rss_growth_mib",
+    "chaos_worker_recovery_s",
+    "chaos_primary_recovery_s",
 )
 
 
