@@ -12,6 +12,7 @@ from ..mesh.mesh_store import (
     MeshFiles,
     has_mesh,
     load_mesh,
+    save_known_peers,
     save_mesh,
     save_mesh_key,
 )
@@ -82,4 +83,7 @@ def prepare_mesh(data_dir: Path, node_name: str, join_token: str | None, now: fl
         raise MeshSetupError(str(err)) from None
     files = MeshFiles(invite.mesh_name, invite.ticket.mesh_public_key, Proof(redemption=redemption))
     save_mesh(data_dir, files)
+    # Until the running node saves the members it met, the token's addresses are where a
+    # restart (without the token) finds the mesh again.
+    save_known_peers(data_dir, list(invite.bootstrap))
     return MeshPlan(identity, files, invite.bootstrap, created=False)

@@ -1,8 +1,10 @@
 """Attacks that took real nodes down, as regression tests against real nodes: a member's broken
-streams, an admin's oversized or numerous revocations."""
+streams, an admin's oversized or numerous revocations, a stranger's hellos, bad bodies, a
+back-dated redemption of a used invite."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import subprocess
@@ -22,7 +24,7 @@ from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
 from sharedllm.mesh.mesh_store import load_mesh_key, save_revocation
 from sharedllm.mesh.probe_records import decode_hello_reply
 from sharedllm.mesh.service import BANDWIDTH, HELLO, PING_REQ
-from sharedllm.node.mesh_setup import prepare_mesh
+from sharedllm.node.mesh_setup import MeshPlan, prepare_mesh
 
 from bench.hello_flood_bench import measure
 
@@ -210,3 +212,48 @@ def node_without_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run
     wait_until_ready(node, 60, serving=False)
     yield node
     node.stop()
+
+
+async def _hello(plan: MeshPlan) -> bytes:
+    """A hello with the plan's proof to the plan's bootstrap node: the reply (b"": refused)."""
+    async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
+        target = await transport.connect(plan.bootstrap[0])
+        stream = await transport.open_stream(target, HELLO)
+        await send_frame(stream, plan.files.proof.encode())
+        try:
+            reply = await receive_frame(stream, 10.0)
+        except Exception:  # noqa: BLE001 - a refusing node may close the connection at once
+            reply = b""
+        with contextlib.suppress(Exception):
+            await transport.disconnect(target)
+    gc.collect()
+    return reply
+
+
+async def test_a_back_dated_redemption_of_a_used_invite_admits_nobody(tmp_path: Path) -> None:
+    """A single-use invite already redeemed, redeemed again with a back-dated time, admitted the
+    forger; after its next restart the legitimate member was refused everywhere."""
+    admin = start_node(tmp_path / "a", "--name", "a", "--no-model", wait_ready=False)
+    member: RunningNode | None = None
+    try:
+        await trio.to_thread.run_sync(lambda: wait_until_ready(admin, 60, serving=False))
+        token = await trio.to_thread.run_sync(invite_token, tmp_path / "a" / "data")
+        member = start_node(
+            tmp_path / "b", "--name", "b", "--no-model", "--join", token, wait_ready=False
+        )
+        await trio.to_thread.run_sync(lambda: _wait(lambda: _alive(admin) == 2, 60, "b in"))
+        forged = prepare_mesh(tmp_path / "forger", "forger", token, time.time() - 3600)
+        assert await _hello(forged) == b""  # refused: the ticket's one use is b's
+        member.stop()
+        member = start_node(tmp_path / "b", "--name", "b", "--no-model", wait_ready=False)
+        await trio.to_thread.run_sync(lambda: _wait(lambda: _alive(admin) == 2, 60, "b back"))
+        assert forged.identity.peer_id not in {p["peer_id"] for p in _view(admin)["peers"]}
+        assert "refused our membership proof" not in member.log()
+    finally:
+        admin.stop()
+        if member is not None:
+            member.stop()
+
+
+def _alive(node: RunningNode) -> int:
+    return sum(1 for p in _view(node)["peers"] if p["state"] in ("self", "alive"))
