@@ -437,14 +437,3 @@ _Record = TypeVar("_Record", Certificate, Ticket, Redemption, Revocation, Admiss
 
 def _signed(draft: _Record, signature: bytes) -> _Record:
     return replace(draft, signature=signature)
-
-
-def token_summary(invite: Invite) -> dict[str, Any]:
-    """For `invite --json` and logs; never includes the ticket's private key."""
-    return {
-        "mesh": invite.mesh_name,
-        "mesh_id": mesh_id_of(invite.ticket.mesh_public_key),
-        "expires_at": invite.ticket.expires_at,
-        "uses": invite.ticket.uses,
-        "bootstrap": list(invite.bootstrap),
-    }

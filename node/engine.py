@@ -29,7 +29,6 @@ from ..mesh.atomic_file import write_atomic
 # The llama.cpp tree we build and test against: the one vendored in this llama-cpp-python sdist.
 PINNED_SDIST = "llama-cpp-python"
 PINNED_SDIST_VERSION = "0.3.36"
-PINNED_RPC_PROTOCOL = "7.0.0"
 BUILD_REVISION = "b3"  # b2: no Intel AMX; b3: engine_patch (cache hits copied in the background)
 LLAMA_SERVER = "llama-server"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")

@@ -246,6 +246,7 @@ def test_local_processes_cannot_use_the_tunnels(mesh: list[RunningNode]) -> None
     engine_socket = Path(llama.cmdline()[llama.cmdline().index("--host") + 1])
     assert engine_socket.is_socket() and engine_socket.parent.stat().st_mode & 0o777 == 0o700
 
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
