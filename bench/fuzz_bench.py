@@ -70,6 +70,7 @@ async def _frame(data: bytes) -> object:
 
     class _Stream:
         remote_peer = "fuzz"
+        remote_host: str | None = None
 
         def __init__(self) -> None:
             self._left = data

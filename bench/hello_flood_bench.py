@@ -42,6 +42,7 @@ class _Stream:
     """Just enough of a mesh stream for the framing helpers."""
 
     remote_peer = "flood"
+    remote_host: str | None = None
 
     def __init__(self, tls: TlsSocket) -> None:
         self._tls = tls

@@ -36,6 +36,10 @@ class _TcpStream:
     def remote_peer(self) -> str:
         return "tcp"
 
+    @property
+    def remote_host(self) -> str | None:
+        return None
+
     async def send_all(self, data: bytes) -> None:
         await self._stream.send_all(data)
 

@@ -62,6 +62,10 @@ class DataStream:
     def remote_peer(self) -> str:
         return self._peer
 
+    @property
+    def remote_host(self) -> str | None:
+        return None  # the data plane limits failed handshakes before a stream exists
+
     async def send_all(self, data: bytes) -> None:
         try:
             await self._stream.send_all(data)

@@ -41,10 +41,19 @@ class _Libp2pStream:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._peer = str(stream.muxed_conn.peer_id)
+        try:
+            address = stream.get_remote_address()
+        except Exception:  # noqa: BLE001 - an optional fact; relayed streams may lack it
+            address = None
+        self._host = None if address is None else str(address[0])
 
     @property
     def remote_peer(self) -> str:
         return self._peer
+
+    @property
+    def remote_host(self) -> str | None:
+        return self._host
 
     async def send_all(self, data: bytes) -> None:
         try:

@@ -32,6 +32,7 @@ from .gossip import (
     StateTooLargeError,
     next_version,
 )
+from .handshake_limiter import FailedHandshakeLimiter
 from .identity import NodeIdentity
 from .member_states import MemberStates
 from .membership import Admission, MembershipError, Proof, Revocation
@@ -141,6 +142,7 @@ class ControlTraffic:
     faults: int = 0  # exchanges that failed: malformed or oversized messages, timeouts, resets
     refused_streams: int = 0  # streams from peers that had not proved membership
     refused_hellos: int = 0  # hellos whose membership proof did not hold
+    limited_hellos: int = 0  # hellos closed unread: their address failed too often lately
 
     def sent(self, size: int) -> None:
         self.messages_sent += 1
@@ -188,6 +190,7 @@ class MeshService:
         self._unsaved_revocations: list[Revocation] = []  # bounded by MAX_REVOCATIONS
         self._published_at = -math.inf
         self._checked_gone_at = -math.inf
+        self._failed_hellos = FailedHandshakeLimiter()  # per source address, like the data plane
         self._known = MemberStates()  # every stored state's content
         self._members = MemberStates()  # those of live members (and ours)
         # The peers we probe: those we connected with (either way), until they die. Each node
@@ -404,11 +407,17 @@ class MeshService:
     # -- admission -------------------------------------------------------------------------
 
     async def _serve_hello(self, stream: MeshStream) -> None:
-        peer = stream.remote_peer
+        peer, source, now = stream.remote_peer, stream.remote_host, trio.current_time()
+        if source is not None and not self._failed_hellos.allows(source, now):
+            self.traffic.limited_hellos += 1  # no proof is read or checked for it
+            await self.transport.disconnect(peer)
+            return
         try:
             theirs = await self._receive(stream, self.timing.exchange_timeout_s)
             admission = self._admission_for(theirs, peer)
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
+            if source is not None:
+                self._failed_hellos.failed(source, now)
             self.traffic.refused_hellos += 1
             self.faults.log.emit("refused-hello", "refused %s: %s", peer, err)
             # A revoked member is told so (the signed revocation), not just turned away.
@@ -472,6 +481,11 @@ class MeshService:
             self.membership.admit_encoded(theirs, peer)
             if admission:
                 self._adopt(Admission.decode(admission))
+        except AdmissionNeeded:
+            # A joiner whose own hello to us is on its way (it carries the redemption we admit
+            # then): cutting the connection now would cut that hello too, again and again.
+            _log.debug("%s has not been admitted yet; its own hello will be", peer)
+            return False
         except (*_PROTOCOL_FAULTS, MembershipError, ValueError) as err:
             _log.warning("could not join %s: %s", peer, err)
             await self.transport.disconnect(peer)

@@ -21,6 +21,11 @@ class MeshStream(Protocol):
     @property
     def remote_peer(self) -> str: ...
 
+    @property
+    def remote_host(self) -> str | None:
+        """The IP address the peer's connection comes from, where the transport knows it."""
+        ...
+
     async def send_all(self, data: bytes) -> None: ...
 
     async def receive_some(self, max_bytes: int) -> bytes:

@@ -213,7 +213,12 @@ def _control_metrics(traffic: Mapping[str, int]) -> Iterator[Metric]:
         "sharedllm_refused_hellos", "Hellos refused because their membership proof did not hold"
     )
     hellos.add_metric([], traffic.get("refused_hellos", 0))
-    yield from (messages, sizes, faults, refused, hellos)
+    limited = CounterMetricFamily(
+        "sharedllm_limited_hellos",
+        "Hellos closed unread because their source address failed too often lately",
+    )
+    limited.add_metric([], traffic.get("limited_hellos", 0))
+    yield from (messages, sizes, faults, refused, hellos, limited)
 
 
 def _fault_metrics(rows: list[Mapping[str, Any]]) -> Metric:

@@ -121,6 +121,10 @@ class SimStream:
     def remote_peer(self) -> str:
         return self._remote
 
+    @property
+    def remote_host(self) -> str | None:
+        return None  # simulated nodes have peer ids, not addresses
+
     async def send_all(self, data: bytes) -> None:
         out = self._out
         if out.broken or out.reader_gone or out.ended:

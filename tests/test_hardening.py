@@ -5,6 +5,7 @@ back-dated redemption of a used invite."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import subprocess
@@ -21,7 +22,7 @@ from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.libp2p_transport import open_libp2p_transport
 from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
-from sharedllm.mesh.mesh_store import load_mesh_key, save_revocation
+from sharedllm.mesh.mesh_store import load_addresses, load_mesh_key, save_revocation
 from sharedllm.mesh.probe_records import decode_hello_reply
 from sharedllm.mesh.service import BANDWIDTH, HELLO, PING_REQ
 from sharedllm.node.mesh_setup import MeshPlan, prepare_mesh
@@ -214,20 +215,23 @@ def node_without_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run
     node.stop()
 
 
-async def _hello(plan: MeshPlan) -> bytes:
-    """A hello with the plan's proof to the plan's bootstrap node: the reply (b"": refused)."""
+async def _hellos(plan: MeshPlan, count: int = 1) -> list[bytes]:
+    """Hellos with the plan's proof to the plan's bootstrap node, one connection each: the
+    replies (b"": refused)."""
+    replies = []
     async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
-        target = await transport.connect(plan.bootstrap[0])
-        stream = await transport.open_stream(target, HELLO)
-        await send_frame(stream, plan.files.proof.encode())
-        try:
-            reply = await receive_frame(stream, 10.0)
-        except Exception:  # noqa: BLE001 - a refusing node may close the connection at once
-            reply = b""
-        with contextlib.suppress(Exception):
-            await transport.disconnect(target)
+        for _ in range(count):
+            target = await transport.connect(plan.bootstrap[0])
+            try:
+                stream = await transport.open_stream(target, HELLO)
+                await send_frame(stream, plan.files.proof.encode())
+                replies.append(await receive_frame(stream, 10.0))
+            except Exception:  # noqa: BLE001 - a refusing node may close the connection at once
+                replies.append(b"")
+            with contextlib.suppress(Exception):
+                await transport.disconnect(target)
     gc.collect()
-    return reply
+    return replies
 
 
 async def test_a_back_dated_redemption_of_a_used_invite_admits_nobody(tmp_path: Path) -> None:
@@ -243,7 +247,7 @@ async def test_a_back_dated_redemption_of_a_used_invite_admits_nobody(tmp_path: 
         )
         await trio.to_thread.run_sync(lambda: _wait(lambda: _alive(admin) == 2, 60, "b in"))
         forged = prepare_mesh(tmp_path / "forger", "forger", token, time.time() - 3600)
-        assert await _hello(forged) == b""  # refused: the ticket's one use is b's
+        assert await _hellos(forged) == [b""]  # refused: the ticket's one use is b's
         member.stop()
         member = start_node(tmp_path / "b", "--name", "b", "--no-model", wait_ready=False)
         await trio.to_thread.run_sync(lambda: _wait(lambda: _alive(admin) == 2, 60, "b back"))
@@ -257,3 +261,27 @@ async def test_a_back_dated_redemption_of_a_used_invite_admits_nobody(tmp_path: 
 
 def _alive(node: RunningNode) -> int:
     return sum(1 for p in _view(node)["peers"] if p["state"] in ("self", "alive"))
+
+
+async def test_a_stranger_s_failed_hellos_are_limited_per_address(
+    node_without_model: RunningNode, tmp_path: Path
+) -> None:
+    """Every hello of a stranger (a certificate of another mesh) was read and checked, however
+    often its address had failed; past 20 failures in 10 s they are closed unread."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        view = (await client.get(node_without_model.api_url + "/mesh/peers")).json()
+    address = load_addresses(node_without_model.log_path.parent / "data")[0]
+    if "/p2p/" not in address:
+        address += f"/p2p/{view['peer_id']}"
+    stranger = prepare_mesh(tmp_path / "stranger", "stranger", None, time.time())
+    plan = dataclasses.replace(stranger, bootstrap=(address,))
+    assert await _hellos(plan, 25) == [b""] * 25
+    async with httpx.AsyncClient(timeout=10) as client:
+        metrics = (await client.get(node_without_model.api_url + "/metrics")).text
+    counts = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith(("sharedllm_limited_hellos_total", "sharedllm_refused_hellos_total"))
+    }
+    assert counts["sharedllm_refused_hellos_total"] == 20
+    assert counts["sharedllm_limited_hellos_total"] == 5

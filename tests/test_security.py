@@ -19,7 +19,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 from sharedllm.mesh.framing import receive_frame, send_frame
-from sharedllm.mesh.gossip import Digest, Exchange, SignedState
+from sharedllm.mesh.gossip import Digest, Exchange, SignedState, next_version
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.libp2p_transport import (
     check_port_free,
@@ -162,7 +162,9 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
                 plan.identity.sign(signing_bytes(SignedState.KIND, spoofed.fields())),
             )
             stranger = SignedState.publish(
-                NodeIdentity.from_seed(b"\x66" * 32), 1, {"name": "stranger"}
+                NodeIdentity.from_seed(b"\x66" * 32),
+                next_version(0, time.time()),
+                {"name": "stranger"},
             )
             await send_frame(gossip, Exchange((spoofed, own, stranger), (), False).encode())
             await gossip.aclose()

@@ -77,6 +77,7 @@ class _MemoryMeshStream:
     def __init__(self, stream: trio.abc.Stream, peer: str) -> None:
         self._stream = stream
         self.remote_peer = peer
+        self.remote_host: str | None = None
 
     async def send_all(self, data: bytes) -> None:
         try:

@@ -77,6 +77,10 @@ class _CutAfter:
     def remote_peer(self) -> str:
         return self._stream.remote_peer
 
+    @property
+    def remote_host(self) -> str | None:
+        return self._stream.remote_host
+
     async def send_all(self, data: bytes) -> None:
         if len(data) > self._left:
             await self._stream.send_all(data[: self._left])
