@@ -11,8 +11,6 @@ for each kill the time to the first good answer of a request sent after it. Targ
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -24,45 +22,14 @@ from typing import Any
 import httpx
 from sharedllm.node.config import default_cache_dir
 from sharedllm.node.default_model import default_model_path
-from sharedllm.node.engine import free_loopback_port
 
-from .node_cli import COMMAND
+from .bench_nodes import BenchNode, invite, wait_until
 
 CLIENTS = 8
 MIN_LOAD_S = 60.0
 HANG_S = 60.0
 RECOVERY_LIMIT_S = 90.0
 FOUNDER_CAP, WORKER_CAP = "500MiB", "320MiB"
-
-
-class _Node:
-    def __init__(self, work: Path, name: str, *args: str) -> None:
-        self.data, self.name, self.args = work / name, name, args
-        self.log = work / f"{name}.log"
-        self.port = free_loopback_port()
-        self.listen = f"/ip4/127.0.0.1/tcp/{free_loopback_port()}"  # kept across restarts
-        self.start()
-
-    def start(self) -> None:
-        argv = [COMMAND, "up", "--data-dir", str(self.data), "--api-port", str(self.port)]
-        argv += ["--listen", self.listen, "--name", self.name, *self.args]
-        with self.log.open("ab") as handle:
-            self.process = subprocess.Popen(argv, stdout=handle, stderr=handle)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        """kill -9 of the node alone: its engines must die with it."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
 
 
 @dataclass
@@ -114,14 +81,6 @@ def _client_loop(url: str, model_id: str, ledger: _Ledger, stop: threading.Event
                 stop.wait(1.0)  # as a client that honours Retry-After roughly would
 
 
-def _wait(condition: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
-
 def _recovery(ledger: _Ledger, killed_at: float) -> float | None:
     deadline = killed_at + RECOVERY_LIMIT_S
     while time.monotonic() < deadline:
@@ -132,22 +91,18 @@ def _recovery(ledger: _Ledger, killed_at: float) -> float | None:
     return None
 
 
-def _start_mesh(work: Path, model: Path) -> dict[str, _Node]:
-    nodes = {"a": _Node(work, "a", "--model", str(model), "--max-memory", FOUNDER_CAP)}
-    _wait(lambda: nodes["a"].data.joinpath("running.json").exists(), 120, "the founder")
-    invite = subprocess.run(
-        [COMMAND, "invite", "--data-dir", str(nodes["a"].data), "--uses", "2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+def _start_mesh(work: Path, model: Path) -> dict[str, BenchNode]:
+    nodes = {"a": BenchNode(work, "a", "--model", str(model), "--max-memory", FOUNDER_CAP)}
+    token = invite(nodes["a"], uses=2)
     for name in ("b", "c"):
-        nodes[name] = _Node(work, name, "--join", invite, "--no-model", "--max-memory", WORKER_CAP)
-    _wait(lambda: all(n.healthy() for n in nodes.values()), 300, "the mesh to serve")
+        nodes[name] = BenchNode(
+            work, name, "--join", token, "--no-model", "--max-memory", WORKER_CAP
+        )
+    wait_until(lambda: all(n.healthy() for n in nodes.values()), 300, "the mesh to serve")
     return nodes
 
 
-def _kill_and_restart(node: _Node, ledger: _Ledger) -> float | None:
+def _kill_and_restart(node: BenchNode, ledger: _Ledger) -> float | None:
     killed_at = time.monotonic()
     node.kill()
     node.start()  # at once, on the same ports
@@ -161,7 +116,7 @@ def run() -> dict[str, Any]:
     model = default_model_path(default_cache_dir())
     model_id = model.name.removesuffix(".gguf")
     work = Path(tempfile.mkdtemp(prefix="sharedllm-chaos-"))
-    nodes: dict[str, _Node] = {}
+    nodes: dict[str, BenchNode] = {}
     ledger, stop = _Ledger(), threading.Event()
     threads: list[threading.Thread] = []
     try:
@@ -176,7 +131,7 @@ def run() -> dict[str, Any]:
             threads.append(thread)
         time.sleep(10.0)
         worker_s = _kill_and_restart(nodes["b"], ledger)
-        _wait(lambda: all(n.healthy() for n in nodes.values()), 120, "the mesh to heal")
+        wait_until(lambda: all(n.healthy() for n in nodes.values()), 120, "the mesh to heal")
         time.sleep(5.0)
         primary_s = _kill_and_restart(nodes["a"], ledger)
         time.sleep(max(10.0, MIN_LOAD_S - (time.monotonic() - began)))
