@@ -81,6 +81,22 @@ def start_node(
     return node
 
 
+def up_that_stops(
+    data_dir: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`up --no-model` on loopback that is expected to stop at once with an error."""
+    command = [node_command(), "up", "--data-dir", str(data_dir), "--no-model"]
+    command += ["--listen", "/ip4/127.0.0.1/tcp/0", *args]
+    return subprocess.run(
+        command,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def wait_until_ready(node: RunningNode, timeout_s: float, *, serving: bool = True) -> None:
     """Waits until the node's API answers /health: with 200 (every model served), or with any
     answer when `serving` is False (the node runs, its models may still wait for peers)."""

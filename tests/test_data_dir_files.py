@@ -12,25 +12,11 @@ import pytest
 from sharedllm.mesh.mesh_store import MAX_REMEMBERED_EPOCHS, load_epochs, save_epochs
 from sharedllm.node.offered_recently import RecentlyOffered
 
-from .node_process import node_command, start_node, wait_until_ready
+from .node_process import node_command, start_node, up_that_stops, wait_until_ready
 
 _DEEP = b"[" * 100_000 + b"]" * 100_000
 _NOT_UTF8 = b"\xff\xfe\x00garbage"
 _NO_TIMING = {"SHAREDLLM_COMPUTE_GFLOPS": "100"}
-
-
-def _up(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`up` that is expected to stop at once with an error."""
-    command = [node_command(), "up", "--data-dir", str(data_dir), "--no-model", "--api-port", "0"]
-    command += ["--listen", "/ip4/127.0.0.1/tcp/0"]
-    return subprocess.run(
-        command,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **_NO_TIMING},
-    )
 
 
 def _made_mesh(tmp_path: Path) -> Path:
@@ -73,7 +59,7 @@ def test_a_damaged_file_it_needs_is_refused_in_one_line(tmp_path: Path, case: st
     damage, name = REFUSED[case]
     data_dir = _made_mesh(tmp_path)
     damage(data_dir)
-    done = _up(data_dir)
+    done = up_that_stops(data_dir, "--api-port", "0", env=_NO_TIMING)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line]

@@ -3,10 +3,8 @@ node, a restarted node takes its ports back at once, and epochs never go back.""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,8 @@ from .node_process import (
     RunningNode,
     gone,
     invite_token,
-    node_command,
     start_node,
+    up_that_stops,
     wait_gone,
 )
 from .test_mesh import _wait
@@ -124,17 +122,8 @@ def test_a_busy_port_is_refused_before_any_slow_work(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        command = [node_command(), "up", "--data-dir", str(tmp_path / "data"), "--no-model"]
-        command += ["--api-port", str(port), "--listen", "/ip4/127.0.0.1/tcp/0"]
         env = {"SHAREDLLM_CACHE_DIR": str(_cache_without_speed(tmp_path))}
-        done = subprocess.run(
-            command,
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, **env},
-        )
+        done = up_that_stops(tmp_path / "data", "--api-port", str(port), env=env)
     assert done.returncode != 0
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
