@@ -51,11 +51,7 @@ def save_mesh(data_dir: Path, files: MeshFiles) -> None:
 def load_mesh(data_dir: Path) -> MeshFiles:
     path = _dir(data_dir) / "mesh.json"
     try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_MESH_FILE_BYTES + 1)
-        if len(data) > _MAX_MESH_FILE_BYTES:
-            raise ValueError(f"over {_MAX_MESH_FILE_BYTES} bytes")
-        body = json.loads(data)
+        body = json.loads(_read_small(path, _MAX_MESH_FILE_BYTES))
         name, key, proof = body["name"], body["mesh_public_key"], body["proof"]
         if not all(isinstance(text, str) for text in (name, key, proof)):
             raise ValueError("its name, key and proof must be strings")
@@ -180,18 +176,20 @@ def _load_json(path: Path) -> object:
     """A small JSON file's content; None (with one line naming it) when it is missing,
     oversized or not JSON."""
     try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_LIST_FILE_BYTES + 1)
+        return json.loads(_read_small(path, _MAX_LIST_FILE_BYTES))
     except FileNotFoundError:
         return None
     except OSError as err:
         _log.error("ignoring %s: %s", path, err.strerror or err)
-        return None
-    if len(data) > _MAX_LIST_FILE_BYTES:
-        _log.error("ignoring %s: over %d bytes", path, _MAX_LIST_FILE_BYTES)
-        return None
-    try:
-        return json.loads(data)
     except (ValueError, RecursionError) as err:
-        _log.error("ignoring %s: not JSON (%s)", path, err)
-        return None
+        _log.error("ignoring %s: not a small JSON file (%s)", path, err)
+    return None
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """The file's bytes, never reading more than `limit` (ValueError past it)."""
+    with path.open("rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"over {limit} bytes")
+    return data

@@ -312,8 +312,9 @@ class TunnelListener:
         return f"127.0.0.1:{self.port}"
 
     async def _carry(self, local: trio.SocketStream) -> None:
-        if self._allowed_pids is not None and not opened_by(
-            local.socket.getpeername(), local.socket.getsockname(), self._allowed_pids()
+        # /proc/net/tcp lists every connection of the host: read it off the event loop.
+        if self._allowed_pids is not None and not await trio.to_thread.run_sync(
+            opened_by, local.socket.getpeername(), local.socket.getsockname(), self._allowed_pids()
         ):
             self.stats.refused_local += 1
             if self.stats.refused_local in (1, 10, 100, 1000):
