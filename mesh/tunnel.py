@@ -277,7 +277,8 @@ async def open_tunnel(open_stream: OpenStream, request: TunnelRequest) -> MeshSt
 
 
 class TunnelListener:
-    """A loopback port whose every connection is tunnelled to one peer's service.
+    """A loopback port whose connections are tunnelled to one peer's service: every one, or
+    with `allowed_pids` only those the kernel says one of those processes opened.
 
     The port is bound at construction, so callers outside a task can hand it out at once.
     `watcher()`, if given, makes a `Watch` for each connection's outgoing bytes.
