@@ -24,11 +24,12 @@ from sharedllm.mesh.libp2p_transport import open_libp2p_transport
 from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
 from sharedllm.mesh.mesh_store import load_addresses, load_mesh_key, save_revocation
 from sharedllm.mesh.probe_records import decode_hello_reply
-from sharedllm.mesh.service import BANDWIDTH, HELLO, PING_REQ
+from sharedllm.mesh.service import BANDWIDTH, PING_REQ
 from sharedllm.node.mesh_setup import MeshPlan, prepare_mesh
 
 from bench.hello_flood_bench import measure
 
+from .member_client import hello_exchange
 from .node_process import RunningNode, invite_token, node_command, start_node, wait_until_ready
 from .test_mesh import _wait
 
@@ -61,10 +62,8 @@ async def test_a_member_s_broken_streams_cost_only_those_streams(tmp_path: Path)
         plan = prepare_mesh(tmp_path / "member", "member", token, time.time())
         async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
             target = await transport.connect(plan.bootstrap[0])
-            hello = await transport.open_stream(target, HELLO)
-            await send_frame(hello, plan.files.proof.encode())
-            _, admission = decode_hello_reply(await receive_frame(hello))  # admitted
-            await hello.aclose()
+            reply = await hello_exchange(transport, target, plan.files.proof.encode())
+            _, admission = decode_hello_reply(reply)  # admitted
             proof = Proof(
                 plan.files.proof.certificate,
                 plan.files.proof.redemption,
@@ -223,9 +222,7 @@ async def _hellos(plan: MeshPlan, count: int = 1) -> list[bytes]:
         for _ in range(count):
             target = await transport.connect(plan.bootstrap[0])
             try:
-                stream = await transport.open_stream(target, HELLO)
-                await send_frame(stream, plan.files.proof.encode())
-                replies.append(await receive_frame(stream, 10.0))
+                replies.append(await hello_exchange(transport, target, plan.files.proof.encode()))
             except Exception:  # noqa: BLE001 - a refusing node may close the connection at once
                 replies.append(b"")
             with contextlib.suppress(Exception):

@@ -28,11 +28,12 @@ from sharedllm.mesh.libp2p_transport import (
 )
 from sharedllm.mesh.mesh_store import load_addresses
 from sharedllm.mesh.records import signing_bytes
-from sharedllm.mesh.service import GOSSIP, HELLO
+from sharedllm.mesh.service import GOSSIP
 from sharedllm.mesh.transport import TransportError
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
 from sharedllm.node.mesh_setup import prepare_mesh
 
+from .member_client import hello_exchange
 from .node_process import (
     RunningNode,
     invite_token,
@@ -146,10 +147,8 @@ async def test_a_hostile_member_cannot_forge_replay_or_smuggle_in_gossip(tmp_pat
         plan = prepare_mesh(tmp_path / "hostile", "hostile", token, time.time())
         async with open_libp2p_transport(plan.identity, ["/ip4/127.0.0.1/tcp/0"]) as transport:
             target = await transport.connect(plan.bootstrap[0])
-            hello = await transport.open_stream(target, HELLO)
-            await send_frame(hello, plan.files.proof.encode())
-            assert await receive_frame(hello)  # admitted: its proof came back
-            await hello.aclose()
+            # admitted: its proof came back
+            assert await hello_exchange(transport, target, plan.files.proof.encode())
             gossip = await transport.open_stream(target, GOSSIP)
             await send_frame(gossip, Digest({}).encode())
             theirs = Exchange.decode(await receive_frame(gossip)).states
