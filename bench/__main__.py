@@ -12,7 +12,7 @@ from typing import Any
 
 import psutil
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.engine import EngineNotFoundError, EngineProbeError, find_engine
+from sharedllm.node.engine.locate import EngineNotFoundError, EngineProbeError, find_engine
 
 from . import (
     chaos_bench,

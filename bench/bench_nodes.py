@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import psutil
-from sharedllm.node.engine import free_loopback_port
+from sharedllm.node.engine.locate import free_loopback_port
 
 from .node_cli import COMMAND, node_status
 

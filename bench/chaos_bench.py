@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.default_model import default_model_path
+from sharedllm.node.models.default_model import default_model_path
 
 from .bench_nodes import BenchNode, invite, wait_until
 

@@ -22,7 +22,6 @@ import msgpack
 import trio
 import trio.testing
 from sharedllm.mesh.election import Claim
-from sharedllm.mesh.framing import FrameError, receive_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import (
@@ -43,9 +42,10 @@ from sharedllm.mesh.probe_records import (
 from sharedllm.mesh.records import RecordError
 from sharedllm.mesh.revocation_sync import RevocationBatch, RevokedIds
 from sharedllm.mesh.swim import Liveness, Rumor
-from sharedllm.mesh.transport import TransportError
-from sharedllm.mesh.tunnel import Packer, TunnelRequest, Unpacker
-from sharedllm.node.weight_share import (
+from sharedllm.mesh.transport.framing import FrameError, receive_frame
+from sharedllm.mesh.transport.seam import TransportError
+from sharedllm.mesh.transport.tunnel import Packer, TunnelRequest, Unpacker
+from sharedllm.node.weights.share import (
     WeightRequest,
     WeightShareError,
     decode_manifest,

@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.devices import list_devices
-from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
-from sharedllm.node.model_file import inspect_model
-from sharedllm.node.synthetic_model import SHAPES, write_synthetic_model
+from sharedllm.node.engine.devices import list_devices
+from sharedllm.node.engine.locate import EngineInfo, find_engine, free_loopback_port
+from sharedllm.node.models.model_file import inspect_model
+from sharedllm.node.tools.synthetic_model import SHAPES, write_synthetic_model
 from sharedllm.scheduler.llama_args import split_args
 from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement

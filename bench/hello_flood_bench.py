@@ -21,12 +21,12 @@ import httpx
 import psutil
 import trio
 from sharedllm.mesh import records
-from sharedllm.mesh.data_plane import _tls_contexts
-from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.mesh_store import load_mesh
-from sharedllm.mesh.tls_socket import TlsSocket
+from sharedllm.mesh.transport.data_plane import _tls_contexts
+from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.tls_socket import TlsSocket
 
 from tests.node_process import start_node, wait_until_ready
 

@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.default_model import default_model_path
-from sharedllm.node.engine import EngineInfo, find_engine, free_loopback_port
-from sharedllm.node.engine_speed import engine_gflops
-from sharedllm.node.model_file import inspect_model
+from sharedllm.node.engine.locate import EngineInfo, find_engine, free_loopback_port
+from sharedllm.node.engine.speed import engine_gflops
+from sharedllm.node.models.default_model import default_model_path
+from sharedllm.node.models.model_file import inspect_model
 from sharedllm.scheduler.cost_model import CostModel
 from sharedllm.scheduler.llama_args import split_args
 from sharedllm.scheduler.model_profile import ModelProfile

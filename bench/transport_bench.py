@@ -15,12 +15,18 @@ from functools import partial
 from typing import Any
 
 import trio
-from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
-from sharedllm.mesh.transport import MeshStream
-from sharedllm.mesh.tunnel import TUNNEL, TunnelListener, TunnelRequest, TunnelStats, serve_tunnel
+from sharedllm.mesh.transport.data_plane import DataPlane
+from sharedllm.mesh.transport.seam import MeshStream
+from sharedllm.mesh.transport.tunnel import (
+    TUNNEL,
+    TunnelListener,
+    TunnelRequest,
+    TunnelStats,
+    serve_tunnel,
+)
 
 PINGS = 400
 BULK_BYTES = 64 * 1024 * 1024
@@ -176,7 +182,7 @@ async def _tunnel() -> AsyncIterator[Opener]:
 async def _libp2p() -> AsyncIterator[Opener]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from sharedllm.mesh.libp2p_transport import open_libp2p_transport
+        from sharedllm.mesh.transport.libp2p_adapter import open_libp2p_transport
 
     (server_id, _), (client_id, _) = _members()
     loopback = ["/ip4/127.0.0.1/tcp/0"]

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.engine import find_engine, free_loopback_port
-from sharedllm.node.gguf_header import read_header
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.engine.locate import find_engine, free_loopback_port
+from sharedllm.node.models.gguf_header import read_header
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
 from .node_cli import COMMAND, node_status
 

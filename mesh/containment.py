@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .transport import MeshStream, StreamHandler, TransportError
+from .transport.seam import MeshStream, StreamHandler, TransportError
 
 _log = logging.getLogger("sharedllm.mesh.faults")
 MAX_FAULT_KINDS = 256  # (plane, protocol, error type) keys counted; the rest count as "other"

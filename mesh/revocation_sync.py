@@ -20,10 +20,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from . import records
-from .framing import MAX_FRAME_BYTES
 from .identity import public_key_of_peer_id
 from .membership import MAX_REVOCATIONS, Revocation
 from .records import RecordError
+from .transport.framing import MAX_FRAME_BYTES
 
 REVOCATIONS = "/sharedllm/revocations/1"
 MAX_PER_BATCH = 512  # a revocation encodes to < 1.1 KB (reasons may be UTF-8): under a frame

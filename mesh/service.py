@@ -22,8 +22,6 @@ from typing import Any, Protocol
 import trio
 
 from .containment import HandlerFaults, contained
-from .data_plane import DataPlane
-from .framing import FrameError, receive_frame, send_frame
 from .gossip import (
     Digest,
     Exchange,
@@ -57,7 +55,9 @@ from .revocation_sync import (
 )
 from .send_queue import SendQueue
 from .swim import Liveness, Rumor, Swim
-from .transport import MeshStream, StreamHandler, Transport, TransportError
+from .transport.data_plane import DataPlane
+from .transport.framing import FrameError, receive_frame, send_frame
+from .transport.seam import MeshStream, StreamHandler, Transport, TransportError
 
 HELLO = "/sharedllm/hello/2"
 GOSSIP = "/sharedllm/gossip/2"

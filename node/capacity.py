@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 
 from ..mesh.atomic_file import write_atomic
-from .devices import Device
-from .engine import EngineInfo
+from .engine.devices import Device
+from .engine.locate import EngineInfo
 
 _BENCH_SIZE = 384
 _BENCH_SECONDS = 0.3

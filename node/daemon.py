@@ -23,8 +23,6 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from ..mesh.containment import HandlerFaults
-from ..mesh.data_plane import DataPlane
-from ..mesh.libp2p_transport import check_port_free, open_libp2p_transport
 from ..mesh.membership import Revocation
 from ..mesh.membership_state import MembershipState
 from ..mesh.mesh_store import (
@@ -36,13 +34,15 @@ from ..mesh.mesh_store import (
     save_revocation,
 )
 from ..mesh.service import MeshService, MeshTiming
+from ..mesh.transport.data_plane import DataPlane
+from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
+from .api.app import create_app
+from .api.metrics import NodeMetrics
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
-from .engine import EngineInfo
-from .http_api import create_app
+from .engine.locate import EngineInfo
 from .mesh_setup import MeshPlan
-from .metrics import NodeMetrics
-from .serving import LocalModel, MeshServing
+from .serving.mesh_serving import LocalModel, MeshServing
 
 _log = logging.getLogger("sharedllm.node")
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)

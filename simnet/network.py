@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..mesh.transport import MeshStream, StreamHandler, TransportError
+from ..mesh.transport.seam import MeshStream, StreamHandler, TransportError
 
 _CONNECT_TIMEOUT_S = 3.0
 # A send that takes longer than this on its link holds the sender (backpressure); shorter ones

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.default_model import default_model_path
-from sharedllm.node.engine import EngineInfo, EngineNotFoundError, find_engine
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.engine.locate import EngineInfo, EngineNotFoundError, find_engine
+from sharedllm.node.models.default_model import default_model_path
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
 from .node_process import RunningNode, start_node
 

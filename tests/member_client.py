@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sharedllm.mesh.framing import receive_frame, send_frame
-from sharedllm.mesh.libp2p_transport import Libp2pTransport
 from sharedllm.mesh.service import HELLO
+from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.libp2p_adapter import Libp2pTransport
 
 
 async def hello_exchange(transport: Libp2pTransport, target: str, proof: bytes) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from sharedllm.node.engine import free_loopback_port
+from sharedllm.node.engine.locate import free_loopback_port
 
 
 def node_command() -> str:

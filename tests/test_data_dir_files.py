@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from sharedllm.mesh.mesh_store import MAX_REMEMBERED_EPOCHS, load_epochs, save_epochs
-from sharedllm.node.offered_recently import RecentlyOffered
+from sharedllm.node.serving.offered_recently import RecentlyOffered
 
 from .node_process import node_command, start_node, up_that_stops, wait_until_ready
 

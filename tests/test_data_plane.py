@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import trio
-from sharedllm.mesh.data_plane import MAX_HANDSHAKES, DataPlane, echo_handler
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
-from sharedllm.mesh.transport import TransportError
+from sharedllm.mesh.transport.data_plane import MAX_HANDSHAKES, DataPlane, echo_handler
+from sharedllm.mesh.transport.seam import TransportError
 
 MESH = MeshKey.generate(b"\x11" * 32)
 NOW = 1_800_000_000.0

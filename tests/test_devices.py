@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sharedllm.node.capacity import describe
-from sharedllm.node.devices import list_devices, parse_device_list
-from sharedllm.node.engine import EngineInfo
+from sharedllm.node.engine.devices import list_devices, parse_device_list
+from sharedllm.node.engine.locate import EngineInfo
 
 CUDA_OUTPUT = """\
 ggml_cuda_init: found 2 CUDA devices:

@@ -7,13 +7,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from sharedllm.node.engine import (
+from sharedllm.node.engine.build import EngineBuildError, build_engine, configure_command
+from sharedllm.node.engine.locate import (
     EngineNotFoundError,
     built_engine_dir,
     detect_backend,
     free_loopback_port,
 )
-from sharedllm.node.engine_build import EngineBuildError, build_engine, configure_command
 
 
 def _sdist_with(tmp_path: Path, cmake_text: str) -> Path:

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sharedllm.node.engine import EngineInfo
-from sharedllm.node.engine_patch import EDITS, PATCH_NAME, apply_engine_patch
+from sharedllm.node.engine.locate import EngineInfo
+from sharedllm.node.engine.patch import EDITS, PATCH_NAME, apply_engine_patch
 
 _FILE = Path("ggml/src/ggml-rpc/ggml-rpc.cpp")
 

@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from sharedllm.node.engine import EngineInfo
-from sharedllm.node.engine_speed import EngineSpeedError, engine_gflops
-from sharedllm.node.model_file import inspect_model
+from sharedllm.node.engine.locate import EngineInfo
+from sharedllm.node.engine.speed import EngineSpeedError, engine_gflops
+from sharedllm.node.models.model_file import inspect_model
 from sharedllm.scheduler.cost_model import CostModel
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sharedllm.node.engine import EngineInfo
+from sharedllm.node.engine.locate import EngineInfo
 
 from .node_process import RunningNode, node_command, start_node, wait_until_ready
 

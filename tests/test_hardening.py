@@ -17,14 +17,14 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from sharedllm.mesh.data_plane import DataPlane
-from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.libp2p_transport import open_libp2p_transport
 from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
 from sharedllm.mesh.mesh_store import load_addresses, load_mesh_key, save_revocation
 from sharedllm.mesh.probe_records import decode_hello_reply
 from sharedllm.mesh.service import BANDWIDTH, PING_REQ
+from sharedllm.mesh.transport.data_plane import DataPlane
+from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.libp2p_adapter import open_libp2p_transport
 from sharedllm.node.mesh_setup import MeshPlan, prepare_mesh
 
 from bench.hello_flood_bench import measure

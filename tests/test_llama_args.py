@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.node.engine import EngineInfo, free_loopback_port
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 from sharedllm.scheduler.llama_args import llama_layer_devices, split_args
 from sharedllm.scheduler.placement import Assignment, Placement
 

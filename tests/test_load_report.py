@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sharedllm.node.load_report import LoadReport
+from sharedllm.node.engine.load_report import LoadReport
 
 LOG = """\
 0.01.144.889 I load_tensors: offloading 12 repeating layers to GPU

@@ -12,8 +12,8 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.mesh.loopback_owner import connection_inode, kernel_can_tell, opened_by
-from sharedllm.mesh.tunnel import TunnelListener, TunnelRequest
+from sharedllm.mesh.transport.loopback_owner import connection_inode, kernel_can_tell, opened_by
+from sharedllm.mesh.transport.tunnel import TunnelListener, TunnelRequest
 
 pytestmark = pytest.mark.skipif(not kernel_can_tell(), reason="needs Linux's /proc/net/tcp")
 

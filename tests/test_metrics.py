@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from sharedllm.node.metrics import AnswerTail, engine_timings
+from sharedllm.node.api.metrics import AnswerTail, engine_timings
 
 from .node_process import RunningNode, node_command, start_node
 from .test_single_node import GEMMA_ID

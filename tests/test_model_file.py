@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sharedllm.node.default_model import default_model_path
-from sharedllm.node.gguf_header import read_header
-from sharedllm.node.model_file import ModelFileError, cached_sha256, file_sha256, inspect_model
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.models.default_model import default_model_path
+from sharedllm.node.models.gguf_header import read_header
+from sharedllm.node.models.model_file import (
+    ModelFileError,
+    cached_sha256,
+    file_sha256,
+    inspect_model,
+)
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 

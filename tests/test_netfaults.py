@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sharedllm.node.engine import EngineInfo, free_loopback_port
+from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
 
 from .node_process import node_command, stop_process
 

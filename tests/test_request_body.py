@@ -8,7 +8,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.node.request_body import MAX_DEPTH, RequestBodyError, parse_json_object
+from sharedllm.node.api.request_body import MAX_DEPTH, RequestBodyError, parse_json_object
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.engine import free_loopback_port
+from sharedllm.node.engine.locate import free_loopback_port
 
 from .node_process import (
     RunningNode,

@@ -6,7 +6,7 @@ import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.node.rpc_traffic import COMMANDS, RpcTally
+from sharedllm.node.engine.rpc_traffic import COMMANDS, RpcTally
 
 requests = st.lists(
     st.tuples(st.integers(0, len(COMMANDS) - 1), st.binary(max_size=300)), max_size=20

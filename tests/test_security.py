@@ -18,18 +18,18 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState, next_version
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.libp2p_transport import (
+from sharedllm.mesh.mesh_store import load_addresses
+from sharedllm.mesh.records import signing_bytes
+from sharedllm.mesh.service import GOSSIP
+from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.libp2p_adapter import (
     check_port_free,
     inbound_slot_tokens,
     open_libp2p_transport,
 )
-from sharedllm.mesh.mesh_store import load_addresses
-from sharedllm.mesh.records import signing_bytes
-from sharedllm.mesh.service import GOSSIP
-from sharedllm.mesh.transport import TransportError
+from sharedllm.mesh.transport.seam import TransportError
 from sharedllm.node.config import ConfigError, is_loopback_host, load_config
 from sharedllm.node.mesh_setup import prepare_mesh
 

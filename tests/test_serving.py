@@ -23,12 +23,12 @@ import openai
 import psutil
 import pytest
 import trio
-from sharedllm.mesh.data_plane import DataPlane
 from sharedllm.mesh.identity import load_or_create_identity
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.mesh_store import load_mesh
-from sharedllm.mesh.tunnel import TUNNEL, TunnelRefused, TunnelRequest, open_tunnel
-from sharedllm.node.engine import EngineInfo
+from sharedllm.mesh.transport.data_plane import DataPlane
+from sharedllm.mesh.transport.tunnel import TUNNEL, TunnelRefused, TunnelRequest, open_tunnel
+from sharedllm.node.engine.locate import EngineInfo
 
 from .node_process import RunningNode, node_command, start_node, wait_until_ready
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import trio
 import trio.testing
-from sharedllm.mesh.transport import TransportError
+from sharedllm.mesh.transport.seam import TransportError
 from sharedllm.simnet.clock import TickClock
 from sharedllm.simnet.network import LinkProfile, SimNetwork
 from sharedllm.simnet.scenarios import simulate

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from sharedllm.node.engine import EngineInfo
+from sharedllm.node.engine.locate import EngineInfo
 
 from .node_process import RunningNode, node_command, start_node, wait_gone
 

@@ -12,7 +12,7 @@ import psutil
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.node.supervisor import ProcessSpec, RestartBackoff, ServiceState, Supervisor
+from sharedllm.node.engine.supervisor import ProcessSpec, RestartBackoff, ServiceState, Supervisor
 
 _log = logging.getLogger("test.supervisor")
 

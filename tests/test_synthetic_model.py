@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.node.engine import EngineInfo, free_loopback_port
-from sharedllm.node.model_file import inspect_model
-from sharedllm.node.synthetic_model import WEIGHT_TYPES, ModelShape, write_synthetic_model
+from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
+from sharedllm.node.models.model_file import inspect_model
+from sharedllm.node.tools.synthetic_model import WEIGHT_TYPES, ModelShape, write_synthetic_model
 
 EXPECTED_TYPE = {
     "f32": gguf.GGMLQuantizationType.F32,

@@ -13,9 +13,9 @@ import trio.testing
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.mesh.framing import FrameError
-from sharedllm.mesh.transport import TransportError
-from sharedllm.mesh.tunnel import (
+from sharedllm.mesh.transport.framing import FrameError
+from sharedllm.mesh.transport.seam import TransportError
+from sharedllm.mesh.transport.tunnel import (
     MAX_CHUNK,
     MAX_WIRE_CHUNK,
     ChunkDecoder,

@@ -15,15 +15,15 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.node.engine import EngineInfo, free_loopback_port
-from sharedllm.node.fnv_native import NativeFnv, fnv1a64_python
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
-from sharedllm.node.weight_cache import (
+from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.weights.cache import (
     HASH_THRESHOLD_BYTES,
     cached_layer_tensors,
     fill_cache,
     rpc_cache_entries,
 )
+from sharedllm.node.weights.native_hash import NativeFnv, fnv1a64_python
 
 # Feed-forward tensors of 2048 x 4096 f16 (16 MiB) are over the engine's hash threshold; the
 # attention ones (8 MiB) are not.

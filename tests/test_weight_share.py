@@ -17,20 +17,20 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.mesh.data_plane import DataPlane
-from sharedllm.mesh.framing import receive_frame, send_frame
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.records import RecordError
-from sharedllm.mesh.transport import MeshStream, TransportError
+from sharedllm.mesh.transport.data_plane import DataPlane
+from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.seam import MeshStream, TransportError
 from sharedllm.node.config import default_cache_dir
-from sharedllm.node.engine import find_engine
-from sharedllm.node.fnv_native import NativeFnv
-from sharedllm.node.gguf_header import read_header
-from sharedllm.node.synthetic_model import ModelShape, write_synthetic_model
-from sharedllm.node.weight_cache import cached_layer_tensors, fill_cache
-from sharedllm.node.weight_share import (
+from sharedllm.node.engine.locate import find_engine
+from sharedllm.node.models.gguf_header import read_header
+from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
+from sharedllm.node.weights.cache import cached_layer_tensors, fill_cache
+from sharedllm.node.weights.native_hash import NativeFnv
+from sharedllm.node.weights.share import (
     WEIGHTS,
     TokenBucket,
     WeightFetch,

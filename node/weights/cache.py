@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..mesh.atomic_file import write_atomic
-from .fnv_native import NativeFnv
-from .gguf_header import read_header
+from ...mesh.atomic_file import write_atomic
+from ..models.gguf_header import read_header
+from .native_hash import NativeFnv
 
 # Tensors up to this size are always sent: the engine hashes only larger ones.
 HASH_THRESHOLD_BYTES = 10 * 1024 * 1024

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import httpx
 
-from ..mesh.atomic_file import write_atomic
-from ..scheduler.cost_model import CostModel
-from ..scheduler.model_profile import ModelProfile
-from .engine import EngineInfo, free_loopback_port
+from ...mesh.atomic_file import write_atomic
+from ...scheduler.cost_model import CostModel
+from ...scheduler.model_profile import ModelProfile
+from .locate import EngineInfo, free_loopback_port
 from .supervisor import popen_tied_to_node, stop_group
 
 _log = logging.getLogger("sharedllm.node.speed")

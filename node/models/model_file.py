@@ -17,8 +17,8 @@ from typing import Any
 
 import gguf
 
-from ..mesh.atomic_file import write_atomic
-from ..scheduler.model_profile import ModelProfile
+from ...mesh.atomic_file import write_atomic
+from ...scheduler.model_profile import ModelProfile
 from .gguf_header import ArrayInfo, GgufFormatError, GgufHeader, read_header
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")

@@ -6,7 +6,7 @@ import struct
 
 import trio
 
-from .transport import MeshStream, TransportError
+from .seam import MeshStream, TransportError
 
 MAX_FRAME_BYTES = 1024 * 1024
 _HEADER = struct.Struct(">I")

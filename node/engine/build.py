@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from ..mesh.atomic_file import write_atomic
-from .engine import (
+from ...mesh.atomic_file import write_atomic
+from .locate import (
     LLAMA_SERVER,
     PINNED_SDIST,
     PINNED_SDIST_VERSION,
@@ -37,7 +37,7 @@ from .engine import (
     find_nvcc,
     load_built_engine,
 )
-from .engine_patch import PATCH_NAME, apply_engine_patch
+from .patch import PATCH_NAME, apply_engine_patch
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a step name and the fraction of that step done (0.0 to 1.0)."""

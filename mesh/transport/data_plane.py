@@ -32,15 +32,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from . import records
-from .containment import HandlerFaults, contained
+from .. import records
+from ..containment import HandlerFaults, contained
+from ..handshake_limiter import FailedHandshakeLimiter
+from ..identity import (
+    NodeIdentity,
+    peer_id_of,
+    public_key_bytes,
+    public_key_of_peer_id,
+    verify_once,
+)
+from ..membership import MAX_PROOF_BYTES, MembershipError, Proof
+from ..records import RecordError, check_peer_id_text
 from .framing import FrameError, receive_frame, send_frame
-from .handshake_limiter import FailedHandshakeLimiter
-from .identity import NodeIdentity, peer_id_of, public_key_bytes, public_key_of_peer_id, verify_once
-from .membership import MAX_PROOF_BYTES, MembershipError, Proof
-from .records import RecordError, check_peer_id_text
+from .seam import MeshStream, StreamHandler, TransportError
 from .tls_socket import TlsSocket
-from .transport import MeshStream, StreamHandler, TransportError
 
 _log = logging.getLogger("sharedllm.mesh.data")
 _NONCE_BYTES = 32

@@ -28,12 +28,12 @@ from typing import Any
 import httpx
 import trio
 
-from ..mesh.data_plane import DataPlane
-from ..mesh.election import Claim, Elector, ModelState
-from ..mesh.mesh_store import load_epochs, save_epochs
-from ..mesh.service import MeshService, data_address
-from ..mesh.transport import MeshStream, TransportError
-from ..mesh.tunnel import (
+from ...mesh.election import Claim, Elector, ModelState
+from ...mesh.mesh_store import load_epochs, save_epochs
+from ...mesh.service import MeshService, data_address
+from ...mesh.transport.data_plane import DataPlane
+from ...mesh.transport.seam import MeshStream, TransportError
+from ...mesh.transport.tunnel import (
     TUNNEL,
     OpenStream,
     TunnelListener,
@@ -42,21 +42,21 @@ from ..mesh.tunnel import (
     TunnelStats,
     serve_tunnel,
 )
-from ..scheduler.llama_args import LlamaSplitArgs, split_args
-from ..scheduler.model_profile import profile_to_dict
-from .config import NodeConfig
-from .devices import gossiped_device_count
-from .engine import EngineInfo, free_loopback_port
-from .engine_socket import ENGINE_BASE_URL, engine_client, private_socket_dir, unix_endpoint
-from .http_api import ModelEntry, ModelNotFound
-from .load_report import LoadReport
-from .model_file import ModelFileError, ModelInfo, cached_sha256
+from ...scheduler.llama_args import LlamaSplitArgs, split_args
+from ...scheduler.model_profile import profile_to_dict
+from ..api.app import ModelEntry, ModelNotFound
+from ..config import NodeConfig
+from ..engine.devices import gossiped_device_count
+from ..engine.load_report import LoadReport
+from ..engine.locate import EngineInfo, free_loopback_port
+from ..engine.rpc_traffic import RpcTally
+from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
+from ..engine.unix_socket import ENGINE_BASE_URL, engine_client, private_socket_dir, unix_endpoint
+from ..models.model_file import ModelFileError, ModelInfo, cached_sha256
+from ..weights.share import WEIGHTS, WeightShare
+from ..weights.warm_start import READY, READY_ANSWER, WeightFiller, answer_ready, await_ready
 from .offered_recently import RecentlyOffered
-from .rpc_traffic import RpcTally
-from .supervisor import ProcessSpec, ServiceState, Supervisor
 from .upstream import HttpUpstream, Upstream, UpstreamUnavailable
-from .warm_start import READY, READY_ANSWER, WeightFiller, answer_ready, await_ready
-from .weight_share import WEIGHTS, WeightShare
 
 _log = logging.getLogger("sharedllm.serving")
 Rank = tuple[int, str]  # a claim's (epoch, primary)

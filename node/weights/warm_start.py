@@ -16,14 +16,14 @@ from pathlib import Path
 
 import trio
 
-from ..mesh.framing import FrameError, receive_frame, send_frame
-from ..mesh.records import RecordError
-from ..mesh.transport import MeshStream, TransportError
-from ..mesh.tunnel import OpenStream, TunnelRequest
-from .fnv_native import NativeFnv, NativeHashUnavailable
-from .gguf_header import GgufFormatError
-from .weight_cache import FillReport, cached_layer_tensors, fill_cache, rpc_cache_entries
-from .weight_share import OpenWeights, WeightFetch, WeightShareError
+from ...mesh.records import RecordError
+from ...mesh.transport.framing import FrameError, receive_frame, send_frame
+from ...mesh.transport.seam import MeshStream, TransportError
+from ...mesh.transport.tunnel import OpenStream, TunnelRequest
+from ..models.gguf_header import GgufFormatError
+from .cache import FillReport, cached_layer_tensors, fill_cache, rpc_cache_entries
+from .native_hash import NativeFnv, NativeHashUnavailable
+from .share import OpenWeights, WeightFetch, WeightShareError
 
 READY = "/sharedllm/ready/1"
 READY_ANSWER = b"ok"

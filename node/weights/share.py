@@ -23,13 +23,12 @@ from pathlib import Path
 
 import trio
 
-from ..mesh import records
-from ..mesh.framing import FrameError, receive_frame, send_frame
-from ..mesh.records import RecordError
-from ..mesh.transport import MeshStream, TransportError
-from .fnv_native import NativeFnv, NativeHashUnavailable
-from .gguf_header import GgufFormatError
-from .weight_cache import (
+from ...mesh import records
+from ...mesh.records import RecordError
+from ...mesh.transport.framing import FrameError, receive_frame, send_frame
+from ...mesh.transport.seam import MeshStream, TransportError
+from ..models.gguf_header import GgufFormatError
+from .cache import (
     cached_layer_tensors,
     entry_matches,
     entry_name,
@@ -37,6 +36,7 @@ from .weight_cache import (
     stamp,
     write_checked,
 )
+from .native_hash import NativeFnv, NativeHashUnavailable
 
 WEIGHTS = "/sharedllm/weights/1"
 _ENTRY = re.compile(r"^[0-9a-f]{16}$")

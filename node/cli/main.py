@@ -21,9 +21,9 @@ from typing import Any
 
 import trio
 
-from ..mesh.identity import IdentityError, load_or_create_identity
-from ..mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Invite, Revocation
-from ..mesh.mesh_store import (
+from ...mesh.identity import IdentityError, load_or_create_identity
+from ...mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Invite, Revocation
+from ...mesh.mesh_store import (
     MeshStoreError,
     count_revocations,
     load_addresses,
@@ -31,21 +31,21 @@ from ..mesh.mesh_store import (
     load_mesh_key,
     save_revocation,
 )
-from ..mesh.records import RecordError
-from ..mesh.transport import TransportError
-from ..scheduler.cluster_file import ClusterFileError
-from ..scheduler.placement import PlannerError
-from .config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
-from .daemon_files import running_api_url
-from .default_model import DefaultModelError, default_model_path
-from .devices import list_devices
-from .engine import BACKENDS, EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
-from .engine_build import EngineBuildError, build_engine
-from .mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
-from .model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
+from ...mesh.records import RecordError
+from ...mesh.transport.seam import TransportError
+from ...scheduler.cluster_file import ClusterFileError
+from ...scheduler.placement import PlannerError
+from ..config import DEFAULT_API_PORT, ConfigError, NodeConfig, load_config, setting_names
+from ..daemon_files import running_api_url
+from ..engine.build import EngineBuildError, build_engine
+from ..engine.devices import list_devices
+from ..engine.locate import BACKENDS, EngineInfo, EngineNotFoundError, EngineProbeError, find_engine
+from ..mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
+from ..models.default_model import DefaultModelError, default_model_path
+from ..models.model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
+from ..serving.mesh_serving import LocalModel
+from ..tools.synthetic_model import SHAPES, WEIGHT_TYPES, write_synthetic_model
 from .progress import progress_reporter
-from .serving import LocalModel
-from .synthetic_model import SHAPES, WEIGHT_TYPES, write_synthetic_model
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -441,7 +441,7 @@ def _cmd_invite(args: argparse.Namespace) -> int:
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
-    from ..mesh.identity import public_key_of_peer_id
+    from ...mesh.identity import public_key_of_peer_id
 
     config = _load(args)
     key = load_mesh_key(config.data_dir)
@@ -504,7 +504,7 @@ def _ask_local_node(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from ..simnet.scenarios import SCENARIOS, simulate
+    from ...simnet.scenarios import SCENARIOS, simulate
 
     if args.scenario not in SCENARIOS:
         raise CommandError(f"unknown scenario {args.scenario!r} (known: {', '.join(SCENARIOS)})")
@@ -665,8 +665,8 @@ def _models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[Local
 def _measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> float:
     """The engine's own speed on the default model; a matrix-multiply figure if it cannot be
     timed (it is then on another scale: the planner will misjudge this node)."""
-    from .capacity import measured_gflops
-    from .engine_speed import EngineSpeedError, engine_gflops
+    from ..capacity import measured_gflops
+    from ..engine.speed import EngineSpeedError, engine_gflops
 
     try:
         model = default_model_path(config.cache_dir)
@@ -684,8 +684,8 @@ def _measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> flo
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from .capacity import describe
-    from .daemon import ApiBindError, MeshOptions, check_ports_free, run_node
+    from ..capacity import describe
+    from ..daemon import ApiBindError, MeshOptions, check_ports_free, run_node
 
     config = _load(args)
     logging.getLogger().setLevel(config.log_level.upper())

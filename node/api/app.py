@@ -23,16 +23,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import AnswerTail, NodeMetrics
-from .request_body import RequestBodyError, parse_json_object
-from .upstream import (
+from ..serving.upstream import (
     ForwardRequest,
     ForwardResponse,
     Upstream,
     UpstreamBroken,
     UpstreamUnavailable,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import AnswerTail, NodeMetrics
+from .request_body import RequestBodyError, parse_json_object
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 RETRY_AFTER_S = 5

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engine import EngineProbeError, llama_server_output
+from .locate import EngineProbeError, llama_server_output
 
 _DEVICE = re.compile(r"^\s+(\S+): (.*) \((\d+) MiB, (\d+) MiB free\)\s*$")
 _MIB = 1024**2

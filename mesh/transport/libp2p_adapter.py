@@ -18,8 +18,8 @@ import multiaddr
 import psutil
 import trio
 
-from .identity import NodeIdentity
-from .transport import MeshStream, StreamHandler, TransportError
+from ..identity import NodeIdentity
+from .seam import MeshStream, StreamHandler, TransportError
 
 with warnings.catch_warnings():
     # py-libp2p's import chain emits deprecation warnings we cannot fix from here.

@@ -28,11 +28,11 @@ from typing import IO, cast
 import trio
 import zstandard
 
-from . import records
+from .. import records
+from ..records import RecordError
 from .framing import FrameError, receive_frame, send_frame
 from .loopback_owner import kernel_can_tell, opened_by
-from .records import RecordError
-from .transport import MeshStream, TransportError
+from .seam import MeshStream, TransportError
 
 TUNNEL = "/sharedllm/tunnel/2"
 MAX_CHUNK = 256 * 1024  # bytes of one local read, and the most a wire chunk may inflate to

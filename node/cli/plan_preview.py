@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..scheduler.baselines import BASELINES
-from ..scheduler.cluster_file import ClusterFileError, ClusterSpec, parse_cluster
-from ..scheduler.cost_model import CostModel
-from ..scheduler.llama_args import split_args
-from ..scheduler.placement import ModelRequest, Placement
-from ..scheduler.planner import plan_model
-from .model_file import ModelInfo
+from ...scheduler.baselines import BASELINES
+from ...scheduler.cluster_file import ClusterFileError, ClusterSpec, parse_cluster
+from ...scheduler.cost_model import CostModel
+from ...scheduler.llama_args import split_args
+from ...scheduler.placement import ModelRequest, Placement
+from ...scheduler.planner import plan_model
+from ..models.model_file import ModelInfo
 
 DEFAULT_CONTEXT = 4096
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..mesh.atomic_file import write_atomic
+from ...mesh.atomic_file import write_atomic
 
 # The llama.cpp tree we build and test against: the one vendored in this llama-cpp-python sdist.
 PINNED_SDIST = "llama-cpp-python"

@@ -1,0 +1,1 @@
+"""`sharedllm-node`: the command line (parser, commands, rendering)."""

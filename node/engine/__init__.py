@@ -1,0 +1,2 @@
+"""The llama.cpp engine: finding, building and patching it; running, timing and watching its
+processes."""
