@@ -126,7 +126,10 @@ class Libp2pTransport:
             peer = ID.from_base58(peer_id)
         except Exception as err:  # noqa: BLE001
             raise TransportError(f"not a peer id: {peer_id} ({err})") from None
-        self._allow_dial(peer)
+        if peer not in self._host.get_connected_peers():
+            # libp2p would dial it again on its own; that new connection carries no hello,
+            # and a peer that dropped us (a revoked node, say) would never be told why.
+            raise TransportError(f"not connected to {peer_id}")
         try:
             stream = await self._host.new_stream(peer, [TProtocol(protocol)])
         except Exception as err:  # noqa: BLE001

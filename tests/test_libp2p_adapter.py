@@ -1,0 +1,40 @@
+"""The libp2p adapter keeps the Transport seam's contract on real libp2p hosts (127.0.0.1)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from sharedllm.mesh.identity import NodeIdentity
+from sharedllm.mesh.transport.libp2p_adapter import open_libp2p_transport
+from sharedllm.mesh.transport.seam import MeshStream, TransportError
+
+_ECHO = "/sharedllm-test/echo/1"
+
+
+async def _echo(stream: MeshStream) -> None:
+    await stream.send_all(await stream.receive_some(64))
+    await stream.aclose()
+
+
+async def test_open_stream_never_dials_a_peer_that_is_not_connected() -> None:
+    """A member that dropped us (revoked, say) must not be reached again by a stream that
+    libp2p dials on its own: such a connection carries no hello, and its owner never learns
+    why it was refused."""
+    one, two = NodeIdentity.from_seed(b"1" * 32), NodeIdentity.from_seed(b"2" * 32)
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
+        two, listen
+    ) as second:
+        second.serve(_ECHO, _echo)
+        address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
+        peer = await first.connect(address)
+        stream = await first.open_stream(peer, _ECHO)
+        await stream.send_all(b"ping")
+        assert await stream.receive_some(64) == b"ping"
+        await second.disconnect(first.local_peer_id)
+        with trio.fail_after(10):
+            while peer in first.connected_peers():
+                await trio.sleep(0.05)
+        with pytest.raises(TransportError, match="not connected"):
+            await first.open_stream(peer, _ECHO)
+        assert peer not in first.connected_peers()
