@@ -18,8 +18,8 @@ import enum
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from .random_source import RandomSource
 from .send_queue import SendQueue
 
 
@@ -31,10 +31,6 @@ class Liveness(enum.Enum):
 
 
 _RANK = {Liveness.ALIVE: 0, Liveness.SUSPECT: 1, Liveness.DEAD: 2, Liveness.LEFT: 2}
-
-
-class Shuffler(Protocol):
-    def shuffle(self, x: list[str]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ class _Member:
 @dataclass
 class Swim:
     me: str
-    rng: Shuffler
+    rng: RandomSource
     suspicion_s: float = 4.0
     retransmit_mult: int = 3
     incarnation: int = 0

@@ -33,7 +33,8 @@ from ..mesh.mesh_store import (
     save_mesh,
     save_revocation,
 )
-from ..mesh.service import MeshService, MeshTiming
+from ..mesh.service import MeshService
+from ..mesh.timing import MeshTiming
 from ..mesh.transport.data_plane import DataPlane
 from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
 from .api.app import create_app

@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from ..mesh.service import MeshTiming
 from ..mesh.swim import Liveness
+from ..mesh.timing import MeshTiming
 from .clock import TickClock
 from .determinism import deterministic_trio
 from .network import LinkProfile

@@ -19,7 +19,8 @@ from ..mesh.election import Claim, Elector, current_claims
 from ..mesh.identity import NodeIdentity
 from ..mesh.membership import Certificate, MeshKey, Proof, Revocation
 from ..mesh.membership_state import MembershipState
-from ..mesh.service import MeshService, MeshTiming
+from ..mesh.service import MeshService
+from ..mesh.timing import MeshTiming
 from ..scheduler.model_profile import ModelProfile, profile_to_dict
 from .network import LinkProfile, SimNetwork, SimTransport
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sharedllm.mesh.service import HELLO
+from sharedllm.mesh.hello import HELLO
 from sharedllm.mesh.transport.framing import receive_frame, send_frame
 from sharedllm.mesh.transport.libp2p_adapter import Libp2pTransport
 

@@ -21,7 +21,7 @@ from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Admission, MeshKey, Proof, Revocation
 from sharedllm.mesh.mesh_store import load_addresses, load_mesh_key, save_revocation
 from sharedllm.mesh.probe_records import decode_hello_reply
-from sharedllm.mesh.service import BANDWIDTH, PING_REQ
+from sharedllm.mesh.probing import BANDWIDTH, PING_REQ
 from sharedllm.mesh.transport.data_plane import DataPlane
 from sharedllm.mesh.transport.framing import receive_frame, send_frame
 from sharedllm.mesh.transport.libp2p_adapter import open_libp2p_transport

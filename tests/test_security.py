@@ -18,11 +18,11 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from sharedllm.mesh.anti_entropy import GOSSIP
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState, next_version
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.mesh_store import load_addresses
 from sharedllm.mesh.records import signing_bytes
-from sharedllm.mesh.service import GOSSIP
 from sharedllm.mesh.transport.framing import receive_frame, send_frame
 from sharedllm.mesh.transport.libp2p_adapter import (
     check_port_free,

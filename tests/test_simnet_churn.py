@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
-from sharedllm.mesh.service import MeshTiming
 from sharedllm.mesh.swim import Liveness, Rumor, Swim
+from sharedllm.mesh.timing import MeshTiming
 from sharedllm.simnet.clock import TickClock
 from sharedllm.simnet.determinism import deterministic_trio
 from sharedllm.simnet.simulation import SimNode, Simulation

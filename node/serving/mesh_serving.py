@@ -30,7 +30,8 @@ import trio
 
 from ...mesh.election import Claim, Elector, ModelState
 from ...mesh.mesh_store import load_epochs, save_epochs
-from ...mesh.service import MeshService, data_address
+from ...mesh.probing import data_address
+from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane
 from ...mesh.transport.seam import MeshStream, TransportError
 from ...mesh.transport.tunnel import (

@@ -1,0 +1,130 @@
+"""The hello exchange over the Transport seam: proving membership on every new connection.
+
+When a connection opens, the dialer sends its membership proof on the hello protocol and the
+listener answers with its own; `HelloDesk` judges both sides. Every other protocol is served
+only to admitted peers (`members_only`); anyone else is disconnected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from .admission import HelloDesk
+from .membership import Proof
+from .mesh_core import Action, Do
+from .shell import PROTOCOL_FAULTS, MeshShell
+from .transport.seam import MeshStream, StreamHandler, TransportError
+
+HELLO = "/sharedllm/hello/2"
+_log = logging.getLogger("sharedllm.mesh")
+
+
+class Hello(MeshShell):
+    hello_desk: HelloDesk
+    _hello_pending: set[str]
+    on_new_proof: Callable[[Proof], None] | None
+
+    async def _serve_hello(self, stream: MeshStream) -> None:
+        peer, source, now = stream.remote_peer, stream.remote_host, trio.current_time()
+        if not self.hello_desk.may_read(source, now):
+            self.traffic.limited_hellos += 1  # no proof is read or checked for it
+            await self.transport.disconnect(peer)
+            return
+        try:
+            hello = await self._receive(stream, self.timing.exchange_timeout_s)
+        except PROTOCOL_FAULTS as err:
+            answer = self.hello_desk.refuse(peer, source, now, str(err))
+        else:
+            answer = self.hello_desk.answer(hello, peer, source, now, self.wall_clock())
+        if not answer.admitted:
+            self.traffic.refused_hellos += 1
+            self.faults.log.emit("refused-hello", "refused %s: %s", peer, answer.refusal)
+        await self._send(stream, answer.reply)
+        if answer.admitted:
+            self._admit(peer)
+        else:
+            await self.transport.disconnect(peer)
+
+    async def introduce(self, peer: str) -> bool:
+        """Runs the hello exchange with a newly connected peer; False (and disconnected) if
+        either side refuses."""
+        self._hello_pending.add(peer)
+        try:
+            stream = await self.transport.open_stream(peer, HELLO)
+            try:
+                await self._send(stream, self.proof.encode())
+                reply = await self._receive(stream, self.timing.exchange_timeout_s)
+            finally:
+                await stream.aclose()
+        except PROTOCOL_FAULTS as err:
+            _log.warning("could not join %s: %s", peer, err)
+            await self.transport.disconnect(peer)
+            return False
+        finally:
+            self._hello_pending.discard(peer)
+        verdict = self.hello_desk.read_reply(reply, peer)
+        if verdict.revocation is not None:
+            self.learn_revocation(verdict.revocation)
+        if verdict.waiting:
+            # A joiner whose own hello to us is on its way (it carries the redemption we admit
+            # then): cutting the connection now would cut that hello too, again and again.
+            _log.debug("%s has not been admitted yet; its own hello will be", peer)
+            return False
+        if not verdict.admitted:
+            _log.warning("could not join %s: %s", peer, verdict.refusal)
+            await self.transport.disconnect(peer)
+            return False
+        if verdict.admission is not None:
+            self._adopt(verdict.admission)
+        self._admit(peer)
+        # Exchange states at once: two nodes that joined through different peers may each
+        # belong to a group that has not heard of the other, and only such a first exchange
+        # is sure to tell the groups apart from the start (random rounds may take minutes).
+        self._in_background(Action(Do.EXCHANGE, peer), self._exchange_with)
+        return True
+
+    def _admit(self, peer: str) -> None:
+        if peer not in self.admitted:
+            _log.info("admitted %s", peer)
+        self.admitted.add(peer)
+        self.core.met(peer)
+
+    def _members_only(self, handler: StreamHandler) -> StreamHandler:
+        async def members_only(stream: MeshStream) -> None:
+            if stream.remote_peer in self._hello_pending:
+                return  # it admitted us and spoke before its answer to our hello reached us
+            if stream.remote_peer not in self.admitted:
+                self.faults.log.emit(
+                    "no-proof", "dropping %s: no membership proof yet", stream.remote_peer
+                )
+                self.traffic.refused_streams += 1
+                await self.transport.disconnect(stream.remote_peer)
+                return
+            await handler(stream)
+
+        return members_only
+
+    async def _dial_bootstrap(self, bootstrap: Sequence[str]) -> None:
+        """Dials the bootstrap addresses until one of them has let us in. Being connected is
+        not enough: nodes that joined through us may have dialed us while our own way in
+        failed, and such a group would otherwise live on as a mesh of its own."""
+        connected = set(self.transport.connected_peers())
+        for address in bootstrap:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    peer = await self.transport.connect(address)
+                except TransportError as err:
+                    _log.debug("cannot reach %s: %s", address, err)
+                    continue
+                if peer == self.identity.peer_id:
+                    continue
+                # A new connection proves membership again, even to a peer admitted before:
+                # the other side may have restarted and forgotten us.
+                if peer not in connected or peer not in self.admitted:
+                    connected.add(peer)
+                    await self.introduce(peer)
+                if peer in self.admitted:
+                    self.core.bootstrapped = True

@@ -1,0 +1,44 @@
+"""What a node measures of its links and counts of its control traffic (plain data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class PeerLink:
+    """What this node measured of its link to one peer."""
+
+    rtt_ms: float | None = None  # control plane (libp2p), from probes
+    jitter_ms: float = 0.0
+    bandwidth_mbps: float | None = None  # data plane, from bulk probes
+    data_rtt_ms: float | None = None  # data plane, after each bulk probe: what tunnels pay
+
+    def observe(self, sample_ms: float) -> None:
+        if self.rtt_ms is None:
+            self.rtt_ms = sample_ms
+            return
+        self.jitter_ms = 0.75 * self.jitter_ms + 0.25 * abs(sample_ms - self.rtt_ms)
+        self.rtt_ms = 0.8 * self.rtt_ms + 0.2 * sample_ms
+
+
+@dataclass
+class ControlTraffic:
+    """Control-plane messages (hello, gossip, probes) this node sent and received."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    faults: int = 0  # exchanges that failed: malformed or oversized messages, timeouts, resets
+    refused_streams: int = 0  # streams from peers that had not proved membership
+    refused_hellos: int = 0  # hellos whose membership proof did not hold
+    limited_hellos: int = 0  # hellos closed unread: their address failed too often lately
+
+    def sent(self, size: int) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += size
+
+    def received(self, size: int) -> None:
+        self.messages_received += 1
+        self.bytes_received += size

@@ -1,0 +1,195 @@
+"""Probes, over the control plane and the data plane: SWIM's pings (direct and through others),
+dialing members, and bulk transfers that measure a link's bandwidth and the data plane's round
+trip."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+import trio
+
+from .gossip import SignedState
+from .link_stats import PeerLink
+from .probe_records import (
+    News,
+    decode_ping_request,
+    decode_probe_header,
+    encode_ping_request,
+    encode_probe_header,
+)
+from .records import RecordError
+from .shell import PROTOCOL_FAULTS, MeshShell
+from .transport.framing import receive_frame, send_frame
+from .transport.seam import MeshStream, TransportError
+
+PING = "/sharedllm/ping/1"
+PING_REQ = "/sharedllm/ping-req/1"
+BANDWIDTH = "/sharedllm/bandwidth/2"
+_ECHOES = 9  # round-trip samples after each bandwidth probe
+STATES_PER_PROBE = 4
+_log = logging.getLogger("sharedllm.mesh")
+
+
+class Probing(MeshShell):
+    def _news(self) -> bytes:
+        """What every probe and answer carries: a few rumors and a few new states."""
+        rumors = self.swim.rumors_to_send(self.timing.rumors_per_message)
+        return News(tuple(rumors), tuple(self._state_rumors.take(STATES_PER_PROBE))).encode()
+
+    def _take_news(self, data: bytes) -> None:
+        news = News.decode(data, 4 * self.timing.rumors_per_message, STATES_PER_PROBE)
+        now = trio.current_time()
+        for rumor in news.rumors:
+            self.swim.hear(rumor, now)
+        self._merge(news.states)
+
+    async def _serve_ping(self, stream: MeshStream) -> None:
+        self._take_news(await self._receive(stream, self.timing.exchange_timeout_s))
+        await self._send(stream, self._news())
+
+    async def _ping(self, peer: str) -> None:
+        """One probe: news out, news back, and the round trip as an RTT sample."""
+        started = trio.current_time()
+        stream = await self.transport.open_stream(peer, PING)
+        try:
+            await self._send(stream, self._news())
+            answer = await self._receive(stream, self.timing.probe_timeout_s)
+        finally:
+            await stream.aclose()
+        self.links.setdefault(peer, PeerLink()).observe((trio.current_time() - started) * 1000)
+        self._take_news(answer)
+
+    async def _serve_ping_request(self, stream: MeshStream) -> None:
+        """Probes a member on behalf of a peer that could not reach it (indirect probe)."""
+        target = decode_ping_request(await self._receive(stream, self.timing.exchange_timeout_s))
+        reached = target in self.admitted and await self._try(self._ping, target)
+        await self._send(stream, b"1" if reached else b"0")
+
+    async def _ask_to_ping(self, helper: str, target: str) -> bool:
+        stream = await self.transport.open_stream(helper, PING_REQ)
+        try:
+            await self._send(stream, encode_ping_request(target))
+            return await self._receive(stream, 2 * self.timing.probe_timeout_s) == b"1"
+        finally:
+            await stream.aclose()
+
+    async def _probe(self, target: str) -> None:
+        """SWIM's probe: direct, then through a few others, then suspicion."""
+        now = trio.current_time()
+        reached = target in self.transport.connected_peers() or await self._try(
+            self._connect_to, target
+        )
+        if reached and await self._try(self._ping, target):
+            self.swim.probe_answered(target, trio.current_time())
+            return
+        helpers = [
+            p for p in self.transport.connected_peers() if p in self.admitted and p != target
+        ]
+        chosen = self.rng.sample(helpers, min(self.timing.indirect_probes, len(helpers)))
+        answered = False
+        async with trio.open_nursery() as nursery:
+
+            async def ask(helper: str) -> None:
+                nonlocal answered
+                if await self._try(self._ask_to_ping, helper, target):
+                    answered = True
+                    nursery.cancel_scope.cancel()
+
+            for helper in chosen:
+                nursery.start_soon(ask, helper)
+        if answered:
+            self.swim.probe_answered(target, trio.current_time())
+        else:
+            _log.debug("probe of %s failed directly and through %d others", target, len(chosen))
+            self.swim.probe_failed(target, now)
+
+    async def _connect_to(self, peer: str) -> bool:
+        """Dials a member we know of by its gossiped addresses and proves membership."""
+        state = self.store.states.get(peer)
+        content = None if state is None else self.content_of(state)
+        addresses = [] if content is None else content.get("addrs", [])
+        for address in [a for a in addresses if isinstance(a, str)][:4]:
+            try:
+                if await self.transport.connect(address) == peer:
+                    return await self.introduce(peer)
+            except TransportError as err:
+                _log.debug("cannot reach %s at %s: %s", peer, address, err)
+        return False
+
+    async def _measure_bandwidth(self, peer: str) -> None:
+        """Times a bulk transfer over the data plane, then the round trip of small frames."""
+        address = data_address(self.store.states.get(peer))
+        if self.data_plane is None or address is None:
+            return
+        host, port = address
+        size = self.timing.bandwidth_probe_bytes
+        with trio.move_on_after(self.timing.exchange_timeout_s * 4):
+            try:
+                stream = await self.data_plane.open_stream(peer, host, port, BANDWIDTH)
+                try:
+                    started = trio.current_time()
+                    await send_frame(stream, encode_probe_header(size))
+                    block = bytes(256 * 1024)
+                    for _ in range(size // len(block)):
+                        await stream.send_all(block)
+                    await receive_frame(stream, self.timing.exchange_timeout_s)
+                    seconds = trio.current_time() - started
+                    round_trip_s = await _time_echoes(stream, self.timing.exchange_timeout_s)
+                finally:
+                    await stream.aclose()
+                link = self.links.setdefault(peer, PeerLink())
+                link.bandwidth_mbps = size * 8 / seconds / 1e6
+                link.data_rtt_ms = round_trip_s * 1000
+            except PROTOCOL_FAULTS as err:
+                _log.debug("bandwidth probe to %s failed: %s", peer, err)
+
+    def bandwidth_candidates(self) -> list[tuple[str, bool]]:
+        """(peer, measured already) for each admitted member with a data-plane address."""
+        return [
+            (peer, self.links.get(peer, PeerLink()).bandwidth_mbps is not None)
+            for peer in sorted(self.admitted)
+            if data_address(self.store.states.get(peer)) is not None
+        ]
+
+
+def data_address(state: SignedState | None) -> tuple[str, int] | None:
+    if state is None:
+        return None
+    try:
+        value = state.content().get("data_addr")
+    except RecordError:
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        return value[0], value[1]
+    return None
+
+
+async def sink_and_acknowledge(stream: MeshStream) -> None:
+    """The far end of a bandwidth probe: reads the announced byte count, acknowledges, then
+    echoes the prober's small frames (its round-trip samples)."""
+    remaining = decode_probe_header(await receive_frame(stream))
+    while remaining > 0:
+        chunk = await stream.receive_some(min(remaining, 256 * 1024))
+        if not chunk:
+            return
+        remaining -= len(chunk)
+    await send_frame(stream, b"k")
+    for _ in range(_ECHOES):
+        await send_frame(stream, await receive_frame(stream))
+
+
+async def _time_echoes(stream: MeshStream, timeout_s: float) -> float:
+    """The median round trip of small frames on a data-plane stream, in seconds."""
+    samples = []
+    for index in range(_ECHOES):
+        started = trio.current_time()
+        await send_frame(stream, index.to_bytes(8, "big"))
+        await receive_frame(stream, timeout_s)
+        samples.append(trio.current_time() - started)
+    return statistics.median(samples)
