@@ -43,7 +43,8 @@ from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo
 from .mesh_setup import MeshPlan
-from .serving.mesh_serving import LocalModel, MeshServing
+from .serving.jobs import LocalModel
+from .serving.mesh_serving import MeshServing
 
 _log = logging.getLogger("sharedllm.node")
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)

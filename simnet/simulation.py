@@ -21,6 +21,7 @@ from ..mesh.membership import Certificate, MeshKey, Proof, Revocation
 from ..mesh.membership_state import MembershipState
 from ..mesh.service import MeshService
 from ..mesh.timing import MeshTiming
+from ..node.serving.reconciler import JobKey, Running, reconcile
 from ..scheduler.model_profile import ModelProfile, profile_to_dict
 from .network import LinkProfile, SimNetwork, SimTransport
 
@@ -147,21 +148,36 @@ class Simulation:
                     nursery.start_soon(self._elect, node)
 
     async def _elect(self, node: SimNode) -> None:
-        """What a real node's serving loop does with the election, without the engines."""
+        """A real node's serving loop: the election step, then the same reconciler, carried
+        out by stand-ins for the engines (they start ready at once and have no requests to
+        finish when replaced)."""
+        engines: dict[JobKey, bool] = {}
         while True:
-            before = node.elector.gossiped_claims()
-            node.elector.note_epochs(node.service.claimants())
-            states = node.elector.step(trio.current_time(), node.service.member_states())
-            for claim in node.elector.claims.values():
-                node.elector.set_serving(claim.model_id, claim.epoch, True)  # no engine to wait
+            elector = node.elector
+            before = elector.gossiped_claims()
+            elector.note_epochs(node.service.claimants())
+            states = elector.step(trio.current_time(), node.service.member_states())
+            changes = reconcile(
+                node.peer_id,
+                {SIM_MODEL.name},
+                states,
+                claims=elector.claims,
+                handing_over=elector.handing_over,
+                running=Running(primaries=engines),
+            )
+            for key in changes.stop_primaries:
+                del engines[key]
+            for claim in changes.start_primaries:
+                engines[(claim.model_id, claim.rank)] = True
+            for model_id, epoch, _ in changes.serving:
+                elector.set_serving(model_id, epoch, True)  # no engine to wait for
+            for old in changes.wind_down:
+                elector.end_handover(old.model_id, old.epoch)  # no requests to finish
+            for claim in elector.claims.values():
                 self._note_claim(claim)
-            for model_id, old in list(node.elector.handing_over.items()):
-                current = states[model_id].current
-                if current is not None and current.serving:
-                    node.elector.end_handover(model_id, old.epoch)  # no requests to finish
-            if node.elector.gossiped_claims() != before:
+            if elector.gossiped_claims() != before:
                 self.elections += 1
-                workers = {w for c in node.elector.claims.values() for w in c.workers}
+                workers = {w for c in elector.claims.values() for w in c.workers}
                 await node.service.publish_now(sorted(workers))
             await trio.sleep(ELECTION_STEP_S)
 

@@ -11,7 +11,6 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol
 
@@ -26,6 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..serving.upstream import (
     ForwardRequest,
     ForwardResponse,
+    ModelEntry,
+    ModelNotFound,
     Upstream,
     UpstreamBroken,
     UpstreamUnavailable,
@@ -43,25 +44,6 @@ RECOVERY_POLL_S = 0.5
 _log = logging.getLogger("sharedllm.api")
 # The live status page: static, it draws itself from /mesh/peers
 STATUS_PAGE = (resources.files(__package__) / "status_page.html").read_text(encoding="utf-8")
-
-
-class ModelNotFound(Exception):
-    """No model of that name is offered."""
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    model_id: str
-    created: int
-    owned_by: str = "sharedllm"
-
-    def as_openai(self) -> dict[str, Any]:
-        return {
-            "id": self.model_id,
-            "object": "model",
-            "created": self.created,
-            "owned_by": self.owned_by,
-        }
 
 
 class ModelRouter(Protocol):

@@ -43,7 +43,7 @@ from ..engine.locate import BACKENDS, EngineInfo, EngineNotFoundError, EnginePro
 from ..mesh_setup import DEFAULT_LISTEN, MeshSetupError, create_mesh, parse_duration, prepare_mesh
 from ..models.default_model import DefaultModelError, default_model_path
 from ..models.model_file import ModelFileError, ModelInfo, file_sha256, inspect_model
-from ..serving.mesh_serving import LocalModel
+from ..serving.jobs import LocalModel
 from ..tools.synthetic_model import SHAPES, WEIGHT_TYPES, write_synthetic_model
 from .progress import progress_reporter
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -115,3 +115,22 @@ class HttpUpstream:
                 f"engine not reachable ({type(err).__name__})", transient=True
             ) from None
         return _HttpxResponse(response)
+
+
+class ModelNotFound(Exception):
+    """No model of that name is offered."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model_id: str
+    created: int
+    owned_by: str = "sharedllm"
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+        }

@@ -1,0 +1,93 @@
+"""A node's serving jobs and the model files it offers (the records the roles share)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ...mesh.election import Claim
+from ...mesh.transport.tunnel import (
+    TunnelListener,
+)
+from ...scheduler.model_profile import profile_to_dict
+from ..engine.rpc_traffic import RpcTally
+from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
+from ..models.model_file import ModelInfo
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file this node holds and offers to the mesh."""
+
+    model_id: str
+    info: ModelInfo
+    created: int
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def gossip_entry(self, context: int, sha256: str | None) -> dict[str, Any]:
+        entry = {
+            "id": self.model_id,
+            "size": self.info.size_bytes,
+            "context": context,
+            "profile": profile_to_dict(self.info.profile),
+        }
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        return entry
+
+
+@dataclass
+class Job:
+    """A running role (primary or worker) for one model, stoppable on its own."""
+
+    claim: Claim
+    scope: trio.CancelScope
+    supervisor: Supervisor | None = None
+    problem: str | None = None
+    verified: bool = False
+    tunnels: dict[str, TunnelListener] = field(default_factory=dict)  # worker -> listener
+    socket: Path | None = None  # the primary's llama-server listens here
+    http: httpx.AsyncClient | None = None  # bound to `socket`
+    requests: dict[str, RpcTally] = field(default_factory=dict)  # worker -> engine requests
+
+    def engine_pids(self) -> tuple[int, ...]:
+        """The job's engine process, while it runs: its tunnels carry its connections only."""
+        pid = None if self.supervisor is None else self.supervisor.pid
+        return () if pid is None else (pid,)
+
+    def endpoint(self) -> str | None:
+        """Where the job's process listens, once it is ready."""
+        supervisor = self.supervisor
+        if supervisor is None or supervisor.state is not ServiceState.READY:
+            return None
+        return None if supervisor.ready_spec is None else supervisor.ready_spec.endpoint
+
+
+async def accepts_tcp(spec: ProcessSpec) -> bool:
+    assert spec.endpoint is not None
+    host, _, port = spec.endpoint.rpartition(":")
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+def offered_sha256(content: Mapping[str, Any], model_id: str) -> str | None:
+    """The content hash a member gossips for its file of `model_id` (None: not offered or
+    not hashed yet)."""
+    models = content.get("models")
+    for entry in models if isinstance(models, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model_id:
+            sha = entry.get("sha256")
+            return sha if isinstance(sha, str) else None
+    return None

@@ -1,0 +1,85 @@
+"""What the parts of `MeshServing` (its primary role, worker role and API routing) share."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import trio
+
+from ...mesh.election import Claim, Elector, ModelState
+from ...mesh.probing import data_address
+from ...mesh.service import MeshService
+from ...mesh.transport.data_plane import DataPlane
+from ...mesh.transport.seam import MeshStream, TransportError
+from ...mesh.transport.tunnel import (
+    TUNNEL,
+    OpenStream,
+    TunnelListener,
+    TunnelStats,
+)
+from ..config import NodeConfig
+from ..engine.locate import EngineInfo
+from ..weights.warm_start import WeightFiller
+from .jobs import Job, LocalModel
+from .offered_recently import RecentlyOffered
+from .reconciler import ApiTunnelKey, JobKey
+
+_log = logging.getLogger("sharedllm.serving")
+Rank = tuple[int, str]  # a claim's (epoch, primary)
+STEP_S = 0.5
+ENGINE_ENV = {"GGML_RPC_NO_RDMA": "1"}
+
+
+class ServingParts(Protocol):
+    """What the roles of `MeshServing` share: its state and a few helpers."""
+
+    _service: MeshService
+    _data_plane: DataPlane
+    _engine: EngineInfo
+    _config: NodeConfig
+    _local: dict[str, LocalModel]
+    _client: httpx.AsyncClient
+    _me: str
+    elector: Elector
+    model_states: dict[str, ModelState]
+    replans: dict[str, int]
+    _primary_jobs: dict[JobKey, Job]
+    _worker_jobs: dict[JobKey, Job]
+    _accepting: set[JobKey]
+    _winding: set[JobKey]
+    _filled: dict[JobKey, trio.Event]
+    _llama_cache: Path
+    _filler: WeightFiller
+    _worker_streams: dict[str, list[tuple[Rank, trio.CancelScope]]]
+    _api_tunnels: dict[ApiTunnelKey, tuple[TunnelListener, trio.CancelScope]]
+    worker_stats: dict[str, TunnelStats]
+    _nursery: trio.Nursery | None
+    _changed: trio.Event
+    _socket_dir: Path | None
+    _engines_started: int
+    _recently_offered: RecentlyOffered
+
+    def _start_job(self, runner: Callable[[Job], Awaitable[None]], claim: Claim) -> Job:
+        assert self._nursery is not None
+        job = Job(claim, trio.CancelScope())
+        self._nursery.start_soon(runner, job)
+        return job
+
+    def _opener(self, peer: str, protocol: str = TUNNEL) -> OpenStream:
+        async def open_stream() -> MeshStream:
+            address = data_address(self._service.store.states.get(peer))
+            if address is None:
+                raise TransportError(f"{peer} has not gossiped a data address")
+            return await self._data_plane.open_stream(peer, address[0], address[1], protocol)
+
+        return open_stream
+
+    def _name_of(self, peer: str) -> str:
+        state = self._service.store.states.get(peer)
+        content = None if state is None else self._service.content_of(state)
+        name = None if content is None else content.get("name")
+        return f"{name} ({peer[-8:]})" if isinstance(name, str) else peer[-8:]

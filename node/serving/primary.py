@@ -1,0 +1,167 @@
+"""The primary's role: leading a placement with a llama-server over tunnels to its workers."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from ...mesh.election import Claim
+from ...mesh.transport.tunnel import (
+    TunnelListener,
+    TunnelRequest,
+)
+from ...scheduler.llama_args import LlamaSplitArgs, split_args
+from ..engine.devices import gossiped_device_count
+from ..engine.load_report import LoadReport
+from ..engine.rpc_traffic import RpcTally
+from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
+from ..engine.unix_socket import engine_client, unix_endpoint
+from ..weights.warm_start import READY, await_ready
+from .jobs import Job, LocalModel
+from .parts import ENGINE_ENV, STEP_S, ServingParts
+
+_log = logging.getLogger("sharedllm.serving")
+_FILL_WAIT_S = 1800.0  # the longest a primary waits for its workers to fill their caches
+_HANDOVER_MIN_S = 1.0  # routers hear that the new placement serves before the old one stops
+_HANDOVER_LIMIT_S = 60.0  # the longest a replaced engine may take to finish its requests
+
+
+class PrimaryRole(ServingParts):
+    """The primary of a claim: tunnel listeners to its workers, and a llama-server whose
+    `--rpc` lists them in placement order, checked against the plan once it is ready."""
+
+    async def _run_primary(self, job: Job) -> None:
+        assert self._socket_dir is not None
+        self._engines_started += 1
+        job.socket = self._socket_dir / f"engine-{self._engines_started}.sock"
+        job.http = engine_client(job.socket, self._client.timeout)
+        try:
+            await self._lead(job)
+        finally:
+            with trio.CancelScope(shield=True):
+                await job.http.aclose()
+
+    async def _lead(self, job: Job) -> None:
+        claim = job.claim
+        model = self._local[claim.model_id]
+        _log.info("model %s: leading epoch %d over %s", claim.model_id, claim.epoch, claim.nodes)
+        with job.scope:
+            with trio.move_on_after(_FILL_WAIT_S):
+                async with trio.open_nursery() as waiting:
+                    for worker in claim.workers:
+                        request = TunnelRequest("rpc", claim.model_id, claim.epoch)
+                        opener = self._opener(worker, READY)
+                        waiting.start_soon(await_ready, opener, request, self._name_of(worker))
+            async with trio.open_nursery() as nursery:
+                for worker in claim.workers:
+                    tally = job.requests[worker] = RpcTally()
+                    listener = TunnelListener(
+                        self._opener(worker),
+                        TunnelRequest("rpc", claim.model_id, claim.epoch),
+                        watcher=tally.reader,
+                        allowed_pids=job.engine_pids,
+                    )
+                    job.tunnels[worker] = listener
+                    nursery.start_soon(listener.run)
+                report = LoadReport()
+                job.supervisor = Supervisor(
+                    lambda: self._llama_server_spec(model, claim, job, report),
+                    lambda _spec: self._engine_healthy(job),
+                    logger=_log,
+                    ready_timeout_s=self._config.engine_load_timeout_s,
+                    on_log_line=report.feed,
+                )
+                nursery.start_soon(job.supervisor.run)
+                nursery.start_soon(self._verify_load, job, model, report)
+
+    def _llama_server_spec(
+        self, model: LocalModel, claim: Claim, job: Job, report: LoadReport
+    ) -> ProcessSpec:
+        report.offloaded, report.buffers = None, {}
+        job.verified = False
+        assert job.socket is not None
+        job.socket.unlink(missing_ok=True)  # left by the engine's previous run
+        split = self._split_args(claim, model.info.profile.layer_count)
+        endpoints = [job.tunnels[w].endpoint for w in split.rpc_workers]
+        argv = [
+            str(self._engine.llama_server),
+            *("--host", str(job.socket)),  # a Unix socket, for this user only (engine_socket)
+            *("--model", str(model.path), "--alias", model.model_id),
+            *("--ctx-size", str(self._config.context_size)),
+            *("--no-webui", "--log-verbosity", "4"),
+            *split.argv(endpoints),
+        ]
+        if self._config.threads is not None:
+            argv += ["--threads", str(self._config.threads)]
+        return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
+
+    def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
+        """The claim's layout as llama-server arguments, given the devices each node gossiped."""
+        states = self._service.member_states()
+        devices = {
+            node: gossiped_device_count(states.get(node, {}))
+            for node in {claim.primary, *claim.nodes}
+        }
+        return split_args(claim.as_placement(), layer_count, devices)
+
+    async def _verify_load(self, job: Job, model: LocalModel, report: LoadReport) -> None:
+        """Checks each (re)start's log against the plan once the engine is ready."""
+        assert job.supervisor is not None
+        profile = model.info.profile
+        split = self._split_args(job.claim, profile.layer_count)
+        planned = {
+            job.tunnels[node].endpoint: sum(profile.layer_weight_bytes[first : last + 1])
+            for node, first, last in job.claim.layers
+            if node != job.claim.primary
+        }
+        while True:
+            await job.supervisor.wait_changed()
+            if job.supervisor.state is not ServiceState.READY:
+                continue
+            await trio.sleep(0.2)  # the log pump may be a line or two behind the health check
+            job.problem = report.problem(split.n_gpu_layers, planned)
+            job.verified = job.problem is None
+            if job.problem:
+                _log.error("model %s: %s", job.claim.model_id, job.problem)
+            else:
+                _log.info(
+                    "model %s: serving epoch %d, layers as planned: %s",
+                    job.claim.model_id,
+                    job.claim.epoch,
+                    ", ".join(f"{n[-6:]} {a}-{b}" for n, a, b in job.claim.layers),
+                )
+            self._changed.set()
+
+    async def _engine_healthy(self, job: Job) -> bool:
+        assert job.http is not None
+        try:
+            answer = await job.http.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200
+
+    async def _wind_down(self, claim: Claim, job: Job | None) -> None:
+        """Lets a replaced engine finish the requests it took, then withdraws its claim."""
+        with trio.move_on_after(_HANDOVER_LIMIT_S):
+            await trio.sleep(_HANDOVER_MIN_S)
+            while job is not None and await self._engine_busy(job):
+                await trio.sleep(STEP_S)
+        _log.info("model %s: epoch %d handed over", claim.model_id, claim.epoch)
+        self.elector.end_handover(claim.model_id, claim.epoch)
+        self._winding.discard((claim.model_id, claim.rank))
+        self._changed.set()
+
+    async def _engine_busy(self, job: Job) -> bool:
+        """Whether llama-server is working on a request (its /slots say so)."""
+        if job.endpoint() is None or job.http is None:
+            return False
+        try:
+            answer = await job.http.get("/slots", timeout=2.0)
+            slots = answer.json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return isinstance(slots, list) and any(
+            isinstance(slot, dict) and slot.get("is_processing") for slot in slots
+        )

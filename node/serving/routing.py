@@ -1,0 +1,152 @@
+"""The API's view of serving: which models exist, where each request goes, and why not."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ...mesh.election import Claim
+from ...mesh.transport.tunnel import (
+    TunnelListener,
+    TunnelRequest,
+)
+from ..engine.unix_socket import ENGINE_BASE_URL
+from .parts import ServingParts
+from .upstream import HttpUpstream, ModelEntry, ModelNotFound, Upstream, UpstreamUnavailable
+
+
+class ApiRouting(ServingParts):
+    """What the HTTP API asks of serving: the models, where a request goes, health, status."""
+
+    def models(self) -> Sequence[ModelEntry]:
+        return [
+            ModelEntry(model_id, self._local[model_id].created if model_id in self._local else 0)
+            for model_id in sorted(self.model_states)
+        ]
+
+    def route(self, model_id: str) -> Upstream:
+        unavailable = self._unavailable(model_id)
+        if unavailable is not None:
+            raise UpstreamUnavailable(*unavailable)
+        claim = self.model_states[model_id].routed
+        assert claim is not None
+        if claim.primary == self._me:
+            http = self._primary_jobs[(model_id, claim.rank)].http
+            assert http is not None
+            return HttpUpstream(http, ENGINE_BASE_URL)
+        listener = self._api_tunnel(claim)
+        return HttpUpstream(self._client, f"http://{listener.endpoint}")
+
+    def _unavailable(self, model_id: str) -> tuple[str, bool] | None:
+        """Why requests for the model cannot be served now, and whether that should pass soon
+        (None: they can be served)."""
+        state = self.model_states.get(model_id)
+        if state is None:
+            gone_for = self._recently_offered.gone_for(model_id, trio.current_time())
+            if gone_for is None:
+                raise ModelNotFound(model_id)
+            return f"no member holding it has been reachable for {gone_for:.0f} s", True
+        claim = state.routed
+        if claim is None:
+            return (state.problem, False) if state.problem else ("no primary elected yet", True)
+        members = self._service.member_states()
+        gone = [node for node in (claim.primary, *claim.nodes) if node not in members]
+        if gone:
+            return f"re-planning after node {self._name_of(gone[0])} left", True
+        if not claim.serving:
+            nodes = len(claim.nodes)
+            return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)", True
+        if claim.primary == self._me:
+            job = self._primary_jobs.get((model_id, claim.rank))
+            if job is None or job.endpoint() is None:
+                return "the local engine is restarting", True
+        return None
+
+    def health(self) -> tuple[bool, dict[str, str]]:
+        missing = self._recently_offered.missing(self.model_states, trio.current_time())
+        states = {
+            model_id: self._state_in_words(model_id)
+            for model_id in sorted([*self.model_states, *missing])
+        }
+        return bool(states) and all(s == "ready" for s in states.values()), states
+
+    def _api_tunnel(self, claim: Claim) -> TunnelListener:
+        key = (claim.model_id, claim.epoch, claim.primary)
+        if key not in self._api_tunnels:
+            assert self._nursery is not None
+            listener = TunnelListener(
+                self._opener(claim.primary),
+                TunnelRequest("api", claim.model_id, claim.epoch),
+                allowed_pids=lambda: (os.getpid(),),  # only this node's own HTTP client
+            )
+            scope = trio.CancelScope()
+            self._api_tunnels[key] = (listener, scope)
+
+            async def run() -> None:
+                with scope:
+                    await listener.run()
+
+            self._nursery.start_soon(run)
+        return self._api_tunnels[key][0]
+
+    def served_tunnels(self) -> dict[str, dict[str, int]]:
+        """Traffic of the tunnels other nodes opened to this one, by the peer that opened them."""
+        return {peer: stats.as_dict() for peer, stats in sorted(self.worker_stats.items())}
+
+    def describe(self) -> dict[str, Any]:
+        """Each model's placement as this node sees it (for `status` and `peers`)."""
+        described = {}
+        for model_id, state in sorted(self.model_states.items()):
+            claim = state.current
+            job = None if claim is None else self._primary_jobs.get((model_id, claim.rank))
+            entry: dict[str, Any] = {
+                "state": self._state_in_words(model_id),
+                "primary": None if claim is None else claim.primary,
+                "epoch": None if claim is None else claim.epoch,
+                "serving": claim is not None and claim.serving,
+                "assignments": []
+                if claim is None
+                else [
+                    {"node": node, "first_layer": first, "last_layer": last}
+                    for node, first, last in claim.layers
+                ],
+                "planned": None if state.planned is None else state.planned.as_dict(),
+                "problem": (job.problem if job is not None else None) or state.problem,
+                "tunnels": {}
+                if job is None
+                else {
+                    worker: {**t.stats.as_dict(), "requests": job.requests[worker].as_dict()}
+                    for worker, t in job.tunnels.items()
+                },
+                "unused": {} if claim is None else self._unused_nodes(claim),
+                "serving_meanwhile": None if state.previous is None else state.previous.epoch,
+                "replans": self.replans.get(model_id, 0),
+                "engine_restarts": 0
+                if job is None or job.supervisor is None
+                else job.supervisor.restarts,
+            }
+            described[model_id] = entry
+        return described
+
+    def _unused_nodes(self, claim: Claim) -> dict[str, str]:
+        """Why each live member outside a placement is left out of it."""
+        members = self._service.member_states()
+        primary = members.get(claim.primary, {})
+        placed = {claim.primary, *claim.nodes}
+        unused = {}
+        for peer, content in members.items():
+            if peer in placed:
+                continue
+            theirs, ours = content.get("rpc_protocol"), primary.get("rpc_protocol")
+            if theirs != ours:
+                unused[peer] = f"engine RPC protocol {theirs} differs from the primary's {ours}"
+            else:
+                unused[peer] = "not needed by the plan (fewer nodes are faster)"
+        return unused
+
+    def _state_in_words(self, model_id: str) -> str:
+        unavailable = self._unavailable(model_id)
+        return "ready" if unavailable is None else unavailable[0]
