@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import trio
 import trio.testing
-from sharedllm.mesh.election import Claim
+from sharedllm.mesh.claims import Claim
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import (

@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeGuard
+from typing import Any
 
-from ..scheduler.cluster import ClusterView, Link, NodeCapacity
+from ..scheduler.cluster import ClusterView
 from ..scheduler.cost_model import CostModel
-from ..scheduler.model_profile import profile_from_dict
 from ..scheduler.placement import (
-    Assignment,
     ModelRequest,
     Placement,
     PlannerError,
@@ -32,301 +30,9 @@ from ..scheduler.placement import (
     memory_used,
 )
 from ..scheduler.planner import DEFAULT_COST, plan_model
+from .claims import Claim, claim_for, serving_predecessor, winding_down
+from .gossip_reader import GossipReader, cluster_view, gossiped_problem, model_entries
 from .member_states import MemberStates
-
-# Until a bandwidth probe has measured a link, the planner assumes this much.
-ASSUMED_BANDWIDTH_MBPS = 100.0
-_MAX_MODELS_PER_NODE = 16
-_MAX_CLAIMS_PER_NODE = 16
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A primary's announcement: it leads `model_id` at `epoch` with these layer ranges."""
-
-    model_id: str
-    epoch: int
-    primary: str
-    layers: tuple[tuple[str, int, int], ...]  # (node, first layer, last layer), in layer order
-    serving: bool = False
-    # Make-before-break: the placement this claim replaces keeps serving until this one serves
-    # (its primary judged that both fit in memory at once on every node they share).
-    overlap: bool = False
-
-    @property
-    def rank(self) -> tuple[int, str]:
-        return (self.epoch, self.primary)
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        return tuple(node for node, _, _ in self.layers)
-
-    @property
-    def workers(self) -> tuple[str, ...]:
-        return tuple(node for node in self.nodes if node != self.primary)
-
-    def nodes_in(self, members: Mapping[str, object]) -> bool:
-        """Whether the primary and every node holding layers are among `members`."""
-        return self.primary in members and all(node in members for node in self.nodes)
-
-    def counts(self) -> list[tuple[str, int]]:
-        return [(node, last - first + 1) for node, first, last in self.layers]
-
-    def same_split(self, placement: Placement) -> bool:
-        return self.primary == placement.primary and self.counts() == [
-            (a.node, a.layer_count) for a in placement.assignments
-        ]
-
-    def as_placement(self) -> Placement:
-        """The claim's layout, without the predictions only its primary computed."""
-        assignments = tuple(Assignment(node, first, last, 0) for node, first, last in self.layers)
-        return Placement(self.model_id, self.primary, assignments, 0, 0.0, 0.0)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "model": self.model_id,
-            "epoch": self.epoch,
-            "primary": self.primary,
-            "layers": [list(entry) for entry in self.layers],
-            "serving": self.serving,
-            "overlap": self.overlap,
-        }
-
-    @staticmethod
-    def from_wire(data: object) -> Claim:
-        """Raises ValueError on anything malformed (the data comes from peers)."""
-        if not isinstance(data, dict):
-            raise ValueError("a claim must be a map")
-        model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
-        layers, serving = data.get("layers"), data.get("serving", False)
-        overlap = data.get("overlap", False)
-        if not isinstance(model, str) or not isinstance(primary, str):
-            raise ValueError("a claim needs a model and a primary")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError("a claim's epoch must be a non-negative integer")
-        if not isinstance(layers, list) or not isinstance(serving, bool):
-            raise ValueError("a claim needs a list of layer ranges")
-        if not isinstance(overlap, bool):
-            raise ValueError("a claim's overlap must be a boolean")
-        ranges = []
-        for entry in layers:
-            if not (
-                isinstance(entry, list)
-                and len(entry) == 3
-                and isinstance(entry[0], str)
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in entry[1:])
-            ):
-                raise ValueError("a layer range is [node, first, last]")
-            ranges.append((entry[0], entry[1], entry[2]))
-        return Claim(model, epoch, primary, tuple(ranges), serving, overlap)
-
-
-def claim_for(placement: Placement, epoch: int, *, overlap: bool = False) -> Claim:
-    layers = tuple((a.node, a.first_layer, a.last_layer) for a in placement.assignments)
-    return Claim(placement.model_id, epoch, placement.primary, layers, overlap=overlap)
-
-
-# -- reading the gossiped states -----------------------------------------------------------
-
-
-def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | None:
-    """The planner's view of one node, or None when its state lacks what planning needs."""
-    ram, vram = content.get("ram_total"), content.get("vram_total", 0)
-    gflops, protocol = content.get("gflops"), content.get("rpc_protocol")
-    cap = content.get("memory_cap")
-    if not (_count(ram) and _count(vram) and isinstance(protocol, str)):
-        return None
-    if not isinstance(gflops, int | float) or not math.isfinite(gflops) or gflops <= 0:
-        return None
-    return NodeCapacity(
-        peer_id=peer_id,
-        ram_bytes=ram,
-        vram_bytes=vram,
-        gflops=float(gflops),
-        rpc_protocol=protocol,
-        models=frozenset(model_id for model_id, _ in _model_entries(content)),
-        memory_cap_bytes=cap if _count(cap) else None,
-    )
-
-
-def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
-    """Nodes and measured links among `members`; a link needs an RTT measured by its source."""
-    nodes = [
-        capacity
-        for peer_id, content in members.items()
-        if (capacity := node_capacity(peer_id, content)) is not None
-    ]
-    present = {node.peer_id for node in nodes}
-    links = []
-    for source in sorted(present):
-        measured = members[source].get("links")
-        if not isinstance(measured, dict):
-            continue
-        for target, link in measured.items():
-            if target in present and target != source and isinstance(link, dict):
-                # the data plane's round trip is what tunnels pay; the control plane's until then
-                rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
-                if not _positive(rtt):
-                    rtt = link.get("rtt_ms")
-                if not _positive(rtt):
-                    continue
-                if not _positive(bandwidth):
-                    bandwidth = ASSUMED_BANDWIDTH_MBPS
-                links.append(Link(source, target, float(rtt), float(bandwidth)))
-    return ClusterView.build(nodes, links)
-
-
-def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
-    """Every model some member holds; its profile and context come from the lowest peer id
-    holding it, so every node derives the same request."""
-    requests: dict[str, ModelRequest] = {}
-    for _, content in MemberStates.of(members).having("models"):
-        for model_id, entry in _model_entries(content):
-            if model_id not in requests and (request := _request_of(model_id, entry)):
-                requests[model_id] = request
-    return requests
-
-
-def _request_of(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
-    """The request a gossiped model entry describes (None if malformed), parsed once per entry:
-    gossiped contents never change, and every node reads them twice a second."""
-    memo = _requests_memo.get(id(entry))
-    if memo is not None and memo[0] is entry:
-        return memo[1]
-    try:
-        profile = profile_from_dict(entry.get("profile"))
-    except ValueError:
-        request = None
-    else:
-        context = entry.get("context")
-        request = ModelRequest(
-            model_id,
-            profile,
-            context if _count(context) and context > 0 else 4096,
-            primary_must_hold=True,
-        )
-    if len(_requests_memo) >= _CLAIMS_MEMO_SIZE:
-        _requests_memo.clear()
-    _requests_memo[id(entry)] = (entry, request)
-    return request
-
-
-_requests_memo: dict[int, tuple[object, ModelRequest | None]] = {}
-
-
-def claims_in(content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
-    """The claims a node makes for itself (a claim naming another primary is ignored)."""
-    raw = content.get("claims")
-    memo = _claims_memo.get(id(raw))
-    if memo is not None and memo[0] is raw and memo[1] == origin:
-        return memo[2]
-    found = []
-    for item in raw[:_MAX_CLAIMS_PER_NODE] if isinstance(raw, list) else []:
-        try:
-            claim = Claim.from_wire(item)
-        except ValueError:
-            continue
-        if claim.primary == origin:
-            found.append(claim)
-    if len(_claims_memo) >= _CLAIMS_MEMO_SIZE:
-        _claims_memo.clear()
-    _claims_memo[id(raw)] = (raw, origin, tuple(found))
-    return tuple(found)
-
-
-# Every node reads the claims in the same few states several times a second; gossiped contents
-# are never modified, so each claims list is parsed once (the memo holds the list, so its id
-# stays its own).
-_CLAIMS_MEMO_SIZE = 4096
-_claims_memo: dict[int, tuple[object, str, tuple[Claim, ...]]] = {}
-
-
-def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
-    """For each model, the highest-ranked claim among `members`."""
-    return {model_id: ranked[0] for model_id, ranked in ranked_claims(members).items()}
-
-
-def ranked_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Claim]]:
-    """For each model, the claims among `members`, highest rank first."""
-    found: dict[str, list[Claim]] = {}
-    for origin, content in MemberStates.of(members).having("claims"):
-        for claim in claims_in(content, origin):
-            found.setdefault(claim.model_id, []).append(claim)
-    for claims in found.values():
-        claims.sort(key=lambda claim: claim.rank, reverse=True)
-    return found
-
-
-def serving_predecessor(
-    current: Claim | None, candidates: Iterable[Claim], members: Mapping[str, object]
-) -> Claim | None:
-    """During a make-before-break switch to `current`, the claim that still serves meanwhile:
-    the highest-ranked lower claim that serves with all its nodes alive."""
-    if current is None or current.serving or not current.overlap:
-        return None
-    standing = [
-        claim
-        for claim in candidates
-        if claim.model_id == current.model_id
-        and claim.rank < current.rank
-        and claim.serving
-        and claim.nodes_in(members)
-    ]
-    return max(standing, key=lambda claim: claim.rank, default=None)
-
-
-def winding_down(
-    current: Claim | None,
-    previous: Claim | None,
-    candidates: Iterable[Claim],
-    members: Mapping[str, object],
-) -> tuple[Claim, ...]:
-    """Claims replaced by a make-before-break switch that their primaries still announce: they
-    finish the requests they took, and nobody sends them new ones."""
-    if current is None or not current.overlap:
-        return ()
-    skip = {current.rank} if previous is None else {current.rank, previous.rank}
-    found: dict[tuple[int, str], Claim] = {}
-    for claim in candidates:
-        if (
-            claim.model_id == current.model_id
-            and claim.rank < current.rank
-            and claim.rank not in skip
-            and claim.nodes_in(members)
-        ):
-            found.setdefault(claim.rank, claim)
-    return tuple(found[rank] for rank in sorted(found, reverse=True))
-
-
-def _gossiped_problem(members: Mapping[str, Mapping[str, Any]], model_id: str) -> str:
-    """What the holders of a model (the lowest peer id first) say stops it from being served."""
-    for _, content in MemberStates.of(members).having("problems"):
-        problems = content.get("problems")
-        if isinstance(problems, dict) and isinstance(problems.get(model_id), str):
-            return str(problems[model_id])[:500]
-    return "no primary elected yet"
-
-
-def _model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
-    models = content.get("models")
-    if not isinstance(models, list):
-        return []
-    return [
-        (entry["id"], entry)
-        for entry in models[:_MAX_MODELS_PER_NODE]
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
-    ]
-
-
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _positive(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and math.isfinite(value) and value > 0
-
-
-# -- deciding --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -372,6 +78,7 @@ class Elector:
     _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
     # Our own superseded claims that keep serving until their successor serves.
     handing_over: dict[str, Claim] = field(default_factory=dict)
+    reader: GossipReader = field(default_factory=GossipReader)
 
     def gossiped_claims(self) -> list[dict[str, Any]]:
         """This node's claims as gossiped: current ones, then those handing over."""
@@ -384,7 +91,7 @@ class Elector:
         for origin, content in states:
             if not content.get("claims"):
                 continue
-            for claim in claims_in(content, origin):
+            for claim in self.reader.claims_in(content, origin):
                 if claim.epoch > self.highest_epoch.get(claim.model_id, 0):
                     self.highest_epoch[claim.model_id] = claim.epoch
 
@@ -392,9 +99,9 @@ class Elector:
         """`members` are the live members' states, this node's own included."""
         members = MemberStates.of(members)
         self.note_epochs(members.having("claims"))
-        ranked = ranked_claims(members)
+        ranked = self.reader.ranked_claims(members)
         current = {model_id: claims[0] for model_id, claims in ranked.items()}
-        held = {model_id for model_id, _ in _model_entries(members.get(self.me, {}))}
+        held = {model_id for model_id, _ in model_entries(members.get(self.me, {}))}
         for model_id, mine in list(self.claims.items()):
             winner = current.get(model_id)
             if winner is not None and winner.rank > mine.rank:
@@ -403,14 +110,14 @@ class Elector:
         states: dict[str, ModelState] = {}
         used: dict[str, int] = {}
         views: list[ClusterView] = []  # built once, and only if a holder must plan
-        for model_id, request in sorted(offered_models(members).items()):
+        for model_id, request in sorted(self.reader.offered_models(members).items()):
             claim = current.get(model_id)
             if model_id in held:
                 state = self._plan_held(now, members, request, claim, views=views, used=used)
             else:
                 # Only holders may lead, so only they plan; the others follow the standing
                 # claim and repeat what the holders say is missing.
-                problem = None if claim is not None else _gossiped_problem(members, model_id)
+                problem = None if claim is not None else gossiped_problem(members, model_id)
                 state = ModelState(request, claim, None, problem)
             candidates = [*ranked.get(model_id, ()), *self.handing_over.values()]
             previous = serving_predecessor(state.current, candidates, members)

@@ -15,7 +15,9 @@ from typing import Any
 
 import trio
 
-from ..mesh.election import Claim, Elector, current_claims
+from ..mesh.claims import Claim
+from ..mesh.election import Elector
+from ..mesh.gossip_reader import current_claims
 from ..mesh.identity import NodeIdentity
 from ..mesh.membership import Certificate, MeshKey, Proof, Revocation
 from ..mesh.membership_state import MembershipState

@@ -8,10 +8,10 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.mesh.election import (
+from sharedllm.mesh.claims import Claim
+from sharedllm.mesh.election import Elector
+from sharedllm.mesh.gossip_reader import (
     ASSUMED_BANDWIDTH_MBPS,
-    Claim,
-    Elector,
     claims_in,
     cluster_view,
     current_claims,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.mesh.election import Claim, ModelState
+from sharedllm.mesh.claims import Claim
+from sharedllm.mesh.election import ModelState
 from sharedllm.node.serving.reconciler import Running, WorkerStart, reconcile
 from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import ModelRequest

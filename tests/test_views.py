@@ -9,7 +9,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sharedllm.mesh.election import current_claims, offered_models
+from sharedllm.mesh.gossip_reader import current_claims, offered_models
 from sharedllm.mesh.member_states import MemberStates
 from sharedllm.mesh.send_queue import SendQueue
 from sharedllm.mesh.swim import Liveness, Rumor, Swim

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from ...mesh.election import Claim
+from ...mesh.claims import Claim
 from ...mesh.transport.tunnel import (
     TunnelListener,
 )

@@ -10,7 +10,8 @@ from typing import Protocol
 import httpx
 import trio
 
-from ...mesh.election import Claim, Elector, ModelState
+from ...mesh.claims import Claim
+from ...mesh.election import Elector, ModelState
 from ...mesh.probing import data_address
 from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane

@@ -7,7 +7,7 @@ import logging
 import httpx
 import trio
 
-from ...mesh.election import Claim
+from ...mesh.claims import Claim
 from ...mesh.transport.tunnel import (
     TunnelListener,
     TunnelRequest,

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from ...mesh.election import Claim, ModelState
+from ...mesh.claims import Claim
+from ...mesh.election import ModelState
 
 Rank = tuple[int, str]  # a claim's (epoch, primary)
 JobKey = tuple[str, Rank]  # (model, claim rank): two of one model run at once during a switch

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from ...mesh.election import Claim
+from ...mesh.claims import Claim
 from ...mesh.transport.tunnel import (
     TunnelListener,
     TunnelRequest,

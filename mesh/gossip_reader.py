@@ -1,0 +1,189 @@
+"""What the election reads from gossiped states: the planner's view of the nodes and links,
+the models offered, and the claims made (pure).
+
+Every node reads the same few states twice a second, and a decoded gossiped content never
+changes, so a `GossipReader` parses each claims list and model entry once: its bounded memo is
+keyed by the object itself (and holds it, so the id stays its own). Each elector owns one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+from ..scheduler.cluster import ClusterView, Link, NodeCapacity
+from ..scheduler.model_profile import profile_from_dict
+from ..scheduler.placement import ModelRequest
+from .claims import Claim, parse_claims
+from .member_states import MemberStates
+
+# Until a bandwidth probe has measured a link, the planner assumes this much.
+ASSUMED_BANDWIDTH_MBPS = 100.0
+_MAX_MODELS_PER_NODE = 16
+
+
+def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | None:
+    """The planner's view of one node, or None when its state lacks what planning needs."""
+    ram, vram = content.get("ram_total"), content.get("vram_total", 0)
+    gflops, protocol = content.get("gflops"), content.get("rpc_protocol")
+    cap = content.get("memory_cap")
+    if not (_count(ram) and _count(vram) and isinstance(protocol, str)):
+        return None
+    if not isinstance(gflops, int | float) or not math.isfinite(gflops) or gflops <= 0:
+        return None
+    return NodeCapacity(
+        peer_id=peer_id,
+        ram_bytes=ram,
+        vram_bytes=vram,
+        gflops=float(gflops),
+        rpc_protocol=protocol,
+        models=frozenset(model_id for model_id, _ in model_entries(content)),
+        memory_cap_bytes=cap if _count(cap) else None,
+    )
+
+
+def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
+    """Nodes and measured links among `members`; a link needs an RTT measured by its source."""
+    nodes = [
+        capacity
+        for peer_id, content in members.items()
+        if (capacity := node_capacity(peer_id, content)) is not None
+    ]
+    present = {node.peer_id for node in nodes}
+    links = []
+    for source in sorted(present):
+        measured = members[source].get("links")
+        if not isinstance(measured, dict):
+            continue
+        for target, link in measured.items():
+            if target in present and target != source and isinstance(link, dict):
+                # the data plane's round trip is what tunnels pay; the control plane's until then
+                rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
+                if not _positive(rtt):
+                    rtt = link.get("rtt_ms")
+                if not _positive(rtt):
+                    continue
+                if not _positive(bandwidth):
+                    bandwidth = ASSUMED_BANDWIDTH_MBPS
+                links.append(Link(source, target, float(rtt), float(bandwidth)))
+    return ClusterView.build(nodes, links)
+
+
+@dataclass
+class GossipReader:
+    memo_size: int = 1024
+    _requests: OrderedDict[int, tuple[object, ModelRequest | None]] = field(
+        default_factory=OrderedDict
+    )
+    _claims: OrderedDict[int, tuple[object, str, tuple[Claim, ...]]] = field(
+        default_factory=OrderedDict
+    )
+
+    def offered_models(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
+        """Every model some member holds; its profile and context come from the lowest peer
+        id holding it, so every node derives the same request."""
+        requests: dict[str, ModelRequest] = {}
+        for _, content in MemberStates.of(members).having("models"):
+            for model_id, entry in model_entries(content):
+                if model_id not in requests and (request := self.request_of(model_id, entry)):
+                    requests[model_id] = request
+        return requests
+
+    def request_of(self, model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
+        """The request a gossiped model entry describes (None if malformed)."""
+        memo = self._requests.get(id(entry))
+        if memo is not None and memo[0] is entry:
+            return memo[1]
+        request = _parse_request(model_id, entry)
+        _remember(self._requests, id(entry), (entry, request), self.memo_size)
+        return request
+
+    def claims_in(self, content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
+        """The claims a node makes for itself (a claim naming another primary is ignored)."""
+        raw = content.get("claims")
+        memo = self._claims.get(id(raw))
+        if memo is not None and memo[0] is raw and memo[1] == origin:
+            return memo[2]
+        found = parse_claims(raw, origin)
+        _remember(self._claims, id(raw), (raw, origin, found), self.memo_size)
+        return found
+
+    def ranked_claims(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Claim]]:
+        """For each model, the claims among `members`, highest rank first."""
+        found: dict[str, list[Claim]] = {}
+        for origin, content in MemberStates.of(members).having("claims"):
+            for claim in self.claims_in(content, origin):
+                found.setdefault(claim.model_id, []).append(claim)
+        for claims in found.values():
+            claims.sort(key=lambda claim: claim.rank, reverse=True)
+        return found
+
+    def current_claims(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
+        """For each model, the highest-ranked claim among `members`."""
+        return {model_id: ranked[0] for model_id, ranked in self.ranked_claims(members).items()}
+
+
+def _remember(memo: OrderedDict[int, Any], key: int, value: Any, size: int) -> None:
+    memo[key] = value
+    memo.move_to_end(key)
+    while len(memo) > size:
+        memo.popitem(last=False)
+
+
+def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
+    try:
+        profile = profile_from_dict(entry.get("profile"))
+    except ValueError:
+        return None
+    context = entry.get("context")
+    return ModelRequest(
+        model_id,
+        profile,
+        context if _count(context) and context > 0 else 4096,
+        primary_must_hold=True,
+    )
+
+
+def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
+    return GossipReader().offered_models(members)
+
+
+def claims_in(content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
+    return parse_claims(content.get("claims"), origin)
+
+
+def current_claims(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
+    return GossipReader().current_claims(members)
+
+
+def gossiped_problem(members: Mapping[str, Mapping[str, Any]], model_id: str) -> str:
+    """What the holders of a model (the lowest peer id first) say stops it from being served."""
+    for _, content in MemberStates.of(members).having("problems"):
+        problems = content.get("problems")
+        if isinstance(problems, dict) and isinstance(problems.get(model_id), str):
+            return str(problems[model_id])[:500]
+    return "no primary elected yet"
+
+
+def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
+    models = content.get("models")
+    if not isinstance(models, list):
+        return []
+    return [
+        (entry["id"], entry)
+        for entry in models[:_MAX_MODELS_PER_NODE]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+    ]
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+

@@ -1,0 +1,114 @@
+"""Turning models, peers and placements into the lines and tables commands print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..models.model_file import ModelInfo
+
+
+def print_model(info: ModelInfo, digest: str | None) -> None:
+    p = info.profile
+    sizes = sorted(set(p.layer_weight_bytes))
+    per_layer = mib(sizes[0]) if len(sizes) == 1 else f"{mib(sizes[0])} to {mib(sizes[-1])}"
+    rows: list[tuple[str, Any]] = [
+        ("file", info.path),
+        ("name", p.name),
+        ("architecture", p.architecture),
+        ("layers", p.layer_count),
+        ("bytes per layer", per_layer),
+        ("embedding bytes", mib(p.embedding_bytes)),
+        (
+            "output head bytes",
+            mib(p.output_bytes) if p.output_bytes else "0 (tied to the embedding)",
+        ),
+        ("total weight bytes", mib(p.total_weight_bytes)),
+        ("KV cache per token per layer", f"{p.kv_bytes_per_token_per_layer} bytes (f16)"),
+        ("context length", p.context_length),
+        ("embedding length", p.embedding_length),
+        ("vocabulary", p.vocab_size),
+        ("quantisation", info.file_type),
+        ("tensor types", ", ".join(f"{k}: {v}" for k, v in info.tensor_types.items())),
+        ("file size", mib(info.size_bytes)),
+        ("sha256", digest or "(skipped)"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+
+def mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.2f} MiB ({n} bytes)"
+
+
+def number(value: Any, digits: int, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.{digits}f}"
+
+
+def peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
+    engine = f"{peer.get('engine_version', '-')} rpc {peer.get('rpc_protocol', '-')}"
+    return (
+        peer["peer_id"][-12:],
+        str(peer.get("name", "-"))[:16],
+        peer["state"],
+        number(peer.get("data_rtt_ms") or peer.get("rtt_ms"), 2),
+        number(peer.get("bandwidth_mbps"), 0),
+        number(peer.get("ram_total"), 1, 1024**3),
+        number(peer.get("vram_total"), 1, 1024**3),
+        str(peer.get("gflops", "-")),
+        engine,
+        ",".join(m.get("id", "?") for m in peer.get("models", [])),
+        " ".join(peer.get("addrs", []))[:120],
+    )
+
+
+def print_speed(entry: dict[str, Any], traffic: dict[str, Any] | None) -> None:
+    """The planner's prediction beside what answers through this node measured."""
+    planned = entry.get("planned") or {}
+    parts = []
+    if isinstance(planned.get("predicted_tokens_per_s"), int | float):
+        parts.append(f"predicted {planned['predicted_tokens_per_s']:.1f} tokens/s")
+    if traffic:
+        measured = traffic.get("last_tokens_per_s")
+        if measured is not None:
+            parts.append(f"measured {measured:.1f} tokens/s (last answer)")
+        parts.append(
+            f"through this node: {traffic['served']} answers, {traffic['errors']} errors, "
+            f"{traffic['tokens']} tokens"
+        )
+    if parts:
+        print("  " + "; ".join(parts))
+
+
+def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str]) -> None:
+    print(f"\nmodel {model_id}: {entry['state']}")
+    primary = entry["primary"]
+    if primary is not None:
+        print(f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}")
+    if entry.get("serving_meanwhile") is not None:
+        print(f"  loading; epoch {entry['serving_meanwhile']} serves until it is ready")
+    tunnels = entry.get("tunnels", {})
+    planned = entry.get("planned") or {}
+    memory = {a["node"]: a["memory_bytes"] for a in planned.get("assignments", [])}
+    for assignment in entry["assignments"]:
+        node = assignment["node"]
+        line = f"  {names.get(node, '?'):<16} {node[-12:]:<14} layers "
+        line += f"{assignment['first_layer']}-{assignment['last_layer']}"
+        if node in memory:
+            line += f", {memory[node] / 2**30:.2f} GiB"
+        if (traffic := tunnels.get(node)) is not None:
+            line += f", tunnel {traffic['bytes_out'] / 1e6:.1f} MB out"
+            line += f" / {traffic['bytes_back'] / 1e6:.1f} MB back"
+            line += f", {traffic['round_trips']} round trips"
+        print(line)
+    for node, why in sorted(entry.get("unused", {}).items()):
+        print(f"  {names.get(node, '?'):<16} {node[-12:]:<14} unused: {why}")
+    if entry.get("problem"):
+        print(f"  problem: {entry['problem']}")
+
+
+def agreement(report: Any) -> str:
+    agreed = "yes" if report.placements_agree else "no"
+    if report.placements_agree_s is not None:
+        agreed += f" ({report.placements_agree_s:.1f} s after convergence)"
+    return agreed
