@@ -24,10 +24,10 @@ import trio.testing
 from sharedllm.mesh.claims import Claim
 from sharedllm.mesh.gossip import Digest, Exchange, SignedState
 from sharedllm.mesh.identity import NodeIdentity
+from sharedllm.mesh.invite import Invite
 from sharedllm.mesh.membership import (
     Admission,
     Certificate,
-    Invite,
     MembershipError,
     MeshKey,
     Proof,
@@ -45,7 +45,7 @@ from sharedllm.mesh.swim import Liveness, Rumor
 from sharedllm.mesh.transport.framing import FrameError, receive_frame
 from sharedllm.mesh.transport.seam import TransportError
 from sharedllm.mesh.transport.tunnel import Packer, TunnelRequest, Unpacker
-from sharedllm.node.weights.share import (
+from sharedllm.node.weights.share_wire import (
     WeightRequest,
     WeightShareError,
     decode_manifest,

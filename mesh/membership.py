@@ -1,4 +1,5 @@
-"""Who belongs to a mesh: the mesh key, member certificates, invites, redemptions, revocations.
+"""Who belongs to a mesh: the mesh key, member certificates, tickets, redemptions, admissions,
+revocations (invites, the tokens that carry a ticket, are in `invite`).
 
 Trust starts at the mesh key (Ed25519), held by admin nodes. Two ways in:
 
@@ -16,7 +17,6 @@ of the records and `now`.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import os
@@ -30,8 +30,6 @@ from . import records
 from .identity import NodeIdentity, public_key_bytes, public_key_of_peer_id, verify
 from .records import RecordError
 
-TOKEN_PREFIX = "sllm1-"
-MAX_TOKEN_CHARS = 8192
 ROLES = frozenset({"member", "admin"})
 MAX_REASON_CHARS = 200
 MAX_NAME_CHARS = 128
@@ -84,7 +82,7 @@ class Certificate:
         mesh: MeshKey, peer_id: str, name: str, roles: Iterable[str], now: float
     ) -> Certificate:
         draft = Certificate(mesh.public_key, peer_id, name, tuple(sorted(roles)), now)
-        return _signed(
+        return signed_record(
             draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
         )
 
@@ -217,7 +215,7 @@ class Revocation:
         if len(reason) > MAX_REASON_CHARS:
             raise ValueError(f"a revocation's reason is at most {MAX_REASON_CHARS} characters")
         draft = Revocation(mesh.public_key, peer_id, now, reason)
-        return _signed(
+        return signed_record(
             draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
         )
 
@@ -236,75 +234,6 @@ class Revocation:
     def is_valid_for(self, mesh_public_key: bytes) -> bool:
         return self.mesh_public_key == mesh_public_key and verify(
             mesh_public_key, self.signature, records.signing_bytes(self.KIND, self.fields())
-        )
-
-
-@dataclass(frozen=True)
-class Invite:
-    """What `sharedllm-node invite` prints: enough to join, as one copy-pasteable string."""
-
-    mesh_name: str
-    ticket: Ticket
-    ticket_seed: bytes
-    bootstrap: tuple[str, ...]
-
-    KIND = "invite"
-
-    @staticmethod
-    def create(
-        mesh: MeshKey,
-        mesh_name: str,
-        *,
-        now: float,
-        expires_in_s: float,
-        uses: int,
-        bootstrap: Iterable[str],
-        seed: bytes | None = None,
-    ) -> Invite:
-        if uses < 1:
-            raise ValueError("an invite needs at least one use")
-        ticket_key = Ed25519PrivateKey.from_private_bytes(seed or os.urandom(32))
-        draft = Ticket(
-            mesh.public_key,
-            public_key_bytes(ticket_key.public_key()),
-            now + expires_in_s,
-            uses,
-            ("member",),
-        )
-        ticket = _signed(
-            draft, mesh.private_key.sign(records.signing_bytes(draft.KIND, draft.fields()))
-        )
-        return Invite(mesh_name, ticket, NodeIdentity(ticket_key).seed, tuple(bootstrap))
-
-    def redeem(self, peer_id: str, name: str, now: float) -> Redemption:
-        if now > self.ticket.expires_at:
-            raise MembershipError("this invite has expired; ask an admin for a new one")
-        draft = Redemption(self.ticket, peer_id, name, now)
-        key = NodeIdentity.from_seed(self.ticket_seed)
-        return _signed(draft, key.sign(records.signing_bytes(draft.KIND, draft.fields())))
-
-    def to_token(self) -> str:
-        body = records.encode(
-            self.KIND,
-            [self.mesh_name, self.ticket.encode(), self.ticket_seed, list(self.bootstrap)],
-        )
-        return TOKEN_PREFIX + base64.urlsafe_b64encode(body).decode().rstrip("=")
-
-    @staticmethod
-    def from_token(token: str) -> Invite:
-        token = token.strip()
-        if len(token) > MAX_TOKEN_CHARS or not token.startswith(TOKEN_PREFIX):
-            raise RecordError("not a SharedLLM invite token (it should start with 'sllm1-')")
-        text = token[len(TOKEN_PREFIX) :]
-        try:
-            body = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except ValueError:
-            raise RecordError("invite token is damaged (bad base64)") from None
-        name, ticket, seed, bootstrap = records.decode(body, Invite.KIND, [str, bytes, bytes, list])
-        if len(seed) != 32:
-            raise RecordError("invite token is damaged (bad key)")
-        return Invite(
-            name, Ticket.decode(ticket), seed, records.string_list(bootstrap, "bootstrap")
         )
 
 
@@ -340,7 +269,9 @@ class Admission:
         draft = Admission(
             redemption.digest, redemption.peer_id, now, identity.peer_id, own_proof.encode()
         )
-        return _signed(draft, identity.sign(records.signing_bytes(draft.KIND, draft.fields())))
+        return signed_record(
+            draft, identity.sign(records.signing_bytes(draft.KIND, draft.fields()))
+        )
 
     def encode(self) -> bytes:
         return records.encode(self.KIND, [*self.fields(), self.signature])
@@ -435,5 +366,5 @@ def _roles(value: Any) -> tuple[str, ...]:
 _Record = TypeVar("_Record", Certificate, Ticket, Redemption, Revocation, Admission)
 
 
-def _signed(draft: _Record, signature: bytes) -> _Record:
+def signed_record(draft: _Record, signature: bytes) -> _Record:
     return replace(draft, signature=signature)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..mesh.identity import NodeIdentity, load_or_create_identity
-from ..mesh.membership import Certificate, Invite, MembershipError, MeshKey, Proof
+from ..mesh.invite import Invite
+from ..mesh.membership import Certificate, MembershipError, MeshKey, Proof
 from ..mesh.mesh_store import (
     MeshFiles,
     has_mesh,

@@ -16,12 +16,11 @@ by peer id, ties go to the lower peer id, and nothing here reads a clock or a ra
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .cluster import ClusterView, NodeCapacity
 from .cost_model import CostModel
-from .placement import ModelRequest, Placement, PlannerError, evaluate, memory_used
+from .placement import ModelRequest, Placement, PlannerError, evaluate
 
 DEFAULT_STABILITY_MARGIN = 0.10
 PREFER_HOLDER_MARGIN = 0.25
@@ -53,26 +52,6 @@ def plan_model(
         if kept is not None and best.ms_per_token >= kept.ms_per_token * (1 - stability_margin):
             return kept
     return best
-
-
-def plan_models(
-    view: ClusterView,
-    requests: Sequence[ModelRequest],
-    cost: CostModel = DEFAULT_COST,
-    current: Mapping[str, Placement] | None = None,
-    stability_margin: float = DEFAULT_STABILITY_MARGIN,
-) -> dict[str, Placement]:
-    """Places several models in model-id order, each in the memory the previous ones left."""
-    placements: dict[str, Placement] = {}
-    used: dict[str, int] = {}
-    for request in sorted(requests, key=lambda r: r.model_id):
-        remaining = view.with_memory_used(used)
-        previous = (current or {}).get(request.model_id)
-        placement = plan_model(remaining, request, cost, previous, stability_margin)
-        placements[request.model_id] = placement
-        for node, amount in memory_used(placement).items():
-            used[node] = used.get(node, 0) + amount
-    return placements
 
 
 def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -> Placement:

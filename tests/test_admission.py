@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from sharedllm.mesh.admission import HelloDesk
 from sharedllm.mesh.identity import NodeIdentity
-from sharedllm.mesh.membership import Certificate, Invite, MeshKey, Proof, Revocation
+from sharedllm.mesh.invite import Invite
+from sharedllm.mesh.membership import Certificate, MeshKey, Proof, Revocation
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.probe_records import decode_hello_reply
 

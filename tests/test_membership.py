@@ -18,9 +18,9 @@ from sharedllm.mesh.identity import (
     peer_id_of,
     public_key_of_peer_id,
 )
+from sharedllm.mesh.invite import Invite
 from sharedllm.mesh.membership import (
     Certificate,
-    Invite,
     MembershipError,
     MeshKey,
     Proof,

@@ -29,13 +29,13 @@ from sharedllm.node.engine.locate import find_engine
 from sharedllm.node.models.gguf_header import read_header
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 from sharedllm.node.weights.cache import cached_layer_tensors, fill_cache
+from sharedllm.node.weights.fetch import WeightFetch
 from sharedllm.node.weights.native_hash import NativeFnv
-from sharedllm.node.weights.share import (
+from sharedllm.node.weights.share import WeightShare
+from sharedllm.node.weights.share_wire import (
     WEIGHTS,
     TokenBucket,
-    WeightFetch,
     WeightRequest,
-    WeightShare,
     WeightShareError,
     decode_manifest,
     decode_tensor_answer,

@@ -9,7 +9,8 @@ import socket
 import time
 
 from ...mesh.identity import load_or_create_identity
-from ...mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Invite, Revocation
+from ...mesh.invite import Invite
+from ...mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Revocation
 from ...mesh.mesh_store import (
     count_revocations,
     load_addresses,

@@ -39,7 +39,8 @@ from ..config import NodeConfig
 from ..engine.locate import EngineInfo
 from ..engine.unix_socket import private_socket_dir
 from ..models.model_file import ModelFileError, cached_sha256
-from ..weights.share import WEIGHTS, WeightShare
+from ..weights.share import WeightShare
+from ..weights.share_wire import WEIGHTS
 from ..weights.warm_start import READY, WeightFiller, answer_ready
 from .jobs import Job, LocalModel
 from .offered_recently import RecentlyOffered

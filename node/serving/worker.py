@@ -16,7 +16,7 @@ from ...mesh.transport.tunnel import (
 )
 from ..engine.locate import free_loopback_port
 from ..engine.supervisor import ProcessSpec, Supervisor
-from ..weights.share import WEIGHTS
+from ..weights.share_wire import WEIGHTS
 from ..weights.warm_start import READY_ANSWER
 from .jobs import Job, accepts_tcp, offered_sha256
 from .parts import ENGINE_ENV, ServingParts

@@ -22,8 +22,9 @@ from ...mesh.transport.seam import MeshStream, TransportError
 from ...mesh.transport.tunnel import OpenStream, TunnelRequest
 from ..models.gguf_header import GgufFormatError
 from .cache import FillReport, cached_layer_tensors, fill_cache, rpc_cache_entries
+from .fetch import OpenWeights, WeightFetch
 from .native_hash import NativeFnv, NativeHashUnavailable
-from .share import OpenWeights, WeightFetch, WeightShareError
+from .share_wire import WeightShareError
 
 READY = "/sharedllm/ready/1"
 READY_ANSWER = b"ok"
