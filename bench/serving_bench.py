@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 from sharedllm.node.config import default_cache_dir
+from sharedllm.node.engine.health import Health, wait_for_health
 from sharedllm.node.engine.locate import EngineInfo, find_engine, free_loopback_port
 from sharedllm.node.engine.speed import engine_gflops
 from sharedllm.node.models.default_model import default_model_path
@@ -64,18 +65,15 @@ _RUNNING: dict[subprocess.Popen[bytes], Path] = {}
 
 
 def _wait_http(url: str, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for process, log in _RUNNING.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"the process logging to {log} exited early")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready after {timeout_s} s")
+    def died() -> bool:
+        return any(process.poll() is not None for process in _RUNNING)
+
+    health = wait_for_health(url, timeout_s, died)
+    if health is Health.EXITED:
+        logs = [str(log) for process, log in _RUNNING.items() if process.poll() is not None]
+        raise RuntimeError(f"the process logging to {logs[0]} exited early")
+    if health is Health.TIMED_OUT:
+        raise RuntimeError(f"{url} not ready after {timeout_s} s")
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 MAX_PEER_ID_CHARS = 128
 _PEER_ID_ALPHABET = frozenset(string.ascii_letters + string.digits)
 MAX_RECORD_BYTES = 64 * 1024
+MAX_FRAME_BYTES = 1024 * 1024  # one message on a mesh stream (a frame), whatever it holds
 _DOMAIN = b"sharedllm-record-v1:"
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from . import records
 from .identity import public_key_of_peer_id
 from .membership import MAX_REVOCATIONS, Revocation
-from .records import RecordError
-from .transport.framing import MAX_FRAME_BYTES
+from .records import MAX_FRAME_BYTES, RecordError
 
 REVOCATIONS = "/sharedllm/revocations/1"
 MAX_PER_BATCH = 512  # a revocation encodes to < 1.1 KB (reasons may be UTF-8): under a frame

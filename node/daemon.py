@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import random
 import signal
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from typing import Any
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
 from ..mesh.containment import HandlerFaults
 from ..mesh.membership import Revocation
@@ -39,6 +36,7 @@ from ..mesh.transport.data_plane import DataPlane
 from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
 from .api.app import create_app
 from .api.metrics import NodeMetrics
+from .api.server import listen_api, serve_api
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo
@@ -48,10 +46,6 @@ from .serving.mesh_serving import MeshServing
 
 _log = logging.getLogger("sharedllm.node")
 _UPSTREAM_TIMEOUT = httpx.Timeout(connect=5.0, read=900.0, write=60.0, pool=30.0)
-
-
-class ApiBindError(Exception):
-    """The API port could not be opened."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +150,7 @@ async def _run_node(
         app = create_app(serving, mesh_view, metrics, config.api_key)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
-            api_url = await nursery.start(_serve_api, app, config)
+            api_url = await nursery.start(serve_api, app, config)
             data_host = _host_of(mesh.listen[0])
             await nursery.start(data_plane.run, data_host, 0, _host_of(transport.listen_addrs()[0]))
             known = load_known_peers(mesh.data_dir)
@@ -202,56 +196,18 @@ def _save_learned(data_dir: Path, revocations: list[Revocation]) -> None:
         save_revocation(data_dir, revocation, sync=False)
 
 
-async def _serve_api(
-    app: object, config: NodeConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-) -> None:
-    listener = _listen(config.api_host, config.api_port)
-    hyper = HypercornConfig()
-    hyper.bind = [f"fd://{listener.fileno()}"]  # hypercorn adopts the socket we opened
-    hyper.accesslog = None
-    hyper.errorlog = logging.getLogger("sharedllm.api.server")
-    hyper.graceful_timeout = 2.0
-    host, port = listener.getsockname()[:2]
-    url = f"http://{_bracket(host)}:{port}"
-    task_status.started(url)
-    await serve(app, hyper)  # type: ignore[arg-type]
-
-
 def check_ports_free(config: NodeConfig, listen: tuple[str, ...]) -> None:
     """Refuses a busy API or mesh port before any slow start-up work (finding and timing the
     engine takes seconds); raises ApiBindError or TransportError with the one-line reason."""
-    _listen(config.api_host, config.api_port).close()
+    listen_api(config.api_host, config.api_port).close()
     for address in listen:
         check_port_free(address)
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """Opens the API socket here, so that a busy port is one clear error."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        listener = socket.socket(family, kind, proto)
-    except OSError as err:
-        raise ApiBindError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(128)
-    except OSError as err:
-        listener.close()
-        raise ApiBindError(
-            f"cannot listen on {host}:{port}: {err.strerror} (use --api-port to pick another port)"
-        ) from None
-    return listener
 
 
 def _host_of(multiaddress: str) -> str:
     """The IP of an /ip4/... or /ip6/... multiaddr (the data plane listens beside libp2p)."""
     parts = multiaddress.strip("/").split("/")
     return parts[1] if len(parts) > 1 and parts[0] in ("ip4", "ip6") else "127.0.0.1"
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 async def _stop_on_signal(scope: trio.CancelScope, service: MeshService) -> None:

@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import psutil
+from sharedllm.node.engine.health import Health, wait_for_health
 from sharedllm.node.engine.locate import free_loopback_port
 
 
@@ -100,17 +100,14 @@ def up_that_stops(
 def wait_until_ready(node: RunningNode, timeout_s: float, *, serving: bool = True) -> None:
     """Waits until the node's API answers /health: with 200 (every model served), or with any
     answer when `serving` is False (the node runs, its models may still wait for peers)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if node.process.poll() is not None:
-            raise AssertionError(f"node exited with {node.process.returncode}:\n{node.log()}")
-        try:
-            status = httpx.get(node.api_url + "/health", timeout=2).status_code
-            if status == 200 or not serving:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
+    def exited() -> bool:
+        return node.process.poll() is not None
+
+    health = wait_for_health(node.api_url, timeout_s, exited, any_answer=not serving)
+    if health is Health.EXITED:
+        raise AssertionError(f"node exited with {node.process.returncode}:\n{node.log()}")
+    if health is Health.READY:
+        return
     node.stop()
     raise AssertionError(f"node not ready after {timeout_s} s:\n{node.log()}")
 

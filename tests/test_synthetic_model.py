@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gguf
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sharedllm.node.engine.health import Health, wait_for_health
 from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
 from sharedllm.node.models.model_file import inspect_model
 from sharedllm.node.tools.synthetic_model import WEIGHT_TYPES, ModelShape, write_synthetic_model
@@ -117,10 +117,8 @@ def test_the_engine_loads_and_runs_quantised_models(
         server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not _healthy(url) and time.monotonic() < deadline:
-            assert server.poll() is None, (tmp_path / "log").read_text()
-            time.sleep(0.2)
+        health = wait_for_health(url, 60, lambda: server.poll() is not None)
+        assert health is Health.READY, (tmp_path / "log").read_text()
         body = {"prompt": "hello world", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
         answer = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
         assert answer["timings"]["predicted_n"] == 16
@@ -128,10 +126,3 @@ def test_the_engine_loads_and_runs_quantised_models(
     finally:
         server.kill()
         server.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sharedllm.node.engine.health import Health, wait_for_health
 from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 from sharedllm.node.weights.cache import (
@@ -79,16 +80,10 @@ def _loaded(engine: EngineInfo, model: Path, llama_cache: Path, log: Path) -> It
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-            deadline = time.monotonic() + 120
-            while True:
-                assert server.poll() is None, "llama-server exited"
-                try:
-                    if httpx.get(f"http://127.0.0.1:{api_port}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "llama-server not ready"
-                time.sleep(0.25)
+            running = server
+            url = f"http://127.0.0.1:{api_port}"
+            health = wait_for_health(url, 120, lambda: running.poll() is not None)
+            assert health is Health.READY, f"llama-server: {health.value}"
             yield api_port
         finally:
             for process in (server, worker):

@@ -6,9 +6,9 @@ import struct
 
 import trio
 
+from ..records import MAX_FRAME_BYTES
 from .seam import MeshStream, TransportError
 
-MAX_FRAME_BYTES = 1024 * 1024
 _HEADER = struct.Struct(">I")
 
 

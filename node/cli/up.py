@@ -61,8 +61,9 @@ def measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> floa
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from ..api.server import ApiBindError
     from ..capacity import describe
-    from ..daemon import ApiBindError, MeshOptions, check_ports_free, run_node
+    from ..daemon import MeshOptions, check_ports_free, run_node
 
     config = load_node_config(args)
     logging.getLogger().setLevel(config.log_level.upper())

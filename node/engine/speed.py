@@ -14,7 +14,6 @@ import fcntl
 import json
 import logging
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ import httpx
 from ...mesh.atomic_file import write_atomic
 from ...scheduler.cost_model import CostModel
 from ...scheduler.model_profile import ModelProfile
+from .health import Health, wait_for_health
 from .locate import EngineInfo, free_loopback_port
 from .supervisor import popen_tied_to_node, stop_group
 
@@ -96,17 +96,12 @@ def _measure(engine: EngineInfo, model: Path, threads: int, gpu_layers: bool, lo
 
 
 def _wait_ready(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + _READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise EngineSpeedError(f"llama-server exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise EngineSpeedError(f"llama-server was not ready after {_READY_TIMEOUT_S:.0f} s; see {log}")
+    health = wait_for_health(url, _READY_TIMEOUT_S, lambda: process.poll() is not None)
+    if health is Health.EXITED:
+        raise EngineSpeedError(f"llama-server exited with {process.returncode}; see {log}")
+    if health is Health.TIMED_OUT:
+        waited = f"{_READY_TIMEOUT_S:.0f} s"
+        raise EngineSpeedError(f"llama-server was not ready after {waited}; see {log}")
 
 
 def _generate(url: str) -> float:
