@@ -23,6 +23,7 @@ from .membership_state import MembershipState
 from .mesh_core import Action, MeshCore
 from .random_source import RandomSource
 from .records import RecordError
+from .send_queue import SendQueue
 from .swim import Swim
 from .timing import MeshTiming
 from .transport.data_plane import DataPlane
@@ -55,7 +56,7 @@ class MeshShell(Protocol):
     _contents: dict[str, tuple[int, dict[str, Any]]]
     _known: MemberStates
     _members: MemberStates
-    _state_rumors: Any  # SendQueue[SignedState]
+    _state_rumors: SendQueue[SignedState]
     _leaving: bool
 
     async def introduce(self, peer: str) -> bool: ...

@@ -1,1 +1,2 @@
-"""The node: configuration, the llama.cpp engine, process supervision, the HTTP API, the CLI."""
+"""The node: its subsystems (`engine`, `models`, `weights`, `api`, `serving`, `cli`), its
+configuration, and the daemon that wires them together."""

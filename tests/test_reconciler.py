@@ -8,21 +8,10 @@ from hypothesis import strategies as st
 from sharedllm.mesh.claims import Claim
 from sharedllm.mesh.election import ModelState
 from sharedllm.node.serving.reconciler import Running, WorkerStart, reconcile
-from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import ModelRequest
 
-PROFILE = ModelProfile(
-    name="m",
-    architecture="llama",
-    layer_weight_bytes=(1024,) * 12,
-    embedding_bytes=1024,
-    output_bytes=0,
-    other_bytes=0,
-    kv_bytes_per_token_per_layer=16,
-    embedding_length=64,
-    vocab_size=100,
-    context_length=512,
-)
+from .test_election import PROFILE
+
 REQUEST = ModelRequest("m", PROFILE)
 
 

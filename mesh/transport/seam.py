@@ -1,6 +1,6 @@
 """The Transport seam: what the mesh needs from a network, and nothing more.
 
-Implementations: `libp2p_transport` (real TCP, Noise, yamux) and, for tests at scale, the
+Implementations: `libp2p_adapter` (real TCP, Noise, yamux) and, for tests at scale, the
 simulated network. Everything above (membership handshake, gossip, probing, tunnels) is written
 against these two small protocols only.
 """

@@ -1,7 +1,7 @@
 """This node's part in serving the mesh's models, and the API router that finds their primaries.
 
-Every half second the node runs the election on the live members' gossiped states, then makes
-its processes match the outcome:
+Every half second the node runs the election on the live members' gossiped states, asks the
+reconciler (`reconciler.py`, pure) what must change, and makes its processes match the outcome:
 
 - as the primary of a claim: one tunnel listener per worker, and a llama-server whose `--rpc`
   lists those listeners in placement order; the claim is marked serving once the engine is

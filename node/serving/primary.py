@@ -87,7 +87,7 @@ class PrimaryRole(ServingParts):
         endpoints = [job.tunnels[w].endpoint for w in split.rpc_workers]
         argv = [
             str(self._engine.llama_server),
-            *("--host", str(job.socket)),  # a Unix socket, for this user only (engine_socket)
+            *("--host", str(job.socket)),  # a Unix socket, for this user only (unix_socket)
             *("--model", str(model.path), "--alias", model.model_id),
             *("--ctx-size", str(self._config.context_size)),
             *("--no-webui", "--log-verbosity", "4"),

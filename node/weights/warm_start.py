@@ -1,8 +1,8 @@
 """Getting workers ready before their primary loads a placement.
 
 A worker is ready for a placement when its rpc-server is up and its weight cache holds the
-tensors of its layers: filled from its own copy of the model file (see `weight_cache`), or
-fetched from a node that holds the file (see `weight_share`). The primary asks
+tensors of its layers: filled from its own copy of the model file (see `cache`), or
+fetched from a node that holds the file (see `fetch` and `share`). The primary asks
 each worker over a `READY` stream and starts llama-server once every one has said yes, so the
 load finds warm caches and live rpc-servers instead of failing and retrying.
 """
