@@ -6,12 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sharedllm.node.config import default_cache_dir
 from sharedllm.node.engine.locate import EngineInfo, EngineNotFoundError, find_engine
 from sharedllm.node.models.default_model import default_model_path
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
 from .node_process import RunningNode, start_node
+
+# Properties are checked for what they assert, never for how fast an example runs: these
+# machines are shared, and a slow moment must not fail a test (no per-example deadline).
+settings.register_profile("sharedllm", deadline=None)
+settings.load_profile("sharedllm")
 
 
 @pytest.fixture(scope="session")
