@@ -18,13 +18,21 @@ from typing import Any
 
 import platformdirs
 
+from .engine.options import check_engine_args
+from .models.chat_template import BUILTIN_TEMPLATES
+
 APP_NAME = "sharedllm"
 DEFAULT_API_HOST = "127.0.0.1"
 DEFAULT_API_PORT = 9337
+# An answer with no limit of its own stops here: small models may otherwise go on until the
+# context is full (minutes on a laptop).
+DEFAULT_MAX_TOKENS = 256
 ENV_PREFIX = "SHAREDLLM_"
 _MAX_CONFIG_BYTES = 1 << 20
 MIN_FORGET_AFTER_S = 2 * 3600.0
 MIN_API_KEY_CHARS = 16
+MAX_ALIASES = 8  # names gossiped per model: every node reads them
+MAX_ALIAS_CHARS = 128
 
 
 class ConfigError(Exception):
@@ -40,9 +48,21 @@ class NodeConfig:
     engine_dir: Path | None = None
     model: Path | None = None
     model_name: str | None = None
+    # Other names clients may use for this node's model (e.g. the name a tool insists on).
+    model_aliases: tuple[str, ...] = ()
+    # A request naming a model the mesh does not know is refused (404) even when the mesh
+    # offers only one model; by default it goes to that one, as llama-server does.
+    strict_model_names: bool = False
     api_host: str = DEFAULT_API_HOST
     api_port: int = DEFAULT_API_PORT
     context_size: int = 4096
+    # The chat template of the model this node offers: a llama.cpp built-in name or a Jinja
+    # file. Unset: the file's own, else the built-in one of the model's family.
+    chat_template: str | None = None
+    # Tokens an answer may have when the request sets no limit (its engine stops there).
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    # Extra llama-server arguments for this node's model, from an allow-list (engine/options).
+    engine_args: tuple[str, ...] = ()
     threads: int | None = None
     engine_load_timeout_s: float = 600.0
     log_level: str = "info"
@@ -58,8 +78,11 @@ class NodeConfig:
     # Pace for the weights this node sends to workers without the model file (Mbit/s, 0 for
     # unpaced), so that a fetch leaves room for the serving traffic on the same links.
     weight_share_mbps: float = 800.0
-    # Required to bind the API anywhere but loopback: clients send it as `Authorization: Bearer`.
+    # Required to bind the API anywhere but loopback: clients send it as `Authorization: Bearer`
+    # (OpenAI's clients) or `x-api-key` (Anthropic's).
     api_key: str | None = None
+    # Web pages of these origins ("*": any) may call the API from a browser (CORS).
+    cors_origins: tuple[str, ...] = ()
     # Members gone (dead, left or silent) this long are forgotten, and their old states refused.
     forget_gone_peers_after_s: float = 24 * 3600.0
 
@@ -77,9 +100,14 @@ _SETTING_TYPES: dict[str, type] = {
     "engine_dir": Path,
     "model": Path,
     "model_name": str,
+    "model_aliases": tuple,
+    "strict_model_names": bool,
     "api_host": str,
     "api_port": int,
     "context_size": int,
+    "chat_template": str,
+    "default_max_tokens": int,
+    "engine_args": list,
     "threads": int,
     "engine_load_timeout_s": float,
     "log_level": str,
@@ -90,6 +118,7 @@ _SETTING_TYPES: dict[str, type] = {
     "prefill_weights": bool,
     "weight_share_mbps": float,
     "api_key": str,
+    "cors_origins": tuple,
     "forget_gone_peers_after_s": float,
 }
 
@@ -198,11 +227,29 @@ def _coerce(key: str, raw: Any, source: str) -> Any:
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
             return float(raw)
+        if wanted is tuple:
+            return _names(raw)
+        if wanted is list:
+            words = raw.split() if isinstance(raw, str) else raw
+            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+                raise ValueError("expected a list of arguments")
+            return check_engine_args(words)
         if not isinstance(raw, str):
             raise ValueError("expected a string")
         return raw
-    except ValueError as err:
+    except ValueError as err:  # EngineOptionError too
         raise ConfigError(f"{source}: setting {key!r} = {raw!r}: {err}") from None
+
+
+def _names(raw: Any) -> tuple[str, ...]:
+    """A list of names: a TOML array of strings, or one string of comma-separated names."""
+    items = raw.split(",") if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("expected a list of names")
+    names = tuple(dict.fromkeys(name.strip() for name in items if name.strip()))
+    if len(names) > MAX_ALIASES or any(len(name) > MAX_ALIAS_CHARS for name in names):
+        raise ValueError(f"at most {MAX_ALIASES} names of {MAX_ALIAS_CHARS} characters each")
+    return names
 
 
 def _boolean(raw: Any) -> bool:
@@ -218,10 +265,7 @@ def _boolean(raw: Any) -> bool:
 def _validate(config: NodeConfig) -> None:
     if not 0 <= config.api_port <= 65535:
         raise ConfigError(f"api_port {config.api_port} is not a TCP port (0-65535)")
-    if config.context_size < 64:
-        raise ConfigError(f"context_size {config.context_size} is too small (minimum 64)")
-    if config.threads is not None and config.threads < 1:
-        raise ConfigError(f"threads {config.threads} must be at least 1")
+    _check_engine_settings(config)
     if config.engine_load_timeout_s <= 0:
         raise ConfigError("engine_load_timeout_s must be positive")
     if config.compute_gflops is not None and not 0 < config.compute_gflops < 1e9:
@@ -235,6 +279,12 @@ def _validate(config: NodeConfig) -> None:
             f"forget_gone_peers_after_s {config.forget_gone_peers_after_s} must be at least "
             f"{MIN_FORGET_AFTER_S:.0f} (live members of a big mesh republish only every hour or so)"
         )
+    for origin in config.cors_origins:
+        if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
+            raise ConfigError(
+                f"cors_origins: {origin!r} is not an origin such as https://app.example "
+                "(scheme and host, no path) or *"
+            )
     if config.api_key is not None and len(config.api_key) < MIN_API_KEY_CHARS:
         raise ConfigError(f"api_key must have at least {MIN_API_KEY_CHARS} characters")
     if config.api_key is None and not is_loopback_host(config.api_host):
@@ -250,6 +300,29 @@ def _validate(config: NodeConfig) -> None:
             raise ConfigError(f"max_memory {config.max_memory!r}: {err}") from None
     if config.log_level.lower() not in _LOG_LEVELS:
         raise ConfigError(f"log_level {config.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+
+
+def _check_engine_settings(config: NodeConfig) -> None:
+    if config.context_size < 64:
+        raise ConfigError(f"context_size {config.context_size} is too small (minimum 64)")
+    if not 1 <= config.default_max_tokens <= 1_000_000:
+        raise ConfigError(
+            f"default_max_tokens {config.default_max_tokens} must be between 1 and 1000000"
+        )
+    _check_chat_template(config.chat_template)
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"threads {config.threads} must be at least 1")
+
+
+def _check_chat_template(template: str | None) -> None:
+    if template is None or template in BUILTIN_TEMPLATES:
+        return
+    path = Path(template).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(BUILTIN_TEMPLATES))
+        raise ConfigError(
+            f"chat_template {template!r} is neither a built-in template ({known}) nor a file"
+        )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)

@@ -147,7 +147,7 @@ async def _run_node(
             }
 
         metrics = NodeMetrics(mesh_view)
-        app = create_app(serving, mesh_view, metrics, config.api_key)
+        app = create_app(serving, mesh_view, metrics, config.api_key, config.cors_origins)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(serve_api, app, config)

@@ -70,17 +70,12 @@ def test_health(gemma_node: RunningNode) -> None:
     assert answer.json() == {"status": "ok", "models": {GEMMA_ID: "ready"}}
 
 
-def test_unknown_model_is_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError) as caught:
-        client.chat.completions.create(
-            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
-        )
-    assert caught.value.body == {
-        "message": "The model 'no-such-model' does not exist",
-        "type": "invalid_request_error",
-        "param": "model",
-        "code": "model_not_found",
-    }
+def test_a_name_the_mesh_does_not_know_reaches_its_only_model(client: openai.OpenAI) -> None:
+    """As llama-server answers any name with its one model (tools often insist on theirs)."""
+    answer = client.chat.completions.create(
+        model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert answer.choices[0].message.content is not None
 
 
 def test_malformed_json_is_400(gemma_node: RunningNode) -> None:

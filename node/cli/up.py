@@ -36,7 +36,7 @@ def models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[LocalM
             path = default_model_path(config.cache_dir, report)
     info = inspect_model(path)  # refuse a bad file before starting anything
     model_id = config.model_name or path.name.removesuffix(".gguf")
-    return [LocalModel(model_id, info, int(path.stat().st_mtime))]
+    return [LocalModel(model_id, info, int(path.stat().st_mtime), config.model_aliases)]
 
 
 def measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> float:

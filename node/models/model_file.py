@@ -19,6 +19,7 @@ import gguf
 
 from ...mesh.atomic_file import write_atomic
 from ...scheduler.model_profile import ModelProfile
+from .chat_template import builtin_template
 from .gguf_header import ArrayInfo, GgufFormatError, GgufHeader, read_header
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
@@ -41,6 +42,8 @@ class ModelInfo:
     file_type: str
     tensor_types: dict[str, int]
     tensor_count: int
+    has_chat_template: bool = False  # the file carries its own (Jinja) chat template
+    tokenizer_pre: str | None = None  # the tokenizer's pre-tokenizer name (picks a template)
 
     def as_dict(self) -> dict[str, Any]:
         p = self.profile
@@ -62,6 +65,10 @@ class ModelInfo:
             "tensor_types": self.tensor_types,
             "tensor_count": self.tensor_count,
             "size_bytes": self.size_bytes,
+            "has_chat_template": self.has_chat_template,
+            "builtin_chat_template": None
+            if self.has_chat_template
+            else builtin_template(p.architecture, self.tokenizer_pre),
         }
 
 
@@ -92,6 +99,8 @@ def inspect_model(path: Path) -> ModelInfo:
         file_type=_file_type_name(fields),
         tensor_types=dict(sorted(Counter(t[1] for t in tensors).items())),
         tensor_count=len(tensors),
+        has_chat_template=isinstance(fields.get("tokenizer.chat_template"), str),
+        tokenizer_pre=_optional_str(fields, "tokenizer.ggml.pre"),
     )
 
 
@@ -219,6 +228,11 @@ def _kv_bytes_per_token(fields: dict[str, Any], arch: str, path: Path) -> int:
     key_dim = _optional_int(fields, f"{arch}.attention.key_length") or default_head_dim
     value_dim = _optional_int(fields, f"{arch}.attention.value_length") or default_head_dim
     return kv_heads * (key_dim + value_dim) * _KV_CACHE_ELEMENT_BYTES
+
+
+def _optional_str(fields: dict[str, Any], key: str) -> str | None:
+    value = fields.get(key)
+    return value if isinstance(value, str) else None
 
 
 def _vocab_size(fields: dict[str, Any]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,10 +11,12 @@ import httpx
 import trio
 
 from ...mesh.claims import Claim
+from ...mesh.member_states import MemberStates
 from ...mesh.transport.tunnel import (
     TunnelListener,
 )
 from ...scheduler.model_profile import profile_to_dict
+from ..config import MAX_ALIASES
 from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..models.model_file import ModelInfo
@@ -27,6 +29,7 @@ class LocalModel:
     model_id: str
     info: ModelInfo
     created: int
+    aliases: tuple[str, ...] = ()  # other names clients may use for it (gossiped)
 
     @property
     def path(self) -> Path:
@@ -41,6 +44,8 @@ class LocalModel:
         }
         if sha256 is not None:
             entry["sha256"] = sha256
+        if self.aliases:
+            entry["aliases"] = list(self.aliases)
         return entry
 
 
@@ -69,6 +74,24 @@ class Job:
         if supervisor is None or supervisor.state is not ServiceState.READY:
             return None
         return None if supervisor.ready_spec is None else supervisor.ready_spec.endpoint
+
+
+def gossiped_aliases(
+    members: MemberStates, models: Collection[str]
+) -> dict[str, str]:
+    """Other names for the models offered, as their holders gossip them (the lowest peer id's
+    claim on a name wins; a model's own id is never an alias of another)."""
+    aliases: dict[str, str] = {}
+    for _, content in members.having("models"):
+        entries = content.get("models")
+        for entry in entries[:16] if isinstance(entries, list) else []:
+            if not isinstance(entry, dict) or entry.get("id") not in models:
+                continue
+            names = entry.get("aliases")
+            for name in names[:MAX_ALIASES] if isinstance(names, list) else []:
+                if isinstance(name, str) and name not in models:
+                    aliases.setdefault(name, entry["id"])
+    return aliases
 
 
 async def accepts_tcp(spec: ProcessSpec) -> bool:

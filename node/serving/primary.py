@@ -18,6 +18,7 @@ from ..engine.load_report import LoadReport
 from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..engine.unix_socket import engine_client, unix_endpoint
+from ..models.chat_template import template_args
 from ..weights.warm_start import READY, await_ready
 from .jobs import Job, LocalModel
 from .parts import ENGINE_ENV, STEP_S, ServingParts
@@ -90,11 +91,19 @@ class PrimaryRole(ServingParts):
             *("--host", str(job.socket)),  # a Unix socket, for this user only (unix_socket)
             *("--model", str(model.path), "--alias", model.model_id),
             *("--ctx-size", str(self._config.context_size)),
+            *("--n-predict", str(self._config.default_max_tokens)),
+            *template_args(
+                has_own=model.info.has_chat_template,
+                architecture=model.info.profile.architecture,
+                tokenizer_pre=model.info.tokenizer_pre,
+                configured=self._config.chat_template,
+            ),
             *("--no-webui", "--log-verbosity", "4"),
             *split.argv(endpoints),
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
+        argv += self._config.engine_args  # checked against the allow-list when loaded
         return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:

@@ -15,7 +15,14 @@ from ...mesh.transport.tunnel import (
 )
 from ..engine.unix_socket import ENGINE_BASE_URL
 from .parts import ServingParts
-from .upstream import HttpUpstream, ModelEntry, ModelNotFound, Upstream, UpstreamUnavailable
+from .upstream import (
+    HttpUpstream,
+    ModelEntry,
+    ModelNotFound,
+    ModelRequired,
+    Upstream,
+    UpstreamUnavailable,
+)
 
 
 class ApiRouting(ServingParts):
@@ -26,6 +33,27 @@ class ApiRouting(ServingParts):
             ModelEntry(model_id, self._local[model_id].created if model_id in self._local else 0)
             for model_id in sorted(self.model_states)
         ]
+
+    def resolve(self, name: str | None) -> str:
+        """The model a request is for: its name or an alias; with no name, or a name the mesh
+        does not know, the mesh's only model (as llama-server answers any name), unless
+        `strict_model_names`; otherwise none (ModelRequired, ModelNotFound)."""
+        if name is not None:
+            if name in self.model_states:
+                return name
+            if name in self.aliases:
+                return self.aliases[name]
+            if self._recently_offered.gone_for(name, trio.current_time()) is not None:
+                return name  # its holder restarts: "unavailable, retry" (503), not 404
+        offered = sorted(self.model_states)
+        if len(offered) == 1 and (name is None or not self._config.strict_model_names):
+            return offered[0]
+        if name is None:
+            raise ModelRequired(
+                "'model' is a required property"
+                + (f" (this mesh offers {', '.join(offered)})" if offered else "")
+            )
+        raise ModelNotFound(name)
 
     def route(self, model_id: str) -> Upstream:
         unavailable = self._unavailable(model_id)

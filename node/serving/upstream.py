@@ -121,6 +121,10 @@ class ModelNotFound(Exception):
     """No model of that name is offered."""
 
 
+class ModelRequired(Exception):
+    """A request names no model, and the mesh offers several."""
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     model_id: str

@@ -1,0 +1,84 @@
+"""Engine options a user may set for their model's llama-server, checked against an allow-list.
+
+Users of llama-server tune flash attention, KV cache types, parallel slots, reasoning output,
+speculative decoding and default sampling; those pass through (`engine_args` in the config).
+Anything that decides where the engine listens, what it loads or how it reaches its workers
+(`--host`, `--port`, `--model`, `--rpc`, `--n-gpu-layers`, `--tensor-split`, ...) belongs to the
+node, and any flag not listed here is refused with the list of those that are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+# flag -> whether it takes a value; each flag's aliases are listed too
+_WITH_VALUE = frozenset(
+    {
+        "-fa", "--flash-attn",
+        "-ctk", "--cache-type-k",
+        "-ctv", "--cache-type-v",
+        "-np", "--parallel",
+        "-b", "--batch-size",
+        "-ub", "--ubatch-size",
+        "--cache-reuse",
+        "--reasoning-format",
+        "--reasoning-budget",
+        "--chat-template-kwargs",
+        "--spec-type",
+        "--draft", "--draft-n", "--draft-max",
+        "--draft-min", "--draft-n-min",
+        "--spec-ngram-size-n",
+        "--temp", "--temperature",
+        "--top-k",
+        "--top-p",
+        "--min-p",
+        "--repeat-penalty",
+        "--presence-penalty",
+        "--frequency-penalty",
+        "--seed",
+    }
+)  # fmt: skip
+_SWITCHES = frozenset(
+    {"--jinja", "--no-jinja", "-cb", "--cont-batching", "-nocb", "--no-cont-batching",
+     "--swa-full", "-kvu", "--kv-unified"}
+)  # fmt: skip
+ALLOWED = _WITH_VALUE | _SWITCHES
+MAX_ARGS = 64
+_VALUE = re.compile(r"^[\w.:,{}\"'\[\] =+-]{1,256}$")
+
+
+class EngineOptionError(ValueError):
+    """An engine option the node does not pass; the message says which and what is allowed."""
+
+
+def check_engine_args(args: Sequence[str]) -> tuple[str, ...]:
+    """The arguments as they will be passed, or EngineOptionError."""
+    if len(args) > MAX_ARGS:
+        raise EngineOptionError(f"at most {MAX_ARGS} engine arguments")
+    checked: list[str] = []
+    index = 0
+    while index < len(args):
+        flag = args[index]
+        if flag not in ALLOWED:
+            allowed = " ".join(sorted(ALLOWED))
+            raise EngineOptionError(
+                f"engine option {flag!r} is not one a node passes (allowed: {allowed})"
+            )
+        checked.append(flag)
+        index += 1
+        if flag in _WITH_VALUE:
+            value = args[index] if index < len(args) else ""
+            if not _VALUE.match(value) or (value.startswith("-") and not _is_number(value)):
+                raise EngineOptionError(f"engine option {flag} needs a plain value")
+            checked.append(value)
+            index += 1
+    return tuple(checked)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,58 @@
+"""Engine options users set for their model pass an allow-list; nothing that decides where the
+engine listens, what it loads or how it reaches its workers gets through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sharedllm.node.config import ConfigError, load_config
+from sharedllm.node.engine.options import ALLOWED, EngineOptionError, check_engine_args
+
+
+def test_common_tuning_passes_as_given() -> None:
+    args = ["--flash-attn", "on", "-ctk", "q8_0", "--parallel", "2", "--jinja", "--temp", "-0.5"]
+    assert check_engine_args(args) == tuple(args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--host", "0.0.0.0"],
+        ["--port", "8080"],
+        ["--rpc", "10.0.0.1:50052"],
+        ["--model", "/etc/passwd"],
+        ["-m", "x.gguf"],
+        ["--n-gpu-layers", "99"],
+        ["--slot-save-path", "/tmp"],
+        ["--flash-attn"],  # a value is missing
+        ["--flash-attn", "--host"],  # a flag where the value should be
+        ["--temp", "1; rm -rf /"],
+    ],
+)
+def test_what_belongs_to_the_node_is_refused(args: list[str]) -> None:
+    with pytest.raises(EngineOptionError):
+        check_engine_args(args)
+
+
+@given(st.lists(st.text(max_size=20), max_size=10))
+def test_any_arguments_are_passed_only_if_every_flag_is_allowed(args: list[str]) -> None:
+    try:
+        checked = check_engine_args(args)
+    except EngineOptionError:
+        return
+    flags = [
+        a for a in checked if a.startswith("-") and not a.lstrip("-").replace(".", "").isdigit()
+    ]
+    assert set(flags) <= ALLOWED
+
+
+def test_engine_args_come_from_the_config_file_or_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[node]\nengine_args = ["--flash-attn", "on"]\n')
+    assert load_config(data_dir=tmp_path, environ={}).engine_args == ("--flash-attn", "on")
+    env = {"SHAREDLLM_ENGINE_ARGS": "--parallel 2"}
+    assert load_config(data_dir=tmp_path, environ=env).engine_args == ("--parallel", "2")
+    with pytest.raises(ConfigError, match="not one a node passes"):
+        load_config(data_dir=tmp_path, environ={"SHAREDLLM_ENGINE_ARGS": "--host 0.0.0.0"})
