@@ -20,6 +20,7 @@ import platformdirs
 
 from .engine.options import check_engine_args
 from .models.chat_template import BUILTIN_TEMPLATES
+from .models.model_kind import KINDS
 
 APP_NAME = "sharedllm"
 DEFAULT_API_HOST = "127.0.0.1"
@@ -48,6 +49,8 @@ class NodeConfig:
     engine_dir: Path | None = None
     model: Path | None = None
     model_name: str | None = None
+    # What the model is for: text, embedding or rerank. Unset: what its GGUF says.
+    model_kind: str | None = None
     # Other names clients may use for this node's model (e.g. the name a tool insists on).
     model_aliases: tuple[str, ...] = ()
     # A request naming a model the mesh does not know is refused (404) even when the mesh
@@ -100,6 +103,7 @@ _SETTING_TYPES: dict[str, type] = {
     "engine_dir": Path,
     "model": Path,
     "model_name": str,
+    "model_kind": str,
     "model_aliases": tuple,
     "strict_model_names": bool,
     "api_host": str,
@@ -310,6 +314,8 @@ def _check_engine_settings(config: NodeConfig) -> None:
             f"default_max_tokens {config.default_max_tokens} must be between 1 and 1000000"
         )
     _check_chat_template(config.chat_template)
+    if config.model_kind is not None and config.model_kind not in KINDS:
+        raise ConfigError(f"model_kind {config.model_kind!r} is not one of {', '.join(KINDS)}")
     if config.threads is not None and config.threads < 1:
         raise ConfigError(f"threads {config.threads} must be at least 1")
 

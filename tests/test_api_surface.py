@@ -5,6 +5,7 @@ API key and CORS, and the default model answering a first request sensibly in se
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -299,3 +300,26 @@ def test_a_client_that_gives_up_frees_the_engine(two_nodes: Mesh) -> None:
     while any(s.get("is_processing") for s in _engine_slots(two_nodes.primary.process.pid)):
         assert time.monotonic() < deadline, "the engine still generates for a client that left"
         time.sleep(0.5)
+
+
+def _curl_stream(url: str, path: str, body: dict[str, Any]) -> list[str]:
+    headers = ["-H", f"Authorization: Bearer {KEY}", "-H", "content-type: application/json"]
+    done = subprocess.run(
+        ["curl", "-sSN", "--max-time", "60", *headers, "-d", json.dumps(body), url + path],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_curl_streams_events_and_ndjson(mesh: RunningNode) -> None:
+    chat = {"model": GEMMA_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+    events = _curl_stream(mesh.api_url, "/v1/chat/completions", {**chat, "stream": True})
+    assert events[-1] == "data: [DONE]" and len(events) >= 3
+    assert all(event.startswith("data: ") for event in events)
+    lines = _curl_stream(mesh.api_url, "/api/chat", {**chat, "options": {"num_predict": 8}})
+    parsed = [json.loads(line) for line in lines]  # NDJSON: Ollama streams by default
+    assert parsed[-1]["done"] is True and len(parsed) >= 2
+    assert all(not p["done"] for p in parsed[:-1])

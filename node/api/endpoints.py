@@ -25,8 +25,12 @@ class Endpoint:
     needs: tuple[Fields, ...] = ()  # each group: a field the body must have, by any of its names
     lists: frozenset[str] = frozenset()  # fields that must be arrays when present
     shape: Shape = Shape.OPENAI
+    kinds: frozenset[str] = frozenset({"text"})  # the kinds of model that answer it
 
 
+_ANY = frozenset({"text", "embedding", "rerank"})
+_EMBEDDING = frozenset({"embedding"})
+_RERANK = frozenset({"rerank"})
 _MESSAGES = ("messages",)
 _PROMPT = ("prompt",)
 FORWARDED: tuple[Endpoint, ...] = (
@@ -43,17 +47,17 @@ FORWARDED: tuple[Endpoint, ...] = (
     Endpoint("/responses/input_tokens", (("input",),)),
     Endpoint("/v1/messages", (_MESSAGES,), frozenset(_MESSAGES), Shape.ANTHROPIC),
     Endpoint("/v1/messages/count_tokens", (_MESSAGES,), frozenset(_MESSAGES), Shape.ANTHROPIC),
-    Endpoint("/v1/embeddings", (("input", "content"),)),
-    Endpoint("/embeddings", (("input", "content"),)),
-    Endpoint("/embedding", (("input", "content"),)),
-    Endpoint("/v1/rerank", (("query",), ("documents",)), frozenset({"documents"})),
-    Endpoint("/v1/reranking", (("query",), ("documents",)), frozenset({"documents"})),
-    Endpoint("/rerank", (("query",), ("documents",)), frozenset({"documents"})),
-    Endpoint("/reranking", (("query",), ("documents",)), frozenset({"documents"})),
+    Endpoint("/v1/embeddings", (("input", "content"),), kinds=_EMBEDDING),
+    Endpoint("/embeddings", (("input", "content"),), kinds=_EMBEDDING),
+    Endpoint("/embedding", (("input", "content"),), kinds=_EMBEDDING),
+    *(
+        Endpoint(path, (("query",), ("documents",)), frozenset({"documents"}), kinds=_RERANK)
+        for path in ("/v1/rerank", "/v1/reranking", "/rerank", "/reranking")
+    ),
     Endpoint("/infill", (("input_prefix",), ("input_suffix",)), frozenset({"input_extra"})),
-    Endpoint("/tokenize", (("content",),)),
-    Endpoint("/detokenize", (("tokens",),), frozenset({"tokens"})),
-    Endpoint("/apply-template", (_MESSAGES,), frozenset(_MESSAGES)),
+    Endpoint("/tokenize", (("content",),), kinds=_ANY),
+    Endpoint("/detokenize", (("tokens",),), frozenset({"tokens"}), kinds=_ANY),
+    Endpoint("/apply-template", (_MESSAGES,), frozenset(_MESSAGES), kinds=_ANY),
 )
 
 # What `GET /props` keeps of the engine's answer: what clients read to adapt (context,

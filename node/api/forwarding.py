@@ -41,6 +41,11 @@ RETRY_AFTER_S = 5
 RECOVERY_WAIT_S = 20.0
 RECOVERY_POLL_S = 0.5
 _log = logging.getLogger("sharedllm.api")
+_WHAT_ANSWERS = {
+    "text": "a text model: it answers completions and chats, not embeddings or reranking",
+    "embedding": "an embedding model: it answers /v1/embeddings, not completions or chats",
+    "rerank": "a reranking model: it answers /v1/rerank, not completions or chats",
+}
 
 
 class ModelRouter(Protocol):
@@ -89,6 +94,10 @@ async def forward_json(
     model_id = resolve_model(router, payload.get("model"), endpoint.shape)
     if isinstance(model_id, Response):
         return model_id
+    kind = next((m.kind for m in router.models() if m.model_id == model_id), "text")
+    if kind not in endpoint.kinds:
+        message = f"model {model_id} is {_WHAT_ANSWERS[kind]}"
+        return bad_request(endpoint.shape, message, param="model")
     forward = ForwardRequest("POST", endpoint.path, body, {"content-type": "application/json"})
     answer = await open_upstream(
         router, metrics, request, model_id=model_id, forward=forward, shape=endpoint.shape

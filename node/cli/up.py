@@ -17,6 +17,7 @@ from ..engine.locate import EngineInfo
 from ..mesh_setup import DEFAULT_LISTEN, prepare_mesh
 from ..models.default_model import DefaultModelError, default_model_path
 from ..models.model_file import ModelFileError, inspect_model
+from ..models.model_kind import inferred_kind
 from ..serving.jobs import LocalModel
 from .common import CommandError, engine_for, first_leaf, load_node_config, node_name
 from .progress import progress_reporter
@@ -36,7 +37,8 @@ def models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[LocalM
             path = default_model_path(config.cache_dir, report)
     info = inspect_model(path)  # refuse a bad file before starting anything
     model_id = config.model_name or path.name.removesuffix(".gguf")
-    return [LocalModel(model_id, info, int(path.stat().st_mtime), config.model_aliases)]
+    kind = config.model_kind or inferred_kind(info.profile.architecture, info.pooling_type)
+    return [LocalModel(model_id, info, int(path.stat().st_mtime), config.model_aliases, kind)]
 
 
 def measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> float:

@@ -21,6 +21,7 @@ from ...mesh.atomic_file import write_atomic
 from ...scheduler.model_profile import ModelProfile
 from .chat_template import builtin_template
 from .gguf_header import ArrayInfo, GgufFormatError, GgufHeader, read_header
+from .model_kind import inferred_kind
 
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 _GGUF_MAGIC = b"GGUF"
@@ -44,6 +45,7 @@ class ModelInfo:
     tensor_count: int
     has_chat_template: bool = False  # the file carries its own (Jinja) chat template
     tokenizer_pre: str | None = None  # the tokenizer's pre-tokenizer name (picks a template)
+    pooling_type: int | None = None  # declared by embedding and reranking models
 
     def as_dict(self) -> dict[str, Any]:
         p = self.profile
@@ -65,6 +67,7 @@ class ModelInfo:
             "tensor_types": self.tensor_types,
             "tensor_count": self.tensor_count,
             "size_bytes": self.size_bytes,
+            "kind": inferred_kind(p.architecture, self.pooling_type),
             "has_chat_template": self.has_chat_template,
             "builtin_chat_template": None
             if self.has_chat_template
@@ -101,6 +104,7 @@ def inspect_model(path: Path) -> ModelInfo:
         tensor_count=len(tensors),
         has_chat_template=isinstance(fields.get("tokenizer.chat_template"), str),
         tokenizer_pre=_optional_str(fields, "tokenizer.ggml.pre"),
+        pooling_type=_optional_int(fields, f"{arch}.pooling_type"),
     )
 
 

@@ -20,6 +20,7 @@ from ..config import MAX_ALIASES
 from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..models.model_file import ModelInfo
+from ..models.model_kind import KINDS
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class LocalModel:
     info: ModelInfo
     created: int
     aliases: tuple[str, ...] = ()  # other names clients may use for it (gossiped)
+    kind: str = "text"  # text, embedding or rerank (gossiped: every peer routes by it)
 
     @property
     def path(self) -> Path:
@@ -46,6 +48,8 @@ class LocalModel:
             entry["sha256"] = sha256
         if self.aliases:
             entry["aliases"] = list(self.aliases)
+        if self.kind != "text":
+            entry["kind"] = self.kind
         return entry
 
 
@@ -92,6 +96,18 @@ def gossiped_aliases(
                 if isinstance(name, str) and name not in models:
                     aliases.setdefault(name, entry["id"])
     return aliases
+
+
+def gossiped_kinds(members: MemberStates, models: Collection[str]) -> dict[str, str]:
+    """What each offered model is for, as the lowest peer id holding it says."""
+    kinds: dict[str, str] = {}
+    for _, content in members.having("models"):
+        entries = content.get("models")
+        for entry in entries[:16] if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and entry.get("id") in models:
+                kind = entry.get("kind", "text")
+                kinds.setdefault(entry["id"], kind if kind in KINDS else "text")
+    return kinds
 
 
 async def accepts_tcp(spec: ProcessSpec) -> bool:

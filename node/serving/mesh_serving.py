@@ -42,7 +42,7 @@ from ..models.model_file import ModelFileError, cached_sha256
 from ..weights.share import WeightShare
 from ..weights.share_wire import WEIGHTS
 from ..weights.warm_start import READY, WeightFiller, answer_ready
-from .jobs import Job, LocalModel, gossiped_aliases
+from .jobs import Job, LocalModel, gossiped_aliases, gossiped_kinds
 from .offered_recently import RecentlyOffered
 from .parts import STEP_S
 from .primary import PrimaryRole
@@ -75,6 +75,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self._saved_epochs = dict(self.elector.highest_epoch)
         self._recently_offered = RecentlyOffered()
         self.aliases: dict[str, str] = {}
+        self.kinds: dict[str, str] = {}
         self.model_states: dict[str, ModelState] = {}
         self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
         self._last_rank: dict[str, tuple[int, str]] = {}  # model -> last placement seen
@@ -147,7 +148,9 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self.elector.note_epochs(self._service.claimants())
         self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
         self._recently_offered.note(self.model_states, trio.current_time())
-        self.aliases = gossiped_aliases(self._service.member_states(), self.model_states)
+        members = self._service.member_states()
+        self.aliases = gossiped_aliases(members, self.model_states)
+        self.kinds = gossiped_kinds(members, self.model_states)
         self._count_replans()
         await self._save_epochs()
         changes = reconcile(

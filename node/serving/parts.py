@@ -64,6 +64,7 @@ class ServingParts(Protocol):
     _engines_started: int
     _recently_offered: RecentlyOffered
     aliases: dict[str, str]  # another name -> model id, from the holders' gossip
+    kinds: dict[str, str]  # model id -> what it is for, from the holders' gossip
 
     def _start_job(self, runner: Callable[[Job], Awaitable[None]], claim: Claim) -> Job:
         assert self._nursery is not None

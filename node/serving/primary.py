@@ -19,6 +19,7 @@ from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..engine.unix_socket import engine_client, unix_endpoint
 from ..models.chat_template import template_args
+from ..models.model_kind import kind_args
 from ..weights.warm_start import READY, await_ready
 from .jobs import Job, LocalModel
 from .parts import ENGINE_ENV, STEP_S, ServingParts
@@ -92,6 +93,7 @@ class PrimaryRole(ServingParts):
             *("--model", str(model.path), "--alias", model.model_id),
             *("--ctx-size", str(self._config.context_size)),
             *("--n-predict", str(self._config.default_max_tokens)),
+            *kind_args(model.kind, model.info.pooling_type),
             *template_args(
                 has_own=model.info.has_chat_template,
                 architecture=model.info.profile.architecture,

@@ -30,7 +30,11 @@ class ApiRouting(ServingParts):
 
     def models(self) -> Sequence[ModelEntry]:
         return [
-            ModelEntry(model_id, self._local[model_id].created if model_id in self._local else 0)
+            ModelEntry(
+                model_id,
+                self._local[model_id].created if model_id in self._local else 0,
+                self.kinds.get(model_id, "text"),
+            )
             for model_id in sorted(self.model_states)
         ]
 

@@ -129,6 +129,7 @@ class ModelRequired(Exception):
 class ModelEntry:
     model_id: str
     created: int
+    kind: str = "text"  # what it answers: text, embedding or rerank
     owned_by: str = "sharedllm"
 
     def as_openai(self) -> dict[str, Any]:
@@ -137,4 +138,5 @@ class ModelEntry:
             "object": "model",
             "created": self.created,
             "owned_by": self.owned_by,
+            "kind": self.kind,
         }

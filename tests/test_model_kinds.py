@@ -1,0 +1,63 @@
+"""A node offering an embedding model: started with the engine flags that kind needs, listed
+with its kind, answering embeddings through the official openai client, and refusing chats
+with a clear 400 rather than an engine error."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sharedllm.node.models.model_kind import inferred_kind, kind_args
+
+from .node_process import RunningNode, start_node
+
+pytestmark = pytest.mark.integration
+
+
+def test_kinds_come_from_the_file_and_need_their_flags() -> None:
+    assert inferred_kind("llama", None) == "text"
+    assert inferred_kind("bert", 2) == "embedding"
+    assert inferred_kind("nomic-bert", None) == "embedding"
+    assert inferred_kind("qwen3", 4) == "rerank"
+    assert kind_args("embedding", None) == ["--embeddings", "--pooling", "mean"]
+    assert kind_args("embedding", 2) == ["--embeddings"]
+    assert kind_args("rerank", 4) == ["--reranking"]
+    assert kind_args("text", None) == []
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[RunningNode]:
+    node = start_node(
+        tmp_path_factory.mktemp("embedder"),
+        "--model",
+        str(tiny_model),
+        "--model-name",
+        "tiny-embed",
+        env={"SHAREDLLM_MODEL_KIND": "embedding"},
+    )
+    yield node
+    node.stop()
+
+
+def test_an_embedding_model_answers_embeddings(embedder: RunningNode) -> None:
+    with openai.OpenAI(base_url=embedder.api_url + "/v1", api_key="x", max_retries=0) as client:
+        listed = client.models.list().data
+        assert [(m.id, getattr(m, "kind", None)) for m in listed] == [("tiny-embed", "embedding")]
+        answer = client.embeddings.create(model="tiny-embed", input=["hello", "mesh"])
+    assert len(answer.data) == 2
+    assert len(answer.data[0].embedding) > 0
+    assert answer.data[0].embedding != answer.data[1].embedding
+
+
+def test_an_embedding_model_refuses_chats_with_a_clear_400(embedder: RunningNode) -> None:
+    chat = httpx.post(
+        embedder.api_url + "/v1/chat/completions",
+        json={"model": "tiny-embed", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert chat.status_code == 400
+    assert "is a embedding model" not in chat.json()["error"]["message"]
+    assert "embedding model" in chat.json()["error"]["message"]
