@@ -87,6 +87,14 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
         self._unsaved_revocations: list[Revocation] = []  # bounded by MAX_REVOCATIONS
         self._known = MemberStates()  # every stored state's content
         self._members = MemberStates()  # those of live members (and ours)
+        self._runners: dict[Do, Callable[[str], Awaitable[object]]] = {
+            Do.EXCHANGE: self._exchange_with,
+            Do.EXCHANGE_AFAR: self._dial_and_exchange,
+            Do.SYNC_REVOCATIONS: self._sync_revocations_with,
+            Do.PROBE: self._probe,
+            Do.CONNECT: self._connect_to,
+            Do.INTRODUCE: self.introduce,
+        }
 
     # -- running ---------------------------------------------------------------------------
 
@@ -123,17 +131,6 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
             self._spawn(action, self._bandwidth_round, bounded=False)
         else:
             self._spawn(action, self._runners[action.do])
-
-    @property
-    def _runners(self) -> dict[Do, Callable[[str], Awaitable[object]]]:
-        return {
-            Do.EXCHANGE: self._exchange_with,
-            Do.EXCHANGE_AFAR: self._dial_and_exchange,
-            Do.SYNC_REVOCATIONS: self._sync_revocations_with,
-            Do.PROBE: self._probe,
-            Do.CONNECT: self._connect_to,
-            Do.INTRODUCE: self.introduce,
-        }
 
     def _in_background(self, action: Action, run: Callable[[str], Awaitable[object]]) -> None:
         if self._tasks is not None and self.core.begin(action):

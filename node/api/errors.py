@@ -30,19 +30,6 @@ _ANTHROPIC_KINDS = {
 }
 
 
-def openai_error(
-    status: int,
-    message: str,
-    *,
-    kind: str,
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def error_response(
     shape: Shape,
     status: int,
@@ -59,7 +46,8 @@ def error_response(
         return JSONResponse(body, status_code=status, headers=headers)
     if shape is Shape.OLLAMA:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
-    return openai_error(status, message, kind=kind, code=code, param=param, headers=headers)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def shape_of(path: str) -> Shape:
