@@ -323,3 +323,34 @@ def test_curl_streams_events_and_ndjson(mesh: RunningNode) -> None:
     parsed = [json.loads(line) for line in lines]  # NDJSON: Ollama streams by default
     assert parsed[-1]["done"] is True and len(parsed) >= 2
     assert all(not p["done"] for p in parsed[:-1])
+
+
+def test_the_default_model_s_template_renders_tools_calls_and_results(mesh: RunningNode) -> None:
+    """Tool calls need a template that renders them (llama.cpp derives the call format and its
+    grammar from it): the gemma template shipped with the node does."""
+    url, headers = mesh.api_url, _headers()
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    body = {"messages": history, "tools": [weather]}
+    prompt = httpx.post(url + "/apply-template", json=body, headers=headers).json()["prompt"]
+    assert '"get_weather"' in prompt.split("<end_of_turn>")[0]  # offered in the first turn
+    assert (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt
+    )
+    assert "<tool_response>sunny</tool_response>" in prompt
+    props = httpx.get(url + "/props", headers=headers, timeout=30).json()
+    assert props["chat_template_caps"]["supports_tool_calls"] is True
