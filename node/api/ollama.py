@@ -150,7 +150,9 @@ async def _whole_answer(answer: ForwardResponse, stamp: dict[str, Any], *, chat:
         error = openai.get("error")
         message = error.get("message") if isinstance(error, dict) else str(error)
         return error_response(Shape.OLLAMA, answer.status_code, str(message), kind="")
-    choice = (openai.get("choices") or [{}])[0]
+    choices = openai.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    choice: dict[str, Any] = first if isinstance(first, dict) else {}
     finish = choice.get("finish_reason")
     line = {**stamp, **_content(choice, chat, delta=False), **final_fields(openai, finish)}
     return JSONResponse(line)
