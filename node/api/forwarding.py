@@ -161,6 +161,7 @@ async def _unless_client_leaves(
     """Opens the upstream request, cancelled (its connection closed, so the engine stops the
     work) if the client disconnects before the answer's headers arrive."""
     answer: ForwardResponse | None = None
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
@@ -169,8 +170,13 @@ async def _unless_client_leaves(
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
-        answer = await upstream.open(forward)
+        try:
+            answer = await upstream.open(forward)
+        except Exception as err:  # noqa: BLE001  (raised below, outside the nursery's group)
+            failure = err
         nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure  # as it is: callers tell UpstreamUnavailable from the rest
     return answer
 
 
