@@ -55,7 +55,7 @@ async def test_an_upstream_that_cannot_be_reached_is_a_503_in_each_api_s_shape()
     """The failure is raised inside the task that also watches for the client leaving; it must
     reach the handler as itself (trio wraps a nursery's errors in a group: that was a 500)."""
     refused = UpstreamUnavailable("nothing can be planned", transient=False)
-    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    chat: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     openai = await _post(refused, "/v1/chat/completions", chat)
     assert openai.status_code == 503 and openai.json()["error"]["code"] == "model_not_ready"
     assert openai.headers["retry-after"]
