@@ -19,6 +19,7 @@ from .shell import PROTOCOL_FAULTS, MeshShell
 from .transport.seam import MeshStream, StreamHandler, TransportError
 
 HELLO = "/sharedllm/hello/2"
+REFUSAL_LINGER_S = 1.0  # how long a refused peer is given to read why
 _log = logging.getLogger("sharedllm.mesh")
 
 
@@ -45,8 +46,22 @@ class Hello(MeshShell):
         await self._send(stream, answer.reply)
         if answer.admitted:
             self._admit(peer)
-        else:
-            await self.transport.disconnect(peer)
+            return
+        if answer.reply:  # a revocation: the revoked node must learn it, or it keeps asking
+            await self._until_read(stream)
+        await self.transport.disconnect(peer)
+
+    async def _until_read(self, stream: MeshStream) -> None:
+        """Waits (briefly) for the peer to close its side after our refusal: cutting the
+        connection at once resets the stream before the refusal arrives. Only for a refusal
+        with content: lingering, the peer-wide disconnect would also cut the peer's next
+        connection if it came first."""
+        with trio.move_on_after(min(REFUSAL_LINGER_S, self.timing.exchange_timeout_s)):
+            try:
+                while await stream.receive_some(64):
+                    pass
+            except TransportError:
+                pass
 
     async def introduce(self, peer: str) -> bool:
         """Runs the hello exchange with a newly connected peer; False (and disconnected) if

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiaddr
 import pytest
 import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.transport.libp2p_adapter import open_libp2p_transport
 from sharedllm.mesh.transport.seam import MeshStream, TransportError
@@ -38,3 +40,21 @@ async def test_open_stream_never_dials_a_peer_that_is_not_connected() -> None:
         with pytest.raises(TransportError, match="not connected"):
             await first.open_stream(peer, _ECHO)
         assert peer not in first.connected_peers()
+
+
+async def test_libp2p_never_dials_a_known_peer_on_its_own() -> None:
+    """py-libp2p's background connector dials peers of its peerstore while a host has fewer
+    than 100 connections; in a mesh that connection carries no hello, and a member that
+    revoked us drops every stream on it while we take it for the admitted one."""
+    one, two = NodeIdentity.from_seed(b"3" * 32), NodeIdentity.from_seed(b"4" * 32)
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
+        two, listen
+    ) as second:
+        address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
+        swarm = first._host.get_network()
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        swarm.peerstore.add_addrs(info.peer_id, info.addrs, 3600)  # known, never dialed
+        await swarm.auto_connector.maybe_connect()
+        await trio.sleep(0.5)
+        assert second.local_peer_id not in first.connected_peers()

@@ -28,13 +28,25 @@ with warnings.catch_warnings():
     from libp2p.crypto.ed25519 import create_new_key_pair
     from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_pair
     from libp2p.custom_types import TProtocol
+    from libp2p.network.auto_connector import AutoConnector
     from libp2p.network.stream.exceptions import StreamEOF
+    from libp2p.network.swarm import Swarm
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
 
 _log = logging.getLogger("sharedllm.mesh.libp2p")
+
+
+class _OurDialsOnly(AutoConnector):
+    """py-libp2p redials peers from its peerstore on its own whenever a host has fewer than
+    its low watermark of connections (100), which is always in a small mesh. Such a connection
+    carries no hello: the peer that closed it (a member that revoked us, say) drops every
+    stream on it, while we take it for the admitted one. Only the mesh dials."""
+
+    async def maybe_connect(self) -> None:
+        return
 
 
 class _Libp2pStream:
@@ -204,6 +216,10 @@ async def open_libp2p_transport(
     for address in addrs:
         check_port_free(address)
     host = new_host(key_pair=key_pair, sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_preference="YAMUX")
+    swarm = host.get_network()
+    if not isinstance(swarm, Swarm):
+        raise TypeError(f"py-libp2p gave a {type(swarm).__name__}, not the Swarm we tune")
+    swarm.auto_connector = _OurDialsOnly(swarm, swarm.connection_config.auto_connect_interval)
     async with host.run(listen_addrs=addrs), trio.open_nursery() as nursery:
         transport = Libp2pTransport(host)
         if str(host.get_id()) != identity.peer_id:
