@@ -18,6 +18,7 @@ import ollama
 import openai
 import psutil
 import pytest
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from .node_process import RunningNode, invite_token, start_node
 
@@ -173,7 +174,11 @@ def _ollama_calls(client: ollama.Client) -> None:
         )
     )
     assert pieces[-1].done and "".join(p.response or "" for p in pieces)
-    assert client.show(GEMMA_ID).details is not None
+    shown = client.show(GEMMA_ID)
+    assert shown.details is not None and shown.details.family == "gemma3"
+    assert shown.modelinfo is not None and shown.modelinfo["gemma3.block_count"] == 18
+    assert "completion" in (shown.capabilities or [])
+    assert (client.list().models[0].size or 0) > 100_000_000  # the weights' bytes
 
 
 def test_names_the_mesh_does_not_know(two_nodes: Mesh) -> None:
@@ -356,3 +361,32 @@ def test_the_default_model_s_template_renders_tools_calls_and_results(mesh: Runn
     assert "<tool_response>sunny</tool_response>" in prompt
     props = httpx.get(url + "/props", headers=headers, timeout=30).json()
     assert props["chat_template_caps"]["supports_tool_calls"] is True
+
+
+def test_openai_sdk_gets_a_tool_call_it_can_run(openai_client: openai.OpenAI) -> None:
+    """With a tool required, the engine's grammar (from the gemma template) makes even the
+    270M model answer with a call the SDK parses: a known function and JSON arguments."""
+    weather: ChatCompletionFunctionToolParam = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    answer = openai_client.chat.completions.create(
+        model=GEMMA_ID,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather],
+        tool_choice="required",
+        max_tokens=64,
+    )
+    calls = answer.choices[0].message.tool_calls or []
+    assert calls, answer.choices[0].message
+    call = calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments).get("city"), str)

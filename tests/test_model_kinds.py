@@ -61,3 +61,45 @@ def test_an_embedding_model_refuses_chats_with_a_clear_400(embedder: RunningNode
     assert chat.status_code == 400
     assert "is a embedding model" not in chat.json()["error"]["message"]
     assert "embedding model" in chat.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[RunningNode]:
+    node = start_node(
+        tmp_path_factory.mktemp("reranker"),
+        "--model",
+        str(tiny_model),
+        "--model-name",
+        "tiny-rerank",
+        "--kind",
+        "rerank",
+    )
+    yield node
+    node.stop()
+
+
+def test_a_reranker_ranks_documents_and_says_what_it_is(reranker: RunningNode) -> None:
+    """`--kind rerank` starts the engine with ranking; `/v1/rerank` (the Jina/Cohere shape)
+    answers one score per document, best first, and Ollama's face says it does not chat."""
+    documents = ["a cat sat", "dogs bark", "the sky", "cats purr"]
+    answer = httpx.post(
+        reranker.api_url + "/v1/rerank",
+        json={"model": "tiny-rerank", "query": "cat", "documents": documents, "top_n": 3},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert len(results) == 3 and len({r["index"] for r in results}) == 3
+    assert all(0 <= r["index"] < len(documents) for r in results)
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    listed = httpx.get(reranker.api_url + "/v1/models", timeout=30).json()["data"]
+    assert [(m["id"], m["kind"]) for m in listed] == [("tiny-rerank", "rerank")]
+    shown = httpx.post(reranker.api_url + "/api/show", json={"model": "tiny-rerank"}, timeout=30)
+    assert shown.json()["capabilities"] == [] and shown.json()["details"]["family"] == "llama"
+    chat = httpx.post(
+        reranker.api_url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert chat.status_code == 400 and "rerank" in chat.json()["error"]["message"]

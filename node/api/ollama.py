@@ -16,10 +16,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..serving.upstream import ForwardRequest, ForwardResponse, UpstreamBroken
+from ..serving.upstream import ForwardRequest, ForwardResponse, ModelEntry, UpstreamBroken
 from .errors import Shape, error_response
 from .forwarding import ModelRouter, bad_request, open_upstream, read_json_object, resolve_model
 from .metrics import NodeMetrics
+from .ollama_models import model_show, model_tag
 from .ollama_wire import (
     OllamaRequestError,
     SseEvents,
@@ -40,11 +41,11 @@ def ollama_routes(router: ModelRouter, metrics: NodeMetrics) -> list[Route]:
         return JSONResponse({"version": OLLAMA_API_VERSION})
 
     async def tags(_request: Request) -> Response:
-        return JSONResponse({"models": [_tag(m.model_id, m.created) for m in router.models()]})
+        return JSONResponse({"models": [model_tag(m) for m in router.models()]})
 
     async def running(_request: Request) -> Response:
         ready = router.health()[1]
-        models = [_tag(m.model_id, m.created) for m in router.models()]
+        models = [model_tag(m) for m in router.models()]
         return JSONResponse({"models": [m for m in models if ready.get(m["name"]) == "ready"]})
 
     async def show(request: Request) -> Response:
@@ -55,16 +56,10 @@ def ollama_routes(router: ModelRouter, metrics: NodeMetrics) -> list[Route]:
         model_id = resolve_model(router, payload.get("model", payload.get("name")), Shape.OLLAMA)
         if isinstance(model_id, Response):
             return model_id
-        return JSONResponse(
-            {
-                "modelfile": "",
-                "parameters": "",
-                "template": "",
-                "details": {"format": "gguf", "family": "", "parameter_size": "", "families": []},
-                "model_info": {},
-                "capabilities": ["completion", "tools"],
-            }
-        )
+        entry = next((m for m in router.models() if m.model_id == model_id), None)
+        if entry is None:  # resolved to a model whose holder is restarting
+            entry = ModelEntry(model_id, 0)
+        return JSONResponse(model_show(entry))
 
     async def chat(request: Request) -> Response:
         return await _translated(router, metrics, request, chat=True)
@@ -80,21 +75,6 @@ def ollama_routes(router: ModelRouter, metrics: NodeMetrics) -> list[Route]:
         Route("/api/chat", chat, methods=["POST"]),
         Route("/api/generate", generate, methods=["POST"]),
     ]
-
-
-def _tag(model_id: str, created: int) -> dict[str, Any]:
-    return {
-        "name": model_id,
-        "model": model_id,
-        "modified_at": _iso(created),
-        "size": 0,
-        "digest": "",
-        "details": {"format": "gguf", "family": "", "parameter_size": "", "families": []},
-    }
-
-
-def _iso(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat()
 
 
 async def _translated(
@@ -122,7 +102,7 @@ async def _translated(
     )
     if isinstance(answer, Response):
         return answer
-    stamp = {"model": model_id, "created_at": _iso(datetime.datetime.now(datetime.UTC).timestamp())}
+    stamp = {"model": model_id, "created_at": datetime.datetime.now(datetime.UTC).isoformat()}
     if answer.status_code != 200 or not body["stream"]:
         return await _whole_answer(answer, stamp, chat=chat)
     return StreamingResponse(_ndjson(answer, stamp, chat=chat), media_type=_NDJSON)

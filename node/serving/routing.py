@@ -34,8 +34,10 @@ class ApiRouting(ServingParts):
                 model_id,
                 self._local[model_id].created if model_id in self._local else 0,
                 self.kinds.get(model_id, "text"),
+                profile=state.request.profile,
+                context=state.request.context,
             )
-            for model_id in sorted(self.model_states)
+            for model_id, state in sorted(self.model_states.items())
         ]
 
     def resolve(self, name: str | None) -> str:

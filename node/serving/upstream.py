@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from ...scheduler.model_profile import ModelProfile
+
 # Headers that describe one hop's connection, not the message: never forwarded.
 _HOP_HEADERS = frozenset(
     {
@@ -131,6 +133,8 @@ class ModelEntry:
     created: int
     kind: str = "text"  # what it answers: text, embedding or rerank
     owned_by: str = "sharedllm"
+    profile: ModelProfile | None = None  # its shape, as its holders gossip it
+    context: int = 0  # the context length it is served with (0: not known)
 
     def as_openai(self) -> dict[str, Any]:
         return {
