@@ -9,6 +9,7 @@ from typing import Any
 from ..config import DEFAULT_API_PORT
 from ..engine.locate import BACKENDS
 from ..mesh_setup import DEFAULT_LISTEN
+from ..models.model_kind import KINDS
 from ..tools.synthetic_model import SHAPES, WEIGHT_TYPES
 from .engine_commands import cmd_engine_build, cmd_engine_status
 from .mesh_commands import cmd_invite, cmd_mesh_create, cmd_peers, cmd_revoke, cmd_status
@@ -147,6 +148,13 @@ def add_up_command(commands: Any) -> None:
         "--model-name", help="model id in the API (default: the file name without .gguf)"
     )
     up.add_argument(
+        "--kind",
+        dest="model_kind",
+        choices=KINDS,
+        help="what the model is for (default: read from the GGUF; text unless it pools "
+        "embeddings or ranks)",
+    )
+    up.add_argument(
         "--no-model",
         action="store_true",
         help="offer no model file, only memory and compute (the default with --join)",
@@ -165,6 +173,18 @@ def add_up_command(commands: Any) -> None:
     up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     up.add_argument(
         "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"
+    )
+    up.add_argument(
+        "--data-port",
+        type=int,
+        help="TCP port of the data plane, on the --listen interfaces (default: the mesh port + 1)",
+    )
+    up.add_argument(
+        "--no-mdns",
+        dest="mdns",
+        action="store_const",
+        const=False,
+        help="do not announce this node or look for members on the LAN (mDNS)",
     )
     up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
     up.add_argument(
