@@ -111,7 +111,7 @@ def measure(count: int, name_bytes: int = 60_000) -> dict[str, Any]:
         try:
             wait_until_ready(node, 60, serving=False)
             view = httpx.get(node.api_url + "/mesh/peers", timeout=10).json()
-            host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addr"]
+            host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addrs"][0]
             mesh_key = load_mesh(Path(tmp) / "data").mesh_public_key
             process = psutil.Process(node.process.pid)
             time.sleep(2)

@@ -136,7 +136,7 @@ async def _data_plane() -> AsyncIterator[Opener]:
     client = DataPlane(client_id, client_proof, MembershipState(mesh_key).admit_encoded)
     server.serve("/bench", _serve)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
 
         async def opener() -> MeshStream:
             return await client.open_stream(server_id.peer_id, host, port, "/bench")
@@ -163,7 +163,7 @@ async def _tunnel() -> AsyncIterator[Opener]:
             return service
 
         server.serve(TUNNEL, partial(serve_tunnel, target=target, stats=TunnelStats()))
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
 
         async def open_data_stream() -> MeshStream:
             return await client.open_stream(server_id.peer_id, host, port, TUNNEL)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from .addresses import order_multiaddrs
 from .admission import HelloDesk
 from .membership import Proof
 from .mesh_core import Action, Do
@@ -19,6 +20,7 @@ from .shell import PROTOCOL_FAULTS, MeshShell
 from .transport.seam import MeshStream, StreamHandler, TransportError
 
 HELLO = "/sharedllm/hello/2"
+DISCOVERED_PER_ROUND = 8  # LAN-announced addresses dialed per bootstrap round
 REFUSAL_LINGER_S = 1.0  # how long a refused peer is given to read why
 _log = logging.getLogger("sharedllm.mesh")
 
@@ -125,9 +127,11 @@ class Hello(MeshShell):
     async def _dial_bootstrap(self, bootstrap: Sequence[str]) -> None:
         """Dials the bootstrap addresses until one of them has let us in. Being connected is
         not enough: nodes that joined through us may have dialed us while our own way in
-        failed, and such a group would otherwise live on as a mesh of its own."""
+        failed, and such a group would otherwise live on as a mesh of its own. Addresses found
+        on the LAN come after them, a few of the newest each round."""
         connected = set(self.transport.connected_peers())
-        for address in bootstrap:
+        found = list(self.discovered())[:DISCOVERED_PER_ROUND]
+        for address in dict.fromkeys([*order_multiaddrs(bootstrap, self.interfaces()), *found]):
             with trio.move_on_after(self.timing.exchange_timeout_s):
                 try:
                     peer = await self.transport.connect(address)

@@ -13,6 +13,7 @@ class PeerLink:
     jitter_ms: float = 0.0
     bandwidth_mbps: float | None = None  # data plane, from bulk probes
     data_rtt_ms: float | None = None  # data plane, after each bulk probe: what tunnels pay
+    address: str | None = None  # the control-plane address that reached it last, when we dialed
 
     def observe(self, sample_ms: float) -> None:
         if self.rtt_ms is None:

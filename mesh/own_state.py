@@ -31,7 +31,7 @@ class OwnState(MeshShell):
             "name": self.name,
             "proof": self.proof.encode(),
             "addrs": list(self.transport.listen_addrs()),
-            "data_addr": None if self.data_plane is None else self.data_plane.advertised,
+            "data_addrs": None if self.data_plane is None else self.data_plane.advertised,
             "revoked": self._revocation_summary(),
             "leaving": self._leaving,
         }

@@ -9,6 +9,7 @@ import statistics
 
 import trio
 
+from .addresses import MAX_ADVERTISED, host_of_multiaddr, order_multiaddrs
 from .gossip import SignedState
 from .link_stats import PeerLink
 from .probe_records import (
@@ -105,28 +106,36 @@ class Probing(MeshShell):
             self.swim.probe_failed(target, now)
 
     async def _connect_to(self, peer: str) -> bool:
-        """Dials a member we know of by its gossiped addresses and proves membership."""
+        """Dials a member we know of by its gossiped addresses, in dial order (the one that
+        worked last first; each given a few seconds), and proves membership."""
         state = self.store.states.get(peer)
         content = None if state is None else self.content_of(state)
-        addresses = [] if content is None else content.get("addrs", [])
-        for address in [a for a in addresses if isinstance(a, str)][:4]:
-            try:
-                if await self.transport.connect(address) == peer:
-                    return await self.introduce(peer)
-            except TransportError as err:
-                _log.debug("cannot reach %s at %s: %s", peer, address, err)
+        gossiped = [] if content is None else content.get("addrs", [])
+        link = self.links.get(peer)
+        addresses = order_multiaddrs(
+            [a for a in gossiped[:MAX_ADVERTISED] if isinstance(a, str)],
+            self.interfaces(),
+            None if link is None or link.address is None else host_of_multiaddr(link.address),
+        )
+        for address in addresses:
+            with trio.move_on_after(self.timing.exchange_timeout_s):
+                try:
+                    if await self.transport.connect(address) == peer:
+                        self.links.setdefault(peer, PeerLink()).address = address
+                        return await self.introduce(peer)
+                except TransportError as err:
+                    _log.debug("cannot reach %s at %s: %s", peer, address, err)
         return False
 
     async def _measure_bandwidth(self, peer: str) -> None:
         """Times a bulk transfer over the data plane, then the round trip of small frames."""
-        address = data_address(self.store.states.get(peer))
-        if self.data_plane is None or address is None:
+        addresses = data_addresses(self.store.states.get(peer))
+        if self.data_plane is None or not addresses:
             return
-        host, port = address
         size = self.timing.bandwidth_probe_bytes
         with trio.move_on_after(self.timing.exchange_timeout_s * 4):
             try:
-                stream = await self.data_plane.open_stream(peer, host, port, BANDWIDTH)
+                stream = await self.data_plane.connect(peer, addresses, BANDWIDTH)
                 try:
                     started = trio.current_time()
                     await send_frame(stream, encode_probe_header(size))
@@ -149,25 +158,31 @@ class Probing(MeshShell):
         return [
             (peer, self.links.get(peer, PeerLink()).bandwidth_mbps is not None)
             for peer in sorted(self.admitted)
-            if data_address(self.store.states.get(peer)) is not None
+            if data_addresses(self.store.states.get(peer))
         ]
 
 
-def data_address(state: SignedState | None) -> tuple[str, int] | None:
+def data_addresses(state: SignedState | None) -> list[tuple[str, int]]:
+    """The data-plane addresses a member gossips (at most MAX_ADVERTISED; malformed entries
+    are left out)."""
     if state is None:
-        return None
+        return []
     try:
-        value = state.content().get("data_addr")
+        value = state.content().get("data_addrs")
     except RecordError:
-        return None
-    if (
-        isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], str)
-        and isinstance(value[1], int)
-    ):
-        return value[0], value[1]
-    return None
+        return []
+    found = []
+    for entry in value[:MAX_ADVERTISED] if isinstance(value, list) else []:
+        if (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and len(entry[0]) <= 64
+            and isinstance(entry[1], int)
+            and 0 < entry[1] < 65536
+        ):
+            found.append((entry[0], entry[1]))
+    return found
 
 
 async def sink_and_acknowledge(stream: MeshStream) -> None:

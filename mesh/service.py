@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .addresses import LocalInterface
 from .admission import HelloDesk
 from .anti_entropy import GOSSIP, AntiEntropy
 from .containment import HandlerFaults, contained
@@ -65,6 +66,8 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
     traffic: ControlTraffic = field(default_factory=ControlTraffic)
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
     on_new_proof: Callable[[Proof], None] | None = None  # to keep an admission we were given
+    interfaces: Callable[[], Sequence[LocalInterface]] = tuple  # this machine's addresses
+    discovered: Callable[[], Sequence[str]] = tuple  # members' addresses found on the LAN
 
     def __post_init__(self) -> None:
         self.swim = Swim(self.identity.peer_id, self.rng, suspicion_s=self.timing.suspicion_s)

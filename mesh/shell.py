@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .addresses import LocalInterface
 from .containment import HandlerFaults
 from .gossip import GossipStore, SignedState
 from .identity import NodeIdentity
@@ -45,6 +46,8 @@ class MeshShell(Protocol):
     rng: RandomSource
     timing: MeshTiming
     data_plane: DataPlane | None
+    interfaces: Callable[[], Sequence[LocalInterface]]  # this machine's, for the order of dials
+    discovered: Callable[[], Sequence[str]]  # addresses announced on the LAN (mDNS), newest first
     store: GossipStore
     admitted: set[str]
     links: dict[str, PeerLink]

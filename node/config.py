@@ -58,6 +58,12 @@ class NodeConfig:
     strict_model_names: bool = False
     api_host: str = DEFAULT_API_HOST
     api_port: int = DEFAULT_API_PORT
+    # The data plane's TCP port (rpc tunnels, API forwarding, weights). Unset: the mesh port
+    # + 1 (any free port when the mesh port is 0).
+    data_port: int | None = None
+    # Announce this node and look for members on the LAN by mDNS (on the mesh's non-loopback
+    # interfaces only; a node on 127.0.0.1 never multicasts).
+    mdns: bool = True
     context_size: int = 4096
     # The chat template of the model this node offers: a llama.cpp built-in name or a Jinja
     # file. Unset: the file's own, else the built-in one of the model's family.
@@ -108,6 +114,8 @@ _SETTING_TYPES: dict[str, type] = {
     "strict_model_names": bool,
     "api_host": str,
     "api_port": int,
+    "data_port": int,
+    "mdns": bool,
     "context_size": int,
     "chat_template": str,
     "default_max_tokens": int,
@@ -267,8 +275,10 @@ def _boolean(raw: Any) -> bool:
 
 
 def _validate(config: NodeConfig) -> None:
-    if not 0 <= config.api_port <= 65535:
-        raise ConfigError(f"api_port {config.api_port} is not a TCP port (0-65535)")
+    for name in ("api_port", "data_port"):
+        port = getattr(config, name)
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{name} {port} is not a TCP port (0-65535)")
     _check_engine_settings(config)
     if config.engine_load_timeout_s <= 0:
         raise ConfigError("engine_load_timeout_s must be positive")
@@ -283,6 +293,17 @@ def _validate(config: NodeConfig) -> None:
             f"forget_gone_peers_after_s {config.forget_gone_peers_after_s} must be at least "
             f"{MIN_FORGET_AFTER_S:.0f} (live members of a big mesh republish only every hour or so)"
         )
+    _check_api_settings(config)
+    if config.max_memory is not None:
+        try:
+            parse_size(config.max_memory)
+        except ValueError as err:
+            raise ConfigError(f"max_memory {config.max_memory!r}: {err}") from None
+    if config.log_level.lower() not in _LOG_LEVELS:
+        raise ConfigError(f"log_level {config.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+
+
+def _check_api_settings(config: NodeConfig) -> None:
     for origin in config.cors_origins:
         if origin != "*" and not re.match(r"^https?://[^/\s]+$", origin):
             raise ConfigError(
@@ -297,13 +318,6 @@ def _validate(config: NodeConfig) -> None:
             "key (--api-key or SHAREDLLM_API_KEY) that clients then send as "
             "'Authorization: Bearer KEY', or keep api_host at 127.0.0.1"
         )
-    if config.max_memory is not None:
-        try:
-            parse_size(config.max_memory)
-        except ValueError as err:
-            raise ConfigError(f"max_memory {config.max_memory!r}: {err}") from None
-    if config.log_level.lower() not in _LOG_LEVELS:
-        raise ConfigError(f"log_level {config.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
 
 
 def _check_engine_settings(config: NodeConfig) -> None:

@@ -11,7 +11,8 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import trio
 
+from ..mesh.addresses import host_of_multiaddr, only_this_machine
 from ..mesh.containment import HandlerFaults
 from ..mesh.membership import Revocation
 from ..mesh.membership_state import MembershipState
@@ -33,7 +35,10 @@ from ..mesh.mesh_store import (
 from ..mesh.service import MeshService
 from ..mesh.timing import MeshTiming
 from ..mesh.transport.data_plane import DataPlane
+from ..mesh.transport.interfaces import local_interfaces
+from ..mesh.transport.lan_discovery import LanDiscovery, lan_discovery
 from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
+from ..mesh.transport.seam import TransportError
 from .api.app import create_app
 from .api.metrics import NodeMetrics
 from .api.server import listen_api, serve_api
@@ -84,6 +89,7 @@ async def _run_node(
     async with (
         httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client,
         open_libp2p_transport(plan.identity, mesh.listen) as transport,
+        _lan_discovery(config, plan, transport.listen_addrs()) as lan,
     ):
         membership = MembershipState(plan.files.mesh_public_key)
         faults = HandlerFaults(trio.current_time)  # one count for both planes' handlers
@@ -107,6 +113,8 @@ async def _run_node(
             rng=random.Random(),
             faults=faults,
             timing=MeshTiming(forget_gone_after_s=config.forget_gone_peers_after_s),
+            interfaces=local_interfaces,
+            discovered=tuple if lan is None else lan.found,
             on_new_proof=lambda proof: save_mesh(
                 mesh.data_dir, dataclasses.replace(plan.files, proof=proof)
             ),
@@ -151,8 +159,14 @@ async def _run_node(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope, service)
             api_url = await nursery.start(serve_api, app, config)
-            data_host = _host_of(mesh.listen[0])
-            await nursery.start(data_plane.run, data_host, 0, _host_of(transport.listen_addrs()[0]))
+            hosts, port = data_endpoint(config, mesh.listen)
+            await nursery.start(data_plane.run, hosts, port, local_interfaces())
+            _log.info(
+                "data plane listening on %s, port %d (advertised: %s)",
+                ", ".join(hosts),
+                data_plane.address[1] if data_plane.address else port,
+                ", ".join(f"{h}:{p}" for h, p in data_plane.advertised or ()),
+            )
             known = load_known_peers(mesh.data_dir)
             nursery.start_soon(service.run, [*mesh.plan.bootstrap, *mesh.peers, *known])
             nursery.start_soon(_remember_peers, service, mesh.data_dir)
@@ -202,12 +216,48 @@ def check_ports_free(config: NodeConfig, listen: tuple[str, ...]) -> None:
     listen_api(config.api_host, config.api_port).close()
     for address in listen:
         check_port_free(address)
+    hosts, port = data_endpoint(config, listen)
+    for host in hosts if port else []:
+        family = "ip6" if ":" in host else "ip4"
+        check_port_free(f"/{family}/{host}/tcp/{port}", "--data-port")
 
 
-def _host_of(multiaddress: str) -> str:
-    """The IP of an /ip4/... or /ip6/... multiaddr (the data plane listens beside libp2p)."""
-    parts = multiaddress.strip("/").split("/")
-    return parts[1] if len(parts) > 1 and parts[0] in ("ip4", "ip6") else "127.0.0.1"
+@asynccontextmanager
+async def _lan_discovery(
+    config: NodeConfig, plan: MeshPlan, addresses: Sequence[str]
+) -> AsyncIterator[LanDiscovery | None]:
+    """mDNS on the mesh's non-loopback interfaces, unless turned off or there are none."""
+    hosts = [host_of_multiaddr(a) for a in addresses]
+    lan_ips = [h for h in dict.fromkeys(hosts) if h is not None and not only_this_machine([h])]
+    if not config.mdns or not lan_ips:
+        yield None
+        return
+    try:
+        opened = lan_discovery(
+            plan.identity.peer_id, plan.files.mesh_public_key, addresses, lan_ips
+        )
+        discovery = await opened.__aenter__()
+    except Exception as err:  # noqa: BLE001 - mDNS is optional; zeroconf raises many kinds
+        _log.warning("no LAN discovery (mDNS): %s", err)
+        yield None
+        return
+    try:
+        yield discovery
+    finally:
+        await opened.__aexit__(None, None, None)
+
+
+def data_endpoint(config: NodeConfig, listen: Sequence[str]) -> tuple[list[str], int]:
+    """Where the data plane listens: on the mesh's interfaces, at `data_port` or the first
+    mesh port + 1 (a free port when the mesh's is 0). Raises TransportError if there is none."""
+    hosts = [host_of_multiaddr(a) or "0.0.0.0" for a in listen] or ["0.0.0.0"]
+    if config.data_port is not None:
+        return hosts, config.data_port
+    parts = listen[0].strip("/").split("/") if listen else []
+    mesh_port = int(parts[3]) if len(parts) > 3 and parts[2] == "tcp" and parts[3].isdigit() else 0
+    if mesh_port >= 65535:
+        raise TransportError(f"the mesh port {mesh_port} leaves no port above it: set --data-port")
+    return hosts, mesh_port + 1 if mesh_port else 0
 
 
 async def _stop_on_signal(scope: trio.CancelScope, service: MeshService) -> None:

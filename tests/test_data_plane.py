@@ -30,7 +30,7 @@ async def test_echo_between_members() -> None:
     server, client = _plane(1), _plane(2)
     server.serve("/echo", echo_handler)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         stream = await client.open_stream(server.identity.peer_id, host, port, "/echo")
         # 32 MiB: more than the socket buffers hold, so sends wait for the far side to read
         payload = bytes(range(256)) * 4096 * 32
@@ -54,7 +54,7 @@ async def test_wrong_server_identity_is_detected() -> None:
     server.serve("/echo", echo_handler)
     impostor_id = NodeIdentity.from_seed(b"\x09" * 32).peer_id
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         with pytest.raises(TransportError, match="not " + impostor_id):
             await client.open_stream(impostor_id, host, port, "/echo")
         nursery.cancel_scope.cancel()
@@ -67,7 +67,7 @@ async def test_refusals(case: str) -> None:
     client = _plane(2, MeshKey.generate(b"\x12" * 32)) if case == "other mesh" else _plane(2)
     protocol = "/nope" if case == "unknown protocol" else "/echo"
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         with pytest.raises(TransportError):
             await client.open_stream(server.identity.peer_id, host, port, protocol)
         nursery.cancel_scope.cancel()
@@ -77,7 +77,7 @@ async def test_a_flood_of_silent_connections_is_bounded_and_members_still_get_in
     server, client = _plane(1), _plane(2)
     server.serve("/echo", echo_handler)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         flood = [await trio.open_tcp_stream(host, port) for _ in range(200)]  # never handshake
         await trio.sleep(0.2)
         assert server.handshaking <= MAX_HANDSHAKES
@@ -97,7 +97,7 @@ async def test_cutting_a_peer_ends_the_streams_it_opened() -> None:
     server, client = _plane(1), _plane(2)
     server.serve("/echo", echo_handler)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         stream = await client.open_stream(server.identity.peer_id, host, port, "/echo")
         await stream.send_all(b"ping")
         assert await stream.receive_some(10) == b"ping"

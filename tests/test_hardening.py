@@ -75,7 +75,7 @@ async def test_a_member_s_broken_streams_cost_only_those_streams(tmp_path: Path)
             await probe.aclose()
             async with httpx.AsyncClient(timeout=10) as client:
                 view = (await client.get(node.api_url + "/mesh/peers")).json()
-            host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addr"]
+            host, port = next(p for p in view["peers"] if p["state"] == "self")["data_addrs"][0]
             data = DataPlane(plan.identity, proof, lambda proof, peer: None)
             stream = await data.open_stream(target, host, port, BANDWIDTH)
             await send_frame(stream, (1024).to_bytes(8, "big"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import multiaddr
 import pytest
 import trio
@@ -58,3 +60,23 @@ async def test_libp2p_never_dials_a_known_peer_on_its_own() -> None:
         await swarm.auto_connector.maybe_connect()
         await trio.sleep(0.5)
         assert second.local_peer_id not in first.connected_peers()
+
+
+async def test_connect_dials_the_address_given_not_others_the_peerstore_knows() -> None:
+    """libp2p dialed every address it knew for a peer, in the order learned: a decoy address
+    first in the list (one that accepts and never answers) stalled every dial to that peer."""
+    one, two = NodeIdentity.from_seed(b"5" * 32), NodeIdentity.from_seed(b"6" * 32)
+    listen = ["/ip4/127.0.0.1/tcp/0"]
+    with socket.socket() as silent:  # accepts connections (the backlog) and never speaks
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        decoy = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}")
+        async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
+            two, listen
+        ) as second:
+            address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+            first._host.get_network().peerstore.add_addrs(info.peer_id, [decoy], 3600)
+            with trio.fail_after(30):  # stalls for good on the decoy otherwise
+                assert await first.connect(address) == second.local_peer_id
+            await first.disconnect(second.local_peer_id)  # py-libp2p leaks it at shutdown

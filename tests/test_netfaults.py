@@ -7,96 +7,24 @@ Needs root (network namespaces); without the privilege the tests skip and say so
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
 
-from .node_process import node_command, stop_process
+from .netns import GEMMA_ID, Host, namespaces_unavailable, run
 
 pytestmark = pytest.mark.integration
-GEMMA_ID = "gemma-3-270m-q4_k_m"
 SUBNET = "10.197.3"  # addresses inside our own namespaces only
-
-
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=check)
-
-
-def _can_make_namespaces() -> str | None:
-    """Why network namespaces cannot be used here, or None."""
-    if shutil.which("ip") is None or shutil.which("tc") is None:
-        return "the ip and tc commands are missing (iproute2)"
-    probe = f"sllprobe{os.getpid()}"
-    made = _run("ip", "netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"no privilege for network namespaces: {made.stderr.strip()}"
-    _run("ip", "netns", "del", probe, check=False)
-    return None
-
-
-@dataclass
-class Host:
-    namespace: str
-    device: str
-    address: str
-    base: Path
-    api_port: int
-    process: subprocess.Popen[bytes] | None = None
-
-    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run("ip", "netns", "exec", self.namespace, *argv, check=check)
-
-    def start(self, *args: str) -> None:
-        command = ["ip", "netns", "exec", self.namespace, node_command(), "up"]
-        command += ["--data-dir", str(self.base / "data"), "--api-port", str(self.api_port)]
-        command += ["--listen", f"/ip4/{self.address}/tcp/0", "--context-size", "512", *args]
-        with (self.base / "node.log").open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-
-    def status(self) -> dict[str, Any]:
-        done = self.run(
-            node_command(), "status", "--json", "--data-dir", str(self.base / "data"), check=False
-        )
-        return json.loads(done.stdout) if done.returncode == 0 else {}
-
-    def complete(self, timeout_s: float = 90) -> tuple[int, float]:
-        """(HTTP status, seconds) of one completion asked at this host's API (0: no answer)."""
-        script = (
-            "import httpx, sys, time\n"
-            "started = time.monotonic()\n"
-            "try:\n"
-            f"    r = httpx.post('http://127.0.0.1:{self.api_port}/v1/completions', json="
-            f"{{'model': '{GEMMA_ID}', 'prompt': 'Hello', 'max_tokens': 4}}, timeout={timeout_s})\n"
-            "    code = r.status_code\n"
-            "except httpx.HTTPError:\n"
-            "    code = 0\n"
-            "print(code, time.monotonic() - started)\n"
-        )
-        done = self.run(sys.executable, "-c", script, check=False)
-        code, seconds = done.stdout.split()
-        return int(code), float(seconds)
-
-    def log(self) -> str:
-        return (self.base / "node.log").read_text(errors="replace")
 
 
 @pytest.fixture
 def hosts(tmp_path: Path, engine: EngineInfo, gemma_path: Path) -> Iterator[tuple[Host, Host]]:
-    why_not = _can_make_namespaces()
+    why_not = namespaces_unavailable()
     if why_not is not None:
         pytest.skip(f"network fault tests skipped: {why_not}")
     tag = str(os.getpid())[-6:]
@@ -105,18 +33,18 @@ def hosts(tmp_path: Path, engine: EngineInfo, gemma_path: Path) -> Iterator[tupl
     try:
         for host in (a, b):
             host.base.mkdir()
-            _run("ip", "netns", "add", host.namespace)
+            run("ip", "netns", "add", host.namespace)
             host.run("ip", "link", "set", "lo", "up")
-        _run("ip", "link", "add", a.device, "type", "veth", "peer", "name", b.device)
+        run("ip", "link", "add", a.device, "type", "veth", "peer", "name", b.device)
         for host in (a, b):
-            _run("ip", "link", "set", host.device, "netns", host.namespace)
+            run("ip", "link", "set", host.device, "netns", host.namespace)
             host.run("ip", "addr", "add", f"{host.address}/24", "dev", host.device)
             host.run("ip", "link", "set", host.device, "up")
         yield a, b
     finally:
         for host in (a, b):
             host.stop()
-            _run("ip", "netns", "del", host.namespace, check=False)
+            run("ip", "netns", "del", host.namespace, check=False)
 
 
 def _netem(hosts: tuple[Host, Host], *spec: str) -> None:
@@ -147,11 +75,8 @@ def _start_pair(a: Host, b: Host) -> None:
     """a holds Gemma with too little memory for it alone; b joins without a file and lends
     memory: the placement needs the link between them."""
     a.start("--name", "a", "--max-memory", "500MiB")
-    deadline = time.monotonic() + 120
-    while not (a.base / "data" / "running.json").exists():
-        assert time.monotonic() < deadline, a.log()
-        time.sleep(0.5)
-    token = a.run(node_command(), "invite", "--data-dir", str(a.base / "data")).stdout.strip()
+    a.wait_running()
+    token = a.invite()
     b.start("--name", "b", "--join", token, "--no-model")
     _serving_on_both(a, 300)
 

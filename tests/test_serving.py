@@ -185,7 +185,7 @@ def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[Runnin
     files = load_mesh(b_data)
     c_view = httpx.get(mesh[2].api_url + "/mesh/peers", timeout=5).json()
     c_self = next(p for p in c_view["peers"] if p["peer_id"] == c_view["peer_id"])
-    host, port = c_self["data_addr"]
+    host, port = c_self["data_addrs"][0]
     epoch = c_view["models"][GEMMA_ID]["epoch"]
     plane = DataPlane(identity, files.proof, MembershipState(files.mesh_public_key).admit_encoded)
 

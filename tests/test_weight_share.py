@@ -114,7 +114,7 @@ async def _holder(
 
     server.serve(WEIGHTS, handler)
     async with trio.open_nursery() as nursery:
-        host, port = await nursery.start(server.run, "127.0.0.1", 0)
+        host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
         holder = server.identity.peer_id
 
         async def open_stream(peer: str) -> MeshStream:

@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
 from .. import records
+from ..addresses import MAX_ADVERTISED, LocalInterface, advertised_hosts, dial_order
 from ..containment import HandlerFaults, contained
 from ..handshake_limiter import FailedHandshakeLimiter
 from ..identity import (
@@ -45,6 +46,7 @@ from ..identity import (
 from ..membership import MAX_PROOF_BYTES, MembershipError, Proof
 from ..records import RecordError, check_peer_id_text
 from .framing import FrameError, receive_frame, send_frame
+from .happy_eyeballs import first_to_connect
 from .seam import MeshStream, StreamHandler, TransportError
 from .tls_socket import TlsSocket
 
@@ -55,6 +57,7 @@ MAX_HANDSHAKES = 64
 MAX_STREAMS_PER_PEER = 512
 _HANDSHAKE_TIMEOUT_S = 10.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
+MAX_REMEMBERED_PEERS = 1024  # which address reached a peer, for so many peers
 
 
 class DataStream:
@@ -163,7 +166,7 @@ class DataPlane:
     admit: Callable[[bytes, str], object]  # an encoded proof; raises MembershipError to refuse
     handlers: dict[str, StreamHandler] = field(default_factory=dict)
     address: tuple[str, int] | None = None
-    advertised: list[Any] | None = None  # [host, port] as gossiped (a wildcard is replaced)
+    advertised: list[list[Any]] | None = None  # [[host, port], ...] as gossiped
     _contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
     handshaking: int = 0  # connections not authenticated yet
     streams_of: dict[str, int] = field(default_factory=dict)  # open streams by peer
@@ -172,6 +175,8 @@ class DataPlane:
     _served: dict[str, set[trio.CancelScope]] = field(default_factory=dict)  # by peer
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
     failures: FailedHandshakeLimiter = field(default_factory=FailedHandshakeLimiter)
+    interfaces: Sequence[LocalInterface] = ()  # this machine's, for the order of dials
+    reached: dict[str, tuple[str, int]] = field(default_factory=dict)  # peer -> address that worked
 
     def __post_init__(self) -> None:
         self._contexts = _tls_contexts(self.identity)
@@ -181,16 +186,30 @@ class DataPlane:
 
     async def run(
         self,
-        host: str,
+        hosts: Sequence[str],
         port: int,
-        advertise_host: str | None = None,
+        interfaces: Sequence[LocalInterface] = (),
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        """Listens on each host at `port` (0: a free one, the same for every host) and
+        advertises every address of `interfaces` a wildcard host is reachable at."""
+        listeners: list[trio.SocketListener] = []
+        for host in dict.fromkeys(hosts):
+            try:
+                listeners += await trio.open_tcp_listeners(port, host=host)
+            except OSError as err:
+                for listener in listeners:
+                    await listener.aclose()
+                raise TransportError(
+                    f"the data plane cannot listen on {host}:{port}: {err.strerror or err}"
+                ) from None
+            port = listeners[0].socket.getsockname()[1]
         sockname = listeners[0].socket.getsockname()
         self.address = (sockname[0], sockname[1])
-        self.advertised = [advertise_host or sockname[0], sockname[1]]
+        self.interfaces = tuple(interfaces)
+        found = [a for host in dict.fromkeys(hosts) for a in advertised_hosts(host, interfaces)]
+        self.advertised = [[a, port] for a in list(dict.fromkeys(found))[:MAX_ADVERTISED]]
         task_status.started(self.address)
         await trio.serve_listeners(self._handle_connection, listeners)
 
@@ -298,6 +317,28 @@ class DataPlane:
             raise MembershipError(f"{peer} asked for unknown protocol {protocol!r}")
         await send_frame(pending, b"ok")
         return peer, protocol
+
+    async def connect(
+        self, peer_id: str, addresses: Sequence[tuple[str, int]], protocol: str
+    ) -> DataStream:
+        """A stream to `peer_id` at the first of its addresses to let us in: tried in dial
+        order (the one that worked last first), raced with a short stagger."""
+        remembered = self.reached.get(peer_id)
+        port_of: dict[str, int] = {}
+        for host, port in addresses:
+            port_of.setdefault(host, port)  # the first port given for each host
+        order = dial_order(
+            list(port_of), self.interfaces, None if remembered is None else remembered[0]
+        )
+        address, stream = await first_to_connect(
+            [(host, port_of[host]) for host in order],
+            lambda a: self.open_stream(peer_id, a[0], a[1], protocol),
+        )
+        self.reached.pop(peer_id, None)
+        self.reached[peer_id] = address
+        while len(self.reached) > MAX_REMEMBERED_PEERS:
+            del self.reached[next(iter(self.reached))]
+        return stream
 
     async def open_stream(self, peer_id: str, host: str, port: int, protocol: str) -> DataStream:
         """Connects to `peer_id` at host:port, checking its certificate, then proves ourselves."""

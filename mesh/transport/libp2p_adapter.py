@@ -15,10 +15,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import multiaddr
-import psutil
 import trio
 
+from ..addresses import advertised_hosts
 from ..identity import NodeIdentity
+from .interfaces import local_interfaces
 from .seam import MeshStream, StreamHandler, TransportError
 
 with warnings.catch_warnings():
@@ -99,15 +100,18 @@ class Libp2pTransport:
         return str(self._host.get_id())
 
     def listen_addrs(self) -> Sequence[str]:
-        """Dialable addresses: a wildcard listen address is expanded to each local IPv4."""
+        """Dialable addresses, likely useful ones first: a wildcard listen address is expanded
+        to each of this machine's addresses of its family (`advertised_hosts`)."""
+        interfaces = local_interfaces()
         found: list[str] = []
         for address in (str(a) for a in self._host.get_addrs()):
-            if address.startswith("/ip4/0.0.0.0/"):
-                rest = address.removeprefix("/ip4/0.0.0.0")
-                found += [f"/ip4/{ip}{rest}" for ip in _local_ipv4_addresses()]
+            family, _, rest = address.strip("/").partition("/")
+            host, _, rest = rest.partition("/")
+            if family in ("ip4", "ip6") and host in ("0.0.0.0", "::"):
+                found += [f"/{family}/{ip}/{rest}" for ip in advertised_hosts(host, interfaces)]
             else:
                 found.append(address)
-        return found
+        return list(dict.fromkeys(found))
 
     async def connect(self, address: str) -> str:
         try:
@@ -115,6 +119,9 @@ class Libp2pTransport:
         except Exception as err:  # noqa: BLE001
             raise TransportError(f"not a peer address: {address} ({err})") from None
         self._allow_dial(info.peer_id)
+        # libp2p dials every address its peerstore holds for the peer, in the order learned
+        # (identify adds the peer's own list); the mesh dials exactly the one it chose.
+        self._host.get_network().peerstore.clear_addrs(info.peer_id)
         try:
             await self._host.connect(info)
         except Exception as err:  # noqa: BLE001
@@ -172,7 +179,7 @@ class Libp2pTransport:
             _log.debug("disconnecting %s: %s", peer_id, err)
 
 
-def check_port_free(address: multiaddr.Multiaddr | str) -> None:
+def check_port_free(address: multiaddr.Multiaddr | str, setting: str = "--listen") -> None:
     """libp2p listens with SO_REUSEPORT, so two nodes could silently share a port; refuse that."""
     text = str(address)
     parts = text.strip("/").split("/")
@@ -188,18 +195,8 @@ def check_port_free(address: multiaddr.Multiaddr | str) -> None:
         except (OSError, ValueError) as err:
             reason = getattr(err, "strerror", None) or str(err)
             raise TransportError(
-                f"cannot listen on {text}: {reason} (use --listen to pick another)"
+                f"cannot listen on {text}: {reason} (use {setting} to pick another)"
             ) from None
-
-
-def _local_ipv4_addresses() -> list[str]:
-    addresses = [
-        entry.address
-        for entries in psutil.net_if_addrs().values()
-        for entry in entries
-        if entry.family == socket.AF_INET
-    ]
-    return sorted(set(addresses), key=lambda ip: (ip.startswith("127."), ip))
 
 
 @asynccontextmanager

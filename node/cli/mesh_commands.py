@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import socket
+import sys
 import time
 
+from ...mesh.addresses import MAX_ADVERTISED, host_of_multiaddr, only_this_machine
 from ...mesh.identity import load_or_create_identity
 from ...mesh.invite import Invite
 from ...mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Revocation
@@ -44,7 +46,14 @@ def cmd_invite(args: argparse.Namespace) -> int:
         )
     identity = load_or_create_identity(config.data_dir)
     suffix = f"/p2p/{identity.peer_id}"
-    bootstrap = [a if "/p2p/" in a else a + suffix for a in addresses]
+    bootstrap = [a if "/p2p/" in a else a + suffix for a in addresses][:MAX_ADVERTISED]
+    if only_this_machine([host_of_multiaddr(a) or "" for a in bootstrap]):
+        print(
+            "warning: this invite's addresses reach only this machine (the node listens on "
+            "loopback); for other machines, run `up --listen /ip4/0.0.0.0/tcp/9338` or pass "
+            "--address with an address they can reach",
+            file=sys.stderr,
+        )
     invite = Invite.create(
         key,
         files.name,

@@ -12,7 +12,7 @@ import trio
 
 from ...mesh.claims import Claim
 from ...mesh.election import Elector, ModelState
-from ...mesh.probing import data_address
+from ...mesh.probing import data_addresses
 from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane
 from ...mesh.transport.seam import MeshStream, TransportError
@@ -74,10 +74,10 @@ class ServingParts(Protocol):
 
     def _opener(self, peer: str, protocol: str = TUNNEL) -> OpenStream:
         async def open_stream() -> MeshStream:
-            address = data_address(self._service.store.states.get(peer))
-            if address is None:
+            addresses = data_addresses(self._service.store.states.get(peer))
+            if not addresses:
                 raise TransportError(f"{peer} has not gossiped a data address")
-            return await self._data_plane.open_stream(peer, address[0], address[1], protocol)
+            return await self._data_plane.connect(peer, addresses, protocol)
 
         return open_stream
 

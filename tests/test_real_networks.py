@@ -1,0 +1,122 @@
+"""Real nodes on real (virtual) networks in namespaces of our own: a LAN of three hosts whose
+first address (in string order) is a decoy that reaches nothing, each behind a firewall that
+lets in only the mesh port and the data port. The mesh forms, splits the default model across
+the LAN and serves a request asked at a member that is not the primary. And a joiner whose
+invite addresses reach nobody finds the mesh by mDNS.
+
+Needs root (network namespaces, nftables); elsewhere the tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sharedllm.node.engine.locate import EngineInfo
+
+from .netns import GEMMA_ID, Host, lan, namespaces_unavailable
+
+pytestmark = pytest.mark.integration
+SUBNET = "10.198.7"  # the LAN, inside our own namespaces only
+DECOY = "10.0.0"  # sorts before the LAN's addresses, and reaches nothing
+MESH_PORT, DATA_PORT = 9338, 9339  # the defaults: the data plane is the mesh port + 1
+_FIREWALL = """
+table inet sllfw {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    iif lo accept
+    ct state established,related accept
+    tcp dport { %d, %d } accept
+  }
+}
+"""
+
+
+@pytest.fixture
+def decoyed_lan(tmp_path: Path, engine: EngineInfo, gemma_path: Path) -> Iterator[list[Host]]:
+    why_not = namespaces_unavailable() or (
+        None if shutil.which("nft") else "nftables (nft) is not installed"
+    )
+    if why_not is not None:
+        pytest.skip(f"real-network tests skipped: {why_not}")
+    with lan(tmp_path, 3, SUBNET) as hosts:
+        for index, host in enumerate(hosts, 1):
+            # a veth pair whose far end has no address: what goes out there reaches nothing
+            host.run("ip", "link", "add", "decoy0", "type", "veth", "peer", "name", "decoyend")
+            host.run("ip", "addr", "add", f"{DECOY}.{index}/24", "dev", "decoy0")
+            host.run("ip", "link", "set", "decoy0", "up")
+            host.run("ip", "link", "set", "decoyend", "up")
+            rules = host.base / "firewall.nft"
+            rules.write_text(_FIREWALL % (MESH_PORT, DATA_PORT))
+            host.run("nft", "-f", str(rules))
+        yield hosts
+
+
+def _split_over(host: Host, at_least: int, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    placement: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        placement = host.status().get("models", {}).get(GEMMA_ID, {})
+        nodes = {a["node"] for a in placement.get("assignments", ())}
+        if placement.get("serving") and len(nodes) >= at_least:
+            return placement
+        time.sleep(1)
+    raise AssertionError(f"not split over {at_least} hosts: {placement}\n{host.log()[-3000:]}")
+
+
+def test_a_lan_mesh_with_decoy_addresses_behind_firewalls_splits_and_serves(
+    decoyed_lan: list[Host],
+) -> None:
+    a, b, c = decoyed_lan
+    listen = f"/ip4/0.0.0.0/tcp/{MESH_PORT}"
+    a.start("--name", "a", "--max-memory", "500MiB", listen=listen)
+    a.wait_running()
+    token = a.invite("--uses", "2")
+    for host, name in ((b, "b"), (c, "c")):
+        host.start("--name", name, "--join", token, "--max-memory", "320MiB", listen=listen)
+    placement = _split_over(a, 2, 300)  # a alone cannot hold it: layers cross the LAN
+    code, seconds = c.complete()  # asked at a member that is not the primary: forwarded
+    assert _alive_members(c) == 3
+    assert code == 200, c.log()[-3000:]
+    view = a.get("/mesh/peers")
+    me = next(p for p in view["peers"] if p["peer_id"] == view["peer_id"])
+    assert [f"{SUBNET}.1", DATA_PORT] in me["data_addrs"]
+    assert [f"{DECOY}.1", DATA_PORT] in me["data_addrs"]  # advertised, and never needed
+    assert f"data plane listening on 0.0.0.0, port {DATA_PORT}" in a.log()
+    hosts = len({x["node"] for x in placement["assignments"]})
+    print(f"\nsplit over {hosts} hosts; a request asked at c: {seconds:.2f} s")
+
+
+@pytest.fixture
+def plain_lan(tmp_path: Path, engine: EngineInfo) -> Iterator[list[Host]]:
+    why_not = namespaces_unavailable()
+    if why_not is not None:
+        pytest.skip(f"real-network tests skipped: {why_not}")
+    with lan(tmp_path, 2, "10.198.8") as hosts:
+        yield hosts
+
+
+def _alive_members(host: Host) -> int:
+    view = host.get("/mesh/peers")
+    return sum(1 for p in view["peers"] if p["state"] in ("self", "alive"))
+
+
+def test_a_joiner_whose_token_addresses_are_wrong_finds_the_mesh_by_mdns(
+    plain_lan: list[Host],
+) -> None:
+    a, b = plain_lan
+    listen = f"/ip4/0.0.0.0/tcp/{MESH_PORT}"
+    a.start("--name", "a", "--no-model", listen=listen)
+    a.wait_running()
+    token = a.invite("--address", f"/ip4/10.198.99.99/tcp/{MESH_PORT}")  # nobody is there
+    b.start("--name", "b", "--join", token, "--no-model", listen=listen)
+    deadline = time.monotonic() + 120
+    while _alive_members(a) < 2:
+        assert time.monotonic() < deadline, b.log()[-3000:]
+        time.sleep(1)
+    assert "looking for members on the LAN by mDNS" in b.log()
+    assert _alive_members(b) == 2
