@@ -28,18 +28,22 @@ def test_kinds_come_from_the_file_and_need_their_flags() -> None:
     assert kind_args("text", None) == []
 
 
-@pytest.fixture(scope="module")
-def embedder(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[RunningNode]:
+def _serving(
+    factory: pytest.TempPathFactory, model: Path, name: str, *args: str, **env: str
+) -> Iterator[RunningNode]:
     node = start_node(
-        tmp_path_factory.mktemp("embedder"),
-        "--model",
-        str(tiny_model),
-        "--model-name",
-        "tiny-embed",
-        env={"SHAREDLLM_MODEL_KIND": "embedding"},
+        factory.mktemp(name), "--model", str(model), "--model-name", name, *args, env=env or None
     )
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[RunningNode]:
+    # the kind from the environment (as from the config file); the reranker's from the flag
+    yield from _serving(
+        tmp_path_factory, tiny_model, "tiny-embed", SHAREDLLM_MODEL_KIND="embedding"
+    )
 
 
 def test_an_embedding_model_answers_embeddings(embedder: RunningNode) -> None:
@@ -65,17 +69,7 @@ def test_an_embedding_model_refuses_chats_with_a_clear_400(embedder: RunningNode
 
 @pytest.fixture(scope="module")
 def reranker(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[RunningNode]:
-    node = start_node(
-        tmp_path_factory.mktemp("reranker"),
-        "--model",
-        str(tiny_model),
-        "--model-name",
-        "tiny-rerank",
-        "--kind",
-        "rerank",
-    )
-    yield node
-    node.stop()
+    yield from _serving(tmp_path_factory, tiny_model, "tiny-rerank", "--kind", "rerank")
 
 
 def test_a_reranker_ranks_documents_and_says_what_it_is(reranker: RunningNode) -> None:
