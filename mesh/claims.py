@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..scheduler.placement import Assignment, Placement
+from ..scheduler.placement import MAX_SLOTS, Assignment, Placement
 
 MAX_CLAIMS_PER_NODE = 16
 
@@ -24,6 +24,7 @@ class Claim:
     # Make-before-break: the placement this claim replaces keeps serving until this one serves
     # (its primary judged that both fit in memory at once on every node they share).
     overlap: bool = False
+    slots: int = 1  # requests the engine runs at once, each with a KV cache of the context
 
     @property
     def rank(self) -> tuple[int, str]:
@@ -45,14 +46,17 @@ class Claim:
         return [(node, last - first + 1) for node, first, last in self.layers]
 
     def same_split(self, placement: Placement) -> bool:
-        return self.primary == placement.primary and self.counts() == [
-            (a.node, a.layer_count) for a in placement.assignments
-        ]
+        """Same primary, layers and slots (a slot count is memory the split's nodes hold)."""
+        return (
+            self.primary == placement.primary
+            and self.slots == placement.slots
+            and self.counts() == [(a.node, a.layer_count) for a in placement.assignments]
+        )
 
     def as_placement(self) -> Placement:
         """The claim's layout, without the predictions only its primary computed."""
         assignments = tuple(Assignment(node, first, last, 0) for node, first, last in self.layers)
-        return Placement(self.model_id, self.primary, assignments, 0, 0.0, 0.0)
+        return Placement(self.model_id, self.primary, assignments, 0, 0.0, 0.0, self.slots)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -62,6 +66,7 @@ class Claim:
             "layers": [list(entry) for entry in self.layers],
             "serving": self.serving,
             "overlap": self.overlap,
+            "slots": self.slots,
         }
 
     @staticmethod
@@ -71,7 +76,7 @@ class Claim:
             raise ValueError("a claim must be a map")
         model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
         layers, serving = data.get("layers"), data.get("serving", False)
-        overlap = data.get("overlap", False)
+        overlap, slots = data.get("overlap", False), data.get("slots", 1)
         if not isinstance(model, str) or not isinstance(primary, str):
             raise ValueError("a claim needs a model and a primary")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -80,6 +85,8 @@ class Claim:
             raise ValueError("a claim needs a list of layer ranges")
         if not isinstance(overlap, bool):
             raise ValueError("a claim's overlap must be a boolean")
+        if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"a claim's slots must be an integer from 1 to {MAX_SLOTS}")
         ranges = []
         for entry in layers:
             if not (
@@ -90,12 +97,14 @@ class Claim:
             ):
                 raise ValueError("a layer range is [node, first, last]")
             ranges.append((entry[0], entry[1], entry[2]))
-        return Claim(model, epoch, primary, tuple(ranges), serving, overlap)
+        return Claim(model, epoch, primary, tuple(ranges), serving, overlap, slots)
 
 
 def claim_for(placement: Placement, epoch: int, *, overlap: bool = False) -> Claim:
     layers = tuple((a.node, a.first_layer, a.last_layer) for a in placement.assignments)
-    return Claim(placement.model_id, epoch, placement.primary, layers, overlap=overlap)
+    return Claim(
+        placement.model_id, epoch, placement.primary, layers, overlap=overlap, slots=placement.slots
+    )
 
 
 def parse_claims(raw: object, origin: str) -> tuple[Claim, ...]:

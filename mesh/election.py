@@ -10,6 +10,10 @@ A plan replaces the current placement only when the planner says so (it keeps th
 unless another is faster by the stability margin), and only after the planner's answer has
 stayed the same for `settle_s`, so the start-up rush and flickering measurements do not cause
 a storm of re-plans.
+
+Every node plans every offered model, in one priority order, through one `MemoryLedger`: each
+model sees the nodes' memory less what the others hold or were just given, so two primaries
+never count on the same worker's memory.
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ from ..scheduler.placement import (
     PlannerError,
     evaluate,
     fit_together,
-    memory_used,
 )
-from ..scheduler.planner import DEFAULT_COST, plan_model
+from ..scheduler.planner import DEFAULT_COST, plan_with_slots
 from .claims import Claim, claim_for, serving_predecessor, winding_down
 from .gossip_reader import GossipReader, cluster_view, gossiped_problem, model_entries
 from .member_states import MemberStates
+from .memory_ledger import MemoryLedger
 
 
 @dataclass(frozen=True)
@@ -108,25 +112,25 @@ class Elector:
                 del self.claims[model_id]  # fenced: a higher claim exists
                 self._hand_over(mine, winner)
         states: dict[str, ModelState] = {}
-        used: dict[str, int] = {}
-        views: list[ClusterView] = []  # built once, and only if a holder must plan
-        for model_id, request in sorted(self.reader.offered_models(members).items()):
+        offered = sorted(self.reader.offered_models(members).items())
+        view = cluster_view(members) if offered else ClusterView.build(())
+        ledger = MemoryLedger.of(view, [request for _, request in offered], current, self.cost)
+        for model_id, request in offered:
+            # Every node plans every model on the same view, so that each knows what the others
+            # will take; only holders may lead, so only they claim.
             claim = current.get(model_id)
-            if model_id in held:
-                state = self._plan_held(now, members, request, claim, views=views, used=used)
-            else:
-                # Only holders may lead, so only they plan; the others follow the standing
-                # claim and repeat what the holders say is missing.
+            taken = ledger.taken_before(model_id)
+            state = self._plan(now, members, request, claim, view.with_memory_used(taken))
+            if model_id not in held:
+                # The others follow the standing claim and repeat what the holders say is missing.
                 problem = None if claim is not None else gossiped_problem(members, model_id)
-                state = ModelState(request, claim, None, problem)
+                state = replace(state, current=claim, problem=problem)
             candidates = [*ranked.get(model_id, ()), *self.handing_over.values()]
             previous = serving_predecessor(state.current, candidates, members)
             ending = winding_down(state.current, previous, candidates, members)
             state = replace(state, previous=previous, winding_down=ending)
             states[model_id] = state
-            if state.planned is not None:
-                for node, amount in memory_used(state.planned).items():
-                    used[node] = used.get(node, 0) + amount
+            ledger.decide(model_id, state.planned, still_standing=state.current == claim)
         for model_id in list(self.claims):
             if model_id not in states:
                 del self.claims[model_id]  # nobody holds the model any more
@@ -143,15 +147,13 @@ class Elector:
         }
         return states
 
-    def _plan_held(
+    def _plan(
         self,
         now: float,
         members: Mapping[str, Mapping[str, Any]],
         request: ModelRequest,
         claim: Claim | None,
-        *,
-        views: list[ClusterView],
-        used: Mapping[str, int],
+        view: ClusterView,
     ) -> ModelState:
         model_id = request.model_id
         previous = self._planned_at.get(model_id)
@@ -165,9 +167,7 @@ class Elector:
             # The placement stands and was checked a moment ago: measurements drift every
             # second, but a better plan must win by the stability margin anyway.
             return ModelState(request, claim, previous[1], None)
-        if not views:
-            views.append(cluster_view(members))
-        state = self._decide(now, views[0].with_memory_used(used), request, claim)
+        state = self._decide(now, view, request, claim)
         self._planned_at[model_id] = (now, state.planned)
         return state
 
@@ -203,9 +203,10 @@ class Elector:
         model_id = request.model_id
         kept = None
         if current is not None and all(node in view for node in current.nodes):
-            kept = evaluate(view, request, self.cost, current.primary, current.counts())
+            as_claimed = replace(request, slots=current.slots)
+            kept = evaluate(view, as_claimed, self.cost, current.primary, current.counts())
         try:
-            planned = plan_model(view, request, self.cost, kept)
+            planned = plan_with_slots(view, request, self.cost, kept)
         except PlannerError as err:
             self._wanted_since.pop(model_id, None)
             if current is not None and current.primary == self.me and kept is None:

@@ -16,7 +16,7 @@ from typing import Any, TypeGuard
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
-from ..scheduler.placement import ModelRequest
+from ..scheduler.placement import MAX_SLOTS, ModelRequest
 from .claims import Claim, parse_claims
 from .member_states import MemberStates
 
@@ -138,12 +138,13 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         profile = profile_from_dict(entry.get("profile"))
     except ValueError:
         return None
-    context = entry.get("context")
+    context, slots = entry.get("context"), entry.get("slots")
     return ModelRequest(
         model_id,
         profile,
         context if _count(context) and context > 0 else 4096,
         primary_must_hold=True,
+        slots=slots if _count(slots) and 1 <= slots <= MAX_SLOTS else 1,
     )
 
 
@@ -185,5 +186,3 @@ def _count(value: object) -> TypeGuard[int]:
 
 def _positive(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
-
-

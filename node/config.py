@@ -18,6 +18,7 @@ from typing import Any
 
 import platformdirs
 
+from ..scheduler.placement import MAX_SLOTS
 from .engine.options import check_engine_args
 from .models.chat_template import BUILTIN_TEMPLATES
 from .models.model_kind import KINDS
@@ -65,6 +66,9 @@ class NodeConfig:
     # interfaces only; a node on 127.0.0.1 never multicasts).
     mdns: bool = True
     context_size: int = 4096
+    # Requests this node's model engine runs at once (continuous batching), each with a KV
+    # cache of context_size tokens; the planner gives fewer when memory is short.
+    parallel_slots: int = 4
     # The chat template of the model this node offers: a llama.cpp built-in name or a Jinja
     # file. Unset: the file's own, else the built-in one of the model's family.
     chat_template: str | None = None
@@ -117,6 +121,7 @@ _SETTING_TYPES: dict[str, type] = {
     "data_port": int,
     "mdns": bool,
     "context_size": int,
+    "parallel_slots": int,
     "chat_template": str,
     "default_max_tokens": int,
     "engine_args": list,
@@ -323,6 +328,10 @@ def _check_api_settings(config: NodeConfig) -> None:
 def _check_engine_settings(config: NodeConfig) -> None:
     if config.context_size < 64:
         raise ConfigError(f"context_size {config.context_size} is too small (minimum 64)")
+    if not 1 <= config.parallel_slots <= MAX_SLOTS:
+        raise ConfigError(
+            f"parallel_slots {config.parallel_slots} must be between 1 and {MAX_SLOTS}"
+        )
     if not 1 <= config.default_max_tokens <= 1_000_000:
         raise ConfigError(
             f"default_max_tokens {config.default_max_tokens} must be between 1 and 1000000"

@@ -84,7 +84,7 @@ def mesh_llm(view: ClusterView, request: ModelRequest, cost: CostModel) -> Place
         (n for n in near if n.peer_id != primary.peer_id),
         key=lambda n: (-n.vram_bytes, -n.usable_bytes, n.peer_id),
     )
-    layer_memory = cost.layer_memory(request.profile, request.context)
+    layer_memory = cost.layer_memory(request.profile, request.kv_tokens)
     remaining = request.profile.layer_count
     counts: list[tuple[str, int]] = []
     for node in [primary, *workers]:

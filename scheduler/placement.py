@@ -38,6 +38,7 @@ class Placement:
     primary_memory_bytes: int
     ms_per_token: float
     prompt_tokens_per_s: float
+    slots: int = 1  # requests its engine runs at once, each with its own KV cache
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,18 +72,31 @@ class Placement:
             "predicted_ms_per_token": self.ms_per_token,
             "predicted_tokens_per_s": self.tokens_per_s,
             "predicted_prompt_tokens_per_s": self.prompt_tokens_per_s,
+            "slots": self.slots,
         }
+
+
+MAX_SLOTS = 64  # parallel requests one engine may run; more (from a peer) is malformed
 
 
 @dataclass(frozen=True)
 class ModelRequest:
-    """A model to place: its id (as gossiped: the file hash or name), sizes, and context."""
+    """A model to place: its id (as gossiped: the file hash or name), sizes, and context.
+
+    `context` is what one request may use; the engine runs `slots` requests at once, each
+    with a KV cache of its own, so the KV memory of a placement is for `context * slots` tokens.
+    """
 
     model_id: str
     profile: ModelProfile
     context: int = 4096
     # Only a node holding the file may lead (until nodes can fetch model files from each other).
     primary_must_hold: bool = False
+    slots: int = 1
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.context * self.slots
 
 
 def evaluate(
@@ -96,7 +110,7 @@ def evaluate(
 
     Every planner and baseline is judged by this one function, so comparisons are fair.
     """
-    profile, context = request.profile, request.context
+    profile, context = request.profile, request.kv_tokens
     if sum(c for _, c in counts) != profile.layer_count or any(c < 0 for _, c in counts):
         return None
     primary_node = view.node(primary)
@@ -120,9 +134,7 @@ def evaluate(
         if link_s is None or extra + count * layer_memory > cost.memory_budget(node):
             return None
         seconds += link_s + count * cost.layer_seconds(profile, node)
-        weights = sum(profile.layer_weight_bytes[first : first + count])
-        kv = profile.kv_cache_bytes(count, context)
-        memory = weights + kv + cost.compute_buffer_bytes + extra
+        memory = _assignment_memory(request, cost, first, count) + extra
         assignments.append(Assignment(peer_id, first, first + count - 1, memory))
         first += count
     if primary_memory > cost.memory_budget(primary_node):
@@ -139,7 +151,33 @@ def evaluate(
         primary_memory_bytes=primary_total,
         ms_per_token=seconds * 1000.0,
         prompt_tokens_per_s=cost.prompt_tokens_per_s(view, profile, primary, layers),
+        slots=request.slots,
     )
+
+
+def claimed_memory(
+    request: ModelRequest,
+    cost: CostModel,
+    primary: str,
+    ranges: Sequence[tuple[str, int, int]],
+) -> dict[str, int]:
+    """Bytes each node of a standing placement holds, from its (node, first, last) layer ranges
+    as gossiped: what `evaluate` would put in its assignments, without checking any limit."""
+    profile = request.profile
+    used: dict[str, int] = {}
+    for node, first, last in ranges:
+        count = max(0, min(last, profile.layer_count - 1) - max(first, 0) + 1)
+        used[node] = used.get(node, 0) + _assignment_memory(request, cost, first, count)
+    extra = cost.primary_extra_memory(profile)
+    used[primary] = used.get(primary, cost.compute_buffer_bytes) + extra
+    return used
+
+
+def _assignment_memory(request: ModelRequest, cost: CostModel, first: int, count: int) -> int:
+    """Weights of layers first..first+count-1, their KV cache and the engine's compute buffer."""
+    weights = sum(request.profile.layer_weight_bytes[max(first, 0) : max(first, 0) + count])
+    kv = request.profile.kv_cache_bytes(count, request.kv_tokens)
+    return weights + kv + cost.compute_buffer_bytes
 
 
 def memory_used(placement: Placement) -> dict[str, int]:

@@ -16,7 +16,7 @@ by peer id, ties go to the lower peer id, and nothing here reads a clock or a ra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .cluster import ClusterView, NodeCapacity
 from .cost_model import CostModel
@@ -52,6 +52,26 @@ def plan_model(
         if kept is not None and best.ms_per_token >= kept.ms_per_token * (1 - stability_margin):
             return kept
     return best
+
+
+def plan_with_slots(
+    view: ClusterView,
+    request: ModelRequest,
+    cost: CostModel = DEFAULT_COST,
+    current: Placement | None = None,
+) -> Placement:
+    """`plan_model` with as many of the requested parallel slots as memory allows: all of
+    them, else half as many, down to one (whose shortfall is the error). A placement keeps its
+    slot count while it stands; it gets more when the planner next moves it, or when the
+    current split fits with more again (its engine then restarts with them)."""
+    slots = request.slots
+    while True:
+        try:
+            return plan_model(view, replace(request, slots=slots), cost, current)
+        except PlannerError:
+            if slots <= 1:
+                raise
+            slots = max(1, slots // 2)
 
 
 def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -> Placement:
@@ -148,7 +168,7 @@ def _candidates(
     view: ClusterView, request: ModelRequest, cost: CostModel, primary: NodeCapacity
 ) -> list[_Candidate]:
     """Nodes that can hold layers for this primary, fastest per layer first."""
-    layer_memory = cost.layer_memory(request.profile, request.context)
+    layer_memory = cost.layer_memory(request.profile, request.kv_tokens)
     found: list[_Candidate] = []
     for node in view.nodes:
         if node.rpc_protocol != primary.rpc_protocol:
@@ -173,7 +193,7 @@ def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel
     profile = request.profile
     needed = (
         cost.primary_extra_memory(profile)
-        + profile.layer_count * cost.layer_memory(profile, request.context)
+        + profile.layer_count * cost.layer_memory(profile, request.kv_tokens)
         + cost.compute_buffer_bytes
     )
     offered = sum(max(0, cost.memory_budget(n)) for n in view.nodes)
@@ -181,7 +201,7 @@ def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel
     if needed > offered:
         return (
             f"model {request.model_id} needs {needed / gib:.2f} GiB (weights, KV cache for "
-            f"{request.context} tokens, buffers) but the nodes offer {offered / gib:.2f} GiB: "
+            f"{_tokens_in_words(request)}, buffers) but the nodes offer {offered / gib:.2f} GiB: "
             f"{(needed - offered) / gib:.2f} GiB missing{_versions_in_words(view)}"
         )
     return (
@@ -189,6 +209,12 @@ def _shortfall_message(view: ClusterView, request: ModelRequest, cost: CostModel
         f"{needed / gib:.2f} GiB needed) but no primary can reach enough nodes with the same "
         f"engine RPC version to hold it{_versions_in_words(view)}"
     )
+
+
+def _tokens_in_words(request: ModelRequest) -> str:
+    if request.slots == 1:
+        return f"{request.context} tokens"
+    return f"{request.slots} slots of {request.context} tokens"
 
 
 def _versions_in_words(view: ClusterView) -> str:

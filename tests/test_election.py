@@ -17,7 +17,9 @@ from sharedllm.mesh.gossip_reader import (
     current_claims,
     offered_models,
 )
+from sharedllm.mesh.memory_ledger import claim_memory
 from sharedllm.scheduler.model_profile import ModelProfile, profile_to_dict
+from sharedllm.scheduler.planner import DEFAULT_COST
 
 MIB = 1024**2
 PROFILE = ModelProfile(
@@ -35,7 +37,12 @@ PROFILE = ModelProfile(
 
 
 def _node(
-    peer: str, ram_mib: int, *, holds: bool = False, links: tuple[str, ...] = ()
+    peer: str,
+    ram_mib: int,
+    *,
+    holds: bool = False,
+    links: tuple[str, ...] = (),
+    model_id: str = "m",
 ) -> dict[str, Any]:
     return {
         "ram_total": ram_mib * MIB,
@@ -43,7 +50,7 @@ def _node(
         "gflops": 50.0,
         "rpc_protocol": "7.0.0",
         "memory_cap": None,
-        "models": [{"id": "m", "context": 1024, "profile": profile_to_dict(PROFILE)}]
+        "models": [{"id": model_id, "context": 1024, "profile": profile_to_dict(PROFILE)}]
         if holds
         else [],
         "links": {other: {"rtt_ms": 0.5, "bandwidth_mbps": 1000.0} for other in links},
@@ -153,9 +160,8 @@ def test_every_node_computes_the_same_plan(ram: dict[str, int], data: st.DataObj
             states = elector.step(now, members)
         if elector.claims:
             claimants.append(peer)
-        plan = states["m"].planned
-        if peer in holders:  # only nodes that may lead plan while others wait for a claim
-            planned.add(None if plan is None else (plan.primary, plan.nodes))
+        plan = states["m"].planned  # every node plans, holder or not, to share out memory
+        planned.add(None if plan is None else (plan.primary, plan.nodes))
     assert len(planned) == 1  # one answer from one view
     assert len(claimants) <= 1  # and so at most one node claims the model
 
@@ -288,3 +294,36 @@ def test_a_replaced_placement_that_stops_serving_is_withdrawn_at_once() -> None:
     assert elector.handing_over["m"] == first
     elector.set_serving("m", first.epoch, False)  # its engine died during the switch
     assert elector.handing_over == {}
+
+
+def _memory_per_node(members: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Bytes every current claim asks of each node, all models together."""
+    view, requests = cluster_view(members), offered_models(members)
+    used: dict[str, int] = {}
+    for model_id, claim in current_claims(members).items():
+        for node, amount in claim_memory(requests[model_id], DEFAULT_COST, claim).items():
+            used[node] = used.get(node, 0) + amount
+    assert all(node in view for node in used)
+    return used
+
+
+def test_two_models_never_book_the_same_worker_memory_twice() -> None:
+    # Each model needs a 600 MiB holder and three layers on a worker; c can take one model's.
+    members = {
+        "a": _node("a", 600, holds=True, links=("b", "c")),
+        "b": _node("b", 600, holds=True, links=("a", "c"), model_id="n"),
+        "c": _node("c", 600, links=("a", "b")),
+    }
+    electors = [Elector(peer) for peer in members]
+    now = 0.0
+    while now < 20.0:
+        for elector in electors:
+            elector.step(now, members)
+            _publish(members, elector)
+        now += 0.5
+    claims = current_claims(members)
+    assert set(claims) == {"m"}  # the first model in order is served, n waits for memory
+    usable = {node.peer_id: node.usable_bytes for node in cluster_view(members).nodes}
+    assert all(used <= usable[node] for node, used in _memory_per_node(members).items())
+    problem = electors[1].step(now, members)["n"].problem
+    assert problem is not None and "GiB" in problem

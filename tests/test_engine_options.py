@@ -13,7 +13,7 @@ from sharedllm.node.engine.options import ALLOWED, EngineOptionError, check_engi
 
 
 def test_common_tuning_passes_as_given() -> None:
-    args = ["--flash-attn", "on", "-ctk", "q8_0", "--parallel", "2", "--jinja", "--temp", "-0.5"]
+    args = ["--flash-attn", "on", "-ctk", "q8_0", "--top-k", "20", "--jinja", "--temp", "-0.5"]
     assert check_engine_args(args) == tuple(args)
 
 
@@ -30,6 +30,9 @@ def test_common_tuning_passes_as_given() -> None:
         ["--flash-attn"],  # a value is missing
         ["--flash-attn", "--host"],  # a flag where the value should be
         ["--temp", "1; rm -rf /"],
+        ["--parallel", "8"],  # slots and context are memory the planner books
+        ["-kvu"],
+        ["--ctx-size", "65536"],
     ],
 )
 def test_what_belongs_to_the_node_is_refused(args: list[str]) -> None:
@@ -52,7 +55,14 @@ def test_any_arguments_are_passed_only_if_every_flag_is_allowed(args: list[str])
 def test_engine_args_come_from_the_config_file_or_the_environment(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('[node]\nengine_args = ["--flash-attn", "on"]\n')
     assert load_config(data_dir=tmp_path, environ={}).engine_args == ("--flash-attn", "on")
-    env = {"SHAREDLLM_ENGINE_ARGS": "--parallel 2"}
-    assert load_config(data_dir=tmp_path, environ=env).engine_args == ("--parallel", "2")
+    env = {"SHAREDLLM_ENGINE_ARGS": "--top-k 20"}
+    assert load_config(data_dir=tmp_path, environ=env).engine_args == ("--top-k", "20")
     with pytest.raises(ConfigError, match="not one a node passes"):
         load_config(data_dir=tmp_path, environ={"SHAREDLLM_ENGINE_ARGS": "--host 0.0.0.0"})
+
+
+def test_slots_and_context_are_refused_with_the_setting_that_owns_them() -> None:
+    with pytest.raises(EngineOptionError, match="parallel_slots"):
+        check_engine_args(["-np", "2"])
+    with pytest.raises(EngineOptionError, match="context_size"):
+        check_engine_args(["-c", "8192"])

@@ -170,6 +170,11 @@ def add_up_command(commands: Any) -> None:
         "beyond 127.0.0.1; or SHAREDLLM_API_KEY)",
     )
     up.add_argument("--context-size", type=int, help="context length per request (default: 4096)")
+    up.add_argument(
+        "--parallel-slots",
+        type=int,
+        help="requests the model's engine runs at once (default: 4; fewer if memory is short)",
+    )
     up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     up.add_argument(
         "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"

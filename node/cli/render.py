@@ -84,7 +84,12 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
     print(f"\nmodel {model_id}: {entry['state']}")
     primary = entry["primary"]
     if primary is not None:
-        print(f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}")
+        slots = entry.get("slots")
+        at_once = f", {slots} requests at once of {entry.get('context')} tokens" if slots else ""
+        print(
+            f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}"
+            + at_once
+        )
     if entry.get("serving_meanwhile") is not None:
         print(f"  loading; epoch {entry['serving_meanwhile']} serves until it is ready")
     tunnels = entry.get("tunnels", {})

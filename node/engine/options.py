@@ -1,10 +1,11 @@
 """Engine options a user may set for their model's llama-server, checked against an allow-list.
 
-Users of llama-server tune flash attention, KV cache types, parallel slots, reasoning output,
+Users of llama-server tune flash attention, KV cache types, reasoning output,
 speculative decoding and default sampling; those pass through (`engine_args` in the config).
 Anything that decides where the engine listens, what it loads or how it reaches its workers
 (`--host`, `--port`, `--model`, `--rpc`, `--n-gpu-layers`, `--tensor-split`, ...) belongs to the
-node, and any flag not listed here is refused with the list of those that are.
+node, and so do parallel slots and the context, which the planner books as memory; any flag
+not listed here is refused with the list of those that are.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ _WITH_VALUE = frozenset(
         "-fa", "--flash-attn",
         "-ctk", "--cache-type-k",
         "-ctv", "--cache-type-v",
-        "-np", "--parallel",
         "-b", "--batch-size",
         "-ub", "--ubatch-size",
         "--cache-reuse",
@@ -41,9 +41,14 @@ _WITH_VALUE = frozenset(
 )  # fmt: skip
 _SWITCHES = frozenset(
     {"--jinja", "--no-jinja", "-cb", "--cont-batching", "-nocb", "--no-cont-batching",
-     "--swa-full", "-kvu", "--kv-unified"}
+     "--swa-full"}
 )  # fmt: skip
 ALLOWED = _WITH_VALUE | _SWITCHES
+# Slots and the KV layout are memory the planner books on every node of a split.
+_SET_ELSEWHERE = {
+    flag: "parallel_slots (--parallel-slots)"
+    for flag in ("-np", "--parallel", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified")
+} | {flag: "context_size (--context-size)" for flag in ("-c", "--ctx-size")}
 MAX_ARGS = 64
 _VALUE = re.compile(r"^[\w.:,{}\"'\[\] =+-]{1,256}$")
 
@@ -60,6 +65,10 @@ def check_engine_args(args: Sequence[str]) -> tuple[str, ...]:
     index = 0
     while index < len(args):
         flag = args[index]
+        if flag in _SET_ELSEWHERE:
+            raise EngineOptionError(
+                f"engine option {flag} is planned by the mesh: set {_SET_ELSEWHERE[flag]}"
+            )
         if flag not in ALLOWED:
             allowed = " ".join(sorted(ALLOWED))
             raise EngineOptionError(

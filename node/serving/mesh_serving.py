@@ -106,7 +106,11 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     def gossip_fields(self) -> dict[str, Any]:
         return {
             "models": [
-                m.gossip_entry(self._config.context_size, self._hashes.get(m.model_id))
+                m.gossip_entry(
+                    self._config.context_size,
+                    self._config.parallel_slots,
+                    self._hashes.get(m.model_id),
+                )
                 for m in self._local.values()
             ],
             "claims": self.elector.gossiped_claims(),

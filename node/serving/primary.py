@@ -91,7 +91,9 @@ class PrimaryRole(ServingParts):
             str(self._engine.llama_server),
             *("--host", str(job.socket)),  # a Unix socket, for this user only (unix_socket)
             *("--model", str(model.path), "--alias", model.model_id),
-            *("--ctx-size", str(self._config.context_size)),
+            # One KV cache of the context per slot (llama.cpp splits --ctx-size among them).
+            *("--parallel", str(claim.slots)),
+            *("--ctx-size", str(self._config.context_size * claim.slots)),
             *("--n-predict", str(self._config.default_max_tokens)),
             *kind_args(model.kind, model.info.pooling_type),
             *template_args(

@@ -141,6 +141,8 @@ class ApiRouting(ServingParts):
                 "primary": None if claim is None else claim.primary,
                 "epoch": None if claim is None else claim.epoch,
                 "serving": claim is not None and claim.serving,
+                "slots": None if claim is None else claim.slots,
+                "context": state.request.context,
                 "assignments": []
                 if claim is None
                 else [
