@@ -21,6 +21,7 @@ from . import (
     gpu_bench,
     hello_flood_bench,
     planner_bench,
+    scale_bench,
     serving_bench,
     simnet_bench,
     transport_bench,
@@ -35,6 +36,7 @@ SUITES = {
     "gpu": gpu_bench.run,
     "hello_flood": hello_flood_bench.run,
     "planner": planner_bench.run,
+    "scale": scale_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
     "transport": transport_bench.run,
@@ -50,6 +52,8 @@ HEADLINE = (
     "hello_flood_rss_growth_mib",
     "chaos_worker_recovery_s",
     "chaos_primary_recovery_s",
+    "parallel_slots_tokens_ratio",
+    "two_replicas_tokens_ratio",
 )
 
 

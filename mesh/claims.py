@@ -7,7 +7,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..scheduler.placement import MAX_SLOTS, Assignment, Placement
+from ..scheduler.placement import (
+    MAX_REPLICAS,
+    MAX_SLOTS,
+    Assignment,
+    Placement,
+    is_model_id,
+    unit_key,
+)
 
 MAX_CLAIMS_PER_NODE = 16
 
@@ -25,6 +32,12 @@ class Claim:
     # (its primary judged that both fit in memory at once on every node they share).
     overlap: bool = False
     slots: int = 1  # requests the engine runs at once, each with a KV cache of the context
+    replica: int = 0  # which of the model's placements this is
+
+    @property
+    def unit(self) -> str:
+        """What the claim competes for: one replica of its model."""
+        return unit_key(self.model_id, self.replica)
 
     @property
     def rank(self) -> tuple[int, str]:
@@ -67,6 +80,7 @@ class Claim:
             "serving": self.serving,
             "overlap": self.overlap,
             "slots": self.slots,
+            "replica": self.replica,
         }
 
     @staticmethod
@@ -77,6 +91,7 @@ class Claim:
         model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
         layers, serving = data.get("layers"), data.get("serving", False)
         overlap, slots = data.get("overlap", False), data.get("slots", 1)
+        replica = data.get("replica", 0)
         if not isinstance(model, str) or not isinstance(primary, str):
             raise ValueError("a claim needs a model and a primary")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -87,6 +102,10 @@ class Claim:
             raise ValueError("a claim's overlap must be a boolean")
         if not isinstance(slots, int) or isinstance(slots, bool) or not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"a claim's slots must be an integer from 1 to {MAX_SLOTS}")
+        if not _whole(replica) or not 0 <= replica < MAX_REPLICAS:
+            raise ValueError(f"a claim's replica must be an integer below {MAX_REPLICAS}")
+        if not is_model_id(model):
+            raise ValueError("a claim's model id is malformed")
         ranges = []
         for entry in layers:
             if not (
@@ -97,14 +116,26 @@ class Claim:
             ):
                 raise ValueError("a layer range is [node, first, last]")
             ranges.append((entry[0], entry[1], entry[2]))
-        return Claim(model, epoch, primary, tuple(ranges), serving, overlap, slots)
+        return Claim(model, epoch, primary, tuple(ranges), serving, overlap, slots, replica)
 
 
-def claim_for(placement: Placement, epoch: int, *, overlap: bool = False) -> Claim:
+def claim_for(
+    placement: Placement, epoch: int, *, overlap: bool = False, replica: int = 0
+) -> Claim:
     layers = tuple((a.node, a.first_layer, a.last_layer) for a in placement.assignments)
     return Claim(
-        placement.model_id, epoch, placement.primary, layers, overlap=overlap, slots=placement.slots
+        placement.model_id,
+        epoch,
+        placement.primary,
+        layers,
+        overlap=overlap,
+        slots=placement.slots,
+        replica=replica,
     )
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_claims(raw: object, origin: str) -> tuple[Claim, ...]:
@@ -131,7 +162,7 @@ def serving_predecessor(
     standing = [
         claim
         for claim in candidates
-        if claim.model_id == current.model_id
+        if claim.unit == current.unit
         and claim.rank < current.rank
         and claim.serving
         and claim.nodes_in(members)
@@ -153,7 +184,7 @@ def winding_down(
     found: dict[tuple[int, str], Claim] = {}
     for claim in candidates:
         if (
-            claim.model_id == current.model_id
+            claim.unit == current.unit
             and claim.rank < current.rank
             and claim.rank not in skip
             and claim.nodes_in(members)

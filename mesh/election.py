@@ -31,6 +31,7 @@ from ..scheduler.placement import (
     PlannerError,
     evaluate,
     fit_together,
+    unit_key,
 )
 from ..scheduler.planner import DEFAULT_COST, plan_with_slots
 from .claims import Claim, claim_for, serving_predecessor, winding_down
@@ -100,50 +101,57 @@ class Elector:
                     self.highest_epoch[claim.model_id] = claim.epoch
 
     def step(self, now: float, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelState]:
-        """`members` are the live members' states, this node's own included."""
+        """`members` are the live members' states, this node's own included. The answer has
+        one state per replica of each model, by unit (the model id for its first replica)."""
         members = MemberStates.of(members)
         self.note_epochs(members.having("claims"))
         ranked = self.reader.ranked_claims(members)
-        current = {model_id: claims[0] for model_id, claims in ranked.items()}
+        current = {unit: claims[0] for unit, claims in ranked.items()}
         held = {model_id for model_id, _ in model_entries(members.get(self.me, {}))}
-        for model_id, mine in list(self.claims.items()):
-            winner = current.get(model_id)
+        for unit, mine in list(self.claims.items()):
+            winner = current.get(unit)
             if winner is not None and winner.rank > mine.rank:
-                del self.claims[model_id]  # fenced: a higher claim exists
+                del self.claims[unit]  # fenced: a higher claim exists
                 self._hand_over(mine, winner)
+        units = replica_requests(self.reader.offered_models(members))
+        view = cluster_view(members) if units else ClusterView.build(())
+        ledger = MemoryLedger.of(view, units, current, self.cost)
         states: dict[str, ModelState] = {}
-        offered = sorted(self.reader.offered_models(members).items())
-        view = cluster_view(members) if offered else ClusterView.build(())
-        ledger = MemoryLedger.of(view, [request for _, request in offered], current, self.cost)
-        for model_id, request in offered:
-            # Every node plans every model on the same view, so that each knows what the others
+        for request in units:
+            # Every node plans every unit on the same view, so that each knows what the others
             # will take; only holders may lead, so only they claim.
-            claim = current.get(model_id)
-            taken = ledger.taken_before(model_id)
+            unit, claim = request.unit, current.get(request.unit)
+            taken = ledger.taken_before(unit)
+            for node in _other_replicas_nodes(request, states, current):
+                if node in view:
+                    taken[node] = view.node(node).usable_bytes  # replicas share no node
             state = self._plan(now, members, request, claim, view.with_memory_used(taken))
-            if model_id not in held:
+            if request.model_id not in held:
                 # The others follow the standing claim and repeat what the holders say is missing.
-                problem = None if claim is not None else gossiped_problem(members, model_id)
+                problem = None if claim is not None else gossiped_problem(members, request.model_id)
                 state = replace(state, current=claim, problem=problem)
-            candidates = [*ranked.get(model_id, ()), *self.handing_over.values()]
+            if request.replica and state.problem is not None:
+                state = replace(state, problem=f"no nodes free for replica {request.replica + 1}")
+            candidates = [*ranked.get(unit, ()), *self.handing_over.values()]
             previous = serving_predecessor(state.current, candidates, members)
             ending = winding_down(state.current, previous, candidates, members)
             state = replace(state, previous=previous, winding_down=ending)
-            states[model_id] = state
-            ledger.decide(model_id, state.planned, still_standing=state.current == claim)
-        for model_id in list(self.claims):
-            if model_id not in states:
-                del self.claims[model_id]  # nobody holds the model any more
+            states[unit] = state
+            ledger.decide(unit, state.planned, still_standing=state.current == claim)
+        for unit in list(self.claims):
+            if unit not in states:
+                del self.claims[unit]  # nobody holds the model, or it has fewer replicas now
         self.handing_over = {
-            model_id: old
-            for model_id, old in self.handing_over.items()
-            if model_id in states
-            and old.rank in {claim.rank for claim in states[model_id].placements()[1:]}
+            unit: old
+            for unit, old in self.handing_over.items()
+            if unit in states and old.rank in {c.rank for c in states[unit].placements()[1:]}
         }
         self.problems = {
-            model_id: state.problem
-            for model_id, state in states.items()
-            if model_id in held and state.problem is not None
+            state.request.model_id: state.problem
+            for state in states.values()
+            if state.request.model_id in held
+            and state.request.replica == 0
+            and state.problem is not None
         }
         return states
 
@@ -155,41 +163,41 @@ class Elector:
         claim: Claim | None,
         view: ClusterView,
     ) -> ModelState:
-        model_id = request.model_id
-        previous = self._planned_at.get(model_id)
+        unit = request.unit
+        previous = self._planned_at.get(unit)
         if (
             claim is not None
             and claim.nodes_in(members)
             and previous is not None
             and now - previous[0] < self.replan_s
-            and model_id not in self._wanted_since
+            and unit not in self._wanted_since
         ):
             # The placement stands and was checked a moment ago: measurements drift every
             # second, but a better plan must win by the stability margin anyway.
             return ModelState(request, claim, previous[1], None)
         state = self._decide(now, view, request, claim)
-        self._planned_at[model_id] = (now, state.planned)
+        self._planned_at[unit] = (now, state.planned)
         return state
 
-    def set_serving(self, model_id: str, epoch: int, serving: bool) -> None:
-        claim = self.claims.get(model_id)
+    def set_serving(self, unit: str, epoch: int, serving: bool) -> None:
+        claim = self.claims.get(unit)
         if claim is not None and claim.epoch == epoch and claim.serving != serving:
-            self.claims[model_id] = replace(claim, serving=serving)
-        old = self.handing_over.get(model_id)
+            self.claims[unit] = replace(claim, serving=serving)
+        old = self.handing_over.get(unit)
         if old is not None and old.epoch == epoch and not serving:
-            del self.handing_over[model_id]  # it no longer serves: nothing left to hand over
+            del self.handing_over[unit]  # it no longer serves: nothing left to hand over
 
     def _hand_over(self, mine: Claim, successor: Claim) -> None:
         """Keeps our superseded claim announced while its successor loads and then while our
         engine finishes its requests, if the successor's primary agreed (memory allows)."""
         if mine.serving and successor.overlap:
-            self.handing_over[mine.model_id] = mine
+            self.handing_over[mine.unit] = mine
 
-    def end_handover(self, model_id: str, epoch: int) -> None:
+    def end_handover(self, unit: str, epoch: int) -> None:
         """Our replaced engine has finished (or given up on) its requests: withdraw its claim."""
-        old = self.handing_over.get(model_id)
+        old = self.handing_over.get(unit)
         if old is not None and old.epoch == epoch:
-            del self.handing_over[model_id]
+            del self.handing_over[unit]
 
     def _settle_s(self, view: ClusterView) -> float:
         """How long a plan must hold before we claim it: `settle_s`, and longer in a big mesh,
@@ -200,7 +208,7 @@ class Elector:
     def _decide(
         self, now: float, view: ClusterView, request: ModelRequest, current: Claim | None
     ) -> ModelState:
-        model_id = request.model_id
+        model_id, unit = request.model_id, request.unit
         kept = None
         if current is not None and all(node in view for node in current.nodes):
             as_claimed = replace(request, slots=current.slots)
@@ -208,20 +216,20 @@ class Elector:
         try:
             planned = plan_with_slots(view, request, self.cost, kept)
         except PlannerError as err:
-            self._wanted_since.pop(model_id, None)
+            self._wanted_since.pop(unit, None)
             if current is not None and current.primary == self.me and kept is None:
                 # Our placement lost a node and nothing can replace it: withdraw the claim,
                 # so that everyone says why instead of waiting on a dead split.
-                self.claims.pop(model_id, None)
+                self.claims.pop(unit, None)
                 return ModelState(request, None, None, str(err))
             return ModelState(request, current, None, str(err))
         if current is not None and current.same_split(planned):
-            self._wanted_since.pop(model_id, None)
+            self._wanted_since.pop(unit, None)
             return ModelState(request, current, planned, None)
         key = (planned.primary, tuple((a.node, a.layer_count) for a in planned.assignments))
-        since = self._wanted_since.get(model_id)
+        since = self._wanted_since.get(unit)
         if since is None or since[0] != key:
-            self._wanted_since[model_id] = (key, now)
+            self._wanted_since[unit] = (key, now)
         elif planned.primary == self.me and now - since[1] >= self._settle_s(view):
             epoch = max(self.highest_epoch.get(model_id, 0), 0) + 1
             overlap = (
@@ -230,12 +238,44 @@ class Elector:
                 and kept is not None
                 and fit_together(view, self.cost, kept, planned)
             )
-            claim = claim_for(planned, epoch, overlap=overlap)
-            old = self.claims.pop(model_id, None)
+            claim = claim_for(planned, epoch, overlap=overlap, replica=request.replica)
+            old = self.claims.pop(unit, None)
             if old is not None:
                 self._hand_over(old, claim)
-            self.claims[model_id] = claim
+            self.claims[unit] = claim
             self.highest_epoch[model_id] = epoch
-            self._wanted_since.pop(model_id, None)
+            self._wanted_since.pop(unit, None)
             return ModelState(request, claim, planned, None)
         return ModelState(request, current, planned, None)
+
+
+def replica_requests(offered: Mapping[str, ModelRequest]) -> list[ModelRequest]:
+    """One request per replica the models' holders ask for, in priority order: every model's
+    first replica by model id, then every second one, and so on."""
+    units = [
+        replace(request, replica=replica)
+        for request in offered.values()
+        for replica in range(request.replicas)
+    ]
+    return sorted(units, key=lambda request: (request.replica, request.model_id))
+
+
+def _other_replicas_nodes(
+    request: ModelRequest, states: Mapping[str, ModelState], current: Mapping[str, Claim]
+) -> set[str]:
+    """Nodes a further replica must leave alone: those of the model's other replicas (what
+    they hold and what is planned for them). The first replica is planned as if alone."""
+    if request.replica == 0:
+        return set()
+    taken: set[str] = set()
+    for replica in range(request.replicas):
+        if replica == request.replica:
+            continue
+        other = unit_key(request.model_id, replica)
+        state = states.get(other)
+        for claim in (current.get(other), None if state is None else state.current):
+            if claim is not None:
+                taken.update((claim.primary, *claim.nodes))
+        if state is not None and state.planned is not None:
+            taken.update((state.planned.primary, *state.planned.nodes))
+    return taken

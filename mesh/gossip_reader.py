@@ -16,7 +16,7 @@ from typing import Any, TypeGuard
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
-from ..scheduler.placement import MAX_SLOTS, ModelRequest
+from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, ModelRequest, is_model_id
 from .claims import Claim, parse_claims
 from .member_states import MemberStates
 
@@ -112,18 +112,19 @@ class GossipReader:
         return found
 
     def ranked_claims(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, list[Claim]]:
-        """For each model, the claims among `members`, highest rank first."""
+        """For each replica of each model (by `Claim.unit`), the claims among `members`,
+        highest rank first."""
         found: dict[str, list[Claim]] = {}
         for origin, content in MemberStates.of(members).having("claims"):
             for claim in self.claims_in(content, origin):
-                found.setdefault(claim.model_id, []).append(claim)
+                found.setdefault(claim.unit, []).append(claim)
         for claims in found.values():
             claims.sort(key=lambda claim: claim.rank, reverse=True)
         return found
 
     def current_claims(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
-        """For each model, the highest-ranked claim among `members`."""
-        return {model_id: ranked[0] for model_id, ranked in self.ranked_claims(members).items()}
+        """For each replica of each model, the highest-ranked claim among `members`."""
+        return {unit: ranked[0] for unit, ranked in self.ranked_claims(members).items()}
 
 
 def _remember(memo: OrderedDict[int, Any], key: int, value: Any, size: int) -> None:
@@ -138,13 +139,14 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         profile = profile_from_dict(entry.get("profile"))
     except ValueError:
         return None
-    context, slots = entry.get("context"), entry.get("slots")
+    context, slots, replicas = entry.get("context"), entry.get("slots"), entry.get("replicas")
     return ModelRequest(
         model_id,
         profile,
         context if _count(context) and context > 0 else 4096,
         primary_must_hold=True,
         slots=slots if _count(slots) and 1 <= slots <= MAX_SLOTS else 1,
+        replicas=replicas if _count(replicas) and 1 <= replicas <= MAX_REPLICAS else 1,
     )
 
 
@@ -176,7 +178,7 @@ def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, A
     return [
         (entry["id"], entry)
         for entry in models[:_MAX_MODELS_PER_NODE]
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and is_model_id(entry["id"])
     ]
 
 

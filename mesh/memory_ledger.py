@@ -1,12 +1,13 @@
-"""Memory accounted once per node across every model the mesh serves (pure).
+"""Memory accounted once per node across every model and replica the mesh serves (pure).
 
-Each model is planned on the view left after the others: models are taken in priority order, and
-model k sees every node's memory less (1) what the models before it were given in this step and
-(2) the standing claims of the models after it. A standing claim only counts when it fits beside
-the higher-priority claims before it: two claims that overlap (a race, or a node that shrank)
-leave the higher-priority model in place and make the other re-plan around it. Every node runs
-the same ledger on the same gossip, so every node derives the same split of memory, and the sum
-of what it hands out on a node never exceeds that node's usable memory.
+Each replica of each model (a unit) is planned on the view left after the others: units are
+taken in priority order (every model's first replica, by model id, then every second one, ...),
+and unit k sees every node's memory less (1) what the units before it were given in this step
+and (2) the standing claims of the units after it. A standing claim only counts when it fits
+beside the higher-priority claims before it: two claims that overlap (a race, or a node that
+shrank) leave the higher-priority unit in place and make the other re-plan around it. Every node
+runs the same ledger on the same gossip, so every node derives the same split of memory, and the
+sum of what it hands out on a node never exceeds that node's usable memory.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ Bytes = dict[str, int]
 
 @dataclass
 class MemoryLedger:
-    """Built once per election step; `taken_before(k)` then `decide(k, ...)` for each model
-    in priority order."""
+    """Built once per election step; `taken_before(k)` then `decide(k, ...)` for each replica
+    of each model (its `unit`) in priority order."""
 
-    standing: dict[str, Bytes]  # model -> node -> bytes of its counted standing claim
-    _later: Bytes = field(default_factory=dict)  # standing claims of models not yet decided
+    standing: dict[str, Bytes]  # unit -> node -> bytes of its counted standing claim
+    _later: Bytes = field(default_factory=dict)  # standing claims of units not yet decided
     _decided: Bytes = field(default_factory=dict)
 
     @staticmethod
@@ -38,31 +39,33 @@ class MemoryLedger:
         claims: Mapping[str, Claim],
         cost: CostModel,
     ) -> MemoryLedger:
-        """`requests` in priority order; `claims` the current claim of each model."""
+        """`requests` in priority order, one per replica; `claims` the current claim of each
+        replica, by unit."""
         usable = {node.peer_id: node.usable_bytes for node in view.nodes}
         standing: dict[str, Bytes] = {}
         counted: Bytes = {}
         for request in requests:
-            claim = claims.get(request.model_id)
+            claim = claims.get(request.unit)
             if claim is None or not all(node in usable for node in claim.nodes):
                 continue
             need = claim_memory(request, cost, claim)
             if all(counted.get(node, 0) + amount <= usable[node] for node, amount in need.items()):
-                standing[request.model_id] = need
+                standing[request.unit] = need
                 _add(counted, need)
         return MemoryLedger(standing, counted)
 
-    def taken_before(self, model_id: str) -> Bytes:
-        """Memory already spoken for when `model_id` is planned (its own claim not included)."""
-        _subtract(self._later, self.standing.get(model_id, {}))
+    def taken_before(self, unit: str) -> Bytes:
+        """Memory already spoken for when `unit` (a replica of a model) is planned, its own
+        claim not included; a new dict, the caller's to change."""
+        _subtract(self._later, self.standing.get(unit, {}))
         taken = dict(self._decided)
         _add(taken, self._later)
         return taken
 
-    def decide(self, model_id: str, planned: Placement | None, still_standing: bool) -> None:
-        """Reserves what `model_id` holds after this step: its plan, and its standing claim
+    def decide(self, unit: str, planned: Placement | None, still_standing: bool) -> None:
+        """Reserves what `unit` holds after this step: its plan, and its standing claim
         while that keeps running (both during a switch, node by node the larger)."""
-        held: Bytes = dict(self.standing.get(model_id, {})) if still_standing else {}
+        held: Bytes = dict(self.standing.get(unit, {})) if still_standing else {}
         for node, amount in (memory_used(planned) if planned is not None else {}).items():
             held[node] = max(held.get(node, 0), amount)
         _add(self._decided, held)

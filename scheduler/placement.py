@@ -77,6 +77,18 @@ class Placement:
 
 
 MAX_SLOTS = 64  # parallel requests one engine may run; more (from a peer) is malformed
+MAX_REPLICAS = 8  # placements of one model at once
+_REPLICA_MARK = "\x1f"  # never in a model id (gossip drops ids holding it)
+
+
+def unit_key(model_id: str, replica: int) -> str:
+    """The key of one replica of a model in the election: the model id for the first, so a
+    mesh serving one replica of each model keys everything by model, as before replicas."""
+    return model_id if replica == 0 else f"{model_id}{_REPLICA_MARK}{replica}"
+
+
+def is_model_id(text: str) -> bool:
+    return _REPLICA_MARK not in text
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,8 @@ class ModelRequest:
 
     `context` is what one request may use; the engine runs `slots` requests at once, each
     with a KV cache of its own, so the KV memory of a placement is for `context * slots` tokens.
+    A model is served by up to `replicas` placements on disjoint nodes; `replica` says which
+    one this request places.
     """
 
     model_id: str
@@ -93,10 +107,16 @@ class ModelRequest:
     # Only a node holding the file may lead (until nodes can fetch model files from each other).
     primary_must_hold: bool = False
     slots: int = 1
+    replicas: int = 1
+    replica: int = 0
 
     @property
     def kv_tokens(self) -> int:
         return self.context * self.slots
+
+    @property
+    def unit(self) -> str:
+        return unit_key(self.model_id, self.replica)
 
 
 def evaluate(

@@ -60,18 +60,22 @@ def plan_with_slots(
     cost: CostModel = DEFAULT_COST,
     current: Placement | None = None,
 ) -> Placement:
-    """`plan_model` with as many of the requested parallel slots as memory allows: all of
-    them, else half as many, down to one (whose shortfall is the error). A placement keeps its
-    slot count while it stands; it gets more when the planner next moves it, or when the
-    current split fits with more again (its engine then restarts with them)."""
+    """`plan_model` with as many of the requested parallel slots as come free: the most of
+    requested, half that, ... whose placement is no slower per token (within the stability
+    margin) than the fastest one-slot placement. Slots never cost a single request its speed,
+    nor pull in another node just for their KV cache; the one-slot shortfall is the error."""
+    fastest = plan_model(view, replace(request, slots=1), cost, current)
     slots = request.slots
-    while True:
+    while slots > 1:
         try:
-            return plan_model(view, replace(request, slots=slots), cost, current)
+            placement = plan_model(view, replace(request, slots=slots), cost, current)
         except PlannerError:
-            if slots <= 1:
-                raise
-            slots = max(1, slots // 2)
+            placement = None
+        limit = fastest.ms_per_token * (1 + DEFAULT_STABILITY_MARGIN)
+        if placement is not None and placement.ms_per_token <= limit:
+            return placement
+        slots //= 2
+    return fastest
 
 
 def _best_placement(view: ClusterView, request: ModelRequest, cost: CostModel) -> Placement:

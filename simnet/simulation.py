@@ -171,10 +171,10 @@ class Simulation:
                 del engines[key]
             for claim in changes.start_primaries:
                 engines[(claim.model_id, claim.rank)] = True
-            for model_id, epoch, _ in changes.serving:
-                elector.set_serving(model_id, epoch, True)  # no engine to wait for
+            for unit, epoch, _ in changes.serving:
+                elector.set_serving(unit, epoch, True)  # no engine to wait for
             for old in changes.wind_down:
-                elector.end_handover(old.model_id, old.epoch)  # no requests to finish
+                elector.end_handover(old.unit, old.epoch)  # no requests to finish
             for claim in elector.claims.values():
                 self._note_claim(claim)
             if elector.gossiped_claims() != before:
@@ -184,7 +184,7 @@ class Simulation:
             await trio.sleep(ELECTION_STEP_S)
 
     def _note_claim(self, claim: Claim) -> None:
-        self.claims_seen.setdefault((claim.model_id, claim.epoch), set()).add(claim.primary)
+        self.claims_seen.setdefault((claim.unit, claim.epoch), set()).add(claim.primary)
 
     # -- faults --------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ class _Router:
             raise ModelNotFound(str(name))
         return "m"
 
-    def route(self, model_id: str) -> Upstream:
+    def route(self, model_id: str, affinity: str | None = None) -> Upstream:
         return self.upstream
 
     def health(self) -> tuple[bool, dict[str, str]]:

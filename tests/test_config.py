@@ -43,6 +43,7 @@ def test_data_dir_from_environment(tmp_path: Path) -> None:
         ("threads = 0", "must be at least 1"),
         ("parallel_slots = 0", "parallel_slots 0 must be between 1 and 64"),
         ("parallel_slots = 65", "parallel_slots 65 must be between 1 and 64"),
+        ("replicas = 0", "replicas 0 must be between 1 and 8"),
         ("log_level = 'loud'", "log_level"),
         ("model = 5", "expected a path"),
     ],

@@ -1,6 +1,7 @@
-"""Memory is accounted once per node across all models: whatever the mesh, the models and who
-holds them, the claims standing after any election step never ask a node for more than it has,
-and overlapping claims leave the higher-priority model in place."""
+"""Memory is accounted once per node across all models and replicas: whatever the mesh, the
+models, their replicas and who holds them, the claims standing after any election step never ask
+a node for more than it has, a model's replicas share no node, and overlapping claims leave the
+higher-priority model in place."""
 
 from __future__ import annotations
 
@@ -20,39 +21,44 @@ PEERS = ["p1", "p2", "p3", "p4", "p5"]
 MODELS = ["m1", "m2", "m3", "m4"]
 
 
-def _members(ram: dict[str, int], holdings: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """`holdings`: model -> the peer holding it."""
+def _members(
+    ram: dict[str, int], holdings: dict[str, str], replicas: int = 1, everywhere: bool = False
+) -> dict[str, dict[str, Any]]:
+    """`holdings`: model -> the peer holding it (`everywhere`: every peer holds every model);
+    each model asks for `replicas`."""
     members = {}
     for peer in sorted(ram):
         members[peer] = _node(peer, ram[peer], links=tuple(p for p in ram if p != peer))
-        models = [model for model, holder in sorted(holdings.items()) if holder == peer]
+        models = [m for m, holder in sorted(holdings.items()) if holder == peer or everywhere]
         template = _node(peer, 1, holds=True)["models"][0]
-        members[peer]["models"] = [dict(template, id=model) for model in models]
+        members[peer]["models"] = [dict(template, id=model, replicas=replicas) for model in models]
     return members
 
 
 def _booked(members: dict[str, dict[str, Any]]) -> dict[str, int]:
     requests = offered_models(members)
     booked: dict[str, int] = {}
-    for model_id, claim in current_claims(members).items():
-        need = claim_memory(requests[model_id], DEFAULT_COST, claim)
+    for claim in current_claims(members).values():
+        need = claim_memory(requests[claim.model_id], DEFAULT_COST, claim)
         for node, amount in need.items():
             booked[node] = booked.get(node, 0) + amount
     return booked
 
 
 @settings(max_examples=60, deadline=None)
-@example({"p1": 600, "p2": 600}, {"m1": 0, "m2": 1}).via("two holders needing each other")
+@example({"p1": 600, "p2": 600}, {"m1": 0, "m2": 1}, 1, False).via("two holders needing each other")
 @given(
     st.dictionaries(st.sampled_from(PEERS), st.integers(400, 1000), min_size=2),
     st.dictionaries(st.sampled_from(MODELS), st.integers(0, len(PEERS) - 1), min_size=1),
+    st.integers(1, 3),
+    st.booleans(),
 )
 def test_claims_never_ask_a_node_for_more_than_it_has(
-    ram: dict[str, int], holder_index: dict[str, int]
+    ram: dict[str, int], holder_index: dict[str, int], replicas: int, everywhere: bool
 ) -> None:
     peers = sorted(ram)
     holdings = {model: peers[index % len(peers)] for model, index in holder_index.items()}
-    members = _members(ram, holdings)
+    members = _members(ram, holdings, replicas, everywhere)
     electors = [Elector(peer) for peer in sorted(members)]
     usable = {node.peer_id: node.usable_bytes for node in cluster_view(members).nodes}
     now = 0.0
@@ -67,6 +73,14 @@ def test_claims_never_ask_a_node_for_more_than_it_has(
     # mesh serves at least one model (which one is the priority order's choice)
     if any(ram[holder] >= 1000 for holder in holdings.values()):
         assert current_claims(members)
+    # and a model's replicas never share a node
+    for model in holdings:
+        nodes = [
+            {claim.primary, *claim.nodes}
+            for claim in current_claims(members).values()
+            if claim.model_id == model
+        ]
+        assert all(not a & b for i, a in enumerate(nodes) for b in nodes[i + 1 :])
 
 
 def test_of_two_overlapping_claims_the_higher_priority_one_counts() -> None:

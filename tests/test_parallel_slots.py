@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sharedllm.mesh.claims import Claim, claim_for
 from sharedllm.mesh.gossip_reader import offered_models
-from sharedllm.scheduler.cluster import GIB, ClusterView, NodeCapacity
+from sharedllm.scheduler.cluster import GIB, ClusterView, Link, NodeCapacity
 from sharedllm.scheduler.model_profile import ModelProfile, profile_to_dict
 from sharedllm.scheduler.placement import MAX_SLOTS, ModelRequest, PlannerError, evaluate
 from sharedllm.scheduler.planner import DEFAULT_COST, plan_with_slots
@@ -51,6 +51,17 @@ def test_memory_grows_with_each_slot() -> None:
 def test_a_model_gets_as_many_slots_as_memory_allows(ram_gib: float, slots: int) -> None:
     request = ModelRequest("m", PROFILE, 512, primary_must_hold=True, slots=4)
     assert plan_with_slots(_alone(ram_gib), request).slots == slots
+
+
+def test_slots_never_pull_in_another_node_for_their_kv_cache() -> None:
+    # a alone holds the model with one slot; four slots would need b as a worker (slower)
+    nodes = [
+        NodeCapacity("a", int(1.7 * GIB), models=frozenset({"m"})),
+        NodeCapacity("b", 64 * GIB),
+    ]
+    view = ClusterView.build(nodes, [Link("a", "b", 1.0, 1000.0)])
+    placement = plan_with_slots(view, ModelRequest("m", PROFILE, 512, True, slots=4))
+    assert (placement.nodes, placement.slots) == (("a",), 1)
 
 
 def test_without_memory_for_one_slot_the_error_names_the_need_of_one() -> None:

@@ -19,6 +19,7 @@ import trio
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from ..serving.replica_choice import affinity_of
 from ..serving.upstream import (
     ForwardRequest,
     ForwardResponse,
@@ -56,8 +57,9 @@ class ModelRouter(Protocol):
         `ModelRequired`."""
         ...
 
-    def route(self, model_id: str) -> Upstream:
-        """The upstream serving `model_id`; raises `ModelNotFound` or `UpstreamUnavailable`."""
+    def route(self, model_id: str, affinity: str | None = None) -> Upstream:
+        """The upstream serving `model_id` (of its replicas, the one for requests with this
+        `affinity`); raises `ModelNotFound` or `UpstreamUnavailable`."""
         ...
 
     def health(self) -> tuple[bool, dict[str, str]]:
@@ -100,7 +102,13 @@ async def forward_json(
         return bad_request(endpoint.shape, message, param="model")
     forward = ForwardRequest("POST", endpoint.path, body, {"content-type": "application/json"})
     answer = await open_upstream(
-        router, metrics, request, model_id=model_id, forward=forward, shape=endpoint.shape
+        router,
+        metrics,
+        request,
+        model_id=model_id,
+        forward=forward,
+        shape=endpoint.shape,
+        affinity=affinity_of(payload),
     )
     if isinstance(answer, Response):
         return answer
@@ -126,13 +134,15 @@ async def open_upstream(
     model_id: str,
     forward: ForwardRequest,
     shape: Shape,
+    affinity: str | None = None,
 ) -> ForwardResponse | Response:
     """The upstream's answer (its status and headers are in), waiting out a re-plan; an
     error answer if it cannot be had, or the client left meanwhile."""
     give_up_at = trio.current_time() + RECOVERY_WAIT_S
     while True:
         try:
-            answer = await _unless_client_leaves(request, router.route(model_id), forward)
+            upstream = router.route(model_id, affinity)
+            answer = await _unless_client_leaves(request, upstream, forward)
         except ModelNotFound:
             return model_not_found(shape, model_id)
         except UpstreamUnavailable as err:

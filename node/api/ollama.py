@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..serving.replica_choice import affinity_of
 from ..serving.upstream import ForwardRequest, ForwardResponse, ModelEntry, UpstreamBroken
 from .errors import Shape, error_response
 from .forwarding import ModelRouter, bad_request, open_upstream, read_json_object, resolve_model
@@ -98,7 +99,13 @@ async def _translated(
         "POST", path, json.dumps(body).encode(), {"content-type": "application/json"}
     )
     answer = await open_upstream(
-        router, metrics, request, model_id=model_id, forward=forward, shape=Shape.OLLAMA
+        router,
+        metrics,
+        request,
+        model_id=model_id,
+        forward=forward,
+        shape=Shape.OLLAMA,
+        affinity=affinity_of(payload),
     )
     if isinstance(answer, Response):
         return answer

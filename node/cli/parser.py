@@ -175,6 +175,11 @@ def add_up_command(commands: Any) -> None:
         type=int,
         help="requests the model's engine runs at once (default: 4; fewer if memory is short)",
     )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        help="placements of the model at once, on separate nodes (default: 1)",
+    )
     up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     up.add_argument(
         "--listen", action="append", help=f"mesh listen multiaddr (default: {DEFAULT_LISTEN})"

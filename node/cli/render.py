@@ -110,6 +110,15 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
         print(f"  {names.get(node, '?'):<16} {node[-12:]:<14} unused: {why}")
     if entry.get("problem"):
         print(f"  problem: {entry['problem']}")
+    replicas = entry.get("replicas", [])
+    for replica in replicas[1:] if len(replicas) > 1 else []:
+        primary = replica.get("primary")
+        where = "-" if primary is None else f"{names.get(primary, '?')} ({primary[-12:]})"
+        print(
+            f"  replica {replica['replica']}: {replica['state']}; primary {where}, "
+            f"{len(replica['nodes'])} nodes, {replica['in_flight']} in flight, "
+            f"{replica['routed']} routed from here"
+        )
 
 
 def agreement(report: Any) -> str:

@@ -37,12 +37,15 @@ class LocalModel:
     def path(self) -> Path:
         return self.info.path
 
-    def gossip_entry(self, context: int, slots: int, sha256: str | None) -> dict[str, Any]:
+    def gossip_entry(
+        self, context: int, slots: int, replicas: int, sha256: str | None
+    ) -> dict[str, Any]:
         entry = {
             "id": self.model_id,
             "size": self.info.size_bytes,
             "context": context,
             "slots": slots,
+            "replicas": replicas,
             "profile": profile_to_dict(self.info.profile),
         }
         if sha256 is not None:

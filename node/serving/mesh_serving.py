@@ -47,6 +47,7 @@ from .offered_recently import RecentlyOffered
 from .parts import STEP_S
 from .primary import PrimaryRole
 from .reconciler import Changes, JobKey, Running, reconcile
+from .replica_choice import InFlight
 from .routing import ApiRouting
 from .worker import WorkerRole
 
@@ -77,6 +78,8 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self.aliases: dict[str, str] = {}
         self.kinds: dict[str, str] = {}
         self.model_states: dict[str, ModelState] = {}
+        self.unit_states: dict[str, ModelState] = {}
+        self._in_flight = InFlight()
         self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
         self._last_rank: dict[str, tuple[int, str]] = {}  # model -> last placement seen
         # Jobs by (model, claim rank): two of one model run at once during a switch.
@@ -109,6 +112,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
                 m.gossip_entry(
                     self._config.context_size,
                     self._config.parallel_slots,
+                    self._config.replicas,
                     self._hashes.get(m.model_id),
                 )
                 for m in self._local.values()
@@ -150,7 +154,12 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     async def _step(self) -> None:
         before = self.elector.gossiped_claims()
         self.elector.note_epochs(self._service.claimants())
-        self.model_states = self.elector.step(trio.current_time(), self._service.member_states())
+        self.unit_states = self.elector.step(trio.current_time(), self._service.member_states())
+        self.model_states = {
+            state.request.model_id: state
+            for state in self.unit_states.values()
+            if state.request.replica == 0
+        }
         self._recently_offered.note(self.model_states, trio.current_time())
         members = self._service.member_states()
         self.aliases = gossiped_aliases(members, self.model_states)
@@ -160,14 +169,14 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         changes = reconcile(
             self._me,
             self._local.keys(),
-            self.model_states,
+            self.unit_states,
             claims=self.elector.claims,
             handing_over=self.elector.handing_over,
             running=self._running(),
         )
         self._apply(changes)
-        for model_id, epoch, ready in changes.serving:
-            self.elector.set_serving(model_id, epoch, ready)
+        for unit, epoch, ready in changes.serving:
+            self.elector.set_serving(unit, epoch, ready)
         if self.elector.gossiped_claims() != before:
             own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
             await self._service.publish_now(sorted({w for c in own for w in c.workers}))

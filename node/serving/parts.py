@@ -28,6 +28,7 @@ from ..weights.warm_start import WeightFiller
 from .jobs import Job, LocalModel
 from .offered_recently import RecentlyOffered
 from .reconciler import ApiTunnelKey, JobKey
+from .replica_choice import InFlight
 
 _log = logging.getLogger("sharedllm.serving")
 Rank = tuple[int, str]  # a claim's (epoch, primary)
@@ -46,7 +47,9 @@ class ServingParts(Protocol):
     _client: httpx.AsyncClient
     _me: str
     elector: Elector
-    model_states: dict[str, ModelState]
+    model_states: dict[str, ModelState]  # each model's first replica, by model id
+    unit_states: dict[str, ModelState]  # every replica of every model, by unit
+    _in_flight: InFlight
     replans: dict[str, int]
     _primary_jobs: dict[JobKey, Job]
     _worker_jobs: dict[JobKey, Job]

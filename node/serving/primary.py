@@ -162,7 +162,7 @@ class PrimaryRole(ServingParts):
             while job is not None and await self._engine_busy(job):
                 await trio.sleep(STEP_S)
         _log.info("model %s: epoch %d handed over", claim.model_id, claim.epoch)
-        self.elector.end_handover(claim.model_id, claim.epoch)
+        self.elector.end_handover(claim.unit, claim.epoch)
         self._winding.discard((claim.model_id, claim.rank))
         self._changed.set()
 

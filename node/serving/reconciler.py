@@ -17,7 +17,9 @@ from ...mesh.claims import Claim
 from ...mesh.election import ModelState
 
 Rank = tuple[int, str]  # a claim's (epoch, primary)
-JobKey = tuple[str, Rank]  # (model, claim rank): two of one model run at once during a switch
+# (model, claim rank): unique across a model's replicas (each claim has its own epoch or
+# primary), and two of one model run at once during a switch or with replicas
+JobKey = tuple[str, Rank]
 ApiTunnelKey = tuple[str, int, str]  # (model, epoch, primary)
 
 
@@ -49,7 +51,7 @@ class Changes:
     accepting: frozenset[JobKey] = frozenset()  # placements whose rpc tunnels we take now
     fence: tuple[JobKey, ...] = ()  # rpc tunnels of primaries that no longer lead here
     close_api_tunnels: tuple[ApiTunnelKey, ...] = ()
-    serving: tuple[tuple[str, int, bool], ...] = ()  # (model, epoch, ready) of our engines
+    serving: tuple[tuple[str, int, bool], ...] = ()  # (unit, epoch, ready) of our engines
 
 
 def reconcile(
@@ -61,8 +63,8 @@ def reconcile(
     handing_over: Mapping[str, Claim],
     running: Running,
 ) -> Changes:
-    """`claims` and `handing_over` are this node's (the elector's); `held` the models whose
-    file it holds."""
+    """`states`, `claims` and `handing_over` are by unit (one replica of a model), the last two
+    this node's own (the elector's); `held` the models whose file it holds."""
     own = (*claims.values(), *handing_over.values())
     wanted = {(claim.model_id, claim.rank): claim for claim in own}
     stop_primaries = tuple(key for key in running.primaries if key not in wanted)
@@ -72,15 +74,15 @@ def reconcile(
         if key not in running.primaries and claim.model_id in held
     )
     wind_down = []
-    for model_id, old in handing_over.items():
-        state = states.get(model_id)
+    for unit, old in handing_over.items():
+        state = states.get(unit)
         successor = None if state is None else state.current
-        key = (model_id, old.rank)
+        key = (old.model_id, old.rank)
         if successor is not None and successor.serving and key not in running.winding:
             wind_down.append(old)
     kept = {key: ready for key, ready in running.primaries.items() if key in wanted}
     serving = tuple(
-        (key[0], wanted[key].epoch, kept.get(key, False))
+        (wanted[key].unit, wanted[key].epoch, kept.get(key, False))
         for key in wanted
         if key in kept or wanted[key].model_id in held
     )
@@ -107,14 +109,14 @@ def _reconcile_workers(
     goes)."""
     wanted: dict[JobKey, Claim] = {}
     accepting: set[JobKey] = set()
-    for model_id, state in states.items():
+    for state in states.values():
         placements = state.placements()
         serving_soon = len(placements) - len(state.winding_down)  # the others only finish
         for index, claim in enumerate(placements):
             if me in claim.workers:
-                wanted[(model_id, claim.rank)] = claim
+                wanted[(claim.model_id, claim.rank)] = claim
                 if index < serving_soon:
-                    accepting.add((model_id, claim.rank))
+                    accepting.add((claim.model_id, claim.rank))
     workers = set(running.workers)
     starts = []
     for key in sorted(accepting - workers):
@@ -133,10 +135,9 @@ def _stale_api_tunnels(
 ) -> tuple[ApiTunnelKey, ...]:
     """Tunnels to primaries that lead nothing now (a replaced placement that still finishes
     requests keeps its tunnel until its primary withdraws it)."""
-    stale = []
-    for key in tunnels:
-        state = states.get(key[0])
-        running = () if state is None else state.placements()
-        if all((claim.model_id, claim.epoch, claim.primary) != key for claim in running):
-            stale.append(key)
-    return tuple(stale)
+    leading = {
+        (claim.model_id, claim.epoch, claim.primary)
+        for state in states.values()
+        for claim in state.placements()
+    }
+    return tuple(key for key in tunnels if key not in leading)

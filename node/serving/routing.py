@@ -9,13 +9,16 @@ from typing import Any
 import trio
 
 from ...mesh.claims import Claim
+from ...mesh.election import ModelState
 from ...mesh.transport.tunnel import (
     TunnelListener,
     TunnelRequest,
 )
 from ..engine.unix_socket import ENGINE_BASE_URL
 from .parts import ServingParts
+from .replica_choice import ReplicaLoad, choose_replica
 from .upstream import (
+    CountedUpstream,
     HttpUpstream,
     ModelEntry,
     ModelNotFound,
@@ -61,18 +64,43 @@ class ApiRouting(ServingParts):
             )
         raise ModelNotFound(name)
 
-    def route(self, model_id: str) -> Upstream:
-        unavailable = self._unavailable(model_id)
-        if unavailable is not None:
-            raise UpstreamUnavailable(*unavailable)
-        claim = self.model_states[model_id].routed
-        assert claim is not None
+    def route(self, model_id: str, affinity: str | None = None) -> Upstream:
+        """The upstream of the replica `choose_replica` picks among those serving now."""
+        now = trio.current_time()
+        serving = [
+            claim
+            for state in self.replicas_of(model_id)
+            if (claim := state.routed) is not None and self._claim_unavailable(claim) is None
+        ]
+        if not serving:
+            unavailable = self._unavailable(model_id)
+            raise UpstreamUnavailable(*(unavailable or ("no replica serves yet", True)))
+        by_key = {(c.model_id, c.epoch, c.primary): c for c in serving}
+        loads = [
+            ReplicaLoad(key, c.slots, self._in_flight.count(key, now), self._rtt_ms(c.primary))
+            for key, c in by_key.items()
+        ]
+        chosen = choose_replica(loads, affinity, self._in_flight.failed(now)).key
+        claim = by_key[chosen]
         if claim.primary == self._me:
             http = self._primary_jobs[(model_id, claim.rank)].http
             assert http is not None
-            return HttpUpstream(http, ENGINE_BASE_URL)
-        listener = self._api_tunnel(claim)
-        return HttpUpstream(self._client, f"http://{listener.endpoint}")
+            upstream = HttpUpstream(http, ENGINE_BASE_URL)
+        else:
+            upstream = HttpUpstream(self._client, f"http://{self._api_tunnel(claim).endpoint}")
+        return CountedUpstream(upstream, self._in_flight, chosen)
+
+    def replicas_of(self, model_id: str) -> list[ModelState]:
+        """The model's replicas as this node sees them, the first one first."""
+        return [s for s in self.unit_states.values() if s.request.model_id == model_id]
+
+    def _rtt_ms(self, peer: str) -> float:
+        if peer == self._me:
+            return 0.0
+        links = self._service.member_states().get(self._me, {}).get("links")
+        link = links.get(peer) if isinstance(links, dict) else None
+        rtt = link.get("rtt_ms") if isinstance(link, dict) else None
+        return float(rtt) if isinstance(rtt, int | float) and 0 <= rtt < 1e6 else 1000.0
 
     def _unavailable(self, model_id: str) -> tuple[str, bool] | None:
         """Why requests for the model cannot be served now, and whether that should pass soon
@@ -83,9 +111,18 @@ class ApiRouting(ServingParts):
             if gone_for is None:
                 raise ModelNotFound(model_id)
             return f"no member holding it has been reachable for {gone_for:.0f} s", True
+        if any(
+            (claim := replica.routed) is not None and self._claim_unavailable(claim) is None
+            for replica in self.replicas_of(model_id)
+        ):
+            return None
         claim = state.routed
         if claim is None:
             return (state.problem, False) if state.problem else ("no primary elected yet", True)
+        return self._claim_unavailable(claim)
+
+    def _claim_unavailable(self, claim: Claim) -> tuple[str, bool] | None:
+        """Why one placement cannot take requests now (None: it can)."""
         members = self._service.member_states()
         gone = [node for node in (claim.primary, *claim.nodes) if node not in members]
         if gone:
@@ -94,7 +131,7 @@ class ApiRouting(ServingParts):
             nodes = len(claim.nodes)
             return f"loading on {claim.primary[-8:]} (epoch {claim.epoch}, {nodes} nodes)", True
         if claim.primary == self._me:
-            job = self._primary_jobs.get((model_id, claim.rank))
+            job = self._primary_jobs.get((claim.model_id, claim.rank))
             if job is None or job.endpoint() is None:
                 return "the local engine is restarting", True
         return None
@@ -163,9 +200,28 @@ class ApiRouting(ServingParts):
                 "engine_restarts": 0
                 if job is None or job.supervisor is None
                 else job.supervisor.restarts,
+                "replicas": [self._describe_replica(r) for r in self.replicas_of(model_id)],
             }
             described[model_id] = entry
         return described
+
+    def _describe_replica(self, state: ModelState) -> dict[str, Any]:
+        """One replica: where it runs, and the requests this node sends it."""
+        claim, now = state.routed, trio.current_time()
+        key = None if claim is None else (claim.model_id, claim.epoch, claim.primary)
+        why = None if claim is None else self._claim_unavailable(claim)
+        return {
+            "replica": state.request.replica + 1,
+            "primary": None if claim is None else claim.primary,
+            "epoch": None if claim is None else claim.epoch,
+            "nodes": [] if claim is None else list(claim.nodes),
+            "slots": None if claim is None else claim.slots,
+            "state": (state.problem or "waiting for a placement")
+            if claim is None
+            else ("ready" if why is None else why[0]),
+            "in_flight": 0 if key is None else self._in_flight.count(key, now),
+            "routed": 0 if key is None else self._in_flight.routed.get(key, 0),
+        }
 
     def _unused_nodes(self, claim: Claim) -> dict[str, str]:
         """Why each live member outside a placement is left out of it."""

@@ -6,13 +6,15 @@ current primary over a mesh stream; both satisfy `Upstream`, and the API never k
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx
+import trio
 
 from ...scheduler.model_profile import ModelProfile
+from .replica_choice import InFlight, ReplicaKey
 
 # Headers that describe one hop's connection, not the message: never forwarded.
 _HOP_HEADERS = frozenset(
@@ -117,6 +119,41 @@ class HttpUpstream:
                 f"engine not reachable ({type(err).__name__})", transient=True
             ) from None
         return _HttpxResponse(response)
+
+
+class CountedUpstream:
+    """An upstream whose requests count as in flight to their replica from open to close;
+    one it cannot deliver marks the replica failed, so the retry goes to another."""
+
+    def __init__(self, inner: Upstream, in_flight: InFlight, key: ReplicaKey) -> None:
+        self._inner, self._in_flight, self._key = inner, in_flight, key
+
+    async def open(self, request: ForwardRequest) -> ForwardResponse:
+        token = self._in_flight.start(self._key, trio.current_time())
+        try:
+            answer = await self._inner.open(request)
+        except UpstreamUnavailable:
+            self._in_flight.fail(self._key, trio.current_time())
+            self._in_flight.end(token)
+            raise
+        except BaseException:
+            self._in_flight.end(token)
+            raise
+        return _Counted(answer, lambda: self._in_flight.end(token))
+
+
+class _Counted:
+    def __init__(self, inner: ForwardResponse, ended: Callable[[], None]) -> None:
+        self._inner, self._ended = inner, ended
+        self.status_code = inner.status_code
+        self.headers = inner.headers
+
+    def body(self) -> AsyncIterator[bytes]:
+        return self._inner.body()
+
+    async def aclose(self) -> None:
+        self._ended()
+        await self._inner.aclose()
 
 
 class ModelNotFound(Exception):
