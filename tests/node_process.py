@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from sharedllm.node.engine.health import Health, wait_for_health
@@ -100,6 +102,7 @@ def up_that_stops(
 def wait_until_ready(node: RunningNode, timeout_s: float, *, serving: bool = True) -> None:
     """Waits until the node's API answers /health: with 200 (every model served), or with any
     answer when `serving` is False (the node runs, its models may still wait for peers)."""
+
     def exited() -> bool:
         return node.process.poll() is not None
 
@@ -140,3 +143,16 @@ def invite_token(data_dir: Path) -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+def status_json(data_dir: Path) -> dict[str, Any]:
+    """`sharedllm-node status --json` of the running node whose data directory is `data_dir`."""
+    done = subprocess.run(
+        [node_command(), "status", "--json", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed

@@ -3,8 +3,6 @@ beyond them waits for a slot instead of failing."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ import httpx
 import pytest
 from sharedllm.node.engine.locate import EngineInfo
 
-from .node_process import RunningNode, node_command, start_node
+from .node_process import RunningNode, start_node, status_json
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +29,7 @@ def two_slot_node(
 
 
 def _status(data_dir: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [node_command(), "status", "--json", "--data-dir", str(data_dir)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    parsed: dict[str, Any] = json.loads(done.stdout)
-    return parsed
+    return status_json(data_dir)
 
 
 def _stream(api_url: str, index: int, events: list[tuple[float, int, str]]) -> None:

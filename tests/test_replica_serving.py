@@ -4,9 +4,7 @@ node is killed the requests it would have taken are answered by the other."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from sharedllm.node.engine.locate import EngineInfo
 from sharedllm.node.serving.replica_choice import ReplicaLoad, affinity_of, choose_replica
 
-from .node_process import RunningNode, invite_token, node_command, start_node, wait_until_ready
+from .node_process import RunningNode, invite_token, start_node, status_json, wait_until_ready
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
@@ -25,15 +23,7 @@ ARGS = ("--replicas", "2", "--threads", "1", "--parallel-slots", "2", "--context
 
 
 def _status(node: RunningNode) -> dict[str, Any]:
-    done = subprocess.run(
-        [node_command(), "status", "--json", "--data-dir", str(node.log_path.parent / "data")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    parsed: dict[str, Any] = json.loads(done.stdout)
-    return parsed
+    return status_json(node.log_path.parent / "data")
 
 
 def _replicas(node: RunningNode) -> list[dict[str, Any]]:
