@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from sharedllm.node.api.metrics import AnswerTail, engine_timings
+from sharedllm.node.api.metrics import AnswerTail, NodeMetrics, engine_timings
 
 from .node_process import RunningNode, node_command, start_node
 from .test_single_node import GEMMA_ID
@@ -130,3 +130,21 @@ def test_peers_lists_this_node_with_its_capacity(gemma_node: RunningNode) -> Non
         assert column in header
     (me,) = [line for line in lines if " self " in line]
     assert GEMMA_ID in me and "rpc 7.0.0" in me and "/ip4/127.0.0.1/tcp/" in me
+
+
+def test_every_replica_has_its_readiness_load_and_routed_requests() -> None:
+    replicas = [
+        {"replica": 1, "primary": "pa", "state": "ready", "in_flight": 2, "routed": 9},
+        {"replica": 2, "primary": None, "state": "no nodes free for replica 2", "routed": 0},
+    ]
+    metrics = NodeMetrics(lambda: {"models": {"m": {"replicas": replicas}}})
+    found = {
+        (sample.name, sample.labels.get("replica"), sample.labels.get("primary")): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if sample.name.startswith("sharedllm_replica")
+    }
+    assert found[("sharedllm_replica_ready", "1", "pa")] == 1
+    assert found[("sharedllm_replica_ready", "2", "")] == 0
+    assert found[("sharedllm_replica_in_flight_requests", "1", "pa")] == 2
+    assert found[("sharedllm_replica_routed_requests_total", "1", "pa")] == 9

@@ -157,6 +157,7 @@ class _MeshCollector(Collector):
         yield failed
         yield _fault_metrics(view.get("handler_faults", []))
         yield from _model_metrics(view.get("models", {}))
+        yield from _replica_metrics(view.get("models", {}))
 
 
 def _member_metrics(peers: list[Mapping[str, Any]]) -> Iterator[Metric]:
@@ -299,3 +300,27 @@ def _model_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
             for command, tally in (stats.get("requests") or {}).items():
                 requests.add_metric([model_id, worker, command], tally.get("requests", 0))
     yield from (serving, epoch, predicted, restarts, replans, out, back, requests)
+
+
+def _replica_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    labels = ["model", "replica", "primary"]
+    ready = GaugeMetricFamily(
+        "sharedllm_replica_ready", "1 while the replica takes requests", labels=labels
+    )
+    in_flight = GaugeMetricFamily(
+        "sharedllm_replica_in_flight_requests",
+        "Requests this node has sent to the replica and not seen end",
+        labels=labels,
+    )
+    routed = CounterMetricFamily(
+        "sharedllm_replica_routed_requests",
+        "Requests this node has sent to the replica",
+        labels=labels,
+    )
+    for model_id, entry in models.items():
+        for replica in entry.get("replicas") or []:
+            key = [model_id, str(replica.get("replica")), str(replica.get("primary") or "")]
+            ready.add_metric(key, 1.0 if replica.get("state") == "ready" else 0.0)
+            in_flight.add_metric(key, replica.get("in_flight", 0))
+            routed.add_metric(key, replica.get("routed", 0))
+    yield from (ready, in_flight, routed)
