@@ -67,11 +67,7 @@ class ApiRouting(ServingParts):
     def route(self, model_id: str, affinity: str | None = None) -> Upstream:
         """The upstream of the replica `choose_replica` picks among those serving now."""
         now = trio.current_time()
-        serving = [
-            claim
-            for state in self.replicas_of(model_id)
-            if (claim := state.routed) is not None and self._claim_unavailable(claim) is None
-        ]
+        serving = self._serving_replicas(model_id)
         if not serving:
             unavailable = self._unavailable(model_id)
             raise UpstreamUnavailable(*(unavailable or ("no replica serves yet", True)))
@@ -94,6 +90,14 @@ class ApiRouting(ServingParts):
         """The model's replicas as this node sees them, the first one first."""
         return [s for s in self.unit_states.values() if s.request.model_id == model_id]
 
+    def _serving_replicas(self, model_id: str) -> list[Claim]:
+        """The placements of the model's replicas that take requests now."""
+        return [
+            claim
+            for state in self.replicas_of(model_id)
+            if (claim := state.routed) is not None and self._claim_unavailable(claim) is None
+        ]
+
     def _rtt_ms(self, peer: str) -> float:
         if peer == self._me:
             return 0.0
@@ -111,10 +115,7 @@ class ApiRouting(ServingParts):
             if gone_for is None:
                 raise ModelNotFound(model_id)
             return f"no member holding it has been reachable for {gone_for:.0f} s", True
-        if any(
-            (claim := replica.routed) is not None and self._claim_unavailable(claim) is None
-            for replica in self.replicas_of(model_id)
-        ):
+        if self._serving_replicas(model_id):
             return None
         claim = state.routed
         if claim is None:
