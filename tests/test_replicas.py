@@ -203,3 +203,10 @@ def test_later_turns_of_a_conversation_share_its_affinity() -> None:
     opening = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     later = [*opening, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
     assert affinity_of({"messages": opening}) == affinity_of({"messages": later})
+
+
+def test_an_affinity_that_is_not_valid_utf8_still_routes() -> None:
+    replicas = [ReplicaLoad(("m", 1, p), 2, 0, 1.0) for p in "ab"]
+    lone_surrogate = affinity_of({"user": "\ud800x" * 1000})  # JSON allows it; UTF-8 does not
+    assert lone_surrogate is not None and len(lone_surrogate) <= 261
+    assert choose_replica(replicas, lone_surrogate, frozenset()) in replicas
