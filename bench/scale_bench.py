@@ -95,7 +95,8 @@ def _slots_run(work: Path, model: Path, slots: int) -> list[dict[str, Any]]:
 
 
 def _replicas_run(work: Path, model: Path, replicas: int) -> list[dict[str, Any]]:
-    args = ["--model", str(model), "--replicas", str(replicas), "--threads", "1"]
+    fixed = ["--min-replicas", str(replicas), "--max-replicas", str(replicas)]
+    args = ["--model", str(model), *fixed, "--threads", "1"]
     args += ["--context-size", str(CONTEXT)]
     home = work / f"replicas{replicas}"
     home.mkdir(parents=True, exist_ok=True)

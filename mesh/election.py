@@ -34,6 +34,7 @@ from ..scheduler.placement import (
     unit_key,
 )
 from ..scheduler.planner import DEFAULT_COST, plan_with_slots
+from ..scheduler.replica_demand import Demand, rank_units, wanted_replicas
 from .claims import Claim, claim_for, serving_predecessor, winding_down
 from .gossip_reader import GossipReader, cluster_view, gossiped_problem, model_entries
 from .member_states import MemberStates
@@ -113,7 +114,8 @@ class Elector:
             if winner is not None and winner.rank > mine.rank:
                 del self.claims[unit]  # fenced: a higher claim exists
                 self._hand_over(mine, winner)
-        units = replica_requests(self.reader.offered_models(members))
+        offered = self.reader.offered_models(members)
+        units = replica_requests(offered, self.reader.mesh_demand(members), current)
         view = cluster_view(members) if units else ClusterView.build(())
         ledger = MemoryLedger.of(view, units, current, self.cost)
         states: dict[str, ModelState] = {}
@@ -249,15 +251,34 @@ class Elector:
         return ModelState(request, current, planned, None)
 
 
-def replica_requests(offered: Mapping[str, ModelRequest]) -> list[ModelRequest]:
-    """One request per replica the models' holders ask for, in priority order: every model's
-    first replica by model id, then every second one, and so on."""
-    units = [
-        replace(request, replica=replica)
-        for request in offered.values()
-        for replica in range(request.replicas)
+def replica_requests(
+    offered: Mapping[str, ModelRequest],
+    demand: Mapping[str, Demand],
+    current: Mapping[str, Claim],
+) -> list[ModelRequest]:
+    """One request per replica each model's demand asks for (within its holder's minimum and
+    maximum), in the order memory goes to them (`rank_units`)."""
+    running: dict[str, int] = {}
+    for claim in current.values():
+        running[claim.model_id] = max(running.get(claim.model_id, 0), claim.replica + 1)
+    counted = {
+        model_id: replace(
+            request,
+            replicas=wanted_replicas(
+                demand.get(model_id, Demand()),
+                request.slots,
+                running.get(model_id, 0),
+                request.min_replicas,
+                request.max_replicas,
+            ),
+        )
+        for model_id, request in offered.items()
+    }
+    counts = {m: (r.min_replicas, r.replicas) for m, r in counted.items()}
+    return [
+        replace(counted[model_id], replica=replica)
+        for model_id, replica in rank_units(counts, demand)
     ]
-    return sorted(units, key=lambda request: (request.replica, request.model_id))
 
 
 def _other_replicas_nodes(

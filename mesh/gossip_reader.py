@@ -12,17 +12,20 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, TypeGuard
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, ModelRequest, is_model_id
+from ..scheduler.replica_demand import MAX_DEMAND, Demand
 from .claims import Claim, parse_claims
 from .member_states import MemberStates
 
 # Until a bandwidth probe has measured a link, the planner assumes this much.
 ASSUMED_BANDWIDTH_MBPS = 100.0
 _MAX_MODELS_PER_NODE = 16
+MAX_DEMAND_ENTRIES = 32  # models one node reports demand for; more are ignored
 
 
 def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | None:
@@ -81,6 +84,9 @@ class GossipReader:
     _claims: OrderedDict[int, tuple[object, str, tuple[Claim, ...]]] = field(
         default_factory=OrderedDict
     )
+    _demand: OrderedDict[int, tuple[object, tuple[tuple[str, Demand], ...]]] = field(
+        default_factory=OrderedDict
+    )
 
     def offered_models(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
         """Every model some member holds; its profile and context come from the lowest peer
@@ -100,6 +106,19 @@ class GossipReader:
         request = _parse_request(model_id, entry)
         _remember(self._requests, id(entry), (entry, request), self.memo_size)
         return request
+
+    def mesh_demand(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Demand]:
+        """Each model's demand summed over the members that report it (by model id)."""
+        total: dict[str, Demand] = {}
+        for _, content in MemberStates.of(members).having("demand"):
+            raw = content.get("demand")
+            memo = self._demand.get(id(raw))
+            if memo is None or memo[0] is not raw:
+                memo = (raw, demand_entries(raw))
+                _remember(self._demand, id(raw), memo, self.memo_size)
+            for model_id, demand in memo[1]:
+                total[model_id] = total.get(model_id, Demand()).plus(demand)
+        return total
 
     def claims_in(self, content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
         """The claims a node makes for itself (a claim naming another primary is ignored)."""
@@ -139,15 +158,25 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         profile = profile_from_dict(entry.get("profile"))
     except ValueError:
         return None
-    context, slots, replicas = entry.get("context"), entry.get("slots"), entry.get("replicas")
+    context, slots = entry.get("context"), entry.get("slots")
+    least, most = (
+        _replica_count(entry.get("min_replicas")),
+        _replica_count(entry.get("max_replicas")),
+    )
     return ModelRequest(
         model_id,
         profile,
         context if _count(context) and context > 0 else 4096,
         primary_must_hold=True,
         slots=slots if _count(slots) and 1 <= slots <= MAX_SLOTS else 1,
-        replicas=replicas if _count(replicas) and 1 <= replicas <= MAX_REPLICAS else 1,
+        replicas=min(least, most),
+        min_replicas=min(least, most),
+        max_replicas=most,
     )
+
+
+def _replica_count(value: object) -> int:
+    return value if _count(value) and 1 <= value <= MAX_REPLICAS else 1
 
 
 def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
@@ -180,6 +209,28 @@ def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, A
         for entry in models[:_MAX_MODELS_PER_NODE]
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and is_model_id(entry["id"])
     ]
+
+
+def demand_entries(raw: object) -> tuple[tuple[str, Demand], ...]:
+    """A member's gossiped demand, `{model: [recent, peak]}`: malformed entries are dropped,
+    figures are capped, and only the first `MAX_DEMAND_ENTRIES` models count."""
+    if not isinstance(raw, dict):
+        return ()
+    found = []
+    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
+        if not (isinstance(model_id, str) and is_model_id(model_id)):
+            continue
+        if not (isinstance(figures, list | tuple) and len(figures) == 2):
+            continue
+        recent, peak = figures
+        if _finite(recent) and _finite(peak) and recent >= 0 and peak >= 0:
+            recent, peak = min(float(recent), MAX_DEMAND), min(float(peak), MAX_DEMAND)
+            found.append((model_id, Demand(recent, max(recent, peak))))
+    return tuple(found)
+
+
+def _finite(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -19,6 +19,7 @@ from typing import Any
 import platformdirs
 
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS
+from ..scheduler.replica_demand import DEFAULT_MAX_REPLICAS
 from .engine.options import check_engine_args
 from .models.chat_template import BUILTIN_TEMPLATES
 from .models.model_kind import KINDS
@@ -69,9 +70,11 @@ class NodeConfig:
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
     parallel_slots: int = 4
-    # Placements of this node's model at once, on disjoint nodes, where memory allows (the
-    # setting of the holder with the lowest peer id counts).
-    replicas: int = 1
+    # Placements of this node's model at once, on disjoint nodes, where memory allows: demand
+    # picks the count between these two (the settings of the holder with the lowest peer id
+    # count).
+    min_replicas: int = 1
+    max_replicas: int = DEFAULT_MAX_REPLICAS
     # The chat template of the model this node offers: a llama.cpp built-in name or a Jinja
     # file. Unset: the file's own, else the built-in one of the model's family.
     chat_template: str | None = None
@@ -125,7 +128,8 @@ _SETTING_TYPES: dict[str, type] = {
     "mdns": bool,
     "context_size": int,
     "parallel_slots": int,
-    "replicas": int,
+    "min_replicas": int,
+    "max_replicas": int,
     "chat_template": str,
     "default_max_tokens": int,
     "engine_args": list,
@@ -336,8 +340,14 @@ def _check_engine_settings(config: NodeConfig) -> None:
         raise ConfigError(
             f"parallel_slots {config.parallel_slots} must be between 1 and {MAX_SLOTS}"
         )
-    if not 1 <= config.replicas <= MAX_REPLICAS:
-        raise ConfigError(f"replicas {config.replicas} must be between 1 and {MAX_REPLICAS}")
+    for name in ("min_replicas", "max_replicas"):
+        count = getattr(config, name)
+        if not 1 <= count <= MAX_REPLICAS:
+            raise ConfigError(f"{name} {count} must be between 1 and {MAX_REPLICAS}")
+    if config.min_replicas > config.max_replicas:
+        raise ConfigError(
+            f"min_replicas {config.min_replicas} is more than max_replicas {config.max_replicas}"
+        )
     if not 1 <= config.default_max_tokens <= 1_000_000:
         raise ConfigError(
             f"default_max_tokens {config.default_max_tokens} must be between 1 and 1000000"

@@ -97,8 +97,9 @@ class ModelRequest:
 
     `context` is what one request may use; the engine runs `slots` requests at once, each
     with a KV cache of its own, so the KV memory of a placement is for `context * slots` tokens.
-    A model is served by up to `replicas` placements on disjoint nodes; `replica` says which
-    one this request places.
+    A model is served by `replicas` placements on disjoint nodes (its holder allows between
+    `min_replicas` and `max_replicas`; demand picks the count); `replica` says which one this
+    request places.
     """
 
     model_id: str
@@ -109,6 +110,8 @@ class ModelRequest:
     slots: int = 1
     replicas: int = 1
     replica: int = 0
+    min_replicas: int = 1
+    max_replicas: int = 1
 
     @property
     def kv_tokens(self) -> int:

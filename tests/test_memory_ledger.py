@@ -31,7 +31,10 @@ def _members(
         members[peer] = _node(peer, ram[peer], links=tuple(p for p in ram if p != peer))
         models = [m for m, holder in sorted(holdings.items()) if holder == peer or everywhere]
         template = _node(peer, 1, holds=True)["models"][0]
-        members[peer]["models"] = [dict(template, id=model, replicas=replicas) for model in models]
+        members[peer]["models"] = [
+            dict(template, id=model, min_replicas=replicas, max_replicas=replicas)
+            for model in models
+        ]
     return members
 
 

@@ -19,7 +19,18 @@ from .node_process import RunningNode, invite_token, start_node, status_json, wa
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
-ARGS = ("--replicas", "2", "--threads", "1", "--parallel-slots", "2", "--context-size", "1024")
+ARGS = (
+    "--min-replicas",
+    "2",
+    "--max-replicas",
+    "2",
+    "--threads",
+    "1",
+    "--parallel-slots",
+    "2",
+    "--context-size",
+    "1024",
+)
 
 
 def _status(node: RunningNode) -> dict[str, Any]:

@@ -28,7 +28,10 @@ from .test_election import _mesh
 def _with_replicas(members: dict[str, dict[str, Any]], replicas: object) -> None:
     """As a new gossiped state does: new entries (readers remember parsed ones by identity)."""
     for content in members.values():
-        content["models"] = [{**entry, "replicas": replicas} for entry in content["models"]]
+        content["models"] = [
+            {**entry, "min_replicas": replicas, "max_replicas": replicas}
+            for entry in content["models"]
+        ]
 
 
 def _elect(members: dict[str, dict[str, Any]], until: float) -> list[Elector]:
@@ -86,7 +89,7 @@ def test_replicas_are_planned_first_replicas_first() -> None:
     members = _mesh({"a": 2048}, holders={"a"})
     members["a"]["models"].append({**members["a"]["models"][0], "id": "n"})
     _with_replicas(members, 2)
-    order = [(r.model_id, r.replica) for r in replica_requests(offered_models(members))]
+    order = [(r.model_id, r.replica) for r in replica_requests(offered_models(members), {}, {})]
     assert order == [("m", 0), ("n", 0), ("m", 1), ("n", 1)]
 
 
@@ -172,7 +175,7 @@ def test_a_full_home_replica_sends_the_conversation_to_the_least_loaded() -> Non
 def test_in_flight_counts_end_fail_and_stay_bounded() -> None:
     tracker, key = InFlight(), ("m", 1, "a")
     tokens = [tracker.start(key, 0.0) for _ in range(3)]
-    tracker.end(tokens[0])
+    tracker.end(tokens[0], 0.5)
     assert tracker.count(key, 1.0) == 2 and tracker.routed[key] == 3
     assert tracker.count(key, IN_FLIGHT_MAX_AGE_S + 1) == 0  # hung answers are forgotten
     for index in range(MAX_IN_FLIGHT + 10):

@@ -317,10 +317,25 @@ def _replica_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric
         "Requests this node has sent to the replica",
         labels=labels,
     )
+    demand = GaugeMetricFamily(
+        "sharedllm_model_demand_requests",
+        "The model's requests in flight over the mesh, averaged over the last half minute",
+        labels=["model"],
+    )
+    wanted = GaugeMetricFamily(
+        "sharedllm_model_replicas_wanted",
+        "Replicas the model's demand asks for (within its minimum and maximum)",
+        labels=["model"],
+    )
     for model_id, entry in models.items():
+        asked = entry.get("demand") or {}
+        if isinstance(asked.get("requests_in_flight"), int | float):
+            demand.add_metric([model_id], asked["requests_in_flight"])
+        if isinstance(asked.get("replicas_wanted"), int):
+            wanted.add_metric([model_id], asked["replicas_wanted"])
         for replica in entry.get("replicas") or []:
             key = [model_id, str(replica.get("replica")), str(replica.get("primary") or "")]
             ready.add_metric(key, 1.0 if replica.get("state") == "ready" else 0.0)
             in_flight.add_metric(key, replica.get("in_flight", 0))
             routed.add_metric(key, replica.get("routed", 0))
-    yield from (ready, in_flight, routed)
+    yield from (ready, in_flight, routed, demand, wanted)

@@ -176,9 +176,14 @@ def add_up_command(commands: Any) -> None:
         help="requests the model's engine runs at once (default: 4; fewer if memory is short)",
     )
     up.add_argument(
-        "--replicas",
+        "--min-replicas",
         type=int,
-        help="placements of the model at once, on separate nodes (default: 1)",
+        help="placements of the model kept at once, on separate nodes, however idle (default: 1)",
+    )
+    up.add_argument(
+        "--max-replicas",
+        type=int,
+        help="placements of the model demand may add up to (default: 4; 1 turns replicas off)",
     )
     up.add_argument("--threads", type=int, help="CPU threads for the engine (default: all)")
     up.add_argument(

@@ -111,6 +111,12 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
     if entry.get("problem"):
         print(f"  problem: {entry['problem']}")
     replicas = entry.get("replicas", [])
+    if (demand := entry.get("demand")) is not None:
+        print(
+            f"  demand: {demand['requests_in_flight']:.1f} requests in flight "
+            f"(peak {demand['peak_requests_in_flight']:.1f}); {demand['replicas_wanted']} "
+            f"replicas wanted, {demand['min_replicas']}-{demand['max_replicas']} allowed"
+        )
     for replica in replicas[1:] if len(replicas) > 1 else []:
         primary = replica.get("primary")
         where = "-" if primary is None else f"{names.get(primary, '?')} ({primary[-12:]})"

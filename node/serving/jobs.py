@@ -38,14 +38,16 @@ class LocalModel:
         return self.info.path
 
     def gossip_entry(
-        self, context: int, slots: int, replicas: int, sha256: str | None
+        self, context: int, slots: int, replicas: tuple[int, int], sha256: str | None
     ) -> dict[str, Any]:
+        """`replicas`: the least and most placements this node's settings allow."""
         entry = {
             "id": self.model_id,
             "size": self.info.size_bytes,
             "context": context,
             "slots": slots,
-            "replicas": replicas,
+            "min_replicas": replicas[0],
+            "max_replicas": replicas[1],
             "profile": profile_to_dict(self.info.profile),
         }
         if sha256 is not None:

@@ -112,13 +112,14 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
                 m.gossip_entry(
                     self._config.context_size,
                     self._config.parallel_slots,
-                    self._config.replicas,
+                    (self._config.min_replicas, self._config.max_replicas),
                     self._hashes.get(m.model_id),
                 )
                 for m in self._local.values()
             ],
             "claims": self.elector.gossiped_claims(),
             "problems": dict(sorted(self.elector.problems.items())),
+            "demand": self._in_flight.demand.report(trio.current_time()),
         }
 
     # -- the loop ------------------------------------------------------------------------------

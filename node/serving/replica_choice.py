@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .demand_meter import DemandMeter
+
 ReplicaKey = tuple[str, int, str]  # (model, epoch, primary) of a placement
 FAILED_FOR_S = 5.0
 MAX_IN_FLIGHT = 4096  # requests tracked at once; beyond, the oldest are forgotten
@@ -67,6 +69,7 @@ class InFlight:
     _started: OrderedDict[int, tuple[ReplicaKey, float]] = field(default_factory=OrderedDict)
     _failed: dict[ReplicaKey, float] = field(default_factory=dict)
     routed: dict[ReplicaKey, int] = field(default_factory=dict)  # requests sent, ever
+    demand: DemandMeter = field(default_factory=DemandMeter)  # of every model, from here
     _next: int = 0
 
     def start(self, key: ReplicaKey, now: float) -> int:
@@ -75,12 +78,16 @@ class InFlight:
             self.routed.pop(next(iter(self.routed)))
         self._next += 1
         self._started[self._next] = (key, now)
+        self.demand.change(key[0], now, +1)
         while len(self._started) > MAX_IN_FLIGHT:
-            self._started.popitem(last=False)
+            _, (forgotten, _) = self._started.popitem(last=False)
+            self.demand.change(forgotten[0], now, -1)
         return self._next
 
-    def end(self, token: int) -> None:
-        self._started.pop(token, None)
+    def end(self, token: int, now: float) -> None:
+        ended = self._started.pop(token, None)
+        if ended is not None:
+            self.demand.change(ended[0][0], now, -1)
 
     def count(self, key: ReplicaKey, now: float) -> int:
         self._forget_old(now)
@@ -100,7 +107,8 @@ class InFlight:
             token, (_, started) = next(iter(self._started.items()))
             if now - started < IN_FLIGHT_MAX_AGE_S:
                 return
-            del self._started[token]
+            key, _ = self._started.pop(token)
+            self.demand.change(key[0], now, -1)
 
 
 def affinity_of(payload: dict[str, object]) -> str | None:

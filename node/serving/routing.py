@@ -202,9 +202,23 @@ class ApiRouting(ServingParts):
                 if job is None or job.supervisor is None
                 else job.supervisor.restarts,
                 "replicas": [self._describe_replica(r) for r in self.replicas_of(model_id)],
+                "demand": self._describe_demand(state),
             }
             described[model_id] = entry
         return described
+
+    def _describe_demand(self, state: ModelState) -> dict[str, Any]:
+        """The model's demand over the mesh, and the replicas it asks for."""
+        request = state.request
+        demand = self.elector.reader.mesh_demand(self._service.member_states())
+        found = demand.get(request.model_id)
+        return {
+            "requests_in_flight": 0.0 if found is None else found.recent,
+            "peak_requests_in_flight": 0.0 if found is None else found.peak,
+            "replicas_wanted": request.replicas,
+            "min_replicas": request.min_replicas,
+            "max_replicas": request.max_replicas,
+        }
 
     def _describe_replica(self, state: ModelState) -> dict[str, Any]:
         """One replica: where it runs, and the requests this node sends it."""

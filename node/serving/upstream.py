@@ -134,12 +134,12 @@ class CountedUpstream:
             answer = await self._inner.open(request)
         except UpstreamUnavailable:
             self._in_flight.fail(self._key, trio.current_time())
-            self._in_flight.end(token)
+            self._in_flight.end(token, trio.current_time())
             raise
         except BaseException:
-            self._in_flight.end(token)
+            self._in_flight.end(token, trio.current_time())
             raise
-        return _Counted(answer, lambda: self._in_flight.end(token))
+        return _Counted(answer, lambda: self._in_flight.end(token, trio.current_time()))
 
 
 class _Counted:
