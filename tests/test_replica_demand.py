@@ -140,7 +140,7 @@ def test_hostile_demand_gossip_is_dropped_or_capped() -> None:
 
 
 def test_demand_is_summed_over_the_members() -> None:
-    members = {
+    members: dict[str, dict[str, Any]] = {
         "a": {"demand": {"m": [1.0, 2.0]}},
         "b": {"demand": {"m": [0.5, 0.5], "n": [4.0, 4.0]}},
         "c": {"demand": "nonsense"},
