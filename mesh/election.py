@@ -36,7 +36,7 @@ from ..scheduler.placement import (
 from ..scheduler.planner import DEFAULT_COST, plan_with_slots
 from ..scheduler.replica_demand import Demand, rank_units, wanted_replicas
 from .claims import Claim, claim_for, serving_predecessor, winding_down
-from .gossip_reader import GossipReader, cluster_view, gossiped_problem, model_entries
+from .gossip_reader import GossipReader, gossiped_problem, model_entries
 from .member_states import MemberStates
 from .memory_ledger import MemoryLedger
 
@@ -82,6 +82,7 @@ class Elector:
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
     replan_s: float = 5.0
     _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
+    _failed_at: dict[str, tuple[float, str]] = field(default_factory=dict)  # unit -> when, why
     # Our own superseded claims that keep serving until their successor serves.
     handing_over: dict[str, Claim] = field(default_factory=dict)
     reader: GossipReader = field(default_factory=GossipReader)
@@ -116,8 +117,9 @@ class Elector:
                 self._hand_over(mine, winner)
         offered = self.reader.offered_models(members)
         units = replica_requests(offered, self.reader.mesh_demand(members), current)
-        view = cluster_view(members) if units else ClusterView.build(())
-        ledger = MemoryLedger.of(view, units, current, self.cost)
+        retiring = retiring_replicas(offered, units, current)
+        view = self.reader.cluster_view(members) if units else ClusterView.build(())
+        ledger = MemoryLedger.of(view, [*units, *retiring], current, self.cost)
         states: dict[str, ModelState] = {}
         for request in units:
             # Every node plans every unit on the same view, so that each knows what the others
@@ -127,7 +129,7 @@ class Elector:
             for node in _other_replicas_nodes(request, states, current):
                 if node in view:
                     taken[node] = view.node(node).usable_bytes  # replicas share no node
-            state = self._plan(now, members, request, claim, view.with_memory_used(taken))
+            state = self._plan(now, members, request, claim, (view, taken))
             if request.model_id not in held:
                 # The others follow the standing claim and repeat what the holders say is missing.
                 problem = None if claim is not None else gossiped_problem(members, request.model_id)
@@ -140,13 +142,18 @@ class Elector:
             state = replace(state, previous=previous, winding_down=ending)
             states[unit] = state
             ledger.decide(unit, state.planned, still_standing=state.current == claim)
+        for request in retiring:
+            states[request.unit] = self._retire(request, current[request.unit], ledger)
         for unit in list(self.claims):
             if unit not in states:
                 del self.claims[unit]  # nobody holds the model, or it has fewer replicas now
+        for memo in (self._planned_at, self._failed_at, self._wanted_since):
+            for unit in [unit for unit in memo if unit not in states]:
+                del memo[unit]
         self.handing_over = {
             unit: old
             for unit, old in self.handing_over.items()
-            if unit in states and old.rank in {c.rank for c in states[unit].placements()[1:]}
+            if unit in states and old.rank in {c.rank for c in _not_current(states[unit])}
         }
         self.problems = {
             state.request.model_id: state.problem
@@ -163,8 +170,10 @@ class Elector:
         members: Mapping[str, Mapping[str, Any]],
         request: ModelRequest,
         claim: Claim | None,
-        view: ClusterView,
+        left: tuple[ClusterView, dict[str, int]],
     ) -> ModelState:
+        """`left`: the view and the memory other units take on it (applied only when the unit
+        is planned again, as a thousand-node view is costly to copy)."""
         unit = request.unit
         previous = self._planned_at.get(unit)
         if (
@@ -177,9 +186,30 @@ class Elector:
             # The placement stands and was checked a moment ago: measurements drift every
             # second, but a better plan must win by the stability margin anyway.
             return ModelState(request, claim, previous[1], None)
-        state = self._decide(now, view, request, claim)
+        failed = self._failed_at.get(unit)
+        if claim is None and failed is not None and now - failed[0] < self.replan_s:
+            # Nothing fitted a moment ago: a thousand-node mesh's waiting replicas are not
+            # planned again twice a second, only when the view may have changed enough.
+            return ModelState(request, None, None, failed[1])
+        view, taken = left
+        state = self._decide(now, view.with_memory_used(taken), request, claim)
         self._planned_at[unit] = (now, state.planned)
+        if state.current is None and state.planned is None and state.problem is not None:
+            self._failed_at[unit] = (now, state.problem)
+        else:
+            self._failed_at.pop(unit, None)
         return state
+
+    def _retire(self, request: ModelRequest, claim: Claim, ledger: MemoryLedger) -> ModelState:
+        """A replica demand no longer asks for: nobody routes to it, and it keeps its nodes
+        and memory while it finishes the requests it took (as a replaced placement does)."""
+        ledger.taken_before(request.unit)
+        ledger.decide(request.unit, None, still_standing=True)
+        mine = self.claims.pop(request.unit, None)
+        if mine is not None and mine.serving:
+            self.handing_over[request.unit] = mine
+        problem = f"replica {request.replica + 1} retiring: demand fell, its requests finish"
+        return ModelState(request, None, None, problem, winding_down=(claim,))
 
     def set_serving(self, unit: str, epoch: int, serving: bool) -> None:
         claim = self.claims.get(unit)
@@ -279,6 +309,25 @@ def replica_requests(
         replace(counted[model_id], replica=replica)
         for model_id, replica in rank_units(counts, demand)
     ]
+
+
+def retiring_replicas(
+    offered: Mapping[str, ModelRequest],
+    units: Iterable[ModelRequest],
+    current: Mapping[str, Claim],
+) -> list[ModelRequest]:
+    """The replicas with a standing placement that demand no longer asks for (the model is
+    still offered), by unit."""
+    asked = {request.unit for request in units}
+    return [
+        replace(offered[claim.model_id], replica=claim.replica)
+        for unit, claim in sorted(current.items())
+        if unit not in asked and claim.model_id in offered
+    ]
+
+
+def _not_current(state: ModelState) -> tuple[Claim, ...]:
+    return tuple(claim for claim in state.placements() if claim != state.current)
 
 
 def _other_replicas_nodes(

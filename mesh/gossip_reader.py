@@ -50,28 +50,41 @@ def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | No
 
 def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
     """Nodes and measured links among `members`; a link needs an RTT measured by its source."""
-    nodes = [
-        capacity
-        for peer_id, content in members.items()
-        if (capacity := node_capacity(peer_id, content)) is not None
-    ]
-    present = {node.peer_id for node in nodes}
+    parsed = {
+        peer: (node_capacity(peer, c), measured_links(peer, c)) for peer, c in members.items()
+    }
+    return _view_of(parsed)
+
+
+def measured_links(source: str, content: Mapping[str, Any]) -> tuple[Link, ...]:
+    """The links a member measured, as gossiped (to any target; the view keeps the present)."""
+    measured = content.get("links")
+    if not isinstance(measured, dict):
+        return ()
     links = []
-    for source in sorted(present):
-        measured = members[source].get("links")
-        if not isinstance(measured, dict):
-            continue
-        for target, link in measured.items():
-            if target in present and target != source and isinstance(link, dict):
-                # the data plane's round trip is what tunnels pay; the control plane's until then
-                rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
-                if not _positive(rtt):
-                    rtt = link.get("rtt_ms")
-                if not _positive(rtt):
-                    continue
-                if not _positive(bandwidth):
-                    bandwidth = ASSUMED_BANDWIDTH_MBPS
-                links.append(Link(source, target, float(rtt), float(bandwidth)))
+    for target, link in measured.items():
+        if isinstance(target, str) and target != source and isinstance(link, dict):
+            # the data plane's round trip is what tunnels pay; the control plane's until then
+            rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
+            if not _positive(rtt):
+                rtt = link.get("rtt_ms")
+            if not _positive(rtt):
+                continue
+            if not _positive(bandwidth):
+                bandwidth = ASSUMED_BANDWIDTH_MBPS
+            links.append(Link(source, target, float(rtt), float(bandwidth)))
+    return tuple(links)
+
+
+_Parsed = tuple[NodeCapacity | None, tuple[Link, ...]]
+
+
+def _view_of(parsed: Mapping[str, _Parsed]) -> ClusterView:
+    nodes = [capacity for capacity, _ in parsed.values() if capacity is not None]
+    present = {node.peer_id for node in nodes}
+    links = [
+        link for source in sorted(present) for link in parsed[source][1] if link.target in present
+    ]
     return ClusterView.build(nodes, links)
 
 
@@ -84,6 +97,9 @@ class GossipReader:
     _claims: OrderedDict[int, tuple[object, str, tuple[Claim, ...]]] = field(
         default_factory=OrderedDict
     )
+    view_memo_size: int = 8192  # member states parsed for the view (a mesh's worth)
+    _parsed: OrderedDict[int, tuple[object, str, _Parsed]] = field(default_factory=OrderedDict)
+    _last_view: tuple[tuple[tuple[str, int], ...], ClusterView, tuple[object, ...]] | None = None
     _demand: OrderedDict[int, tuple[object, tuple[tuple[str, Demand], ...]]] = field(
         default_factory=OrderedDict
     )
@@ -106,6 +122,28 @@ class GossipReader:
         request = _parse_request(model_id, entry)
         _remember(self._requests, id(entry), (entry, request), self.memo_size)
         return request
+
+    def cluster_view(self, members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
+        """`cluster_view`, parsing each member's state once and building the view again only
+        when some member's state changed."""
+        key = tuple((peer, id(content)) for peer, content in members.items())
+        if self._last_view is not None and self._last_view[0] == key:
+            return self._last_view[1]
+        parsed = {}
+        for peer, content in members.items():
+            memo = self._parsed.get(id(content))
+            if memo is None or memo[0] is not content or memo[1] != peer:
+                memo = (
+                    content,
+                    peer,
+                    (node_capacity(peer, content), measured_links(peer, content)),
+                )
+                _remember(self._parsed, id(content), memo, self.view_memo_size)
+            parsed[peer] = memo[2]
+        view = _view_of(parsed)
+        # the contents are held so that their ids stay theirs while the key is compared
+        self._last_view = (key, view, tuple(members.values()))
+        return view
 
     def mesh_demand(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Demand]:
         """Each model's demand summed over the members that report it (by model id)."""

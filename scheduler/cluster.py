@@ -57,6 +57,7 @@ class ClusterView:
     links: tuple[Link, ...] = ()
     _index: Mapping[tuple[str, str], Link] = field(default_factory=dict, compare=False, repr=False)
     _degrees: dict[str, int] | None = field(default=None, compare=False, repr=False)
+    _by_id: dict[str, NodeCapacity] | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def build(nodes: Iterable[NodeCapacity], links: Iterable[Link] = ()) -> ClusterView:
@@ -76,13 +77,22 @@ class ClusterView:
         return ClusterView(tuple(node_list), ordered, dict(directed))
 
     def node(self, peer_id: str) -> NodeCapacity:
-        for candidate in self.nodes:
-            if candidate.peer_id == peer_id:
-                return candidate
-        raise KeyError(peer_id)
+        return self._nodes_by_id()[peer_id]
+
+    def _nodes_by_id(self) -> dict[str, NodeCapacity]:
+        """The nodes by peer id (built once per view: a mesh of a thousand asks often)."""
+        if self._by_id is None:
+            object.__setattr__(self, "_by_id", {n.peer_id: n for n in self.nodes})
+        assert self._by_id is not None
+        return self._by_id
 
     def reachable_count(self, peer_id: str) -> int:
-        """How many other nodes `peer_id` has a link to (computed once per view)."""
+        """How many other nodes `peer_id` has a link to."""
+        return self._degree_map().get(peer_id, 0)
+
+    def _degree_map(self) -> dict[str, int]:
+        """Links out of each node (computed once per view, and shared with the views that
+        differ from it only in memory)."""
         if self._degrees is None:
             present = {node.peer_id for node in self.nodes}
             degrees: dict[str, int] = {}
@@ -91,10 +101,10 @@ class ClusterView:
                     degrees[source] = degrees.get(source, 0) + 1
             object.__setattr__(self, "_degrees", degrees)
         assert self._degrees is not None
-        return self._degrees.get(peer_id, 0)
+        return self._degrees
 
     def __contains__(self, peer_id: object) -> bool:
-        return any(candidate.peer_id == peer_id for candidate in self.nodes)
+        return isinstance(peer_id, str) and peer_id in self._nodes_by_id()
 
     def link(self, source: str, target: str) -> Link | None:
         """The link from source to target; None when unreachable. A node reaches itself freely."""
@@ -103,17 +113,20 @@ class ClusterView:
         return self._index.get((source, target))
 
     def with_memory_used(self, used: Mapping[str, int]) -> ClusterView:
-        """The same view with `used` bytes taken from each node (for placing the next model)."""
-        reduced = [
-            NodeCapacity(
+        """The same view with `used` bytes taken from each node (for placing the next model);
+        the nodes untouched and the links are shared with this view."""
+        reduced = tuple(
+            n
+            if not used.get(n.peer_id)
+            else NodeCapacity(
                 n.peer_id,
                 n.ram_bytes,
                 n.vram_bytes,
                 n.gflops,
                 n.rpc_protocol,
                 n.models,
-                max(0, n.usable_bytes - used.get(n.peer_id, 0)),
+                max(0, n.usable_bytes - used[n.peer_id]),
             )
             for n in self.nodes
-        ]
-        return ClusterView(tuple(reduced), self.links, self._index)
+        )
+        return ClusterView(reduced, self.links, self._index, self._degree_map())

@@ -124,6 +124,8 @@ def _primary_candidates(
         return (-node.gflops * math.log2(1 + reachable), node.peer_id)
 
     holders = sorted((n for n in able if request.model_id in n.models), key=promise)
+    if request.primary_must_hold:
+        return holders[:_MAX_PRIMARY_CANDIDATES], []
     others = sorted((n for n in able if request.model_id not in n.models), key=promise)
     return holders[:_MAX_PRIMARY_CANDIDATES], others[:_MAX_PRIMARY_CANDIDATES]
 

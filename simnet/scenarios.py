@@ -19,14 +19,19 @@ import trio
 from ..mesh.swim import Liveness
 from ..mesh.timing import MeshTiming
 from .clock import TickClock
+from .demand import run_demand, start_demand_mesh
 from .determinism import deterministic_trio
 from .network import LinkProfile
 from .simulation import SimNode, Simulation
 
-SCENARIOS = ("steady", "churn", "partition", "join-storm")
+SCENARIOS = ("steady", "churn", "partition", "join-storm", "demand")
 _SAMPLE_S = 0.5
 _CONVERGE_LIMIT_S = 300.0
 _GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's: 700)
+
+
+def _no_violations() -> dict[str, int]:
+    return {"memory_overcommitted": 0, "two_primaries": 0, "routed_to_non_serving": 0}
 
 
 @dataclass
@@ -55,6 +60,14 @@ class Report:
     events: int = 0
     trace_digest: str = ""
     notes: list[str] = field(default_factory=list)
+    # The demand scenario: invariants broken (counted at every step), and each model's
+    # serving replicas over time as [seconds since all were served, replicas, demand]
+    invariant_violations: dict[str, int] = field(default_factory=_no_violations)
+    replica_counts: dict[str, list[list[float]]] = field(default_factory=dict)
+    replica_tracking_misses: int = 0
+    placements_served_s: float | None = None
+    requests_routed: int = 0
+    requests_unserved: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,12 +234,19 @@ def _each_side_sees_itself(sim: Simulation, side_a: set[str], side_b: set[str]) 
     return True
 
 
+async def _demand(sim: Simulation, count: int, steady_s: float, report: Report) -> None:
+    run = start_demand_mesh(sim, count, report)
+    if await _converge(sim, report):
+        await run_demand(sim, run, _CONVERGE_LIMIT_S)
+
+
 _Body = Callable[[Simulation, int, float, Report], Awaitable[None]]
 _BODIES: dict[str, _Body] = {
     "steady": _steady,
     "churn": _churn,
     "partition": _partition,
     "join-storm": _join_storm,
+    "demand": _demand,
 }
 
 __all__ = ["SCENARIOS", "Report", "SimNode", "simulate"]

@@ -21,10 +21,14 @@ from ..mesh.gossip_reader import current_claims
 from ..mesh.identity import NodeIdentity
 from ..mesh.membership import Certificate, MeshKey, Proof, Revocation
 from ..mesh.membership_state import MembershipState
+from ..mesh.memory_ledger import claim_memory
 from ..mesh.service import MeshService
 from ..mesh.timing import MeshTiming
 from ..node.serving.reconciler import JobKey, Running, reconcile
+from ..node.serving.replica_choice import InFlight
 from ..scheduler.model_profile import ModelProfile, profile_to_dict
+from ..scheduler.placement import ModelRequest
+from ..scheduler.planner import DEFAULT_COST
 from .network import LinkProfile, SimNetwork, SimTransport
 
 GIB = 1024**3
@@ -45,6 +49,36 @@ SIM_MODEL = ModelProfile(
 )
 
 
+SIM_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """A model some nodes hold, as its holders gossip it."""
+
+    profile: ModelProfile
+    context: int = SIM_CONTEXT
+    slots: int = 1
+    max_replicas: int = 1
+
+    @property
+    def model_id(self) -> str:
+        return self.profile.name
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "id": self.model_id,
+            "context": self.context,
+            "profile": profile_to_dict(self.profile),
+            "slots": self.slots,
+            "min_replicas": 1,
+            "max_replicas": self.max_replicas,
+        }
+
+    def request(self) -> ModelRequest:
+        return ModelRequest(self.model_id, self.profile, self.context, True, self.slots)
+
+
 @dataclass
 class SimNode:
     index: int
@@ -53,13 +87,18 @@ class SimNode:
     service: MeshService
     elector: Elector
     ram_bytes: int
-    holds_model: bool
+    offers: tuple[SimModel, ...]
+    requests: InFlight = field(default_factory=InFlight)  # sent from this node's "API"
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     alive: bool = False
 
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
+
+    @property
+    def holds_model(self) -> bool:
+        return bool(self.offers)
 
 
 @dataclass
@@ -89,15 +128,22 @@ class Simulation:
             task_status.started()
             await trio.sleep_forever()
 
-    def add_node(self, ram_bytes: int = 8 * GIB, holds_model: bool = False) -> SimNode:
+    def add_node(
+        self,
+        ram_bytes: int = 8 * GIB,
+        holds_model: bool = False,
+        offers: Sequence[SimModel] = (),
+    ) -> SimNode:
+        """A node; `holds_model` offers the default `SIM_MODEL`, `offers` any models."""
         index = len(self.nodes)
         identity = NodeIdentity.from_seed(self._seed_bytes(f"node{index}"))
-        node = self._make_node(index, identity, ram_bytes, holds_model)
+        offered = tuple(offers) or ((SimModel(SIM_MODEL),) if holds_model else ())
+        node = self._make_node(index, identity, ram_bytes, offered)
         self.nodes.append(node)
         return node
 
     def _make_node(
-        self, index: int, identity: NodeIdentity, ram_bytes: int, holds_model: bool
+        self, index: int, identity: NodeIdentity, ram_bytes: int, offers: tuple[SimModel, ...]
     ) -> SimNode:
         transport = self.network.add_node(identity.peer_id)
         certificate = Certificate.issue(
@@ -105,6 +151,8 @@ class Simulation:
         )
         elector = Elector(identity.peer_id)
         node_rng = random.Random(self.rng.random())
+        requests = InFlight()
+        entries = [model.entry() for model in offers]
 
         def describe() -> dict[str, Any]:
             return {
@@ -113,11 +161,10 @@ class Simulation:
                 "gflops": 50.0 + index % 7 * 10,
                 "rpc_protocol": "7.0.0",
                 "memory_cap": None,
-                "models": [{"id": "sim-8b", "context": 4096, "profile": profile_to_dict(SIM_MODEL)}]
-                if holds_model
-                else [],
+                "models": entries,
                 "claims": elector.gossiped_claims(),
                 "problems": dict(sorted(elector.problems.items())),
+                "demand": requests.demand.report(trio.current_time()),
             }
 
         service = MeshService(
@@ -131,7 +178,7 @@ class Simulation:
             rng=node_rng,
             timing=self.timing,
         )
-        return SimNode(index, identity, transport, service, elector, ram_bytes, holds_model)
+        return SimNode(index, identity, transport, service, elector, ram_bytes, offers, requests)
 
     def start(self, node: SimNode, bootstrap: Sequence[SimNode]) -> None:
         assert self._nursery is not None
@@ -161,7 +208,7 @@ class Simulation:
             states = elector.step(trio.current_time(), node.service.member_states())
             changes = reconcile(
                 node.peer_id,
-                {SIM_MODEL.name},
+                {model.model_id for model in node.offers},
                 states,
                 claims=elector.claims,
                 handing_over=elector.handing_over,
@@ -202,7 +249,7 @@ class Simulation:
             identity = node.identity
         else:
             identity = NodeIdentity.from_seed(self._seed_bytes(f"node{node.index}-wiped"))
-        fresh = self._make_node(node.index, identity, node.ram_bytes, node.holds_model)
+        fresh = self._make_node(node.index, identity, node.ram_bytes, node.offers)
         if keep_state:
             self.nodes[self.nodes.index(node)] = fresh
         else:
@@ -231,6 +278,27 @@ class Simulation:
     def placements_agree(self) -> bool:
         views = [current_claims(n.service.member_states()) for n in self.live()]
         return all(v == views[0] for v in views)
+
+    def running_claims(self) -> list[Claim]:
+        """The placements live primaries run now (their own claims and those handing over)."""
+        return [
+            claim
+            for node in self.live()
+            for claim in (*node.elector.claims.values(), *node.elector.handing_over.values())
+        ]
+
+    def overcommitted_nodes(self, models: Sequence[SimModel]) -> list[str]:
+        """Nodes whose memory the running placements book beyond what the node has."""
+        requests = {model.model_id: model.request() for model in models}
+        usable = {node.peer_id: node.ram_bytes for node in self.live()}
+        booked: dict[str, int] = {}
+        for claim in self.running_claims():
+            request = requests.get(claim.model_id)
+            if request is None:
+                continue
+            for peer, amount in claim_memory(request, DEFAULT_COST, claim).items():
+                booked[peer] = booked.get(peer, 0) + amount
+        return sorted(p for p, amount in booked.items() if amount > usable.get(p, 0))
 
     def election_safety_violations(self) -> list[tuple[str, int, set[str]]]:
         """(model, epoch, primaries) for every epoch claimed by more than one primary."""

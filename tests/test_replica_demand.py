@@ -10,14 +10,20 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from sharedllm.mesh.election import Elector
-from sharedllm.mesh.gossip_reader import MAX_DEMAND_ENTRIES, GossipReader, demand_entries
+from sharedllm.mesh.gossip_reader import (
+    MAX_DEMAND_ENTRIES,
+    GossipReader,
+    current_claims,
+    demand_entries,
+)
 from sharedllm.node.serving.demand_meter import (
     BUCKET_S,
     MAX_METERED_MODELS,
     PEAK_BUCKETS,
     DemandMeter,
 )
-from sharedllm.scheduler.placement import MAX_REPLICAS
+from sharedllm.node.serving.reconciler import Running, reconcile
+from sharedllm.scheduler.placement import MAX_REPLICAS, unit_key
 from sharedllm.scheduler.replica_demand import (
     GROW_AT,
     MAX_DEMAND,
@@ -184,3 +190,44 @@ def test_the_mesh_adds_replicas_under_load_and_gives_them_up_when_idle() -> None
     members["a"]["demand"] = {"m": [MAX_DEMAND, MAX_DEMAND]}  # a flood: the holder's maximum
     _run(electors, members, 50.0, 70.0)
     assert _replicas_claimed(members) == 3
+
+
+def test_a_replica_demand_gives_up_finishes_its_requests_before_it_goes() -> None:
+    members = _mesh({p: 2048 for p in "abcd"}, holders=set("abcd"))
+    for content in members.values():
+        content["models"] = [{**e, "max_replicas": 2} for e in content["models"]]
+    electors = {peer: Elector(peer) for peer in sorted(members)}
+    members["a"]["demand"] = {"m": [1.0, 1.0]}  # one slot: asks for two replicas
+    now = 0.0
+    while now < 30.0:
+        for elector in electors.values():
+            elector.step(now, members)
+            for unit, claim in list(elector.claims.items()):
+                elector.set_serving(unit, claim.epoch, True)  # as its engine would say
+            members[elector.me]["claims"] = elector.gossiped_claims()
+        now += 0.5
+    second = current_claims(members)[unit_key("m", 1)]
+    members["a"]["demand"] = {"m": [0.0, 0.0]}
+    leader = electors[second.primary]
+    states = leader.step(now, members)
+    retiring = states[unit_key("m", 1)]
+    assert retiring.current is None and retiring.winding_down == (second,)
+    assert "retiring" in (retiring.problem or "")
+    assert leader.handing_over[second.unit] == second and second.unit not in leader.claims
+    members[second.primary]["claims"] = leader.gossiped_claims()
+    # every node keeps it among the placements to run (its workers keep their rpc-servers) ...
+    for elector in electors.values():
+        assert elector.step(now, members)[second.unit].winding_down == (second,)
+    # ... and its primary's reconciler winds it down, then withdraws it
+    changes = reconcile(
+        leader.me,
+        {"m"},
+        states,
+        claims=leader.claims,
+        handing_over=leader.handing_over,
+        running=Running(primaries={(second.model_id, second.rank): True}),
+    )
+    assert changes.wind_down == (second,) and not changes.stop_primaries
+    leader.end_handover(second.unit, second.epoch)
+    members[second.primary]["claims"] = leader.gossiped_claims()
+    assert unit_key("m", 1) not in leader.step(now + 0.5, members)

@@ -282,6 +282,7 @@ def test_the_status_page_shows_the_mesh_in_a_real_browser(mesh: list[RunningNode
         assert f">{name}: layers " in dom  # each node's part of the placement bar
         assert f'class="node-name">{name} (' in dom
     assert 'class="link"' in dom  # links from the gossiped measurements
+    assert dom.count('class="replica"') == 1 and 'class="demand">demand: ' in dom
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)

@@ -45,7 +45,7 @@ class WorkerStart:
 class Changes:
     stop_primaries: tuple[JobKey, ...] = ()
     start_primaries: tuple[Claim, ...] = ()
-    wind_down: tuple[Claim, ...] = ()  # our replaced claims whose successor serves now
+    wind_down: tuple[Claim, ...] = ()  # our replaced (or retired) claims, to finish now
     start_workers: tuple[WorkerStart, ...] = ()
     stop_workers: tuple[JobKey, ...] = ()
     accepting: frozenset[JobKey] = frozenset()  # placements whose rpc tunnels we take now
@@ -78,7 +78,8 @@ def reconcile(
         state = states.get(unit)
         successor = None if state is None else state.current
         key = (old.model_id, old.rank)
-        if successor is not None and successor.serving and key not in running.winding:
+        # no successor: a replica that demand no longer asks for, finishing its requests
+        if (successor is None or successor.serving) and key not in running.winding:
             wind_down.append(old)
     kept = {key: ready for key, ready in running.primaries.items() if key in wanted}
     serving = tuple(
