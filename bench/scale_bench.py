@@ -2,7 +2,8 @@
 
 Slots: one `sharedllm-node` at a time, its engine with 1 slot, then the default 4, then 16 (one
 per client). Replicas: four nodes on loopback, each engine on one thread (so that each replica
-has a core of its own), asked for 1 and then 2 replicas. For 1, 4 and 16 concurrent streaming
+has a core of its own), asked for 1 and then 2 replicas; then two models at once on four such
+nodes, each model asked by half of 16 clients. For 1, 4 and 16 concurrent streaming
 clients (each its own `user`), each sending `REQUESTS` completions of `TOKENS` tokens one after
 another to the first node's API: aggregate generated tokens/s over the run, and p50/p95 time
 to the first token. Every run is bounded (clients x requests x tokens) and stops by itself.
@@ -120,6 +121,54 @@ def _replicas_run(work: Path, model: Path, replicas: int) -> list[dict[str, Any]
             node.stop()
 
 
+def _two_models_run(work: Path, model: Path) -> dict[str, Any]:
+    """Four nodes as in the replica runs, two models at once: a and b hold Gemma, c and d a
+    copy of it under another name, one placement each; half the clients ask each model."""
+    home = work / "two-models"
+    home.mkdir(parents=True, exist_ok=True)
+    other = home / "gemma-copy.gguf"
+    shutil.copyfile(model, other)
+    common = ["--min-replicas", "1", "--max-replicas", "1", "--threads", "1"]
+    common += ["--context-size", str(CONTEXT)]
+    nodes = [BenchNode(home, "a", "--model", str(model), *common)]
+    try:
+        token = invite(nodes[0], uses=3)
+        for name, held in (("b", model), ("c", other), ("d", other)):
+            nodes.append(BenchNode(home, name, "--join", token, "--model", str(held), *common))
+        ids = [model.name.removesuffix(".gguf"), other.name.removesuffix(".gguf")]
+
+        def both_ready() -> bool:
+            if not all(node.healthy() for node in nodes):
+                return False
+            models = nodes[0].status()["models"]
+            return all(models.get(i, {}).get("state") == "ready" for i in ids)
+
+        wait_until(both_ready, 300, "both models to serve")
+        for model_id in ids:
+            _measure(nodes[0], model_id, 1)
+        halves: list[dict[str, Any]] = []
+        threads = [
+            threading.Thread(target=lambda i=i: halves.append(_measure(nodes[0], i, 8)))
+            for i in ids
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+        wall = time.monotonic() - started
+        tokens = sum(half["tokens"] for half in halves)
+        return {
+            "clients": 16,
+            "per_model": halves,
+            "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p95_s": max(half["ttft_p95_s"] for half in halves),
+        }
+    finally:
+        for node in nodes:
+            node.stop()
+
+
 def _print_table(title: str, results: dict[str, list[dict[str, Any]]]) -> None:
     print(f"  {title}")
     print(f"  {'clients':>7} " + " ".join(f"{f'{k}: tok/s, p95 ttft':>26}" for k in results))
@@ -146,6 +195,7 @@ def run() -> dict[str, Any]:
             by_slots[f"{slots} slots"] = _slots_run(work, model, slots)
         for replicas in (1, 2):
             by_replicas[f"{replicas} replicas"] = _replicas_run(work, model, replicas)
+        two_models = _two_models_run(work, model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"scale: Gemma 270M, {REQUESTS} x {TOKENS} tokens per client, loopback")
@@ -163,8 +213,16 @@ def run() -> dict[str, Any]:
         f"  16 clients, 2 replicas vs 1: {replicas_ratio:.2f}x tokens/s (target >= 1.6), "
         f"p95 ttft {replicas_ttft:.2f}x (target <= 1)"
     )
+    models_ratio, models_ttft = _ratios(by_replicas["1 replicas"][-1], two_models)
+    print(
+        f"  16 clients, 2 models at once (8 each, one placement each) vs 1 model: "
+        f"{models_ratio:.2f}x tokens/s ({two_models['tokens_per_s']:.1f}), "
+        f"p95 ttft {models_ttft:.2f}x"
+    )
     return {
         "runs_by_slots": by_slots,
+        "two_models_run": two_models,
+        "two_models_tokens_ratio": models_ratio,
         "runs_by_replicas": by_replicas,
         "parallel_slots_tokens_ratio": slots_ratio,
         "parallel_slots_ttft_p95_ratio": slots_ttft,

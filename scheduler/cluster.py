@@ -58,6 +58,7 @@ class ClusterView:
     _index: Mapping[tuple[str, str], Link] = field(default_factory=dict, compare=False, repr=False)
     _degrees: dict[str, int] | None = field(default=None, compare=False, repr=False)
     _by_id: dict[str, NodeCapacity] | None = field(default=None, compare=False, repr=False)
+    _neighbours: dict[str, list[str]] | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def build(nodes: Iterable[NodeCapacity], links: Iterable[Link] = ()) -> ClusterView:
@@ -89,6 +90,23 @@ class ClusterView:
     def reachable_count(self, peer_id: str) -> int:
         """How many other nodes `peer_id` has a link to."""
         return self._degree_map().get(peer_id, 0)
+
+    def reachable_from(self, peer_id: str) -> list[NodeCapacity]:
+        """The node itself and every node it has links to and from, by peer id: the only
+        nodes that can serve it as workers (found once per view, from the links)."""
+        if self._neighbours is None:
+            present = self._nodes_by_id()
+            neighbours: dict[str, list[str]] = {}
+            for source, target in self._index:
+                if source != target and target in present and (target, source) in self._index:
+                    neighbours.setdefault(source, []).append(target)
+            object.__setattr__(self, "_neighbours", neighbours)
+        assert self._neighbours is not None
+        by_id = self._nodes_by_id()
+        found = [by_id[peer] for peer in self._neighbours.get(peer_id, ())]
+        if peer_id in by_id:
+            found.append(by_id[peer_id])
+        return sorted(found, key=lambda node: node.peer_id)
 
     def _degree_map(self) -> dict[str, int]:
         """Links out of each node (computed once per view, and shared with the views that
@@ -129,4 +147,7 @@ class ClusterView:
             )
             for n in self.nodes
         )
-        return ClusterView(reduced, self.links, self._index, self._degree_map())
+        self.reachable_from("")  # the links' neighbourhoods, shared
+        return ClusterView(
+            reduced, self.links, self._index, self._degree_map(), None, self._neighbours
+        )

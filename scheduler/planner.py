@@ -176,7 +176,7 @@ def _candidates(
     """Nodes that can hold layers for this primary, fastest per layer first."""
     layer_memory = cost.layer_memory(request.profile, request.kv_tokens)
     found: list[_Candidate] = []
-    for node in view.nodes:
+    for node in view.reachable_from(primary.peer_id):
         if node.rpc_protocol != primary.rpc_protocol:
             continue
         link_s = cost.worker_link_seconds(view, request.profile, primary.peer_id, node.peer_id)

@@ -206,7 +206,7 @@ def start_demand_mesh(sim: Simulation, count: int, report: Report) -> DemandRun:
     """Starts `count` nodes (each joining through a random earlier one) holding the catalog,
     the last twentieth of the nodes holding nothing being the clients' entry nodes."""
     rng = random.Random(sim.seed)
-    catalog = models()
+    catalog = models(model_count(count))
     offers = holders_of(catalog, count)
     for index in range(count):
         node = sim.add_node(ram_bytes=ram_of(index), offers=offers[index])
@@ -219,15 +219,21 @@ def start_demand_mesh(sim: Simulation, count: int, report: Report) -> DemandRun:
 
 
 def holders_of(catalog: list[SimModel], nodes: int) -> list[tuple[SimModel, ...]]:
-    """What each node offers: model i is held by nodes 1 + i, 1 + i + MODELS, ... (node 0,
-    the first, and the entry nodes hold nothing)."""
+    """What each node offers: `HOLDERS_PER_MODEL` holders per model, each holder holding two
+    models (node 0, the first, and the entry nodes hold nothing)."""
     offers: list[tuple[SimModel, ...]] = [() for _ in range(nodes)]
+    count = len(catalog)
     for index, model in enumerate(catalog):
         for copy in range(HOLDERS_PER_MODEL):
-            slot = 1 + index + copy * len(catalog)
-            if slot < nodes:
-                offers[slot] = (*offers[slot], model)
+            holder = (index + copy * count // 2) % (count * HOLDERS_PER_MODEL // 2)
+            if 1 + holder < nodes:
+                offers[1 + holder] = (*offers[1 + holder], model)
     return offers
+
+
+def model_count(nodes: int) -> int:
+    """20 models in a mesh of 1000 nodes; fewer, down to 4, in smaller ones."""
+    return max(4, min(MODELS, nodes // 50))
 
 
 def ram_of(index: int) -> int:

@@ -280,12 +280,17 @@ class Simulation:
         return all(v == views[0] for v in views)
 
     def running_claims(self) -> list[Claim]:
-        """The placements live primaries run now (their own claims and those handing over)."""
-        return [
-            claim
-            for node in self.live()
-            for claim in (*node.elector.claims.values(), *node.elector.handing_over.values())
-        ]
+        """The placements that hold memory now: each unit's highest claim among the live
+        primaries (a lower one is fenced: its workers serve it nothing), and the claims still
+        finishing their requests (replaced or retiring)."""
+        best: dict[str, Claim] = {}
+        finishing: list[Claim] = []
+        for node in self.live():
+            finishing.extend(node.elector.handing_over.values())
+            for unit, claim in node.elector.claims.items():
+                if unit not in best or claim.rank > best[unit].rank:
+                    best[unit] = claim
+        return [*best.values(), *(c for c in finishing if c not in best.values())]
 
     def overcommitted_nodes(self, models: Sequence[SimModel]) -> list[str]:
         """Nodes whose memory the running placements book beyond what the node has."""

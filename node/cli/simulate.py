@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from .common import CommandError
 from .render import agreement
+
+if TYPE_CHECKING:
+    from ...simnet.scenarios import Report
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -49,8 +53,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ("time", f"{report.virtual_s:.1f} s virtual in {report.wall_s:.1f} s wall"),
         ("trace digest", report.trace_digest),
     ]
+    if report.scenario == "demand":
+        rows += _demand_rows(report)
     for label, value in rows:
         print(f"{label:<18} {value}")
     for note in report.notes:
         print(f"note: {note}")
-    return 0 if report.converged else 1
+    broken = sum(report.invariant_violations.values())
+    return 0 if report.converged and not broken else 1
+
+
+def _demand_rows(report: Report) -> list[tuple[str, str]]:
+    """The demand scenario's figures: invariants, requests, and replicas against demand."""
+    violations = ", ".join(f"{k} {v}" for k, v in sorted(report.invariant_violations.items()))
+    rows = [
+        ("invariants broken", violations),
+        ("requests", f"{report.requests_routed} routed, {report.requests_unserved} unserved"),
+        ("replica tracking", f"{report.replica_tracking_misses} samples off the demand's count"),
+    ]
+    for model_id, series in sorted(report.replica_counts.items()):
+        counts = "".join(str(int(count)) for _, count, _ in series[::3])
+        rows.append((model_id[-18:], f"replicas every 30 s: {counts}"))
+    return rows
