@@ -116,6 +116,7 @@ class DemandRun:
     routed: int = 0
     unserved: int = 0
     changed_at: dict[str, tuple[float, bool]] = field(default_factory=dict)  # (when, rose)
+    demand_seen: dict[str, float] = field(default_factory=dict)  # at the last sample
     holders: dict[str, int] = field(default_factory=dict)  # model -> nodes holding it
     by_id: dict[str, SimNode] = field(default_factory=dict)
 
@@ -192,7 +193,8 @@ class DemandRun:
             self.report.replica_counts.setdefault(model.model_id, []).append(
                 [round(since, 1), serving, demand]
             )
-            before = demand_at(index, max(0.0, since - TICK_S))
+            before = self.demand_seen.get(model.model_id, demand)
+            self.demand_seen[model.model_id] = demand
             if demand != before:
                 self.changed_at[model.model_id] = (since, demand > before)
             changed, rose = self.changed_at.get(model.model_id, (0.0, True))
