@@ -55,6 +55,16 @@ def _client(url: str, model_id: str, ttfts: list[float], tokens: list[int], user
         tokens.append(count)
 
 
+def _run_together(threads: list[threading.Thread]) -> float:
+    """Starts the threads at once and waits for all (bounded); the seconds that took."""
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    return time.monotonic() - started
+
+
 def _measure(node: BenchNode, model_id: str, clients: int) -> dict[str, Any]:
     ttfts: list[float] = []
     tokens: list[int] = []
@@ -62,12 +72,7 @@ def _measure(node: BenchNode, model_id: str, clients: int) -> dict[str, Any]:
         threading.Thread(target=_client, args=(node.url, model_id, ttfts, tokens, f"user-{i}"))
         for i in range(clients)
     ]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=600)
-    wall = time.monotonic() - started
+    wall = _run_together(threads)
     ordered = sorted(ttfts)
     return {
         "clients": clients,
@@ -151,18 +156,13 @@ def _two_models_run(work: Path, model: Path) -> dict[str, Any]:
             threading.Thread(target=lambda i=i: halves.append(_measure(nodes[0], i, 8)))
             for i in ids
         ]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=600)
-        wall = time.monotonic() - started
+        wall = _run_together(threads)
         tokens = sum(half["tokens"] for half in halves)
         return {
             "clients": 16,
             "per_model": halves,
             "tokens_per_s": round(tokens / wall, 2),
-            "ttft_p95_s": max(half["ttft_p95_s"] for half in halves),
+            "ttft_p95_s": max(half["ttft_p95_s"] for half in halves),  # the worse model's
         }
     finally:
         for node in nodes:
