@@ -90,14 +90,16 @@ class Host:
         )
         return json.loads(self.run(sys.executable, "-c", script).stdout)
 
-    def complete(self, timeout_s: float = 90) -> tuple[int, float]:
-        """(HTTP status, seconds) of one completion asked at this host's API (0: no answer)."""
+    def complete(self, timeout_s: float = 90, user: str = "") -> tuple[int, float]:
+        """(HTTP status, seconds) of one completion asked at this host's API (0: no answer),
+        as `user` if given (the field that keeps a conversation on one replica)."""
         script = (
             "import httpx, sys, time\n"
             "started = time.monotonic()\n"
             "try:\n"
             f"    r = httpx.post('http://127.0.0.1:{self.api_port}/v1/completions', json="
-            f"{{'model': '{GEMMA_ID}', 'prompt': 'Hello', 'max_tokens': 4}}, timeout={timeout_s})\n"
+            f"{{'model': '{GEMMA_ID}', 'prompt': 'Hello', 'max_tokens': 4, 'user': {user!r}}},"
+            f" timeout={timeout_s})\n"
             "    code = r.status_code\n"
             "except httpx.HTTPError:\n"
             "    code = 0\n"

@@ -120,3 +120,42 @@ def test_a_joiner_whose_token_addresses_are_wrong_finds_the_mesh_by_mdns(
         time.sleep(1)
     assert "looking for members on the LAN by mDNS" in b.log()
     assert _alive_members(b) == 2
+
+
+def _ready_replicas(host: Host, count: int, timeout_s: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    replicas: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        replicas = host.status().get("models", {}).get(GEMMA_ID, {}).get("replicas", [])
+        if len(replicas) == count and all(r["state"] == "ready" for r in replicas):
+            return replicas
+        time.sleep(1)
+    raise AssertionError(f"not {count} ready replicas: {replicas}\n{host.log()[-3000:]}")
+
+
+def test_two_replicas_on_two_lan_hosts_share_the_requests_and_survive_one_host(
+    plain_lan: list[Host], gemma_path: Path
+) -> None:
+    """Each host leads a replica of the default model; requests of several users asked at
+    one host go to both over the LAN, and when the other host dies they are still answered."""
+    a, b = plain_lan
+    listen = f"/ip4/0.0.0.0/tcp/{MESH_PORT}"
+    fixed = ("--model", str(gemma_path), "--min-replicas", "2", "--max-replicas", "2")
+    fixed += ("--threads", "1")
+    a.start("--name", "a", *fixed, listen=listen)
+    a.wait_running()
+    b.start("--name", "b", "--join", a.invite(), *fixed, listen=listen)
+    replicas = _ready_replicas(a, 2, 300)
+    assert len({r["primary"] for r in replicas}) == 2  # one leader on each host
+    codes = [a.complete(user=f"user-{i}")[0] for i in range(16)]
+    assert codes == [200] * 16, a.log()[-3000:]
+    routed = [r["routed"] for r in _ready_replicas(a, 2, 10)]
+    assert all(count > 0 for count in routed), routed  # users spread over both hosts
+    b.stop()
+    deadline = time.monotonic() + 60
+    answered = 0
+    while answered < 4:  # the request that meets the dead replica is retried on a's
+        assert time.monotonic() < deadline, a.log()[-3000:]
+        code, _ = a.complete(user=f"user-{answered}", timeout_s=30)
+        answered += code == 200
+    print(f"\nrequests routed to the two replicas from a: {routed}")
