@@ -140,8 +140,8 @@ def test_two_replicas_on_two_lan_hosts_share_the_requests_and_survive_one_host(
     one host go to both over the LAN, and when the other host dies they are still answered."""
     a, b = plain_lan
     listen = f"/ip4/0.0.0.0/tcp/{MESH_PORT}"
-    fixed = ("--model", str(gemma_path), "--min-replicas", "2", "--max-replicas", "2")
-    fixed += ("--threads", "1")
+    fixed = ["--model", str(gemma_path), "--min-replicas", "2", "--max-replicas", "2"]
+    fixed += ["--threads", "1"]
     a.start("--name", "a", *fixed, listen=listen)
     a.wait_running()
     b.start("--name", "b", "--join", a.invite(), *fixed, listen=listen)
