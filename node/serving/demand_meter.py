@@ -20,8 +20,8 @@ MAX_METERED_MODELS = 32  # models measured at once; requests for more are not me
 
 @dataclass
 class _Model:
+    since: float  # integrated up to here
     in_flight: int = 0
-    since: float = 0.0  # integrated up to here
     buckets: dict[int, float] = field(default_factory=dict)  # bucket -> request-seconds
 
 
@@ -45,13 +45,11 @@ class DemandMeter:
         rounded to hundredths (as gossiped)."""
         self._forget_idle(now)
         answer = {}
-        for model_id, model in sorted(self._models.items()):
-            _advance(model, now)
-            current = _bucket(now)
-            into_current = now - current * BUCKET_S
-            window = (RECENT_BUCKETS - 1) * BUCKET_S + into_current
+        current = _bucket(now)
+        window = (RECENT_BUCKETS - 1) * BUCKET_S + (now - current * BUCKET_S)
+        for model_id, model in sorted(self._models.items()):  # all advanced to `now`
             recent_sum = sum(model.buckets.get(current - b, 0.0) for b in range(RECENT_BUCKETS))
-            recent = recent_sum / window if window > 0 else float(model.in_flight)
+            recent = recent_sum / window
             full = [model.buckets.get(current - back, 0.0) for back in range(1, PEAK_BUCKETS)]
             peak = max(recent, max(full) / BUCKET_S)
             answer[model_id] = [round(recent, 2), round(peak, 2)]
