@@ -18,7 +18,7 @@ from typing import Any, TypeGuard
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, ModelRequest, is_model_id
-from ..scheduler.replica_demand import MAX_DEMAND, Demand
+from ..scheduler.replica_demand import DEMAND_FIGURES, MAX_DEMAND, Demand, mesh_demand_of
 from .claims import Claim, parse_claims
 from .member_states import MemberStates
 
@@ -26,6 +26,7 @@ from .member_states import MemberStates
 ASSUMED_BANDWIDTH_MBPS = 100.0
 _MAX_MODELS_PER_NODE = 16
 MAX_DEMAND_ENTRIES = 32  # models one node reports demand for; more are ignored
+_NodeDemand = tuple[str, float, tuple[float, ...]]  # model, recent, buckets newest first
 
 
 def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | None:
@@ -100,7 +101,7 @@ class GossipReader:
     view_memo_size: int = 8192  # member states parsed for the view (a mesh's worth)
     _parsed: OrderedDict[int, tuple[object, str, _Parsed]] = field(default_factory=OrderedDict)
     _last_view: tuple[tuple[tuple[str, int], ...], ClusterView, tuple[object, ...]] | None = None
-    _demand: OrderedDict[int, tuple[object, tuple[tuple[str, Demand], ...]]] = field(
+    _demand: OrderedDict[int, tuple[object, tuple[_NodeDemand, ...]]] = field(
         default_factory=OrderedDict
     )
 
@@ -147,16 +148,16 @@ class GossipReader:
 
     def mesh_demand(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Demand]:
         """Each model's demand summed over the members that report it (by model id)."""
-        total: dict[str, Demand] = {}
+        reports: dict[str, list[tuple[float, tuple[float, ...]]]] = {}
         for _, content in MemberStates.of(members).having("demand"):
             raw = content.get("demand")
             memo = self._demand.get(id(raw))
             if memo is None or memo[0] is not raw:
                 memo = (raw, demand_entries(raw))
                 _remember(self._demand, id(raw), memo, self.memo_size)
-            for model_id, demand in memo[1]:
-                total[model_id] = total.get(model_id, Demand()).plus(demand)
-        return total
+            for model_id, recent, buckets in memo[1]:
+                reports.setdefault(model_id, []).append((recent, buckets))
+        return {model_id: mesh_demand_of(found) for model_id, found in reports.items()}
 
     def claims_in(self, content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
         """The claims a node makes for itself (a claim naming another primary is ignored)."""
@@ -249,21 +250,21 @@ def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, A
     ]
 
 
-def demand_entries(raw: object) -> tuple[tuple[str, Demand], ...]:
-    """A member's gossiped demand, `{model: [recent, peak]}`: malformed entries are dropped,
-    figures are capped, and only the first `MAX_DEMAND_ENTRIES` models count."""
+def demand_entries(raw: object) -> tuple[_NodeDemand, ...]:
+    """A member's gossiped demand, `{model: [recent, bucket, ...]}` (`DEMAND_FIGURES` at most,
+    buckets newest first): malformed entries are dropped, figures are capped, and only the
+    first `MAX_DEMAND_ENTRIES` models count."""
     if not isinstance(raw, dict):
         return ()
     found = []
     for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
         if not (isinstance(model_id, str) and is_model_id(model_id)):
             continue
-        if not (isinstance(figures, list | tuple) and len(figures) == 2):
+        if not (isinstance(figures, list | tuple) and 1 <= len(figures) <= DEMAND_FIGURES):
             continue
-        recent, peak = figures
-        if _finite(recent) and _finite(peak) and recent >= 0 and peak >= 0:
-            recent, peak = min(float(recent), MAX_DEMAND), min(float(peak), MAX_DEMAND)
-            found.append((model_id, Demand(recent, max(recent, peak))))
+        if all(_finite(value) and value >= 0 for value in figures):
+            capped = [min(float(value), MAX_DEMAND) for value in figures]
+            found.append((model_id, capped[0], tuple(capped[1:])))
     return tuple(found)
 
 

@@ -32,6 +32,21 @@ GROW_AT = 0.75
 DEFAULT_MAX_REPLICAS = 4  # a holder's default ceiling on its model's replicas
 SHRINK_AT = 0.4
 MAX_DEMAND = 100_000.0  # requests in flight; beyond, a gossiped figure is taken as this
+# What a node gossips per model: its recent demand, then each of the last 11 full ten-second
+# buckets, newest first. The mesh adds them up bucket by bucket before taking the busiest, so
+# that many nodes each busy at a different moment do not add up to a peak nobody saw.
+DEMAND_FIGURES = 12
+
+
+def mesh_demand_of(reports: Iterable[tuple[float, tuple[float, ...]]]) -> Demand:
+    """One model's demand over the mesh from each node's (recent, buckets newest first)."""
+    recent, by_age = 0.0, [0.0] * (DEMAND_FIGURES - 1)
+    for node_recent, buckets in reports:
+        recent += node_recent
+        for age, value in enumerate(buckets[: len(by_age)]):
+            by_age[age] += value
+    recent = min(MAX_DEMAND, recent)
+    return Demand(recent, min(MAX_DEMAND, max(recent, *by_age)))
 
 
 @dataclass(frozen=True)
@@ -41,11 +56,6 @@ class Demand:
 
     recent: float = 0.0
     peak: float = 0.0
-
-    def plus(self, other: Demand) -> Demand:
-        return Demand(
-            min(MAX_DEMAND, self.recent + other.recent), min(MAX_DEMAND, self.peak + other.peak)
-        )
 
 
 def wanted_replicas(demand: Demand, slots: int, running: int, least: int, most: int) -> int:

@@ -25,6 +25,7 @@ from sharedllm.node.serving.demand_meter import (
 from sharedllm.node.serving.reconciler import Running, reconcile
 from sharedllm.scheduler.placement import MAX_REPLICAS, unit_key
 from sharedllm.scheduler.replica_demand import (
+    DEMAND_FIGURES,
     GROW_AT,
     MAX_DEMAND,
     SHRINK_AT,
@@ -88,12 +89,12 @@ def test_the_meter_averages_requests_in_flight_over_time() -> None:
     for _ in range(3):
         meter.change("m", 0.0, +1)
     meter.change("m", 15.0, -1)  # 3 in flight for 15 s, then 2
-    recent, peak = meter.report(60.0)["m"]
-    assert recent == 2.0 and peak == 3.0
+    recent, *buckets = meter.report(60.0)["m"]  # buckets newest first: 50-60 s, ... 0-10 s
+    assert recent == 2.0 and buckets == [2.0, 2.0, 2.0, 2.0, 2.5, 3.0]
     for _ in range(2):
         meter.change("m", 60.0, -1)
-    recent, peak = meter.report(70.0)["m"]  # the last 20 s: 2 in flight for the first 10
-    assert recent == 1.0 and peak == 3.0
+    recent, *buckets = meter.report(70.0)["m"]  # the last 20 s: 2 in flight for the first 10
+    assert recent == 1.0 and buckets == [0.0, 2.0, 2.0, 2.0, 2.0, 2.5, 3.0]
     assert meter.report(60.0 + BUCKET_S * (PEAK_BUCKETS + 1)) == {}  # idle two minutes: gone
 
 
@@ -117,41 +118,50 @@ def test_the_meter_never_reports_more_than_was_in_flight(events: list[tuple[floa
         in_flight = max(0, in_flight + delta)
         most = max(most, in_flight)
     end = max((at for at, _ in events), default=0.0) + 1.0
-    for recent, peak in meter.report(end).values():
-        assert 0 <= recent <= peak <= most + 0.01
+    for figures in meter.report(end).values():
+        assert 1 <= len(figures) <= DEMAND_FIGURES
+        assert all(0 <= value <= most + 0.01 for value in figures)
 
 
 def test_hostile_demand_gossip_is_dropped_or_capped() -> None:
     raw: dict[object, object] = {
-        "ok": [1.5, 2.0],
+        "ok": [1.5, 2.0, 0.5],
+        "recent-only": [1.0],
         "nan": [math.nan, 1.0],
-        "negative": [-1, 2],
+        "negative": [1, -2],
         "huge": [1e300, 1e300],
-        "short": [1.0],
+        "empty": [],
+        "too-long": [1.0] * (DEMAND_FIGURES + 1),
         "text": ["1", "2"],
         "flag": [True, True],
+        "nested": [1.0, [2.0]],
         "m\x1f1": [5.0, 5.0],  # a replica's key, not a model id
         7: [1.0, 1.0],
-        "peak-below": [3.0, 1.0],
     }
-    found = dict(demand_entries(raw))
+    found = {model: (recent, buckets) for model, recent, buckets in demand_entries(raw)}
     assert found == {
-        "ok": Demand(1.5, 2.0),
-        "huge": Demand(MAX_DEMAND, MAX_DEMAND),
-        "peak-below": Demand(3.0, 3.0),
+        "ok": (1.5, (2.0, 0.5)),
+        "recent-only": (1.0, ()),
+        "huge": (MAX_DEMAND, (MAX_DEMAND,)),
     }
     assert demand_entries([1, 2]) == () and demand_entries(None) == ()
     many = {f"m{i}": [1.0, 1.0] for i in range(MAX_DEMAND_ENTRIES * 4)}
     assert len(demand_entries(many)) == MAX_DEMAND_ENTRIES
 
 
-def test_demand_is_summed_over_the_members() -> None:
+def test_demand_is_summed_over_the_members_bucket_by_bucket() -> None:
     members: dict[str, dict[str, Any]] = {
         "a": {"demand": {"m": [1.0, 2.0]}},
         "b": {"demand": {"m": [0.5, 0.5], "n": [4.0, 4.0]}},
         "c": {"demand": "nonsense"},
     }
     assert GossipReader().mesh_demand(members) == {"m": Demand(1.5, 2.5), "n": Demand(4.0, 4.0)}
+    # ten nodes each busy in a different ten seconds: the mesh's peak is one node's, not ten
+    scattered = {
+        f"p{i}": {"demand": {"m": [0.0] + [1.0 if age == i else 0.0 for age in range(10)]}}
+        for i in range(10)
+    }
+    assert GossipReader().mesh_demand(scattered) == {"m": Demand(0.0, 1.0)}
 
 
 def _replicas_claimed(members: dict[str, dict[str, Any]]) -> int:

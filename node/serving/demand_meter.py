@@ -3,8 +3,8 @@
 The meter integrates the count of a model's requests in flight over time into ten-second
 buckets (request-seconds per bucket), so that a bucket's sum over its length is the average
 number in flight then, whatever the requests' lengths (Little's law). `report` gives, per
-model, the average over the last half minute and the busiest bucket of the last two minutes:
-what `scheduler.replica_demand` grows and shrinks replicas by, once summed over the mesh.
+model, the average over the last half minute and each bucket of the last two minutes: what
+`scheduler.replica_demand` grows and shrinks replicas by, once summed over the mesh.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ...scheduler.replica_demand import DEMAND_FIGURES
+
 BUCKET_S = 10.0
 RECENT_BUCKETS = 3  # the last half minute
-PEAK_BUCKETS = 12  # the last two minutes
+PEAK_BUCKETS = DEMAND_FIGURES  # the last two minutes
 MAX_METERED_MODELS = 32  # models measured at once; requests for more are not measured
 
 
@@ -41,8 +43,9 @@ class DemandMeter:
         model.in_flight = max(0, model.in_flight + delta)
 
     def report(self, now: float) -> dict[str, list[float]]:
-        """`{model: [recent, peak]}` for every model with demand in the last two minutes,
-        rounded to hundredths (as gossiped)."""
+        """`{model: [recent, bucket, ...]}` for every model with demand in the last two
+        minutes: the average over the last half minute, then each full bucket's average,
+        newest first, rounded to hundredths (as gossiped)."""
         self._forget_idle(now)
         answer = {}
         current = _bucket(now)
@@ -50,9 +53,12 @@ class DemandMeter:
         for model_id, model in sorted(self._models.items()):  # all advanced to `now`
             recent_sum = sum(model.buckets.get(current - b, 0.0) for b in range(RECENT_BUCKETS))
             recent = recent_sum / window
-            full = [model.buckets.get(current - back, 0.0) for back in range(1, PEAK_BUCKETS)]
-            peak = max(recent, max(full) / BUCKET_S)
-            answer[model_id] = [round(recent, 2), round(peak, 2)]
+            full = [
+                model.buckets.get(current - back, 0.0) / BUCKET_S for back in range(1, PEAK_BUCKETS)
+            ]
+            while full and round(full[-1], 2) == 0:
+                full.pop()  # the quiet old buckets need no bytes in gossip
+            answer[model_id] = [round(value, 2) for value in (recent, *full)]
         return answer
 
     def _forget_idle(self, now: float) -> None:
