@@ -82,7 +82,6 @@ class Elector:
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
     replan_s: float = 5.0
     _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
-    _failed_at: dict[str, tuple[float, str]] = field(default_factory=dict)  # unit -> when, why
     # Our own superseded claims that keep serving until their successor serves.
     handing_over: dict[str, Claim] = field(default_factory=dict)
     reader: GossipReader = field(default_factory=GossipReader)
@@ -147,7 +146,7 @@ class Elector:
         for unit in list(self.claims):
             if unit not in states:
                 del self.claims[unit]  # nobody holds the model, or it has fewer replicas now
-        for memo in (self._planned_at, self._failed_at, self._wanted_since):
+        for memo in (self._planned_at, self._wanted_since):
             for unit in [unit for unit in memo if unit not in states]:
                 del memo[unit]
         self.handing_over = {
@@ -186,18 +185,9 @@ class Elector:
             # The placement stands and was checked a moment ago: measurements drift every
             # second, but a better plan must win by the stability margin anyway.
             return ModelState(request, claim, previous[1], None)
-        failed = self._failed_at.get(unit)
-        if claim is None and failed is not None and now - failed[0] < self.replan_s:
-            # Nothing fitted a moment ago: a thousand-node mesh's waiting replicas are not
-            # planned again twice a second, only when the view may have changed enough.
-            return ModelState(request, None, None, failed[1])
         view, taken = left
         state = self._decide(now, view.with_memory_used(taken), request, claim)
         self._planned_at[unit] = (now, state.planned)
-        if state.current is None and state.planned is None and state.problem is not None:
-            self._failed_at[unit] = (now, state.problem)
-        else:
-            self._failed_at.pop(unit, None)
         return state
 
     def _retire(self, request: ModelRequest, claim: Claim, ledger: MemoryLedger) -> ModelState:
