@@ -155,6 +155,7 @@ class Simulation:
         entries = [model.entry() for model in offers]
 
         def describe() -> dict[str, Any]:
+            demand = requests.demand.report(trio.current_time())
             return {
                 "ram_total": ram_bytes,
                 "vram_total": 0,
@@ -164,8 +165,7 @@ class Simulation:
                 "models": entries,
                 "claims": elector.gossiped_claims(),
                 "problems": dict(sorted(elector.problems.items())),
-                "demand": requests.demand.report(trio.current_time()),
-            }
+            } | ({"demand": demand} if demand else {})
 
         service = MeshService(
             transport=transport,

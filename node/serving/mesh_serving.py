@@ -107,6 +107,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     # -- gossip ------------------------------------------------------------------------------
 
     def gossip_fields(self) -> dict[str, Any]:
+        demand = self._in_flight.demand.report(trio.current_time())
         return {
             "models": [
                 m.gossip_entry(
@@ -119,8 +120,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
             ],
             "claims": self.elector.gossiped_claims(),
             "problems": dict(sorted(self.elector.problems.items())),
-            "demand": self._in_flight.demand.report(trio.current_time()),
-        }
+        } | ({"demand": demand} if demand else {})  # an idle node spends no bytes on it
 
     # -- the loop ------------------------------------------------------------------------------
 
