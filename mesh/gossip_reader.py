@@ -51,10 +51,7 @@ def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | No
 
 def cluster_view(members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
     """Nodes and measured links among `members`; a link needs an RTT measured by its source."""
-    parsed = {
-        peer: (node_capacity(peer, c), measured_links(peer, c)) for peer, c in members.items()
-    }
-    return _view_of(parsed)
+    return _view_of({peer: _parse_member(peer, c) for peer, c in members.items()})
 
 
 def measured_links(source: str, content: Mapping[str, Any]) -> tuple[Link, ...]:
@@ -78,6 +75,10 @@ def measured_links(source: str, content: Mapping[str, Any]) -> tuple[Link, ...]:
 
 
 _Parsed = tuple[NodeCapacity | None, tuple[Link, ...]]
+
+
+def _parse_member(peer: str, content: Mapping[str, Any]) -> _Parsed:
+    return node_capacity(peer, content), measured_links(peer, content)
 
 
 def _view_of(parsed: Mapping[str, _Parsed]) -> ClusterView:
@@ -134,11 +135,7 @@ class GossipReader:
         for peer, content in members.items():
             memo = self._parsed.get(id(content))
             if memo is None or memo[0] is not content or memo[1] != peer:
-                memo = (
-                    content,
-                    peer,
-                    (node_capacity(peer, content), measured_links(peer, content)),
-                )
+                memo = (content, peer, _parse_member(peer, content))
                 _remember(self._parsed, id(content), memo, self.view_memo_size)
             parsed[peer] = memo[2]
         view = _view_of(parsed)

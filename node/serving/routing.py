@@ -14,6 +14,7 @@ from ...mesh.transport.tunnel import (
     TunnelListener,
     TunnelRequest,
 )
+from ...scheduler.replica_demand import Demand
 from ..engine.unix_socket import ENGINE_BASE_URL
 from .parts import ServingParts
 from .replica_choice import ReplicaLoad, choose_replica
@@ -171,6 +172,7 @@ class ApiRouting(ServingParts):
     def describe(self) -> dict[str, Any]:
         """Each model's placement as this node sees it (for `status` and `peers`)."""
         described = {}
+        demand = self.elector.reader.mesh_demand(self._service.member_states())
         for model_id, state in sorted(self.model_states.items()):
             claim = state.current
             job = None if claim is None else self._primary_jobs.get((model_id, claim.rank))
@@ -202,23 +204,10 @@ class ApiRouting(ServingParts):
                 if job is None or job.supervisor is None
                 else job.supervisor.restarts,
                 "replicas": [self._describe_replica(r) for r in self.replicas_of(model_id)],
-                "demand": self._describe_demand(state),
+                "demand": _describe_demand(state, demand.get(model_id)),
             }
             described[model_id] = entry
         return described
-
-    def _describe_demand(self, state: ModelState) -> dict[str, Any]:
-        """The model's demand over the mesh, and the replicas it asks for."""
-        request = state.request
-        demand = self.elector.reader.mesh_demand(self._service.member_states())
-        found = demand.get(request.model_id)
-        return {
-            "requests_in_flight": 0.0 if found is None else found.recent,
-            "peak_requests_in_flight": 0.0 if found is None else found.peak,
-            "replicas_wanted": request.replicas,
-            "min_replicas": request.min_replicas,
-            "max_replicas": request.max_replicas,
-        }
 
     def _describe_replica(self, state: ModelState) -> dict[str, Any]:
         """One replica: where it runs, and the requests this node sends it."""
@@ -257,3 +246,15 @@ class ApiRouting(ServingParts):
     def _state_in_words(self, model_id: str) -> str:
         unavailable = self._unavailable(model_id)
         return "ready" if unavailable is None else unavailable[0]
+
+
+def _describe_demand(state: ModelState, found: Demand | None) -> dict[str, Any]:
+    """The model's demand over the mesh, and the replicas it asks for."""
+    request = state.request
+    return {
+        "requests_in_flight": 0.0 if found is None else found.recent,
+        "peak_requests_in_flight": 0.0 if found is None else found.peak,
+        "replicas_wanted": request.replicas,
+        "min_replicas": request.min_replicas,
+        "max_replicas": request.max_replicas,
+    }
