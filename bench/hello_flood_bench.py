@@ -24,8 +24,8 @@ from sharedllm.mesh import records
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.mesh_store import load_mesh
-from sharedllm.mesh.transport.data_plane import _tls_contexts
 from sharedllm.mesh.transport.framing import receive_frame, send_frame
+from sharedllm.mesh.transport.tls_identity import tls_contexts
 from sharedllm.mesh.transport.tls_socket import TlsSocket
 
 from tests.node_process import start_node, wait_until_ready
@@ -74,7 +74,7 @@ def bogus_hello(mesh_public_key: bytes | None, name_bytes: int) -> bytes:
 async def flood(
     host: str, port: int, count: int, hello: bytes, *, sources: int = 1000, parallel: int = 16
 ) -> FloodResult:
-    client = _tls_contexts(NodeIdentity.from_seed(b"\x99" * 32))[1]
+    client = tls_contexts(NodeIdentity.from_seed(b"\x99" * 32))[1]
     result = FloodResult(count, 0, 0.0)
     started = time.monotonic()
     limiter = trio.CapacityLimiter(parallel)

@@ -66,6 +66,9 @@ class NodeConfig:
     # Announce this node and look for members on the LAN by mDNS (on the mesh's non-loopback
     # interfaces only; a node on 127.0.0.1 never multicasts).
     mdns: bool = True
+    # Act as a circuit relay (libp2p circuit relay v2) for members that cannot be reached
+    # directly (behind NATs): members only, each circuit paced and bounded (README says how).
+    relay: bool = False
     context_size: int = 4096
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
@@ -126,6 +129,7 @@ _SETTING_TYPES: dict[str, type] = {
     "api_port": int,
     "data_port": int,
     "mdns": bool,
+    "relay": bool,
     "context_size": int,
     "parallel_slots": int,
     "min_replicas": int,

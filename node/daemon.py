@@ -21,7 +21,7 @@ import httpx
 import trio
 
 from ..mesh.addresses import host_of_multiaddr, only_this_machine
-from ..mesh.containment import HandlerFaults
+from ..mesh.containment import HandlerFaults, contained
 from ..mesh.membership import Revocation
 from ..mesh.membership_state import MembershipState
 from ..mesh.mesh_store import (
@@ -34,10 +34,11 @@ from ..mesh.mesh_store import (
 )
 from ..mesh.service import MeshService
 from ..mesh.timing import MeshTiming
-from ..mesh.transport.data_plane import DataPlane
+from ..mesh.transport.data_plane import CARRIED, DataPlane
 from ..mesh.transport.interfaces import local_interfaces
 from ..mesh.transport.lan_discovery import LanDiscovery, lan_discovery
 from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
+from ..mesh.transport.libp2p_relay import RelayOptions
 from ..mesh.transport.seam import TransportError
 from .api.app import create_app
 from .api.metrics import NodeMetrics
@@ -46,6 +47,7 @@ from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo
 from .mesh_setup import MeshPlan
+from .network_paths import keep_relay_slots, relay_facts, warn_relayed_links, with_paths
 from .serving.jobs import LocalModel
 from .serving.mesh_serving import MeshServing
 
@@ -88,7 +90,9 @@ async def _run_node(
     plan = mesh.plan
     async with (
         httpx.AsyncClient(timeout=_UPSTREAM_TIMEOUT) as client,
-        open_libp2p_transport(plan.identity, mesh.listen) as transport,
+        open_libp2p_transport(
+            plan.identity, mesh.listen, RelayOptions(serves=config.relay)
+        ) as transport,
         _lan_discovery(config, plan, transport.listen_addrs()) as lan,
     ):
         membership = MembershipState(plan.files.mesh_public_key)
@@ -99,7 +103,8 @@ async def _run_node(
         serving: MeshServing | None = None
 
         def describe_self() -> dict[str, Any]:
-            return {**mesh.capacity(), **({} if serving is None else serving.gossip_fields())}
+            fields = {} if serving is None else serving.gossip_fields()
+            return {**mesh.capacity(), **fields, **relay_facts(transport, config.relay)}
 
         service = MeshService(
             transport=transport,
@@ -119,6 +124,9 @@ async def _run_node(
                 mesh.data_dir, dataclasses.replace(plan.files, proof=proof)
             ),
         )
+        transport.relay.is_member = service.admitted.__contains__
+        data_plane.carrier = lambda peer: transport.open_stream(peer, CARRIED)
+        transport.serve(CARRIED, contained("control", CARRIED, data_plane.serve_carried, faults))
         serving = MeshServing(
             service=service,
             data_plane=data_plane,
@@ -143,8 +151,8 @@ async def _run_node(
             return {
                 "peer_id": plan.identity.peer_id,
                 "mesh": plan.files.name,
-                "peers": service.peers(),
-                "models": serving.describe(),
+                "peers": with_paths(service.peers(), transport, data_plane),
+                "models": warn_relayed_links(serving.describe(), service.member_states()),
                 "tunnels_served": serving.served_tunnels(),
                 "api_traffic": metrics.traffic(),
                 "control_traffic": dataclasses.asdict(service.traffic),
@@ -172,6 +180,8 @@ async def _run_node(
             nursery.start_soon(_remember_peers, service, mesh.data_dir)
             nursery.start_soon(serving.run)
             nursery.start_soon(_keep_revocations, service, mesh.data_dir, revocation_files)
+            if not config.relay:
+                nursery.start_soon(keep_relay_slots, service, transport)
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             record_running(mesh.data_dir, api_url)

@@ -11,26 +11,24 @@ in the certificate *is* the peer id. Python's ssl module has no custom verify ho
   it only if the signature holds and `admit(proof, peer_id)` accepts it.
 
 Then the client names the protocol and the stream is handed to that protocol's handler.
+
+Where no direct connection gets through (two members behind NATs), the same exchange runs
+*carried* on a control-plane stream (`CARRIED`) over whatever connection the mesh has to the
+peer: relayed, hole-punched or direct. Noise has authenticated that stream's peer already, so
+only the certificate check is left out; the nonce signature and membership proof are the same.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import socket
 import ssl
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.x509.oid import NameOID
 
 from .. import records
 from ..addresses import MAX_ADVERTISED, LocalInterface, advertised_hosts, dial_order
@@ -38,8 +36,6 @@ from ..containment import HandlerFaults, contained
 from ..handshake_limiter import FailedHandshakeLimiter
 from ..identity import (
     NodeIdentity,
-    peer_id_of,
-    public_key_bytes,
     public_key_of_peer_id,
     verify_once,
 )
@@ -48,6 +44,7 @@ from ..records import RecordError, check_peer_id_text
 from .framing import FrameError, receive_frame, send_frame
 from .happy_eyeballs import first_to_connect
 from .seam import MeshStream, StreamHandler, TransportError
+from .tls_identity import peer_id_in_certificate, tls_contexts
 from .tls_socket import TlsSocket
 
 _log = logging.getLogger("sharedllm.mesh.data")
@@ -58,6 +55,9 @@ MAX_STREAMS_PER_PEER = 512
 _HANDSHAKE_TIMEOUT_S = 10.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_REMEMBERED_PEERS = 1024  # which address reached a peer, for so many peers
+CARRIED = "/sharedllm/data-carried/1"  # a data stream carried over the control plane
+DIRECT_BUDGET_S = 4.0  # how long direct addresses get before a stream is carried instead
+CARRIED_RETRY_DIRECT_S = 60.0  # a peer reached only carried is tried directly again after this
 
 
 class DataStream:
@@ -89,55 +89,6 @@ class DataStream:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self._stream)
-
-
-def _certificate_files(identity: NodeIdentity, directory: Path) -> tuple[Path, Path]:
-    """A self-signed X.509 certificate carrying the node's own Ed25519 key."""
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.peer_id)])
-    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(identity.private_key.public_key())
-        .serial_number(1)
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=365 * 100))
-        .sign(identity.private_key, None)
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        identity.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def _tls_contexts(identity: NodeIdentity) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    for context in (server, client):
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_NONE  # the peer id is checked against the certificate below
-    with tempfile.TemporaryDirectory() as directory:
-        os.chmod(directory, 0o700)
-        cert, key = _certificate_files(identity, Path(directory))
-        server.load_cert_chain(cert, key)
-    return server, client
-
-
-def _peer_id_in_certificate(der: bytes | None) -> str:
-    if not der:
-        raise TransportError("the peer presented no certificate")
-    key = x509.load_der_x509_certificate(der).public_key()
-    if not isinstance(key, Ed25519PublicKey):
-        raise TransportError("the peer's certificate key is not Ed25519")
-    return peer_id_of(public_key_bytes(key))
 
 
 def _auth_message(nonce: bytes, server: str, client: str) -> bytes:
@@ -177,9 +128,12 @@ class DataPlane:
     failures: FailedHandshakeLimiter = field(default_factory=FailedHandshakeLimiter)
     interfaces: Sequence[LocalInterface] = ()  # this machine's, for the order of dials
     reached: dict[str, tuple[str, int]] = field(default_factory=dict)  # peer -> address that worked
+    # opens a CARRIED stream to a peer over the control plane; None: direct connections only
+    carrier: Callable[[str], Awaitable[MeshStream]] | None = None
+    carried_until: dict[str, float] = field(default_factory=dict)  # peer -> retry direct then
 
     def __post_init__(self) -> None:
-        self._contexts = _tls_contexts(self.identity)
+        self._contexts = tls_contexts(self.identity)
 
     def serve(self, protocol: str, handler: StreamHandler) -> None:
         self.handlers[protocol] = contained("data", protocol, handler, self.faults)
@@ -229,16 +183,45 @@ class DataPlane:
             authenticated = await self._authenticate(tcp, source)
         finally:
             self.handshaking -= 1
-        if authenticated is None:
+        if authenticated is not None:
+            tls, peer, protocol = authenticated
+            await self._serve_stream(DataStream(tls, peer), protocol)
+
+    async def serve_carried(self, carried: MeshStream) -> None:
+        """A data stream carried over the control plane (the handler of `CARRIED`): the same
+        proof as a direct one, from the peer Noise authenticated."""
+        if self.handshaking >= MAX_HANDSHAKES:
+            self.refused_connections += 1
             return
-        tls, peer, protocol = authenticated
+        self.handshaking += 1
+        try:
+            with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
+                peer, protocol = await self._authenticate_client(carried)
+            if peer != carried.remote_peer:
+                raise MembershipError(f"{carried.remote_peer} spoke for {peer}")
+        except (
+            trio.TooSlowError,
+            TransportError,
+            FrameError,
+            RecordError,
+            MembershipError,
+            ValueError,
+        ) as err:
+            self.refused_handshakes += 1
+            self.faults.log.emit("refused-data", "refused a carried data stream: %s", err)
+            return
+        finally:
+            self.handshaking -= 1
+        await self._serve_stream(carried, protocol)
+
+    async def _serve_stream(self, stream: MeshStream, protocol: str) -> None:
+        peer = stream.remote_peer
         if self.streams_of.get(peer, 0) >= MAX_STREAMS_PER_PEER:
             self.refused_connections += 1
             _log.warning("refused a data stream from %s: it holds too many", peer)
-            await trio.aclose_forcefully(tls)
+            await stream.aclose()
             return
         self.streams_of[peer] = self.streams_of.get(peer, 0) + 1
-        stream = DataStream(tls, peer)
         scope = trio.CancelScope()
         self._served.setdefault(peer, set()).add(scope)
         try:
@@ -251,10 +234,7 @@ class DataPlane:
             self._served[peer].discard(scope)
             if not self._served[peer]:
                 del self._served[peer]
-            if scope.cancel_called:
-                await trio.aclose_forcefully(tls)  # cut: no goodbye to a revoked peer
-            else:
-                await stream.aclose()
+            await stream.aclose()  # cut (revoked): closed at once, with no goodbye
 
     def cut(self, peer: str) -> int:
         """Ends every stream `peer` opened to us (it was revoked); returns how many."""
@@ -277,7 +257,9 @@ class DataPlane:
             with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
                 await tls.do_handshake()
                 handshaken = True
-                peer, protocol = await self._authenticate_client(tls)
+                peer, protocol = await self._authenticate_client(
+                    DataStream(tls, "(unauthenticated)")
+                )
         except (
             trio.TooSlowError,
             OSError,
@@ -295,8 +277,7 @@ class DataPlane:
             return None
         return tls, peer, protocol
 
-    async def _authenticate_client(self, tls: TlsSocket) -> tuple[str, str]:
-        pending = DataStream(tls, "(unauthenticated)")
+    async def _authenticate_client(self, pending: MeshStream) -> tuple[str, str]:
         nonce = os.urandom(_NONCE_BYTES)
         await send_frame(pending, nonce)
         peer, proof_bytes, signature, protocol = records.decode(
@@ -320,9 +301,53 @@ class DataPlane:
 
     async def connect(
         self, peer_id: str, addresses: Sequence[tuple[str, int]], protocol: str
+    ) -> MeshStream:
+        """A stream to `peer_id`: direct at the first of its addresses to let us in (tried in
+        dial order, the one that worked last first, raced with a short stagger), else carried
+        over the control plane. A peer reached only carried is tried directly again after
+        `CARRIED_RETRY_DIRECT_S`; meanwhile its streams go carried at once."""
+        now = trio.current_time()
+        if self.carrier is not None and self.carried_until.get(peer_id, 0.0) > now:
+            return await self._open_carried(peer_id, protocol)
+        try:
+            if self.carrier is None or not addresses:
+                return await self._connect_direct(peer_id, addresses, protocol)
+            with trio.fail_after(DIRECT_BUDGET_S):
+                return await self._connect_direct(peer_id, addresses, protocol)
+        except (TransportError, trio.TooSlowError) as err:
+            if self.carrier is None:
+                raise TransportError(str(err) or f"no direct path to {peer_id}") from None
+            _log.debug("no direct data path to %s (%s): carrying it", peer_id, err)
+        stream = await self._open_carried(peer_id, protocol)
+        self.carried_until[peer_id] = now + CARRIED_RETRY_DIRECT_S
+        while len(self.carried_until) > MAX_REMEMBERED_PEERS:
+            del self.carried_until[next(iter(self.carried_until))]
+        self.reached.pop(peer_id, None)
+        return stream
+
+    def path_to(self, peer_id: str) -> str | None:
+        """How our last data stream to `peer_id` went: "host:port" (direct), "carried", or
+        None (none yet)."""
+        if self.carried_until.get(peer_id, 0.0) > trio.current_time():
+            return "carried"
+        address = self.reached.get(peer_id)
+        return None if address is None else f"{address[0]}:{address[1]}"
+
+    async def _open_carried(self, peer_id: str, protocol: str) -> MeshStream:
+        assert self.carrier is not None
+        stream = await self.carrier(peer_id)
+        try:
+            with trio.fail_after(_HANDSHAKE_TIMEOUT_S):
+                return await self._prove_ourselves(stream, peer_id, protocol)
+        except (trio.TooSlowError, FrameError, TransportError) as err:
+            await stream.aclose()
+            raise TransportError(f"carried data stream to {peer_id} failed: {err}") from None
+
+    async def _connect_direct(
+        self, peer_id: str, addresses: Sequence[tuple[str, int]], protocol: str
     ) -> DataStream:
-        """A stream to `peer_id` at the first of its addresses to let us in: tried in dial
-        order (the one that worked last first), raced with a short stagger."""
+        if not addresses:
+            raise TransportError(f"{peer_id} has not gossiped a data address")
         remembered = self.reached.get(peer_id)
         port_of: dict[str, int] = {}
         for host, port in addresses:
@@ -334,6 +359,7 @@ class DataPlane:
             [(host, port_of[host]) for host in order],
             lambda a: self.open_stream(peer_id, a[0], a[1], protocol),
         )
+        self.carried_until.pop(peer_id, None)
         self.reached.pop(peer_id, None)
         self.reached[peer_id] = address
         while len(self.reached) > MAX_REMEMBERED_PEERS:
@@ -350,7 +376,12 @@ class DataPlane:
                 _tune(tcp)
                 tls = TlsSocket.wrap(tcp, self._contexts[1], server_side=False)
                 await tls.do_handshake()
-                return await self._prove_ourselves(tls, peer_id, protocol)
+                found = peer_id_in_certificate(tls.peer_certificate())
+                if found != peer_id:
+                    raise TransportError(f"the server is {found}, not {peer_id}")
+                stream = DataStream(tls, peer_id)
+                await self._prove_ourselves(stream, peer_id, protocol)
+                return stream
         except (
             trio.TooSlowError,
             OSError,
@@ -363,11 +394,8 @@ class DataPlane:
                 f"data stream to {peer_id} at {host}:{port} failed: {err}"
             ) from None
 
-    async def _prove_ourselves(self, tls: TlsSocket, peer_id: str, protocol: str) -> DataStream:
-        found = _peer_id_in_certificate(tls.peer_certificate())
-        if found != peer_id:
-            raise TransportError(f"the server is {found}, not {peer_id}")
-        stream = DataStream(tls, peer_id)
+    async def _prove_ourselves(self, stream: MeshStream, peer_id: str, protocol: str) -> MeshStream:
+        """Answers the server's nonce with our signature and proof, and names `protocol`."""
         nonce = await receive_frame(stream)
         signature = self.identity.sign(_auth_message(nonce, peer_id, self.identity.peer_id))
         hello = [self.identity.peer_id, self.proof.encode(), signature, protocol]

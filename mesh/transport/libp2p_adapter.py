@@ -1,7 +1,9 @@
-"""The Transport seam over py-libp2p: TCP, Noise (only: never plaintext or secio), yamux.
+"""The Transport seam over py-libp2p: TCP, Noise (only: never plaintext or secio), yamux, and
+circuit relay v2 with hole punching for members behind NATs (`libp2p_relay`).
 
-This is the one module that imports libp2p. It adapts libp2p's streams (which raise `StreamEOF`
-instead of returning b"") to `MeshStream` and maps libp2p's exceptions to `TransportError`.
+This module and `libp2p_relay` are the only ones that import libp2p (mDNS aside). It adapts
+libp2p's streams (which raise `StreamEOF` instead of returning b"") to `MeshStream` and maps
+libp2p's exceptions to `TransportError`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio
 from ..addresses import advertised_hosts
 from ..identity import NodeIdentity
 from .interfaces import local_interfaces
+from .libp2p_relay import MeshRelay, RelayOptions, is_circuit, running_relay
 from .seam import MeshStream, StreamHandler, TransportError
 
 with warnings.catch_warnings():
@@ -92,8 +95,9 @@ class _Libp2pStream:
 class Libp2pTransport:
     """A libp2p host bound to this node's identity; use `open_libp2p_transport` to run it."""
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Any, relay: MeshRelay) -> None:
         self._host = host
+        self.relay = relay
 
     @property
     def local_peer_id(self) -> str:
@@ -111,6 +115,7 @@ class Libp2pTransport:
                 found += [f"/{family}/{ip}/{rest}" for ip in advertised_hosts(host, interfaces)]
             else:
                 found.append(address)
+        found += self.relay.reserved.values()  # through relays: last, the slowest way in
         return list(dict.fromkeys(found))
 
     async def connect(self, address: str) -> str:
@@ -119,6 +124,9 @@ class Libp2pTransport:
         except Exception as err:  # noqa: BLE001
             raise TransportError(f"not a peer address: {address} ({err})") from None
         self._allow_dial(info.peer_id)
+        if is_circuit(address):
+            await self.relay.dial(address)
+            return str(info.peer_id)
         # libp2p dials every address its peerstore holds for the peer, in the order learned
         # (identify adds the peer's own list); the mesh dials exactly the one it chose.
         self._host.get_network().peerstore.clear_addrs(info.peer_id)
@@ -169,6 +177,11 @@ class Libp2pTransport:
 
         self._host.set_stream_handler(TProtocol(protocol), adapted)
 
+    def path_to(self, peer_id: str) -> tuple[str, str | None]:
+        """How we are connected to `peer_id` ("direct", "relayed", "hole-punched" or "none")
+        and the address in use."""
+        return self.relay.path_to(peer_id)
+
     def connected_peers(self) -> Sequence[str]:
         return [str(p) for p in self._host.get_connected_peers()]
 
@@ -201,9 +214,10 @@ def check_port_free(address: multiaddr.Multiaddr | str, setting: str = "--listen
 
 @asynccontextmanager
 async def open_libp2p_transport(
-    identity: NodeIdentity, listen: Sequence[str]
+    identity: NodeIdentity, listen: Sequence[str], relay: RelayOptions | None = None
 ) -> AsyncIterator[Libp2pTransport]:
-    """Runs a libp2p host with Noise as the only security option and yamux streams."""
+    """Runs a libp2p host with Noise as the only security option and yamux streams, able to
+    dial and be reached through relays (and to relay for members where `relay.serves`)."""
     key_pair = create_new_key_pair(identity.seed)
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_pair().private_key)
     try:
@@ -217,13 +231,23 @@ async def open_libp2p_transport(
     if not isinstance(swarm, Swarm):
         raise TypeError(f"py-libp2p gave a {type(swarm).__name__}, not the Swarm we tune")
     swarm.auto_connector = _OurDialsOnly(swarm, swarm.connection_config.auto_connect_interval)
-    async with host.run(listen_addrs=addrs), trio.open_nursery() as nursery:
-        transport = Libp2pTransport(host)
+    async with (
+        host.run(listen_addrs=addrs),
+        running_relay(host, relay or RelayOptions()) as mesh_relay,
+        trio.open_nursery() as nursery,
+    ):
+        transport = Libp2pTransport(host, mesh_relay)
         if str(host.get_id()) != identity.peer_id:
             raise TransportError("libp2p derived another peer id from our key")
         nursery.start_soon(_return_closed_inbound_slots, host.get_network())
-        yield transport
-        nursery.cancel_scope.cancel()
+        try:
+            yield transport
+        finally:
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for peer in list(host.get_connected_peers()):
+                    # py-libp2p 0.8.1 leaves the sockets of open connections behind at stop
+                    await transport.disconnect(str(peer))
 
 
 def inbound_slot_tokens(base: int, borrowed: int, live_connections: int) -> int:

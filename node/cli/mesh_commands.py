@@ -119,9 +119,9 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
         return 0
     print(f"mesh {view['mesh']}, this node {view['peer_id']}")
-    columns = "{:<14} {:<16} {:<8} {:>7} {:>8} {:>8} {:>8} {:>7} {:<30} {:<20} {}"
+    columns = "{:<14} {:<16} {:<8} {:>7} {:>8} {:>8} {:>8} {:>7} {:<30} {:<20} {:<13} {}"
     headers = ("peer", "name", "state", "rtt ms", "Mbit/s", "RAM GiB", "VRAM GiB", "GFLOPS")
-    print(columns.format(*headers, "engine", "models", "addresses"))
+    print(columns.format(*headers, "engine", "models", "path", "address in use"))
     for peer in view["peers"]:
         print(columns.format(*peer_columns(peer)))
     return 0

@@ -201,6 +201,12 @@ def add_up_command(commands: Any) -> None:
         const=False,
         help="do not announce this node or look for members on the LAN (mDNS)",
     )
+    up.add_argument(
+        "--relay",
+        action="store_const",
+        const=True,
+        help="carry connections for members behind NATs (circuit relay v2, members only)",
+    )
     up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
     up.add_argument(
         "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"

@@ -58,8 +58,18 @@ def peer_columns(peer: dict[str, Any]) -> tuple[str, ...]:
         str(peer.get("gflops", "-")),
         engine,
         ",".join(m.get("id", "?") for m in peer.get("models", [])),
-        " ".join(peer.get("addrs", []))[:120],
+        str(peer.get("path") or "-"),
+        _address_in_use(peer),
     )
+
+
+def _address_in_use(peer: dict[str, Any]) -> str:
+    """The control plane's address in use and the data plane's, or the advertised ones."""
+    used = peer.get("path_address")
+    if not used:
+        return " ".join(peer.get("addrs", []))[:120]
+    data = peer.get("data_path")
+    return f"{used}" + (f", data {data}" if data else "")
 
 
 def print_speed(entry: dict[str, Any], traffic: dict[str, Any] | None) -> None:
@@ -110,6 +120,11 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
         print(f"  {names.get(node, '?'):<16} {node[-12:]:<14} unused: {why}")
     if entry.get("problem"):
         print(f"  problem: {entry['problem']}")
+    for primary_node, worker in entry.get("relayed_links", []):
+        print(
+            f"  warning: layers cross a relayed link, {names.get(primary_node, '?')} -> "
+            f"{names.get(worker, '?')}: every token waits on the relay (slower than direct)"
+        )
     replicas = entry.get("replicas", [])
     if (demand := entry.get("demand")) is not None:
         print(
