@@ -39,7 +39,7 @@ from ..mesh.transport.interfaces import local_interfaces
 from ..mesh.transport.lan_discovery import LanDiscovery, lan_discovery
 from ..mesh.transport.libp2p_adapter import check_port_free, open_libp2p_transport
 from ..mesh.transport.libp2p_relay import RelayOptions
-from ..mesh.transport.seam import TransportError
+from ..mesh.transport.seam import MeshStream, TransportError
 from .api.app import create_app
 from .api.metrics import NodeMetrics
 from .api.server import listen_api, serve_api
@@ -125,7 +125,12 @@ async def _run_node(
             ),
         )
         transport.relay.is_member = service.admitted.__contains__
-        data_plane.carrier = lambda peer: transport.open_stream(peer, CARRIED)
+
+        async def carry(peer: str) -> MeshStream:
+            await service.reach(peer)
+            return await transport.open_stream(peer, CARRIED)
+
+        data_plane.carrier = carry
         transport.serve(CARRIED, contained("control", CARRIED, data_plane.serve_carried, faults))
         serving = MeshServing(
             service=service,

@@ -90,15 +90,19 @@ class Host:
         )
         return json.loads(self.run(sys.executable, "-c", script).stdout)
 
-    def complete(self, timeout_s: float = 90, user: str = "") -> tuple[int, float]:
-        """(HTTP status, seconds) of one completion asked at this host's API (0: no answer),
-        as `user` if given (the field that keeps a conversation on one replica)."""
+    def complete(
+        self, timeout_s: float = 90, user: str = "", max_tokens: int = 4
+    ) -> tuple[int, float]:
+        """(HTTP status, seconds) of one completion of `max_tokens` asked at this host's API
+        (0: no answer), as `user` if given (the field that keeps a conversation on one
+        replica)."""
         script = (
             "import httpx, sys, time\n"
             "started = time.monotonic()\n"
             "try:\n"
             f"    r = httpx.post('http://127.0.0.1:{self.api_port}/v1/completions', json="
-            f"{{'model': '{GEMMA_ID}', 'prompt': 'Hello', 'max_tokens': 4, 'user': {user!r}}},"
+            f"{{'model': '{GEMMA_ID}', 'prompt': 'Hello', 'max_tokens': {max_tokens},"
+            f" 'user': {user!r}}},"
             f" timeout={timeout_s})\n"
             "    code = r.status_code\n"
             "except httpx.HTTPError:\n"

@@ -57,17 +57,21 @@ class RelayOptions:
 
 class _PacedStream:
     """A relayed stream whose writes are paced by a token bucket (py-libp2p's relay counts
-    bytes and time but not rate); everything else is the stream's own."""
+    bytes and time but not rate); everything else is the stream's own. The bucket holds a
+    tenth of a second: a bulk transfer (the bandwidth probe, say) sees the rate, not a burst."""
+
+    BURST_S = 0.1
 
     def __init__(self, stream: Any, rate_bytes_per_s: int) -> None:
         self._stream = stream
         self._rate = float(rate_bytes_per_s)
-        self._allowance = self._rate
+        self._allowance = self._rate * self.BURST_S
         self._at = trio.current_time()
 
     async def write(self, data: bytes) -> None:
         now = trio.current_time()
-        self._allowance = min(self._rate, self._allowance + (now - self._at) * self._rate)
+        bucket = self._rate * self.BURST_S
+        self._allowance = min(bucket, self._allowance + (now - self._at) * self._rate)
         self._at = now
         self._allowance -= len(data)
         if self._allowance < 0:
