@@ -69,6 +69,9 @@ class NodeConfig:
     # Act as a circuit relay (libp2p circuit relay v2) for members that cannot be reached
     # directly (behind NATs): members only, each circuit paced and bounded (README says how).
     relay: bool = False
+    # Ask the router to forward the mesh and data ports by UPnP, and advertise its public
+    # address (only when the node listens on a network, not on loopback alone).
+    upnp: bool = True
     context_size: int = 4096
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
@@ -130,6 +133,7 @@ _SETTING_TYPES: dict[str, type] = {
     "data_port": int,
     "mdns": bool,
     "relay": bool,
+    "upnp": bool,
     "context_size": int,
     "parallel_slots": int,
     "min_replicas": int,

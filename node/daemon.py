@@ -47,7 +47,13 @@ from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo
 from .mesh_setup import MeshPlan
-from .network_paths import keep_relay_slots, relay_facts, warn_relayed_links, with_paths
+from .network_paths import (
+    forward_ports,
+    keep_relay_slots,
+    relay_facts,
+    warn_relayed_links,
+    with_paths,
+)
 from .serving.jobs import LocalModel
 from .serving.mesh_serving import MeshServing
 
@@ -187,6 +193,9 @@ async def _run_node(
             nursery.start_soon(_keep_revocations, service, mesh.data_dir, revocation_files)
             if not config.relay:
                 nursery.start_soon(keep_relay_slots, service, transport)
+            mesh_port = mesh_port_of(mesh.listen)
+            if config.upnp and mesh_port and _lan_ips(transport.listen_addrs()):
+                nursery.start_soon(forward_ports, service, transport, data_plane, mesh_port)
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             record_running(mesh.data_dir, api_url)
@@ -242,8 +251,7 @@ async def _lan_discovery(
     config: NodeConfig, plan: MeshPlan, addresses: Sequence[str]
 ) -> AsyncIterator[LanDiscovery | None]:
     """mDNS on the mesh's non-loopback interfaces, unless turned off or there are none."""
-    hosts = [host_of_multiaddr(a) for a in addresses]
-    lan_ips = [h for h in dict.fromkeys(hosts) if h is not None and not only_this_machine([h])]
+    lan_ips = _lan_ips(addresses)
     if not config.mdns or not lan_ips:
         yield None
         return
@@ -262,14 +270,25 @@ async def _lan_discovery(
         await opened.__aexit__(None, None, None)
 
 
+def _lan_ips(addresses: Sequence[str]) -> list[str]:
+    """The hosts of `addresses` that other machines could reach (not loopback)."""
+    hosts = [host_of_multiaddr(a) for a in addresses]
+    return [h for h in dict.fromkeys(hosts) if h is not None and not only_this_machine([h])]
+
+
+def mesh_port_of(listen: Sequence[str]) -> int:
+    """The first listen address's TCP port (0: none, or any free one)."""
+    parts = listen[0].strip("/").split("/") if listen else []
+    return int(parts[3]) if len(parts) > 3 and parts[2] == "tcp" and parts[3].isdigit() else 0
+
+
 def data_endpoint(config: NodeConfig, listen: Sequence[str]) -> tuple[list[str], int]:
     """Where the data plane listens: on the mesh's interfaces, at `data_port` or the first
     mesh port + 1 (a free port when the mesh's is 0). Raises TransportError if there is none."""
     hosts = [host_of_multiaddr(a) or "0.0.0.0" for a in listen] or ["0.0.0.0"]
     if config.data_port is not None:
         return hosts, config.data_port
-    parts = listen[0].strip("/").split("/") if listen else []
-    mesh_port = int(parts[3]) if len(parts) > 3 and parts[2] == "tcp" and parts[3].isdigit() else 0
+    mesh_port = mesh_port_of(listen)
     if mesh_port >= 65535:
         raise TransportError(f"the mesh port {mesh_port} leaves no port above it: set --data-port")
     return hosts, mesh_port + 1 if mesh_port else 0

@@ -1,5 +1,6 @@
 """Which way each member is reached (direct, relayed, hole-punched), relay slots kept at relay
-members, and the status warning for a placement whose layers cross a relayed link."""
+members, ports forwarded by the router (UPnP), and the status warning for a placement whose
+layers cross a relayed link."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import trio
 from ..mesh.service import MeshService
 from ..mesh.transport.data_plane import DataPlane
 from ..mesh.transport.libp2p_adapter import Libp2pTransport
+from ..mesh.transport.port_mapping import mapped_ports
 
 _log = logging.getLogger("sharedllm.node")
 GOSSIPED_RELAYED = 32  # peers reached through a relay, listed in our state at most
@@ -79,3 +81,23 @@ def warn_relayed_links(
         workers = [a.get("node") for a in entry.get("assignments", ())]
         entry["relayed_links"] = [[primary, w] for w in workers if w in relayed and w != primary]
     return models
+
+
+async def forward_ports(
+    service: MeshService,
+    transport: Libp2pTransport,
+    data_plane: DataPlane,
+    mesh_port: int,
+) -> None:
+    """Asks the router (UPnP) to forward the mesh and data ports for as long as the node runs,
+    and advertises its public address where it does."""
+    data_port = data_plane.address[1] if data_plane.address else 0
+    ports = [port for port in (mesh_port, data_port) if port]
+    async with mapped_ports(ports) as mapping:
+        if mapping is not None:
+            if mesh_port in mapping.ports:
+                transport.public.append(f"/ip4/{mapping.external_ip}/tcp/{mesh_port}")
+            if data_port in mapping.ports:
+                data_plane.advertise_public(mapping.external_ip, data_port)
+            await service.publish_now()
+        await trio.sleep_forever()

@@ -149,3 +149,34 @@ async def test_a_carried_stream_still_needs_a_membership_proof() -> None:
         with trio.fail_after(30), pytest.raises(TransportError):
             await outsider.connect(member.local_peer_id, [], "/echo")
         assert server.refused_handshakes == 1
+
+
+async def test_a_relay_keeps_no_more_reservations_than_its_limit() -> None:
+    identities = [NodeIdentity.from_seed(bytes([50 + i]) * 32) for i in range(3)]
+    options = RelayOptions(serves=True, max_reservations=1)
+    async with (
+        open_libp2p_transport(identities[0], _LISTEN, options) as relay,
+        open_libp2p_transport(identities[1], _LISTEN) as first,
+        open_libp2p_transport(identities[2], _LISTEN) as second,
+    ):
+        relay.relay.is_member = lambda peer: True
+        for member in (first, second):
+            await member.connect(_address(relay))
+        assert len(await first.relay.keep_reservations([relay.local_peer_id])) == 1
+        assert await second.relay.keep_reservations([relay.local_peer_id]) == []
+
+
+async def test_a_relayed_connection_is_upgraded_by_hole_punching_where_peers_can_meet() -> None:
+    """On one machine the peers can always dial each other: DCUtR replaces the relayed
+    connection with a direct one (the namespace test shows it across NATs)."""
+    members: set[str] = set()
+    async with _three(members) as (relay, behind_nat, dialer):
+        members |= {behind_nat.local_peer_id, dialer.local_peer_id}
+        await behind_nat.connect(_address(relay))
+        circuits = await behind_nat.relay.keep_reservations([relay.local_peer_id])
+        await dialer.connect(circuits[0])
+        with trio.fail_after(30):
+            while dialer.path_to(behind_nat.local_peer_id)[0] != "hole-punched":
+                await trio.sleep(0.2)
+        _, address = dialer.path_to(behind_nat.local_peer_id)
+        assert address is not None and "/p2p-circuit" not in address

@@ -45,7 +45,7 @@ from .framing import FrameError, receive_frame, send_frame
 from .happy_eyeballs import first_to_connect
 from .seam import MeshStream, StreamHandler, TransportError
 from .tls_identity import peer_id_in_certificate, tls_contexts
-from .tls_socket import TlsSocket
+from .tls_socket import DataStream, TlsSocket
 
 _log = logging.getLogger("sharedllm.mesh.data")
 _NONCE_BYTES = 32
@@ -58,37 +58,6 @@ MAX_REMEMBERED_PEERS = 1024  # which address reached a peer, for so many peers
 CARRIED = "/sharedllm/data-carried/1"  # a data stream carried over the control plane
 DIRECT_BUDGET_S = 4.0  # how long direct addresses get before a stream is carried instead
 CARRIED_RETRY_DIRECT_S = 60.0  # a peer reached only carried is tried directly again after this
-
-
-class DataStream:
-    """A TLS stream to an authenticated member, as a `MeshStream`."""
-
-    def __init__(self, stream: TlsSocket, remote_peer: str) -> None:
-        self._stream = stream
-        self._peer = remote_peer
-
-    @property
-    def remote_peer(self) -> str:
-        return self._peer
-
-    @property
-    def remote_host(self) -> str | None:
-        return None  # the data plane limits failed handshakes before a stream exists
-
-    async def send_all(self, data: bytes) -> None:
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
-            raise TransportError(f"data stream to {self._peer} broke: {err}") from None
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        try:
-            return await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
-            raise TransportError(f"data stream from {self._peer} broke: {err}") from None
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self._stream)
 
 
 def _auth_message(nonce: bytes, server: str, client: str) -> bytes:
@@ -137,6 +106,11 @@ class DataPlane:
 
     def serve(self, protocol: str, handler: StreamHandler) -> None:
         self.handlers[protocol] = contained("data", protocol, handler, self.faults)
+
+    def advertise_public(self, host: str, port: int) -> None:
+        """Adds an address the router forwards to us (UPnP) to those we advertise."""
+        kept = [a for a in self.advertised or [] if a != [host, port]][: MAX_ADVERTISED - 1]
+        self.advertised = [*kept, [host, port]]
 
     async def run(
         self,

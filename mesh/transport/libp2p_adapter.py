@@ -98,6 +98,7 @@ class Libp2pTransport:
     def __init__(self, host: Any, relay: MeshRelay) -> None:
         self._host = host
         self.relay = relay
+        self.public: list[str] = []  # where the router forwards to us (UPnP), as multiaddrs
 
     @property
     def local_peer_id(self) -> str:
@@ -115,6 +116,7 @@ class Libp2pTransport:
                 found += [f"/{family}/{ip}/{rest}" for ip in advertised_hosts(host, interfaces)]
             else:
                 found.append(address)
+        found += [f"{address}/p2p/{self.local_peer_id}" for address in self.public]
         found += self.relay.reserved.values()  # through relays: last, the slowest way in
         return list(dict.fromkeys(found))
 

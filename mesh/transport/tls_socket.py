@@ -6,6 +6,7 @@ messages, that pump was most of a hop's cost. Here the ssl module reads and writ
 itself, in non-blocking mode, and trio only waits for the socket to be ready.
 
 One task may send while another receives (a tunnel's two directions), as with any trio stream.
+`DataStream` is such a connection to an authenticated member, as a `MeshStream`.
 TLS 1.3 never needs to read to finish a write after the handshake; should it ask, the writer
 waits a moment and retries rather than compete with the reader for the socket.
 """
@@ -19,6 +20,8 @@ from functools import partial
 from typing import TypeVar
 
 import trio
+
+from .seam import TransportError
 
 _WRITE_WANTS_READ_PAUSE_S = 0.001
 _Result = TypeVar("_Result")
@@ -85,3 +88,34 @@ class TlsSocket(trio.abc.AsyncResource):
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
         await trio.lowlevel.checkpoint()
+
+
+class DataStream:
+    """A TLS stream to an authenticated member, as a `MeshStream`."""
+
+    def __init__(self, stream: TlsSocket, remote_peer: str) -> None:
+        self._stream = stream
+        self._peer = remote_peer
+
+    @property
+    def remote_peer(self) -> str:
+        return self._peer
+
+    @property
+    def remote_host(self) -> str | None:
+        return None  # the data plane limits failed handshakes before a stream exists
+
+    async def send_all(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise TransportError(f"data stream to {self._peer} broke: {err}") from None
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        try:
+            return await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise TransportError(f"data stream from {self._peer} broke: {err}") from None
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self._stream)

@@ -202,6 +202,13 @@ def add_up_command(commands: Any) -> None:
         help="do not announce this node or look for members on the LAN (mDNS)",
     )
     up.add_argument(
+        "--no-upnp",
+        dest="upnp",
+        action="store_const",
+        const=False,
+        help="do not ask the router to forward the mesh and data ports (UPnP)",
+    )
+    up.add_argument(
         "--relay",
         action="store_const",
         const=True,
