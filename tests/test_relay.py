@@ -4,11 +4,14 @@ relayed connection, and the relay serves members only."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2 import DCUTR_PROTOCOL_ID
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
@@ -180,3 +183,19 @@ async def test_a_relayed_connection_is_upgraded_by_hole_punching_where_peers_can
                 await trio.sleep(0.2)
         _, address = dialer.path_to(behind_nat.local_peer_id)
         assert address is not None and "/p2p-circuit" not in address
+
+
+async def test_a_stranger_cannot_make_a_node_dial_for_a_hole_punch() -> None:
+    """A hole punch makes its receiver dial the addresses the other side names: from a peer
+    that is not a member, the stream is reset unread."""
+    async with _three(set()) as (_, node, stranger):
+        await stranger.connect(_address(node))
+        with trio.fail_after(10):
+            with contextlib.suppress(Exception):  # reset: how py-libp2p reports it varies
+                stream = await stranger._host.new_stream(
+                    ID.from_base58(node.local_peer_id), [DCUTR_PROTOCOL_ID]
+                )
+                await stream.write(b"\x08\x64")
+            while node.relay.refused_hops < 1:
+                await trio.sleep(0.05)
+        assert node.path_to(stranger.local_peer_id)[0] == "direct"  # no new connection made

@@ -24,13 +24,14 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from libp2p.peer.id import ID
     from libp2p.peer.peerinfo import info_from_p2p_addr
-    from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL
     from libp2p.relay.circuit_v2 import (
+        DCUTR_PROTOCOL_ID,
         CircuitV2Protocol,
         CircuitV2Transport,
         DCUtRProtocol,
         RelayLimits,
     )
+    from libp2p.relay.circuit_v2 import PROTOCOL_ID as HOP_PROTOCOL
     from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
     from libp2p.tools.anyio_service import background_trio_service
 
@@ -125,19 +126,30 @@ class MeshRelay:
         self.circuits = CircuitV2Transport(host, self.protocol, RelayConfig(roles=roles))
         self.hole_punching = DCUtRProtocol(host)
         self.is_member: Callable[[str], bool] = lambda peer: False  # set once the mesh runs
-        self.refused_hops = 0
+        self.refused_hops = 0  # relay and hole-punch streams from peers not admitted
         self.reserved: dict[str, str] = {}  # relay peer -> our address through it
         self._was_relayed: set[str] = set()  # peers once reached only through a relay
         self._nursery: trio.Nursery | None = None
 
     async def _members_only_hop(self, stream: Any) -> None:
-        peer = str(stream.muxed_conn.peer_id)
-        if not self.is_member(peer):
-            self.refused_hops += 1
-            _log.info("refused to relay for %s: not an admitted member", peer)
-            await stream.reset()
+        if await self._refused(stream, "relay"):
             return
         await self.protocol._handle_hop_stream(stream)
+
+    async def _members_only_hole_punch(self, stream: Any) -> None:
+        """A hole punch makes us dial the addresses the peer names: members only."""
+        if await self._refused(stream, "hole punch"):
+            return
+        await self.hole_punching._handle_dcutr_stream(stream)
+
+    async def _refused(self, stream: Any, what: str) -> bool:
+        peer = str(stream.muxed_conn.peer_id)
+        if self.is_member(peer):
+            return False
+        self.refused_hops += 1
+        _log.info("refused to %s for %s: not an admitted member", what, peer)
+        await stream.reset()
+        return True
 
     async def keep_reservations(self, relays: Sequence[str]) -> list[str]:
         """Keeps reservations at up to `RELAYS_USED` of `relays` (connected relay members, best
@@ -243,7 +255,11 @@ async def running_relay(host: Any, options: RelayOptions) -> AsyncIterator[MeshR
             background_trio_service(relay.protocol),
             background_trio_service(relay.hole_punching),
         ):
+            # the services register py-libp2p's own handlers as they start: ours replace them
+            await relay.protocol.event_started.wait()
+            await relay.hole_punching.event_started.wait()
             if options.serves:
                 host.set_stream_handler(HOP_PROTOCOL, relay._members_only_hop)
+            host.set_stream_handler(DCUTR_PROTOCOL_ID, relay._members_only_hole_punch)
             yield relay
         nursery.cancel_scope.cancel()
