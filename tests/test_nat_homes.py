@@ -18,6 +18,7 @@ from sharedllm.node.engine.locate import EngineInfo
 
 from .nat_homes import nat_homes
 from .netns import GEMMA_ID, Host, namespaces_unavailable
+from .node_process import node_command
 
 pytestmark = pytest.mark.integration
 LISTEN = "/ip4/0.0.0.0/tcp/9338"
@@ -103,3 +104,52 @@ def test_two_homes_behind_nats_serve_each_other_through_a_public_relay_member(
         )
         for name, (first, rate) in speeds.items():
             print(f"  asked at {name}: 1-token answer {first * 1000:.0f} ms, {rate:.1f} tokens/s")
+
+
+def test_a_split_that_must_cross_a_relayed_link_serves_and_status_warns(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    """Behind symmetric NATs, with the model too big for home 1 alone and the public member
+    lending no memory, the only split runs through the relay: its rpc streams are carried
+    over the relayed connection, it answers, and `status` warns of the relayed link."""
+    why_not = namespaces_unavailable() or (None if shutil.which("nft") else "nft is missing")
+    if why_not is not None:
+        pytest.skip(f"real-network tests skipped: {why_not}")
+    with nat_homes(tmp_path, symmetric=True) as (public, home1, home2):
+        public.start(
+            "--name", "public", "--relay", "--no-model", "--max-memory", "1MiB", listen=LISTEN
+        )
+        public.wait_running()
+        token = public.invite("--uses", "2")
+        home1.start(
+            "--name",
+            "home1",
+            "--join",
+            token,
+            "--model",
+            str(gemma_path),
+            "--max-memory",
+            "500MiB",
+            listen=LISTEN,
+        )
+        home2.start("--name", "home2", "--join", token, "--max-memory", "320MiB", listen=LISTEN)
+        home1.wait_running()
+        home2.wait_running()
+        model_home, worker = _peer_id(home1), _peer_id(home2)
+        deadline = time.monotonic() + 400
+        entry: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            entry = home1.status().get("models", {}).get(GEMMA_ID, {})
+            if entry.get("serving") and entry.get("relayed_links"):
+                break
+            time.sleep(2)
+        assert entry.get("relayed_links") == [[model_home, worker]], (
+            f"{entry}\n{home1.log()[-3000:]}\n{home2.log()[-3000:]}"
+        )
+        first, rate = _speed(home1)
+        text = home1.run(node_command(), "status", "--data-dir", str(home1.base / "data")).stdout
+        assert "warning: layers cross a relayed link, home1 -> home2" in text
+        print(
+            f"\nsplit home1 -> home2 through the relay: 1-token answer {first * 1000:.0f} ms, "
+            f"{rate:.1f} tokens/s"
+        )
