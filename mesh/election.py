@@ -253,7 +253,8 @@ class Elector:
         if since is None or since[0] != key:
             self._wanted_since[unit] = (key, now)
         elif planned.primary == self.me and now - since[1] >= self._settle_s(view):
-            epoch = max(self.highest_epoch.get(model_id, 0), 0) + 1
+            holders = [node.peer_id for node in view.nodes if model_id in node.models]
+            epoch = next_epoch(self.highest_epoch.get(model_id, 0), self.me, holders)
             overlap = (
                 current is not None
                 and current.serving
@@ -269,6 +270,18 @@ class Elector:
             self._wanted_since.pop(unit, None)
             return ModelState(request, claim, planned, None)
         return ModelState(request, current, planned, None)
+
+
+def next_epoch(highest: int, me: str, holders: Iterable[str]) -> int:
+    """The epoch a holder claims next: above `highest`, in its own residue class modulo the
+    number of holders (by peer id). Two holders whose views differ for a moment can both plan
+    themselves primary; this way they still never claim the same epoch (while they agree on
+    who holds the model), and the higher one fences the other as before. With one holder,
+    epochs count 1, 2, 3..."""
+    ordered = sorted(set(holders) | {me})
+    index, count = ordered.index(me), len(ordered)
+    first = max(highest, 0) + 1
+    return first + (index - first) % count
 
 
 def replica_requests(

@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sharedllm.mesh.claims import Claim
-from sharedllm.mesh.election import Elector
+from sharedllm.mesh.election import Elector, next_epoch
 from sharedllm.mesh.gossip_reader import (
     ASSUMED_BANDWIDTH_MBPS,
     claims_in,
@@ -327,3 +327,20 @@ def test_two_models_never_book_the_same_worker_memory_twice() -> None:
     assert all(used <= usable[node] for node, used in _memory_per_node(members).items())
     problem = electors[1].step(now, members)["n"].problem
     assert problem is not None and "GiB" in problem
+
+
+@given(
+    st.integers(min_value=0, max_value=10**12),
+    st.sets(st.text(alphabet="abcdef", min_size=1, max_size=4), min_size=1, max_size=12),
+)
+def test_two_holders_never_claim_the_same_epoch(highest: int, holders: set[str]) -> None:
+    """Holders whose views differ for a moment may both claim at once: their epochs differ,
+    are above every epoch seen, and stay close to it."""
+    epochs = {holder: next_epoch(highest, holder, holders) for holder in holders}
+    assert len(set(epochs.values())) == len(holders)
+    assert all(highest < epoch <= highest + len(holders) for epoch in epochs.values())
+
+
+def test_a_single_holder_counts_epochs_one_by_one() -> None:
+    assert [next_epoch(h, "a", ["a"]) for h in (0, 1, 7)] == [1, 2, 8]
+    assert next_epoch(3, "a", []) == 4  # a holder always counts itself
