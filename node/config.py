@@ -49,6 +49,8 @@ class NodeConfig:
     data_dir: Path
     cache_dir: Path
     engine_dir: Path | None = None
+    # An archive from `engine pack` to install when no engine is found (instead of building).
+    engine_archive: Path | None = None
     model: Path | None = None
     model_name: str | None = None
     # What the model is for: text, embedding or rerank. Unset: what its GGUF says.
@@ -123,6 +125,7 @@ class NodeConfig:
 # Settings a user may put in the TOML file or the environment, with their parsers.
 _SETTING_TYPES: dict[str, type] = {
     "engine_dir": Path,
+    "engine_archive": Path,
     "model": Path,
     "model_name": str,
     "model_kind": str,

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import NodeConfig, load_config, setting_names
 from ..daemon_files import running_api_url
+from ..engine.archive import EngineArchiveError, install_engine
 from ..engine.build import build_engine
 from ..engine.locate import EngineInfo, EngineNotFoundError, find_engine
 from .progress import progress_reporter
@@ -77,6 +78,11 @@ def find_or_build_engine(config: NodeConfig) -> EngineInfo:
     except EngineNotFoundError:
         if config.engine_dir is not None:
             raise
+    if config.engine_archive is not None:
+        try:
+            return install_engine(config.engine_archive, config.cache_dir)
+        except (EngineArchiveError, OSError) as err:
+            raise CommandError(f"cannot install {config.engine_archive}: {err}") from None
     print(
         "llama.cpp not found: building the pinned version once (5-15 minutes)...", file=sys.stderr
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
+from ..engine.archive import EngineArchiveError, install_engine, pack_engine
 from ..engine.build import build_engine
-from ..engine.locate import find_engine
-from .common import load_node_config
+from ..engine.locate import detect_backend, find_engine, pinned_build_key
+from .common import CommandError, load_node_config
 from .progress import progress_reporter
 
 _log = logging.getLogger("sharedllm.cli")
@@ -37,4 +39,31 @@ def cmd_engine_build(args: argparse.Namespace) -> int:
         )
     where = info.llama_server.parent
     print(f"engine ready: {where} (version {info.version}, RPC {info.rpc_protocol})")
+    return 0
+
+
+def cmd_engine_pack(args: argparse.Namespace) -> int:
+    config = load_node_config(args)
+    backend = args.backend or detect_backend()
+    output = args.output or Path(f"{pinned_build_key(backend)}.tar.gz")
+    try:
+        written = pack_engine(config.cache_dir, backend, output)
+    except (EngineArchiveError, OSError) as err:
+        raise CommandError(f"cannot pack the engine: {err}") from None
+    size = written.stat().st_size / 1e6
+    print(
+        f"engine packed: {written} ({size:.1f} MB); on another machine of this platform: "
+        f"sharedllm-node engine install {written.name}"
+    )
+    return 0
+
+
+def cmd_engine_install(args: argparse.Namespace) -> int:
+    config = load_node_config(args)
+    try:
+        info = install_engine(args.archive, config.cache_dir)
+    except (EngineArchiveError, OSError) as err:
+        raise CommandError(f"cannot install {args.archive}: {err}") from None
+    where = info.llama_server.parent
+    print(f"engine installed: {where} (version {info.version}, RPC {info.rpc_protocol})")
     return 0

@@ -11,7 +11,12 @@ from ..engine.locate import BACKENDS
 from ..mesh_setup import DEFAULT_LISTEN
 from ..models.model_kind import KINDS
 from ..tools.synthetic_model import SHAPES, WEIGHT_TYPES
-from .engine_commands import cmd_engine_build, cmd_engine_status
+from .engine_commands import (
+    cmd_engine_build,
+    cmd_engine_install,
+    cmd_engine_pack,
+    cmd_engine_status,
+)
 from .mesh_commands import cmd_invite, cmd_mesh_create, cmd_peers, cmd_revoke, cmd_status
 from .model_commands import cmd_model_inspect, cmd_model_synthetic, cmd_plan
 from .simulate import cmd_simulate
@@ -42,26 +47,7 @@ def command_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
     simulate.set_defaults(handler=cmd_simulate)
 
-    engine = commands.add_parser("engine", help="the llama.cpp engine").add_subparsers(
-        metavar="ACTION"
-    )
-    status = engine.add_parser(
-        "status", help="show which engine binaries are used and their versions"
-    )
-    add_common(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
-    status.set_defaults(handler=cmd_engine_status)
-    build = engine.add_parser("build", help="build the pinned llama.cpp into the user cache")
-    add_common(build)
-    build.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
-    build.add_argument("--force", action="store_true", help="rebuild even if a build exists")
-    build.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        help="compute backend (default: cuda where nvcc and an NVIDIA GPU are present, metal on "
-        "macOS, else cpu)",
-    )
-    build.set_defaults(handler=cmd_engine_build)
+    _add_engine_commands(commands)
 
     plan = commands.add_parser(
         "plan", help="preview the placement of a model on a described cluster"
@@ -222,6 +208,42 @@ def add_up_command(commands: Any) -> None:
     up.set_defaults(handler=cmd_up)
 
 
+def _add_engine_commands(commands: Any) -> None:
+    engine = commands.add_parser("engine", help="the llama.cpp engine").add_subparsers(
+        metavar="ACTION"
+    )
+    status = engine.add_parser(
+        "status", help="show which engine binaries are used and their versions"
+    )
+    add_common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=cmd_engine_status)
+    build = engine.add_parser("build", help="build the pinned llama.cpp into the user cache")
+    add_common(build)
+    build.add_argument("--jobs", type=int, help="parallel compile jobs (default: all cores)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a build exists")
+    build.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="compute backend (default: cuda where nvcc and an NVIDIA GPU are present, metal on "
+        "macOS, else cpu)",
+    )
+    build.set_defaults(handler=cmd_engine_build)
+    pack = engine.add_parser(
+        "pack", help="write the built engine to one archive, for other machines of this platform"
+    )
+    add_common(pack)
+    pack.add_argument("--output", type=Path, help="the archive (default: ./BUILD-KEY.tar.gz)")
+    pack.add_argument("--backend", choices=BACKENDS, help="which build (default: this machine's)")
+    pack.set_defaults(handler=cmd_engine_pack)
+    install = engine.add_parser(
+        "install", help="install an engine archive into the cache, after checking it runs here"
+    )
+    add_common(install)
+    install.add_argument("archive", type=Path, help="an archive written by `engine pack`")
+    install.set_defaults(handler=cmd_engine_install)
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where keys, state and config.toml live")
     parser.add_argument(
@@ -229,6 +251,11 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--engine-dir", type=Path, help="directory with llama-server and ggml-rpc-server"
+    )
+    parser.add_argument(
+        "--engine-archive",
+        type=Path,
+        help="an archive from `engine pack` to install when no engine is found (not built)",
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument(
