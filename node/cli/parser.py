@@ -19,6 +19,7 @@ from .engine_commands import (
 )
 from .mesh_commands import cmd_invite, cmd_mesh_create, cmd_peers, cmd_revoke, cmd_status
 from .model_commands import cmd_model_inspect, cmd_model_synthetic, cmd_plan
+from .service_commands import cmd_service_install, cmd_service_status, cmd_service_uninstall
 from .simulate import cmd_simulate
 from .up import cmd_up
 
@@ -48,6 +49,7 @@ def command_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=cmd_simulate)
 
     _add_engine_commands(commands)
+    _add_service_commands(commands)
 
     plan = commands.add_parser(
         "plan", help="preview the placement of a model on a described cluster"
@@ -242,6 +244,30 @@ def _add_engine_commands(commands: Any) -> None:
     add_common(install)
     install.add_argument("archive", type=Path, help="an archive written by `engine pack`")
     install.set_defaults(handler=cmd_engine_install)
+
+
+def _add_service_commands(commands: Any) -> None:
+    service = commands.add_parser("service", help="run the node as a service").add_subparsers(
+        metavar="ACTION"
+    )
+    scope = "the whole system's service (root), not this user's"
+    install_parser = service.add_parser(
+        "install", help="start the node at boot and again after a failure (systemd, launchd)"
+    )
+    add_common(install_parser)
+    install_parser.add_argument("--system", action="store_true", help=scope)
+    install_parser.add_argument(
+        "up_args", nargs=argparse.REMAINDER, help="after --: arguments for `up` (e.g. --relay)"
+    )
+    install_parser.set_defaults(handler=cmd_service_install)
+    for name, handler, words in (
+        ("status", cmd_service_status, "whether the service is installed and running"),
+        ("uninstall", cmd_service_uninstall, "stop the service and remove it"),
+    ):
+        sub = service.add_parser(name, help=words)
+        add_common(sub)
+        sub.add_argument("--system", action="store_true", help=scope)
+        sub.set_defaults(handler=handler)
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
