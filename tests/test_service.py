@@ -49,7 +49,7 @@ def _unquote(quoted: str) -> str:
     return "".join(out)
 
 
-@given(st.text(st.characters(min_codepoint=32, blacklist_categories=("Cs",)), max_size=40))
+@given(st.text(st.characters(min_codepoint=32, exclude_categories=["Cs"]), max_size=40))
 def test_every_printable_argument_reaches_the_node_unchanged(argument: str) -> None:
     assert _unquote(systemd_quote(argument)) == argument
 
