@@ -21,10 +21,12 @@ import httpx
 import trio
 
 from ..mesh.addresses import host_of_multiaddr, only_this_machine
+from ..mesh.atomic_file import write_atomic
 from ..mesh.containment import HandlerFaults, contained
 from ..mesh.membership import Revocation
 from ..mesh.membership_state import MembershipState
 from ..mesh.mesh_store import (
+    MeshStoreError,
     load_known_peers,
     load_revocations,
     save_addresses,
@@ -46,7 +48,7 @@ from .api.server import listen_api, serve_api
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo
-from .mesh_setup import MeshPlan
+from .mesh_setup import MeshPlan, make_invite
 from .network_paths import (
     forward_ports,
     keep_relay_slots,
@@ -69,6 +71,8 @@ class MeshOptions:
     node_name: str
     data_dir: Path
     capacity: Callable[[], dict[str, Any]]
+    invite_file: Path | None = None  # where to write an invite once running (admins)
+    invite_uses: int = 8
 
 
 async def run_node(
@@ -199,7 +203,24 @@ async def _run_node(
             offered = ", ".join(m.model_id for m in models) or "no model of its own"
             _log.info("OpenAI-compatible API at %s/v1 (this node offers %s)", api_url, offered)
             record_running(mesh.data_dir, api_url)
+            if mesh.invite_file is not None:
+                _write_invite(mesh, mesh.invite_file, list(transport.listen_addrs()))
             task_status.started(api_url)
+
+
+def _write_invite(mesh: MeshOptions, path: Path, addresses: list[str]) -> None:
+    """An invite for `invite_uses` joiners, valid for a day, written where the joiners of a
+    container stack read it (`up --join @FILE`)."""
+    try:
+        token = make_invite(
+            mesh.data_dir, addresses, uses=mesh.invite_uses, expires_in_s=86400, now=time.time()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, token.encode() + b"\n", mode=0o600)
+    except (MeshStoreError, OSError) as err:
+        _log.error("cannot write an invite to %s: %s", path, err)
+        return
+    _log.info("invite for %d nodes written to %s", mesh.invite_uses, path)
 
 
 async def _remember_peers(service: MeshService, data_dir: Path) -> None:

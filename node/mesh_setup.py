@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..mesh.addresses import MAX_ADVERTISED
 from ..mesh.identity import NodeIdentity, load_or_create_identity
 from ..mesh.invite import Invite
 from ..mesh.membership import Certificate, MembershipError, MeshKey, Proof
@@ -13,6 +15,7 @@ from ..mesh.mesh_store import (
     MeshFiles,
     has_mesh,
     load_mesh,
+    load_mesh_key,
     save_known_peers,
     save_mesh,
     save_mesh_key,
@@ -88,3 +91,48 @@ def prepare_mesh(data_dir: Path, node_name: str, join_token: str | None, now: fl
     # restart (without the token) finds the mesh again.
     save_known_peers(data_dir, list(invite.bootstrap))
     return MeshPlan(identity, files, invite.bootstrap, created=False)
+
+
+def make_invite(
+    data_dir: Path, addresses: list[str], *, uses: int, expires_in_s: float, now: float
+) -> str:
+    """An invite token for `uses` joiners (admins only: it is signed with the mesh key)."""
+    files = load_mesh(data_dir)
+    key = load_mesh_key(data_dir)  # MeshStoreError for a member that is not an admin
+    suffix = f"/p2p/{load_or_create_identity(data_dir).peer_id}"
+    bootstrap = [a if "/p2p/" in a else a + suffix for a in addresses][:MAX_ADVERTISED]
+    invite = Invite.create(
+        key, files.name, now=now, expires_in_s=expires_in_s, uses=uses, bootstrap=bootstrap
+    )
+    return invite.to_token()
+
+
+JOIN_FILE_WAIT_S = 600.0
+MAX_TOKEN_BYTES = 64 * 1024
+
+
+def join_token_from(
+    value: str | None, data_dir: Path, wait_s: float = JOIN_FILE_WAIT_S
+) -> str | None:
+    """`--join`'s token: as given, or read from the file named after an `@` (waiting up to
+    `wait_s` for another node to write it, as a container stack does). A node that already
+    belongs to a mesh does not wait: it goes on with its saved membership."""
+    if value is None or not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    deadline = time.monotonic() + wait_s
+    while not path.exists():
+        if has_mesh(data_dir):
+            return None
+        if time.monotonic() >= deadline:
+            raise MeshSetupError(f"no invite appeared in {path} within {wait_s:.0f} s")
+        time.sleep(1.0)
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_TOKEN_BYTES + 1)
+        token = data.decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise MeshSetupError(f"cannot read the invite in {path}: {err}") from None
+    if len(data) > MAX_TOKEN_BYTES or not token:
+        raise MeshSetupError(f"{path} does not hold an invite token")
+    return token

@@ -9,18 +9,16 @@ import socket
 import sys
 import time
 
-from ...mesh.addresses import MAX_ADVERTISED, host_of_multiaddr, only_this_machine
+from ...mesh.addresses import host_of_multiaddr, only_this_machine
 from ...mesh.identity import load_or_create_identity
-from ...mesh.invite import Invite
 from ...mesh.membership import MAX_REASON_CHARS, MAX_REVOCATIONS, Revocation
 from ...mesh.mesh_store import (
     count_revocations,
     load_addresses,
-    load_mesh,
     load_mesh_key,
     save_revocation,
 )
-from ..mesh_setup import create_mesh, parse_duration
+from ..mesh_setup import create_mesh, make_invite, parse_duration
 from .common import CommandError, ask_local_node, load_node_config
 from .render import peer_columns, print_placement, print_speed
 
@@ -37,32 +35,26 @@ def cmd_mesh_create(args: argparse.Namespace) -> int:
 
 def cmd_invite(args: argparse.Namespace) -> int:
     config = load_node_config(args)
-    files = load_mesh(config.data_dir)
-    key = load_mesh_key(config.data_dir)
     addresses = args.address or load_addresses(config.data_dir)
     if not addresses:
         raise CommandError(
             "no address to put in the invite: start this node (sharedllm-node up) or pass --address"
         )
-    identity = load_or_create_identity(config.data_dir)
-    suffix = f"/p2p/{identity.peer_id}"
-    bootstrap = [a if "/p2p/" in a else a + suffix for a in addresses][:MAX_ADVERTISED]
-    if only_this_machine([host_of_multiaddr(a) or "" for a in bootstrap]):
+    if only_this_machine([host_of_multiaddr(a) or "" for a in addresses]):
         print(
             "warning: this invite's addresses reach only this machine (the node listens on "
             "loopback); for other machines, run `up --listen /ip4/0.0.0.0/tcp/9338` or pass "
             "--address with an address they can reach",
             file=sys.stderr,
         )
-    invite = Invite.create(
-        key,
-        files.name,
-        now=time.time(),
-        expires_in_s=parse_duration(args.expires),
+    token = make_invite(
+        config.data_dir,
+        addresses,
         uses=args.uses,
-        bootstrap=bootstrap,
+        expires_in_s=parse_duration(args.expires),
+        now=time.time(),
     )
-    print(invite.to_token())
+    print(token)
     return 0
 
 

@@ -202,7 +202,19 @@ def add_up_command(commands: Any) -> None:
         const=True,
         help="carry connections for members behind NATs (circuit relay v2, members only)",
     )
-    up.add_argument("--join", metavar="TOKEN", help="join a mesh with an invite token")
+    up.add_argument(
+        "--join",
+        metavar="TOKEN",
+        help="join a mesh with an invite token (@FILE: read it from FILE, waiting for it)",
+    )
+    up.add_argument(
+        "--invite-file",
+        type=Path,
+        help="once running, write an invite token to this file (admins; for container stacks)",
+    )
+    up.add_argument(
+        "--invite-uses", type=int, default=8, help="joiners the --invite-file token admits"
+    )
     up.add_argument(
         "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"
     )

@@ -14,7 +14,7 @@ from ...mesh.transport.seam import TransportError
 from ..config import NodeConfig
 from ..engine.devices import list_devices
 from ..engine.locate import EngineInfo
-from ..mesh_setup import DEFAULT_LISTEN, prepare_mesh
+from ..mesh_setup import DEFAULT_LISTEN, join_token_from, prepare_mesh
 from ..models.default_model import DefaultModelError, default_model_path
 from ..models.model_file import ModelFileError, inspect_model
 from ..models.model_kind import inferred_kind
@@ -77,7 +77,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     models = models_to_offer(args, config)
     engine = engine_for(config)
     _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
-    plan = prepare_mesh(config.data_dir, node_name(args), args.join, time.time())
+    join = join_token_from(args.join, config.data_dir)
+    plan = prepare_mesh(config.data_dir, node_name(args), join, time.time())
     if plan.created:
         print(
             f"created a new mesh; this node ({plan.identity.peer_id}) is its admin; "
@@ -94,6 +95,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         node_name=node_name(args),
         data_dir=config.data_dir,
         capacity=lambda: describe(engine, gflops, config.api_port, cap, devices),
+        invite_file=args.invite_file,
+        invite_uses=args.invite_uses,
     )
     try:
         trio.run(run_node, config, engine, models, mesh)
