@@ -217,7 +217,7 @@ def _write_invite(mesh: MeshOptions, path: Path, addresses: list[str]) -> None:
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, token.encode() + b"\n", mode=0o600)
-    except (MeshStoreError, OSError) as err:
+    except (MeshStoreError, OSError, ValueError) as err:
         _log.error("cannot write an invite to %s: %s", path, err)
         return
     _log.info("invite for %d nodes written to %s", mesh.invite_uses, path)

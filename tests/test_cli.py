@@ -6,6 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+from sharedllm.node.mesh_setup import MAX_TOKEN_BYTES, MeshSetupError, join_token_from
+
 from .node_process import node_command
 
 
@@ -82,3 +85,17 @@ def test_no_command_prints_help() -> None:
     done = _run()
     assert done.returncode == 2
     assert "usage: sharedllm-node" in done.stdout
+
+
+def test_join_reads_the_token_from_a_file_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    assert join_token_from("sllm1-plain", tmp_path) == "sllm1-plain"
+    assert join_token_from(None, tmp_path) is None
+    token.write_text("sllm1-from-a-file\n")
+    assert join_token_from(f"@{token}", tmp_path) == "sllm1-from-a-file"
+    for bad in (b"", b"\xff\xfe", b"x" * (MAX_TOKEN_BYTES + 1)):
+        token.write_bytes(bad)
+        with pytest.raises(MeshSetupError):
+            join_token_from(f"@{token}", tmp_path)
+    with pytest.raises(MeshSetupError, match="no invite appeared"):
+        join_token_from(f"@{tmp_path / 'never'}", tmp_path, wait_s=0.0)

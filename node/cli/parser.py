@@ -95,7 +95,9 @@ def add_mesh_commands(commands: Any) -> None:
     invite = commands.add_parser("invite", help="print an invite token (admins only)")
     add_common(invite)
     invite.add_argument("--expires", default="1h", help="validity, e.g. 30m, 1h, 2d (default: 1h)")
-    invite.add_argument("--uses", type=int, default=1, help="how many nodes may join with it")
+    invite.add_argument(
+        "--uses", type=positive_int, default=1, help="how many nodes may join with it"
+    )
     invite.add_argument(
         "--address", action="append", help="bootstrap multiaddr to put in the token"
     )
@@ -213,7 +215,7 @@ def add_up_command(commands: Any) -> None:
         help="once running, write an invite token to this file (admins; for container stacks)",
     )
     up.add_argument(
-        "--invite-uses", type=int, default=8, help="joiners the --invite-file token admits"
+        "--invite-uses", type=positive_int, default=8, help="joiners the --invite-file token admits"
     )
     up.add_argument(
         "--peer", action="append", default=[], help="a member's multiaddr to bootstrap from"
@@ -280,6 +282,16 @@ def _add_service_commands(commands: Any) -> None:
         add_common(sub)
         sub.add_argument("--system", action="store_true", help=scope)
         sub.set_defaults(handler=handler)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
