@@ -18,6 +18,8 @@ from sharedllm.node.config import default_cache_dir
 from sharedllm.node.engine.archive import (
     MANIFEST,
     EngineArchiveError,
+    Platform,
+    _check_platform,
     install_engine,
     pack_engine,
 )
@@ -140,3 +142,18 @@ def test_links_garbage_and_missing_files_are_refused(tmp_path: Path) -> None:
         with pytest.raises(EngineArchiveError):
             install_engine(archive_path, tmp_path / "cache")
     assert not built_engine_dir(tmp_path / "cache", detect_backend()).exists()
+
+
+def test_an_engine_for_a_cpu_with_more_instruction_sets_is_refused(tmp_path: Path) -> None:
+    """llama.cpp builds for the building machine's CPU: an engine that uses AVX-512 must not be
+    installed where the CPU lacks it (it would die on its first matrix product)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu sse3 avx avx2 fma f16c\n")
+    here = Platform.here(cpuinfo)
+    assert here.cpu_features == {"sse3", "avx", "avx2", "fma", "f16c"}
+    manifest = {"platform": {"system": here.system, "machine": here.machine}}
+    _check_platform({"platform": {**manifest["platform"], "cpu_features": ["avx2"]}}, here)
+    with pytest.raises(EngineArchiveError, match="avx512f"):
+        _check_platform(
+            {"platform": {**manifest["platform"], "cpu_features": ["avx2", "avx512f"]}}, here
+        )

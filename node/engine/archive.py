@@ -48,16 +48,56 @@ class EngineArchiveError(Exception):
     """The archive cannot be packed or installed here; the message says why."""
 
 
+# Instruction sets llama.cpp's CPU build uses when the building machine has them (it builds
+# for that machine's CPU): an engine from a machine with one of them dies on a CPU without it.
+CPU_FEATURES = frozenset(
+    [
+        "sse3",
+        "ssse3",
+        "sse4_1",
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512cd",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512vbmi",
+        "avx_vnni",
+    ]
+)
+
+
 @dataclass(frozen=True)
 class Platform:
     system: str
     machine: str
     libc: str
+    cpu_features: frozenset[str] = frozenset()
 
     @staticmethod
-    def here() -> Platform:
+    def here(cpuinfo: Path = Path("/proc/cpuinfo")) -> Platform:
         name, version = platform.libc_ver()
-        return Platform(sys.platform, platform.machine(), f"{name} {version}".strip())
+        return Platform(
+            sys.platform, platform.machine(), f"{name} {version}".strip(), _cpu_features(cpuinfo)
+        )
+
+
+def _cpu_features(cpuinfo: Path) -> frozenset[str]:
+    """This CPU's instruction sets among `CPU_FEATURES` (none known where /proc is absent)."""
+    try:
+        with cpuinfo.open() as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return CPU_FEATURES & frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def pack_engine(cache_dir: Path, backend: str, output: Path) -> Path:
@@ -76,7 +116,12 @@ def pack_engine(cache_dir: Path, backend: str, output: Path) -> Path:
         "version": info.version,
         "rpc_protocol": info.rpc_protocol,
         "changes": info.changes,
-        "platform": {"system": here.system, "machine": here.machine, "libc": here.libc},
+        "platform": {
+            "system": here.system,
+            "machine": here.machine,
+            "libc": here.libc,
+            "cpu_features": sorted(here.cpu_features),
+        },
         "files": files,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -192,13 +237,22 @@ def _read_manifest(archive: tarfile.TarFile, members: dict[str, tarfile.TarInfo]
     return manifest
 
 
-def _check_platform(manifest: dict[str, Any]) -> None:
-    packed, here = manifest["platform"], Platform.here()
+def _check_platform(manifest: dict[str, Any], here: Platform | None = None) -> None:
+    packed, here = manifest["platform"], here or Platform.here()
     theirs = (packed.get("system"), packed.get("machine"))
     if theirs != (here.system, here.machine):
         raise EngineArchiveError(
             f"the engine was built for {theirs[0]} {theirs[1]}, this is {here.system} "
             f"{here.machine}"
+        )
+    features = packed.get("cpu_features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise EngineArchiveError("the archive's manifest lists CPU features wrongly")
+    missing = sorted(CPU_FEATURES & set(features) - here.cpu_features)
+    if missing and here.cpu_features:
+        raise EngineArchiveError(
+            f"the engine was built for a CPU with {', '.join(missing)}, which this one lacks: "
+            "build the engine here, or pack it on a machine with no more than this one has"
         )
 
 
