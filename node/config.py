@@ -51,6 +51,8 @@ class NodeConfig:
     engine_dir: Path | None = None
     # An archive from `engine pack` to install when no engine is found (instead of building).
     engine_archive: Path | None = None
+    # With no engine found: join the mesh and take a member's build of this platform (opt-in).
+    engine_from_mesh: bool = False
     model: Path | None = None
     model_name: str | None = None
     # What the model is for: text, embedding or rerank. Unset: what its GGUF says.
@@ -126,6 +128,7 @@ class NodeConfig:
 _SETTING_TYPES: dict[str, type] = {
     "engine_dir": Path,
     "engine_archive": Path,
+    "engine_from_mesh": bool,
     "model": Path,
     "model_name": str,
     "model_kind": str,

@@ -47,7 +47,8 @@ from .api.metrics import NodeMetrics
 from .api.server import listen_api, serve_api
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
-from .engine.locate import EngineInfo
+from .engine.locate import EngineInfo, detect_backend
+from .engine_share import ENGINE, EngineShare, engine_offer
 from .mesh_setup import MeshPlan, make_invite
 from .network_paths import (
     forward_ports,
@@ -112,9 +113,11 @@ async def _run_node(
         )
         serving: MeshServing | None = None
 
+        offer = engine_offer(engine, detect_backend())
+
         def describe_self() -> dict[str, Any]:
             fields = {} if serving is None else serving.gossip_fields()
-            return {**mesh.capacity(), **fields, **relay_facts(transport, config.relay)}
+            return {**mesh.capacity(), **fields, **relay_facts(transport, config.relay), **offer}
 
         service = MeshService(
             transport=transport,
@@ -142,6 +145,8 @@ async def _run_node(
 
         data_plane.carrier = carry
         transport.serve(CARRIED, contained("control", CARRIED, data_plane.serve_carried, faults))
+        if offer:
+            data_plane.serve(ENGINE, EngineShare(config.cache_dir, detect_backend()).serve)
         serving = MeshServing(
             service=service,
             data_plane=data_plane,

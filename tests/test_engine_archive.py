@@ -30,7 +30,7 @@ from sharedllm.node.engine.locate import (
     find_engine,
 )
 
-from .node_process import start_node
+from .node_process import invite_token, start_node
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +157,39 @@ def test_an_engine_for_a_cpu_with_more_instruction_sets_is_refused(tmp_path: Pat
         _check_platform(
             {"platform": {**manifest["platform"], "cpu_features": ["avx2", "avx512f"]}}, here
         )
+
+
+def test_a_joiner_with_no_engine_takes_a_members_build_over_the_mesh(
+    engine: EngineInfo, gemma_path: Path, tmp_path: Path
+) -> None:
+    """--engine-from-mesh: the joiner's cache is empty; it joins, finds the member's offer for
+    its platform, takes the archive over the data plane and serves with it."""
+    member = start_node(tmp_path / "a", "--model", str(gemma_path), "--name", "a")
+    try:
+        token = invite_token(tmp_path / "a" / "data")
+        cache = tmp_path / "fresh-cache"
+        joiner = start_node(
+            tmp_path / "b",
+            "--join",
+            token,
+            "--engine-from-mesh",
+            "--name",
+            "b",
+            env={"SHAREDLLM_CACHE_DIR": str(cache)},
+            timeout_s=300,
+        )
+        try:
+            installed = find_engine(cache, None)
+            assert installed.llama_server.is_relative_to(cache)
+            assert (installed.version, installed.rpc_protocol) == (
+                engine.version,
+                engine.rpc_protocol,
+            )
+            assert "building llama.cpp" not in joiner.log()
+            body = {"model": gemma_path.stem, "prompt": "Hello", "max_tokens": 4}
+            answer = httpx.post(f"{joiner.api_url}/v1/completions", json=body, timeout=120)
+            assert answer.status_code == 200, joiner.log()[-2000:]
+        finally:
+            joiner.stop()
+    finally:
+        member.stop()

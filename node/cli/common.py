@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..config import NodeConfig, load_config, setting_names
@@ -65,14 +66,18 @@ def ask_local_node(args: argparse.Namespace) -> dict[str, Any]:
     return view
 
 
-def engine_for(config: NodeConfig) -> EngineInfo:
-    engine = find_or_build_engine(config)
+def engine_for(config: NodeConfig, fetch: Callable[[], EngineInfo] | None = None) -> EngineInfo:
+    """The engine to run: found, else installed from `engine_archive`, else fetched from a
+    member (`fetch`, with --engine-from-mesh), else built here."""
+    engine = find_or_build_engine(config, fetch)
     if config.rpc_protocol is not None:
         return dataclasses.replace(engine, rpc_protocol=config.rpc_protocol)
     return engine
 
 
-def find_or_build_engine(config: NodeConfig) -> EngineInfo:
+def find_or_build_engine(
+    config: NodeConfig, fetch: Callable[[], EngineInfo] | None = None
+) -> EngineInfo:
     try:
         return find_engine(config.cache_dir, config.engine_dir)
     except EngineNotFoundError:
@@ -83,6 +88,9 @@ def find_or_build_engine(config: NodeConfig) -> EngineInfo:
             return install_engine(config.engine_archive, config.cache_dir)
         except (EngineArchiveError, OSError) as err:
             raise CommandError(f"cannot install {config.engine_archive}: {err}") from None
+    if fetch is not None:
+        print("llama.cpp not found: fetching it from a member of the mesh...", file=sys.stderr)
+        return fetch()
     print(
         "llama.cpp not found: building the pinned version once (5-15 minutes)...", file=sys.stderr
     )

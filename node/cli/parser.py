@@ -199,6 +199,12 @@ def add_up_command(commands: Any) -> None:
         help="do not ask the router to forward the mesh and data ports (UPnP)",
     )
     up.add_argument(
+        "--engine-from-mesh",
+        action="store_const",
+        const=True,
+        help="with no engine here, take a member's build of this platform instead of building",
+    )
+    up.add_argument(
         "--relay",
         action="store_const",
         const=True,

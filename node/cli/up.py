@@ -5,16 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 import time
+from collections.abc import Callable
 
 import trio
 
+from ...mesh.mesh_store import load_known_peers
 from ...mesh.transport.seam import TransportError
 from ..config import NodeConfig
+from ..engine.archive import EngineArchiveError
 from ..engine.devices import list_devices
-from ..engine.locate import EngineInfo
-from ..mesh_setup import DEFAULT_LISTEN, join_token_from, prepare_mesh
+from ..engine.locate import EngineInfo, detect_backend
+from ..mesh_setup import DEFAULT_LISTEN, MeshPlan, join_token_from, prepare_mesh
 from ..models.default_model import DefaultModelError, default_model_path
 from ..models.model_file import ModelFileError, inspect_model
 from ..models.model_kind import inferred_kind
@@ -62,6 +66,28 @@ def measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> floa
         return measured_gflops(config.cache_dir)
 
 
+def _fetcher(
+    config: NodeConfig, plan: MeshPlan, listen: tuple[str, ...], bootstrap: tuple[str, ...]
+) -> Callable[[], EngineInfo]:
+    def fetch() -> EngineInfo:
+        from ..engine_share import EngineFetchError, fetch_engine_from_mesh
+
+        try:
+            return fetch_engine_from_mesh(
+                plan,
+                listen,
+                bootstrap,
+                config.cache_dir,
+                backend=detect_backend(),
+                wall_clock=time.time,
+                rng=random.Random(),
+            )
+        except (EngineFetchError, EngineArchiveError, TransportError, OSError) as err:
+            raise CommandError(f"cannot fetch the engine from the mesh: {err}") from None
+
+    return fetch
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from ..api.server import ApiBindError
     from ..capacity import describe
@@ -75,10 +101,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (ApiBindError, TransportError) as err:
         raise CommandError(str(err)) from None
     models = models_to_offer(args, config)
-    engine = engine_for(config)
-    _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
     join = join_token_from(args.join, config.data_dir)
     plan = prepare_mesh(config.data_dir, node_name(args), join, time.time())
+    bootstrap = (*plan.bootstrap, *args.peer, *load_known_peers(config.data_dir))
+    engine = engine_for(
+        config, _fetcher(config, plan, listen, bootstrap) if config.engine_from_mesh else None
+    )
+    _log.info("engine %s (RPC %s) from %s", engine.version, engine.rpc_protocol, engine.source)
     if plan.created:
         print(
             f"created a new mesh; this node ({plan.identity.peer_id}) is its admin; "
