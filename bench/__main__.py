@@ -24,6 +24,7 @@ from . import (
     scale_bench,
     serving_bench,
     simnet_bench,
+    speculation_bench,
     transport_bench,
     warm_load_bench,
 )
@@ -39,6 +40,7 @@ SUITES = {
     "scale": scale_bench.run,
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
+    "speculation": speculation_bench.run,
     "transport": transport_bench.run,
     "warm_load": warm_load_bench.run,
 }
@@ -54,6 +56,8 @@ HEADLINE = (
     "chaos_primary_recovery_s",
     "parallel_slots_tokens_ratio",
     "two_replicas_tokens_ratio",
+    "speculative_vs_direct_tokens_ratio",
+    "speculative_free_chat_ratio",
 )
 
 

@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sharedllm.node.config import ConfigError, load_config
-from sharedllm.node.engine.options import ALLOWED, EngineOptionError, check_engine_args
+from sharedllm.node.engine.options import (
+    ALLOWED,
+    SPECULATION,
+    EngineOptionError,
+    check_engine_args,
+)
 
 
 def test_common_tuning_passes_as_given() -> None:
@@ -66,3 +71,13 @@ def test_slots_and_context_are_refused_with_the_setting_that_owns_them() -> None
         check_engine_args(["-np", "2"])
     with pytest.raises(EngineOptionError, match="context_size"):
         check_engine_args(["-c", "8192"])
+
+
+def test_speculation_is_a_setting_of_its_own() -> None:
+    """The node owns --spec-type (its `speculation` setting); a typo in it is a clear error."""
+    with pytest.raises(EngineOptionError, match="speculation"):
+        check_engine_args(["--spec-type", "ngram-mod"])
+    assert load_config(environ={"SHAREDLLM_SPECULATION": "ngram"}).speculation == "ngram"
+    assert SPECULATION["ngram"] == ("--spec-type", "ngram-mod") and SPECULATION["off"] == ()
+    with pytest.raises(ConfigError, match="speculation 'ngrams' is not one of off, ngram"):
+        load_config(environ={"SHAREDLLM_SPECULATION": "ngrams"})

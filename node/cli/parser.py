@@ -199,6 +199,12 @@ def add_up_command(commands: Any) -> None:
         help="do not ask the router to forward the mesh and data ports (UPnP)",
     )
     up.add_argument(
+        "--speculation",
+        choices=("off", "ngram"),
+        help="speculative decoding by this node's engine when it leads: ngram drafts from the "
+        "text so far (default: off)",
+    )
+    up.add_argument(
         "--engine-from-mesh",
         action="store_const",
         const=True,

@@ -25,7 +25,6 @@ _WITH_VALUE = frozenset(
         "--reasoning-format",
         "--reasoning-budget",
         "--chat-template-kwargs",
-        "--spec-type",
         "--draft", "--draft-n", "--draft-max",
         "--draft-min", "--draft-n-min",
         "--spec-ngram-size-n",
@@ -49,6 +48,9 @@ _SET_ELSEWHERE = {
     flag: "parallel_slots (--parallel-slots)"
     for flag in ("-np", "--parallel", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified")
 } | {flag: "context_size (--context-size)" for flag in ("-c", "--ctx-size")}
+_SET_ELSEWHERE["--spec-type"] = "speculation (--speculation)"
+# The node's speculation settings, as llama-server arguments.
+SPECULATION: dict[str, tuple[str, ...]] = {"off": (), "ngram": ("--spec-type", "ngram-mod")}
 MAX_ARGS = 64
 _VALUE = re.compile(r"^[\w.:,{}\"'\[\] =+-]{1,256}$")
 

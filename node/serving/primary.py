@@ -15,6 +15,7 @@ from ...mesh.transport.tunnel import (
 from ...scheduler.llama_args import LlamaSplitArgs, split_args
 from ..engine.devices import gossiped_device_count
 from ..engine.load_report import LoadReport
+from ..engine.options import SPECULATION
 from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..engine.unix_socket import engine_client, unix_endpoint
@@ -107,6 +108,7 @@ class PrimaryRole(ServingParts):
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
+        argv += SPECULATION[self._config.speculation]
         argv += self._config.engine_args  # checked against the allow-list when loaded
         return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
 
