@@ -21,7 +21,7 @@ MAX_ADVERTISED = 8  # addresses per plane in a node's state (its size is bounded
 _BRIDGE_PREFIXES = (
     "docker", "br-", "virbr", "veth", "cni", "flannel", "lxc", "lxd", "podman", "vmnet",
     "vboxnet", "kube", "cali", "weave",
-)
+)  # fmt: skip
 _VPN_PREFIXES = ("tun", "tap", "wg", "tailscale", "utun", "zt", "ppp")
 
 
@@ -105,6 +105,23 @@ def dial_order(
 
     unique = list(dict.fromkeys(candidates))
     return sorted(unique, key=rank)
+
+
+def beyond_this_machine(
+    addresses: Sequence[str], interfaces: Sequence[LocalInterface]
+) -> list[str]:
+    """The multiaddrs to dial a peer at, racing them: its loopback ones and those that are
+    this machine's own addresses only if it has no other. Such an address reaches the peer only
+    when it runs here, where its other addresses reach it too; raced, it dials ourselves."""
+    own = {i.address for i in interfaces}
+
+    def here(address: str) -> bool:
+        host = host_of_multiaddr(address)
+        ip = None if host is None else _ip(host)
+        return ip is not None and (ip.is_loopback or host in own)
+
+    elsewhere = [a for a in addresses if not here(a)]
+    return elsewhere or list(addresses)
 
 
 def host_of_multiaddr(address: str) -> str | None:

@@ -9,7 +9,7 @@ import statistics
 
 import trio
 
-from .addresses import MAX_ADVERTISED, host_of_multiaddr, order_multiaddrs
+from .addresses import MAX_ADVERTISED, beyond_this_machine, host_of_multiaddr, order_multiaddrs
 from .gossip import SignedState
 from .link_stats import PeerLink
 from .probe_records import (
@@ -125,6 +125,7 @@ class Probing(MeshShell):
             self.interfaces(),
             None if link is None or link.address is None else host_of_multiaddr(link.address),
         )
+        addresses = beyond_this_machine(addresses, self.interfaces())
         try:
             if len(addresses) == 1:  # nothing to race (the simulator's nodes have one)
                 address = addresses[0]
@@ -144,6 +145,8 @@ class Probing(MeshShell):
         with trio.move_on_after(self.timing.exchange_timeout_s):
             found = await self.transport.connect(address)
             if found != peer:
+                if found not in self.admitted:
+                    await self.transport.disconnect(found)  # not whom we meant to reach
                 raise TransportError(f"{address} is {found}, not {peer}")
             return _Dialed()
         raise TransportError(f"no answer at {address}")

@@ -15,6 +15,7 @@ from sharedllm.mesh.addresses import (
     MAX_ADVERTISED,
     LocalInterface,
     advertised_hosts,
+    beyond_this_machine,
     dial_order,
     only_this_machine,
     order_multiaddrs,
@@ -165,3 +166,22 @@ async def test_a_refusal_starts_the_next_attempt_at_once_and_all_failing_says_wh
     assert trio.current_time() == started  # no stagger waited after a refusal
     with pytest.raises(TransportError, match="no address"):
         await first_to_connect([], attempt, 0.25)
+
+
+def test_a_peer_elsewhere_is_never_raced_at_this_machine_s_own_addresses() -> None:
+    """Racing a peer's loopback address (or one of ours) dials ourselves; such addresses are
+    dialed only when the peer has no other (all nodes on one machine)."""
+    peer = "/p2p/12D3KooWpeer"
+    elsewhere = [f"/ip4/192.168.1.30/tcp/9338{peer}", f"/ip4/10.9.0.1/tcp/9338{peer}"]
+    here = [f"/ip4/127.0.0.1/tcp/9338{peer}", f"/ip4/192.168.1.20/tcp/9338{peer}"]
+    assert beyond_this_machine([*elsewhere, *here], LAPTOP) == elsewhere
+    assert beyond_this_machine(here, LAPTOP) == here
+    relayed = f"/ip4/198.51.100.7/tcp/9338/p2p/12D3KooWrelay/p2p-circuit{peer}"
+    assert beyond_this_machine([here[0], relayed], LAPTOP) == [relayed]
+
+
+@given(st.lists(st.sampled_from(["127.0.0.1", "192.168.1.20", "10.1.1.1", "8.8.8.8"]), max_size=6))
+def test_there_is_always_something_to_dial_when_there_was(hosts: list[str]) -> None:
+    addresses = [f"/ip4/{h}/tcp/1/p2p/x" for h in hosts]
+    kept = beyond_this_machine(addresses, LAPTOP)
+    assert bool(kept) == bool(addresses) and set(kept) <= set(addresses)
