@@ -55,6 +55,15 @@ MAX_STREAMS_PER_PEER = 512
 _HANDSHAKE_TIMEOUT_S = 10.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_REMEMBERED_PEERS = 1024  # which address reached a peer, for so many peers
+# What a client that fails to authenticate raises (a socket error too, on a direct connection).
+_REFUSALS = (
+    trio.TooSlowError,
+    TransportError,
+    FrameError,
+    RecordError,
+    MembershipError,
+    ValueError,
+)
 CARRIED = "/sharedllm/data-carried/1"  # a data stream carried over the control plane
 DIRECT_BUDGET_S = 4.0  # how long direct addresses get before a stream is carried instead
 CARRIED_RETRY_DIRECT_S = 60.0  # a peer reached only carried is tried directly again after this
@@ -173,14 +182,7 @@ class DataPlane:
                 peer, protocol = await self._authenticate_client(carried)
             if peer != carried.remote_peer:
                 raise MembershipError(f"{carried.remote_peer} spoke for {peer}")
-        except (
-            trio.TooSlowError,
-            TransportError,
-            FrameError,
-            RecordError,
-            MembershipError,
-            ValueError,
-        ) as err:
+        except _REFUSALS as err:
             self.refused_handshakes += 1
             self.faults.log.emit("refused-data", "refused a carried data stream: %s", err)
             return
@@ -234,15 +236,7 @@ class DataPlane:
                 peer, protocol = await self._authenticate_client(
                     DataStream(tls, "(unauthenticated)")
                 )
-        except (
-            trio.TooSlowError,
-            OSError,
-            TransportError,
-            FrameError,
-            RecordError,
-            MembershipError,
-            ValueError,
-        ) as err:
+        except (*_REFUSALS, OSError) as err:
             self.refused_handshakes += 1
             if handshaken:
                 self.failures.failed(source, trio.current_time())
