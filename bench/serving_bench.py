@@ -195,17 +195,7 @@ def _run_split(
                 _started(_llama_server(engine, model, port, []), work / "single.log")
             )
             urls["single"] = f"http://127.0.0.1:{port}"
-            rpc = [free_loopback_port() for _ in counts[1:]]
-            for index, rpc_port in enumerate(rpc):
-                argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
-                stack.enter_context(_started(argv, work / f"rpc{index}.log"))
-            time.sleep(0.5)
-            port = free_loopback_port()
-            split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc], counts), *THREADS]
-            stack.enter_context(
-                _started(_llama_server(engine, model, port, split), work / "direct.log")
-            )
-            urls["direct"] = f"http://127.0.0.1:{port}"
+            urls["direct"] = start_direct_split(stack, work, engine, model, counts)
             caps = [cap_bytes(profile, n, index == 0, CONTEXT) for index, n in enumerate(counts)]
             urls.update(_start_mesh(stack, work, caps))
             for url in urls.values():
@@ -213,6 +203,22 @@ def _run_split(
             return {"split": list(counts), **_measure(urls, model_id, counts)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def start_direct_split(
+    stack: ExitStack, work: Path, engine: EngineInfo, model: Path, counts: tuple[int, ...]
+) -> str:
+    """Plain llama.cpp RPC: one rpc-server per worker's layers, and llama-server driving them
+    with the same split; its URL."""
+    rpc = [free_loopback_port() for _ in counts[1:]]
+    for index, rpc_port in enumerate(rpc):
+        argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
+        stack.enter_context(_started(argv, work / f"rpc{index}.log"))
+    time.sleep(0.5)
+    port = free_loopback_port()
+    split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc], counts), *THREADS]
+    stack.enter_context(_started(_llama_server(engine, model, port, split), work / "direct.log"))
+    return f"http://127.0.0.1:{port}"
 
 
 def _start_mesh(stack: ExitStack, work: Path, caps: list[int]) -> dict[str, str]:

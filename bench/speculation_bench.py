@@ -35,12 +35,11 @@ from .serving_bench import (
     _ENV,
     CONTEXT,
     THREADS,
-    _direct_split_args,
-    _llama_server,
     _node,
     _started,
     _wait_http,
     cap_bytes,
+    start_direct_split,
 )
 
 ROUNDS = 3
@@ -125,17 +124,8 @@ def run() -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="sharedllm-spec-"))
     try:
         with ExitStack() as stack:
-            rpc = [free_loopback_port() for _ in COUNTS[1:]]
-            for index, port in enumerate(rpc):
-                argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(port), "-t", "1"]
-                stack.enter_context(_started(argv, work / f"rpc{index}.log"))
-            time.sleep(0.5)
-            port = free_loopback_port()
-            split = [*_direct_split_args([f"127.0.0.1:{p}" for p in rpc], COUNTS), *THREADS]
-            stack.enter_context(
-                _started(_llama_server(engine, model, port, split), work / "direct.log")
-            )
-            urls = {"direct": (f"http://127.0.0.1:{port}", "gemma")}
+            direct = start_direct_split(stack, work, engine, model, COUNTS)
+            urls = {"direct": (direct, "gemma")}
             caps = [cap_bytes(profile, n, i == 0, CONTEXT) for i, n in enumerate(COUNTS)]
             for speculation in ("off", "ngram"):
                 url = _mesh(stack, work, caps, speculation)
