@@ -39,6 +39,7 @@ from .seam import TransportError
 
 _log = logging.getLogger("sharedllm.mesh.relay")
 RELAYS_USED = 2  # a member behind a NAT keeps reservations at this many relay members
+REMEMBERED_RELAYED = 4096  # peers remembered as once relayed (to call a later direct one punched)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class MeshRelay:
         self.is_member: Callable[[str], bool] = lambda peer: False  # set once the mesh runs
         self.refused_hops = 0  # relay and hole-punch streams from peers not admitted
         self.reserved: dict[str, str] = {}  # relay peer -> our address through it
-        self._was_relayed: set[str] = set()  # peers once reached only through a relay
+        self._was_relayed: dict[str, None] = {}  # peers once reached only through a relay
         self._nursery: trio.Nursery | None = None
 
     async def _members_only_hop(self, stream: Any) -> None:
@@ -210,7 +211,9 @@ class MeshRelay:
         conns = self._connections_to(peer)
         direct = [c for c in conns if not _is_relayed(c)]
         if conns and not direct:
-            self._was_relayed.add(peer)
+            self._was_relayed[peer] = None
+            while len(self._was_relayed) > REMEMBERED_RELAYED:
+                del self._was_relayed[next(iter(self._was_relayed))]
             return "relayed", _remote_address(conns[0])
         if not direct:
             return "none", None
@@ -225,9 +228,6 @@ class MeshRelay:
         except Exception:  # noqa: BLE001 - not a peer id, or no connection
             return []
         return list(conns or [])
-
-    def forget(self, peer: str) -> None:
-        self._was_relayed.discard(peer)
 
 
 def _is_relayed(conn: Any) -> bool:
