@@ -15,6 +15,7 @@ from libp2p.relay.circuit_v2 import DCUTR_PROTOCOL_ID
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
+from sharedllm.mesh.transport import libp2p_relay
 from sharedllm.mesh.transport.data_plane import CARRIED, DataPlane, echo_handler
 from sharedllm.mesh.transport.libp2p_adapter import Libp2pTransport, open_libp2p_transport
 from sharedllm.mesh.transport.libp2p_relay import RelayOptions, _PacedStream
@@ -199,3 +200,20 @@ async def test_a_stranger_cannot_make_a_node_dial_for_a_hole_punch() -> None:
             while node.relay.refused_hops < 1:
                 await trio.sleep(0.05)
         assert node.path_to(stranger.local_peer_id)[0] == "direct"  # no new connection made
+
+
+class _RelayedConn:
+    def get_transport_addresses(self) -> list[str]:
+        return ["/p2p/12D3KooWrelay/p2p-circuit/p2p/12D3KooWpeer"]
+
+
+async def test_the_peers_remembered_as_once_relayed_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(libp2p_relay, "REMEMBERED_RELAYED", 8)
+    async with open_libp2p_transport(NodeIdentity.from_seed(b"\x60" * 32), _LISTEN) as node:
+        monkeypatch.setattr(node.relay, "_connections_to", lambda peer: [_RelayedConn()])
+        for index in range(50):
+            assert node.path_to(f"peer-{index}")[0] == "relayed"
+        assert len(node.relay._was_relayed) == 8
+        assert "peer-49" in node.relay._was_relayed and "peer-0" not in node.relay._was_relayed
