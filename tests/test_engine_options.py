@@ -81,3 +81,11 @@ def test_speculation_is_a_setting_of_its_own() -> None:
     assert SPECULATION["ngram"] == ("--spec-type", "ngram-mod") and SPECULATION["off"] == ()
     with pytest.raises(ConfigError, match="speculation 'ngrams' is not one of off, ngram"):
         load_config(environ={"SHAREDLLM_SPECULATION": "ngrams"})
+
+
+def test_speculation_tuning_passes_and_flags_the_engine_removed_do_not() -> None:
+    tuning = ["--spec-draft-n-max", "8", "--spec-ngram-mod-n-match", "16"]
+    assert check_engine_args(tuning) == tuple(tuning)
+    for removed in (["--draft-max", "8"], ["--draft-min", "1"], ["--spec-ngram-size-n", "3"]):
+        with pytest.raises(EngineOptionError):
+            check_engine_args(removed)

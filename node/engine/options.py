@@ -1,7 +1,8 @@
 """Engine options a user may set for their model's llama-server, checked against an allow-list.
 
-Users of llama-server tune flash attention, KV cache types, reasoning output,
+Users of llama-server tune flash attention, KV cache types, reasoning output, the drafts of
 speculative decoding and default sampling; those pass through (`engine_args` in the config).
+Whether the engine speculates at all is the node's `speculation` setting.
 Anything that decides where the engine listens, what it loads or how it reaches its workers
 (`--host`, `--port`, `--model`, `--rpc`, `--n-gpu-layers`, `--tensor-split`, ...) belongs to the
 node, and so do parallel slots and the context, which the planner books as memory; any flag
@@ -25,9 +26,10 @@ _WITH_VALUE = frozenset(
         "--reasoning-format",
         "--reasoning-budget",
         "--chat-template-kwargs",
-        "--draft", "--draft-n", "--draft-max",
-        "--draft-min", "--draft-n-min",
-        "--spec-ngram-size-n",
+        # tuning of the node's `speculation` (the pinned llama.cpp removed --draft-* and
+        # --spec-ngram-size-*: llama-server would not start with them)
+        "--spec-draft-n-max", "--spec-draft-n-min",
+        "--spec-ngram-mod-n-min", "--spec-ngram-mod-n-max", "--spec-ngram-mod-n-match",
         "--temp", "--temperature",
         "--top-k",
         "--top-p",
