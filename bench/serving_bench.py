@@ -221,6 +221,21 @@ def start_direct_split(
     return f"http://127.0.0.1:{port}"
 
 
+def invite_when_running(command: str, founder: Path, uses: int) -> str:
+    """An invite from the founder node, once it runs (it can invite only then)."""
+    deadline = time.monotonic() + 120
+    while True:
+        invite = subprocess.run(
+            [command, "invite", "--data-dir", str(founder), "--uses", str(uses)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if invite.returncode == 0 or time.monotonic() > deadline:
+            return invite.stdout.strip()
+        time.sleep(0.5)
+
+
 def _start_mesh(stack: ExitStack, work: Path, caps: list[int]) -> dict[str, str]:
     """The founder holds the model and leads; each joiner's cap fixes its share of layers."""
     command = str(Path(sys.executable).parent / "sharedllm-node")
@@ -228,18 +243,7 @@ def _start_mesh(stack: ExitStack, work: Path, caps: list[int]) -> dict[str, str]
     founder = work / "a"
     argv = _node(command, founder, ports[0], "--max-memory", str(caps[0]), *THREADS)
     stack.enter_context(_started(argv, work / "a.log"))
-    deadline = time.monotonic() + 120
-    while True:
-        invite = subprocess.run(
-            [command, "invite", "--data-dir", str(founder), "--uses", str(len(caps) - 1)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if invite.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    token = invite.stdout.strip()
+    token = invite_when_running(command, founder, len(caps) - 1)
     for index in range(1, len(caps)):
         argv = _node(command, work / f"n{index}", ports[index], "--join", token)
         argv += ["--max-memory", str(caps[index]), *THREADS]

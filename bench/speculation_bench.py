@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from .serving_bench import (
     _started,
     _wait_http,
     cap_bytes,
+    invite_when_running,
     start_direct_split,
 )
 
@@ -83,18 +83,8 @@ def _mesh(stack: ExitStack, work: Path, caps: list[int], speculation: str) -> st
     founder = work / f"{speculation}-a"
     argv = _node(command, founder, ports[0], "--max-memory", str(caps[0]), *THREADS)
     stack.enter_context(_started(argv, work / f"{speculation}-a.log", env))
-    deadline = time.monotonic() + 120
-    while True:
-        done = subprocess.run(
-            [command, "invite", "--data-dir", str(founder)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    argv = _node(command, work / f"{speculation}-b", ports[1], "--join", done.stdout.strip())
+    token = invite_when_running(command, founder, 1)
+    argv = _node(command, work / f"{speculation}-b", ports[1], "--join", token)
     argv += ["--max-memory", str(caps[1]), *THREADS]
     stack.enter_context(_started(argv, work / f"{speculation}-b.log", env))
     return f"http://127.0.0.1:{ports[0]}"
