@@ -113,7 +113,8 @@ async def _run_node(
         )
         serving: MeshServing | None = None
 
-        offer = engine_offer(engine, detect_backend())
+        backend = detect_backend()
+        offer = engine_offer(engine, backend)
 
         def describe_self() -> dict[str, Any]:
             fields = {} if serving is None else serving.gossip_fields()
@@ -146,7 +147,7 @@ async def _run_node(
         data_plane.carrier = carry
         transport.serve(CARRIED, contained("control", CARRIED, data_plane.serve_carried, faults))
         if offer:
-            data_plane.serve(ENGINE, EngineShare(config.cache_dir, detect_backend()).serve)
+            data_plane.serve(ENGINE, EngineShare(config.cache_dir, backend).serve)
         serving = MeshServing(
             service=service,
             data_plane=data_plane,
