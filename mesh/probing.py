@@ -114,8 +114,9 @@ class Probing(MeshShell):
         return await self._connect_to(peer)
 
     async def _connect_to(self, peer: str) -> bool:
-        """Dials a member we know of by its gossiped addresses, in dial order (the one that
-        worked last first; each given a few seconds), and proves membership."""
+        """Dials a member we know of by its gossiped addresses, raced in dial order (the one
+        that worked last first, the next after a short stagger or a failure), and proves
+        membership."""
         state = self.store.states.get(peer)
         content = None if state is None else self.content_of(state)
         gossiped = [] if content is None else content.get("addrs", [])
