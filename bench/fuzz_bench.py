@@ -44,7 +44,8 @@ from sharedllm.mesh.revocation_sync import RevocationBatch, RevokedIds
 from sharedllm.mesh.swim import Liveness, Rumor
 from sharedllm.mesh.transport.framing import FrameError, receive_frame
 from sharedllm.mesh.transport.seam import TransportError
-from sharedllm.mesh.transport.tunnel import Packer, TunnelRequest, Unpacker
+from sharedllm.mesh.transport.tunnel import TunnelRequest
+from sharedllm.mesh.transport.tunnel_codec import Packer, Unpacker
 from sharedllm.node.weights.share_wire import (
     WeightRequest,
     WeightShareError,

@@ -24,8 +24,10 @@ from sharedllm.mesh.transport.tunnel import (
     TUNNEL,
     TunnelListener,
     TunnelRequest,
-    TunnelStats,
     serve_tunnel,
+)
+from sharedllm.mesh.transport.tunnel_stats import (
+    TunnelStats,
 )
 
 PINGS = 400

@@ -54,8 +54,9 @@ class HelloDesk:
         if source is not None:
             self.limiter.failed(source, now)
 
-    def answer(self, hello: bytes, peer: str, source: str | None, now: float, wall_now: float
-               ) -> HelloAnswer:
+    def answer(
+        self, hello: bytes, peer: str, source: str | None, now: float, wall_now: float
+    ) -> HelloAnswer:
         """Our answer to a peer's hello: our proof (and an admission for a joiner) if its
         proof holds, else the revocation that names it, or nothing."""
         try:

@@ -116,9 +116,11 @@ class AntiEntropy(MeshShell):
 
     def revocations_differ(self, peer: str) -> bool:
         """Whether `peer` gossips a revocation set other than ours."""
-        return peer in self._known and self._known[peer].get(
-            "revoked", self._revocation_summary()
-        ) != self._revocation_summary()
+        return (
+            peer in self._known
+            and self._known[peer].get("revoked", self._revocation_summary())
+            != self._revocation_summary()
+        )
 
     async def _serve_revocations(self, stream: MeshStream) -> None:
         theirs = RevokedIds.decode(await self._receive(stream, self.timing.exchange_timeout_s))

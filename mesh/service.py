@@ -47,7 +47,6 @@ _log = logging.getLogger("sharedllm.mesh")
 _GONE = (Liveness.DEAD, Liveness.LEFT)
 
 
-
 @dataclass
 class MeshService(Hello, OwnState, AntiEntropy, Probing):
     transport: Transport

@@ -118,4 +118,3 @@ class MeshShell(Protocol):
                 return False
             return result is not False
         return False
-

@@ -76,6 +76,9 @@ class NodeConfig:
     # Ask the router to forward the mesh and data ports by UPnP, and advertise its public
     # address (only when the node listens on a network, not on loopback alone).
     upnp: bool = True
+    # Copy split models' rpc tunnels in C (native_relay.c, built on first start) rather than
+    # in Python; off, or where it cannot be built, they take the Python path.
+    native_relay: bool = True
     context_size: int = 4096
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
@@ -144,6 +147,7 @@ _SETTING_TYPES: dict[str, type] = {
     "mdns": bool,
     "relay": bool,
     "upnp": bool,
+    "native_relay": bool,
     "context_size": int,
     "parallel_slots": int,
     "speculation": str,

@@ -48,6 +48,7 @@ from .api.server import listen_api, serve_api
 from .config import NodeConfig
 from .daemon_files import clear_running, record_running
 from .engine.locate import EngineInfo, detect_backend
+from .engine.native_build import load_native_relay
 from .engine_share import ENGINE, EngineShare, engine_offer
 from .mesh_setup import MeshPlan, make_invite
 from .network_paths import (
@@ -155,6 +156,7 @@ async def _run_node(
             config=config,
             local_models=models,
             client=client,
+            native_relay=await load_native_relay(config.cache_dir, config.native_relay),
         )
         revocation_files: set[str] = set()  # read already: the keeper reads only new ones
         for revocation in load_revocations(mesh.data_dir, revocation_files):

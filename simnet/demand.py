@@ -103,7 +103,10 @@ class _Client:
     node: SimNode
     reader: GossipReader = field(default_factory=GossipReader)
     due: list[tuple[float, int]] = field(default_factory=list)  # (end, token) heap
-    owed: dict[str, float] = field(default_factory=dict)  # fractional requests not yet sent
+    # Fractional requests not yet sent, per model, from `head_start` (clients start out of
+    # step, so that a light demand arrives spread out rather than from every client at once)
+    owed: dict[str, float] = field(default_factory=dict)
+    head_start: float = 0.0
 
 
 @dataclass
@@ -130,7 +133,7 @@ class DemandRun:
             serving = self._serving_view(client)
             for index, model in enumerate(self.catalog):
                 rate = demand_at(index, since) / REQUEST_S / len(self.clients)
-                owed = client.owed.get(model.model_id, 0.0) + rate * TICK_S
+                owed = client.owed.get(model.model_id, client.head_start) + rate * TICK_S
                 while owed >= 1.0:
                     owed -= 1.0
                     self._send_one(client, serving.get(model.model_id, []), now)
@@ -167,14 +170,21 @@ class DemandRun:
         self.routed += 1
 
     def _really_serves(self, replica: _Replica) -> bool:
-        """Whether the replica's primary, as it is now, runs that placement and serves it."""
-        _, epoch, primary = replica.key
+        """Whether the replica's primary, as it is now, serves the request: it runs that
+        placement and serves it, or (as a real primary's API tunnels do for a sender whose
+        view is behind) leads a newer serving placement of the model."""
+        model_id, epoch, primary = replica.key
         node = self.by_id.get(primary)
         if node is None or not node.alive:
             return False
         elector = node.elector
         own = (elector.claims.get(replica.unit), elector.handing_over.get(replica.unit))
-        return any(c is not None and c.epoch == epoch and c.serving for c in own)
+        if any(c is not None and c.epoch == epoch and c.serving for c in own):
+            return True
+        return any(
+            c.model_id == model_id and c.epoch > epoch and c.serving and c.primary == primary
+            for c in elector.claims.values()
+        )
 
     def check(self) -> None:
         violations = self.report.invariant_violations
@@ -214,7 +224,8 @@ def start_demand_mesh(sim: Simulation, count: int, report: Report) -> DemandRun:
         node = sim.add_node(ram_bytes=ram_of(index), offers=offers[index])
         sim.start(node, [rng.choice(sim.nodes[:-1])] if index else [])
     entry_nodes = [n for n in sim.nodes if not n.offers][-max(2, count // 20) :]
-    run = DemandRun(sim, catalog, [_Client(n) for n in entry_nodes], report)
+    clients = [_Client(n, head_start=i / len(entry_nodes)) for i, n in enumerate(entry_nodes)]
+    run = DemandRun(sim, catalog, clients, report)
     run.holders = {m.model_id: sum(m in o for o in offers) for m in catalog}
     run.by_id = {n.peer_id: n for n in sim.nodes}
     return run

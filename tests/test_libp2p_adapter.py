@@ -26,9 +26,10 @@ async def test_open_stream_never_dials_a_peer_that_is_not_connected() -> None:
     why it was refused."""
     one, two = NodeIdentity.from_seed(b"1" * 32), NodeIdentity.from_seed(b"2" * 32)
     listen = ["/ip4/127.0.0.1/tcp/0"]
-    async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
-        two, listen
-    ) as second:
+    async with (
+        open_libp2p_transport(one, listen) as first,
+        open_libp2p_transport(two, listen) as second,
+    ):
         second.serve(_ECHO, _echo)
         address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
         peer = await first.connect(address)
@@ -50,9 +51,10 @@ async def test_libp2p_never_dials_a_known_peer_on_its_own() -> None:
     revoked us drops every stream on it while we take it for the admitted one."""
     one, two = NodeIdentity.from_seed(b"3" * 32), NodeIdentity.from_seed(b"4" * 32)
     listen = ["/ip4/127.0.0.1/tcp/0"]
-    async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
-        two, listen
-    ) as second:
+    async with (
+        open_libp2p_transport(one, listen) as first,
+        open_libp2p_transport(two, listen) as second,
+    ):
         address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
         swarm = first._host.get_network()
         info = info_from_p2p_addr(multiaddr.Multiaddr(address))
@@ -71,9 +73,10 @@ async def test_connect_dials_the_address_given_not_others_the_peerstore_knows() 
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         decoy = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{silent.getsockname()[1]}")
-        async with open_libp2p_transport(one, listen) as first, open_libp2p_transport(
-            two, listen
-        ) as second:
+        async with (
+            open_libp2p_transport(one, listen) as first,
+            open_libp2p_transport(two, listen) as second,
+        ):
             address = next(a for a in second.listen_addrs() if "/127.0.0.1/" in a)
             info = info_from_p2p_addr(multiaddr.Multiaddr(address))
             first._host.get_network().peerstore.add_addrs(info.peer_id, [decoy], 3600)

@@ -194,10 +194,10 @@ def test_a_member_that_is_not_the_primary_cannot_open_a_tunnel(mesh: list[Runnin
             return await plane.open_stream(c_view["peer_id"], host, port, TUNNEL)
 
         try:
-            stream = await open_tunnel(opener, TunnelRequest("rpc", GEMMA_ID, epoch))
+            opened = await open_tunnel(opener, TunnelRequest("rpc", GEMMA_ID, epoch))
         except TunnelRefused as err:
             return str(err)
-        await stream.aclose()
+        await opened.stream.aclose()
         return "accepted"
 
     started = time.monotonic()

@@ -16,18 +16,22 @@ from hypothesis import strategies as st
 from sharedllm.mesh.transport.framing import FrameError
 from sharedllm.mesh.transport.seam import TransportError
 from sharedllm.mesh.transport.tunnel import (
+    TunnelListener,
+    TunnelRefused,
+    TunnelRequest,
+    open_tunnel,
+    serve_tunnel,
+)
+from sharedllm.mesh.transport.tunnel_codec import (
     MAX_CHUNK,
     MAX_WIRE_CHUNK,
     ChunkDecoder,
     Packer,
-    TunnelListener,
-    TunnelRefused,
-    TunnelRequest,
-    TunnelStats,
     Unpacker,
     encode_chunk,
-    open_tunnel,
-    serve_tunnel,
+)
+from sharedllm.mesh.transport.tunnel_stats import (
+    TunnelStats,
 )
 
 

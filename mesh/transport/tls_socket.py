@@ -44,6 +44,13 @@ class TlsSocket(trio.abc.AsyncResource):
     async def do_handshake(self) -> None:
         await self._until_done(self._sock.do_handshake)
 
+    async def unwrap(self) -> socket.socket:
+        """Ends TLS cleanly (close_notify both ways) and gives back the TCP socket, still open
+        and non-blocking, positioned just after the peer's last TLS record."""
+        plain = await self._until_done(self._sock.unwrap)
+        assert isinstance(plain, socket.socket)
+        return plain
+
     def peer_certificate(self) -> bytes | None:
         """The peer's certificate, DER-encoded (after the handshake)."""
         return self._sock.getpeercert(binary_form=True)
@@ -116,6 +123,14 @@ class DataStream:
             return await self._stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
             raise TransportError(f"data stream from {self._peer} broke: {err}") from None
+
+    async def detach(self) -> socket.socket:
+        """Ends TLS on this stream (both ends must) and gives its TCP socket to the caller,
+        who then owns it; raises TransportError if the peer does not end TLS too."""
+        try:
+            return await self._stream.unwrap()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as err:
+            raise TransportError(f"data stream to {self._peer} did not end TLS: {err}") from None
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self._stream)

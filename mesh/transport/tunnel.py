@@ -5,16 +5,12 @@ model's primary, through a loopback listener whose connections become data-plane
 far side the stream is connected to a loopback service (the rpc-server, the llama-server), so no
 engine port is ever reachable from the network.
 
-On the stream, after the opening request, each direction is a sequence of chunks, each a 4-byte
-length then that many bytes; a zero-length chunk is that direction's end (TCP half-close), which
-TLS streams cannot signal themselves. A broken side closes the other at once.
-
-Each direction is one zstd stream, flushed at every chunk: llama.cpp's RPC resends nearly the
-same compute graph for every token, which the window of earlier chunks turns into a few bytes.
-That cuts the bytes that TLS and the link carry per token many times over. Large chunks that do
-not compress (weights at load) go as they are; a first byte says which a chunk is. A chunk may
-expand to at most `MAX_CHUNK` bytes (what one local read gives the sender), so no peer can make
-us inflate more than that per chunk.
+An rpc tunnel on a direct data-plane stream, where both ends have the native relay, is copied by
+it (native_relay.py): no Python per message, no compression (since GRAPH_RECOMPUTE a token's
+messages are small and do not repeat). Any other tunnel goes the Python path: after the opening
+request, each direction is a sequence of chunks, each a 4-byte length then that many bytes,
+zstd-packed (tunnel_codec.py); a zero-length chunk is that direction's end (TCP half-close),
+which TLS streams cannot signal themselves. A broken side closes the other at once.
 """
 
 from __future__ import annotations
@@ -22,24 +18,39 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
-from typing import IO, cast
+from dataclasses import dataclass, replace
 
 import trio
-import zstandard
 
 from .. import records
 from ..records import RecordError
 from .framing import FrameError, receive_frame, send_frame
 from .loopback_owner import kernel_can_tell, opened_by
+from .native_relay import (
+    SECRET_BYTES,
+    NativeRelay,
+    NativeRelayError,
+    RelayCounters,
+    TunnelKeys,
+    new_secret,
+)
 from .seam import MeshStream, TransportError
+from .tls_socket import DataStream
+from .tunnel_codec import (
+    HEADER,
+    MAX_CHUNK,
+    MAX_WIRE_CHUNK,
+    ChunkDecoder,
+    Packer,
+    Unpacker,
+    encode_chunk,
+)
+from .tunnel_stats import TunnelStats
 
-TUNNEL = "/sharedllm/tunnel/2"
-MAX_CHUNK = 256 * 1024  # bytes of one local read, and the most a wire chunk may inflate to
-# A compressed chunk of data that does not compress is a little larger than the data itself.
-MAX_WIRE_CHUNK = MAX_CHUNK + MAX_CHUNK // 64
-_HEADER = 4
+TUNNEL = "/sharedllm/tunnel/3"
+_NATIVE_OK = b"ok-native:"  # then the answerer's secret: the rest goes through the native relay
 _OPEN_TIMEOUT_S = 10.0
+_CLOSE_S = 2.0
 _log = logging.getLogger("sharedllm.mesh.tunnel")
 
 
@@ -49,149 +60,44 @@ class TunnelRefused(Exception):
 
 @dataclass(frozen=True)
 class TunnelRequest:
-    """What a tunnel stream asks for: a service ("rpc" or "api") of a model's placement epoch."""
+    """What a tunnel stream asks for: a service ("rpc" or "api") of a model's placement epoch;
+    `native_offer`, if not empty, the opener's secret for a native relay (native_relay.py)."""
 
     service: str
     model_id: str
     epoch: int
+    native_offer: bytes = b""
 
     def encode(self) -> bytes:
-        return records.encode("tunnel-open", [self.service, self.model_id, self.epoch])
+        fields = [self.service, self.model_id, self.epoch, self.native_offer]
+        return records.encode("tunnel-open", fields)
 
     @staticmethod
     def decode(data: bytes) -> TunnelRequest:
-        service, model_id, epoch = records.decode(data, "tunnel-open", [str, str, int])
-        return TunnelRequest(service, model_id, epoch)
+        fields = records.decode(data, "tunnel-open", [str, str, int, bytes])
+        service, model_id, epoch, offer = fields
+        if len(offer) not in (0, SECRET_BYTES):
+            raise RecordError(f"a native relay offer must be {SECRET_BYTES} bytes")
+        return TunnelRequest(service, model_id, epoch, offer)
 
 
-@dataclass
-class TunnelStats:
-    """Bytes each way (as the services sent them, and compressed on the wire), and round trips:
-    how often the traffic turned from out to back."""
+@dataclass(frozen=True)
+class OpenedTunnel:
+    """A connected tunnel stream, and its relay keys when both ends relay it natively."""
 
-    bytes_out: int = 0
-    bytes_back: int = 0
-    wire_out: int = 0
-    wire_back: int = 0
-    round_trips: int = 0
-    connections: int = 0
-    refused_local: int = 0  # loopback connections from processes other than the engine's
-    _last_direction: int = field(default=0, repr=False)
-
-    def count(self, direction: int, size: int, wire: int) -> None:
-        if direction > 0:
-            self.bytes_out += size
-            self.wire_out += wire
-        else:
-            self.bytes_back += size
-            self.wire_back += wire
-            if self._last_direction > 0:
-                self.round_trips += 1
-        self._last_direction = direction
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "bytes_out": self.bytes_out,
-            "bytes_back": self.bytes_back,
-            "wire_out": self.wire_out,
-            "wire_back": self.wire_back,
-            "round_trips": self.round_trips,
-            "connections": self.connections,
-            "refused_local": self.refused_local,
-        }
+    stream: MeshStream
+    native_keys: TunnelKeys | None = None
 
 
-_RAW, _ZSTD = b"\x00", b"\x01"  # the first byte of every wire chunk says which it is
-_SAMPLE = 4096
-_POOR_RATIO = 0.9
-
-
-class Packer:
-    """One direction's zstd stream, flushed per chunk so the far side can act on it at once.
-
-    A large chunk whose sample does not compress (weights at load, mostly) goes as it is, so
-    loads do not pay for compressing what cannot shrink; the stream carries on with the rest.
-    """
-
-    def __init__(self) -> None:
-        self._stream = zstandard.ZstdCompressor(level=1).compressobj()
-        self._probe = zstandard.ZstdCompressor(level=1)
-
-    def pack(self, data: bytes) -> bytes:
-        if len(data) > 2 * _SAMPLE:
-            middle = len(data) // 2
-            sample = data[middle : middle + _SAMPLE]
-            if len(self._probe.compress(sample)) > _POOR_RATIO * _SAMPLE:
-                return _RAW + data
-        compressed = self._stream.compress(data)
-        return _ZSTD + compressed + self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-
-
-class Unpacker:
-    """The far end of a `Packer`: each chunk inflates to at most `MAX_CHUNK` bytes."""
-
-    def __init__(self) -> None:
-        self._out = bytearray()
-        sink = cast(IO[bytes], self)  # the decompressor only calls write()
-        # Output space for a whole chunk: with less, the rest of a chunk would wait inside the
-        # decompressor for the next chunk's input.
-        self._stream = zstandard.ZstdDecompressor().stream_writer(
-            sink, write_size=2 * MAX_CHUNK, write_return_read=True
-        )
-
-    def write(self, data: bytes) -> int:
-        """The decompressor's sink (not for callers)."""
-        if len(self._out) + len(data) > MAX_CHUNK:
-            raise FrameError(f"a tunnel chunk inflates to over {MAX_CHUNK} bytes")
-        self._out += data
-        return len(data)
-
-    def unpack(self, data: bytes) -> bytes:
-        kind, payload = data[:1], data[1:]
-        if kind == _RAW and len(payload) <= MAX_CHUNK:
-            return payload
-        if kind != _ZSTD:
-            raise FrameError("a tunnel chunk is neither plain nor compressed, or is too large")
-        self._out = bytearray()
-        try:
-            self._stream.write(payload)
-        except zstandard.ZstdError as err:
-            raise FrameError(f"a tunnel chunk does not decompress: {err}") from None
-        return bytes(self._out)
-
-
-class ChunkDecoder:
-    """Splits a byte stream into tunnel chunks (sans-I/O); `None` in the output marks the end."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.ended = False
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        if self.ended and data:
-            raise FrameError("data after the end of a tunnel direction")
-        self._buffer += data
-        found: list[bytes | None] = []
-        while len(self._buffer) >= _HEADER and not self.ended:
-            size = int.from_bytes(self._buffer[:_HEADER], "big")
-            if size > MAX_WIRE_CHUNK:
-                raise FrameError(f"tunnel chunk of {size} bytes is over {MAX_WIRE_CHUNK}")
-            if len(self._buffer) < _HEADER + size:
-                break
-            chunk = bytes(self._buffer[_HEADER : _HEADER + size])
-            del self._buffer[: _HEADER + size]
-            if size == 0:
-                self.ended = True
-                found.append(None)
-                if self._buffer:
-                    raise FrameError("data after the end of a tunnel direction")
-            else:
-                found.append(chunk)
-        return found
-
-
-def encode_chunk(data: bytes) -> bytes:
-    return len(data).to_bytes(_HEADER, "big") + data
+def _can_relay(native: NativeRelay | None, stream: MeshStream, service: str) -> bool:
+    """Whether this tunnel may go native here: an rpc tunnel (the per-token path) on a direct
+    TLS stream (not one carried over the control connection), with a relay thread free."""
+    return (
+        native is not None
+        and isinstance(stream, DataStream)
+        and service == "rpc"
+        and (native.has_room())
+    )
 
 
 Watch = Callable[[bytes], None]
@@ -217,8 +123,7 @@ async def splice(
     except* (TransportError, FrameError, trio.BrokenResourceError, OSError) as group:
         _log.debug("tunnel to %s closed: %s", remote.remote_peer, group.exceptions[0])
     finally:
-        await trio.aclose_forcefully(local)
-        await remote.aclose()
+        await _close_both(local, remote)
 
 
 async def _local_to_remote(
@@ -244,7 +149,7 @@ async def _remote_to_local(
 ) -> None:
     decoder, unpacker = ChunkDecoder(), Unpacker()
     while not decoder.ended:
-        data = await remote.receive_some(MAX_WIRE_CHUNK + _HEADER)
+        data = await remote.receive_some(MAX_WIRE_CHUNK + HEADER)
         if not data:
             raise TransportError("the tunnel stream ended without an end marker")
         for chunk in decoder.feed(data):
@@ -256,24 +161,65 @@ async def _remote_to_local(
                 await local.send_all(unpacked)
 
 
+async def splice_natively(
+    local: trio.SocketStream,
+    remote: DataStream,
+    native: NativeRelay,
+    keys: TunnelKeys,
+    stats: TunnelStats,
+    *,
+    rpc_commands: int = 0,
+) -> None:
+    """As `splice`, by the native relay: TLS ends on `remote` and the relay takes its socket.
+    `rpc_commands` > 0 counts the local side's llama.cpp RPC requests (the opener's side)."""
+    counters = RelayCounters()
+    try:
+        with trio.fail_after(_OPEN_TIMEOUT_S):
+            sock = await remote.detach()
+        stats.relaying(counters)
+        try:
+            await native.relay(local.socket, sock, keys, counters, rpc_commands)
+        finally:
+            stats.relayed(counters)
+    except (trio.TooSlowError, TransportError, NativeRelayError) as err:
+        _log.debug("tunnel to %s closed: %s", remote.remote_peer, err or "TLS did not end")
+    finally:
+        await _close_both(local, remote)
+
+
+async def _close_both(local: trio.SocketStream, remote: MeshStream) -> None:
+    """Closes both ends, even while the tunnel's task is being cancelled (else the first close
+    would raise Cancelled and the second would never run); a peer that does not answer a
+    goodbye is not waited for long."""
+    with trio.move_on_after(_CLOSE_S, shield=True):
+        await trio.aclose_forcefully(local)
+        await remote.aclose()
+
+
 OpenStream = Callable[[], Awaitable[MeshStream]]
 
 
-async def open_tunnel(open_stream: OpenStream, request: TunnelRequest) -> MeshStream:
-    """Opens a stream and asks the far side to connect it; raises TunnelRefused or
-    TransportError."""
+async def open_tunnel(
+    open_stream: OpenStream, request: TunnelRequest, native: NativeRelay | None = None
+) -> OpenedTunnel:
+    """Opens a stream and asks the far side to connect it (natively relayed where both ends
+    can); raises TunnelRefused or TransportError."""
     stream = await open_stream()
+    offer = new_secret() if _can_relay(native, stream, request.service) else b""
     try:
         with trio.fail_after(_OPEN_TIMEOUT_S):
-            await send_frame(stream, request.encode())
+            await send_frame(stream, replace(request, native_offer=offer).encode())
             answer = await receive_frame(stream)
     except (trio.TooSlowError, FrameError, TransportError) as err:
         await stream.aclose()
         raise TransportError(f"tunnel to {stream.remote_peer} did not open: {err}") from None
-    if answer != b"ok":
-        await stream.aclose()
-        raise TunnelRefused(answer.decode(errors="replace")[:300])
-    return stream
+    if answer == b"ok":
+        return OpenedTunnel(stream)
+    secret = answer[len(_NATIVE_OK) :]
+    if offer and answer.startswith(_NATIVE_OK) and len(secret) == SECRET_BYTES:
+        return OpenedTunnel(stream, TunnelKeys.derive(offer, secret, opener=True))
+    await stream.aclose()
+    raise TunnelRefused(answer.decode(errors="replace")[:300])
 
 
 class TunnelListener:
@@ -290,10 +236,15 @@ class TunnelListener:
         request: TunnelRequest,
         watcher: Callable[[], Watch] | None = None,
         allowed_pids: Callable[[], Collection[int]] | None = None,
+        *,
+        native: NativeRelay | None = None,
+        rpc_commands: int = 0,
     ) -> None:
         self.open_stream = open_stream
         self.request = request
         self._watcher = watcher
+        self._native = native
+        self._rpc_commands = rpc_commands  # > 0: a native relay counts RPC requests (as watch)
         # Whose connections are carried (the engine's, the node's own); None: any process's.
         self._allowed_pids = allowed_pids if kernel_can_tell() else None
         self.stats = TunnelStats()
@@ -328,12 +279,18 @@ class TunnelListener:
             await trio.aclose_forcefully(local)
             return
         try:
-            remote = await open_tunnel(self.open_stream, self.request)
+            opened = await open_tunnel(self.open_stream, self.request, self._native)
         except (TransportError, TunnelRefused) as err:
             _log.warning("tunnel for %s %s: %s", self.request.model_id, self.request.service, err)
             await trio.aclose_forcefully(local)
             return
         self.stats.connections += 1
+        remote, keys = opened.stream, opened.native_keys
+        if keys is not None and self._native is not None and isinstance(remote, DataStream):
+            await splice_natively(
+                local, remote, self._native, keys, self.stats, rpc_commands=self._rpc_commands
+            )
+            return
         watch = self._watcher() if self._watcher is not None else None
         await splice(local, remote, self.stats, outward=True, watch=watch)
 
@@ -349,9 +306,15 @@ async def _connect_local(endpoint: str) -> trio.SocketStream:
     return await trio.open_tcp_stream(host, int(port))
 
 
-async def serve_tunnel(stream: MeshStream, target: LocalTarget, stats: TunnelStats) -> None:
+async def serve_tunnel(
+    stream: MeshStream,
+    target: LocalTarget,
+    stats: TunnelStats,
+    native: NativeRelay | None = None,
+) -> None:
     """The far end: `target(request, peer)` names the loopback host:port or `unix:` socket to
-    connect the stream to, or raises TunnelRefused."""
+    connect the stream to, or raises TunnelRefused. With `native`, an offer to relay natively
+    is taken where this end can."""
     try:
         request = TunnelRequest.decode(await receive_frame(stream, _OPEN_TIMEOUT_S))
         endpoint = await target(request, stream.remote_peer)
@@ -360,6 +323,13 @@ async def serve_tunnel(stream: MeshStream, target: LocalTarget, stats: TunnelSta
         _log.info("refused a tunnel from %s: %s", stream.remote_peer, err)
         await send_frame(stream, str(err).encode()[:300] or b"refused")
         return
-    await send_frame(stream, b"ok")
     stats.connections += 1
+    if request.native_offer and native is not None and _can_relay(native, stream, request.service):
+        assert isinstance(stream, DataStream)
+        secret = new_secret()
+        await send_frame(stream, _NATIVE_OK + secret)
+        keys = TunnelKeys.derive(request.native_offer, secret, opener=False)
+        await splice_natively(local, stream, native, keys, stats)
+        return
+    await send_frame(stream, b"ok")
     await splice(local, stream, stats, outward=False)

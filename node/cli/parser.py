@@ -199,6 +199,13 @@ def add_up_command(commands: Any) -> None:
         help="do not ask the router to forward the mesh and data ports (UPnP)",
     )
     up.add_argument(
+        "--no-native-relay",
+        dest="native_relay",
+        action="store_const",
+        const=False,
+        help="copy rpc tunnels in Python rather than with the native relay (to compare)",
+    )
+    up.add_argument(
         "--speculation",
         choices=("off", "ngram"),
         help="speculative decoding by this node's engine when it leads: ngram drafts from the "

@@ -12,6 +12,7 @@ parse (another protocol version) just stops being counted.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 
 # The command numbers of RPC protocol 7.0.0, in the engine's order.
 COMMANDS = (
@@ -48,8 +49,18 @@ class RpcTally:
         """A parser for one more connection's request stream, counting into this tally."""
         return RequestReader(self.counts)
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        return {name: {"requests": n, "bytes": size} for name, (n, size) in self.counts.items()}
+    def as_dict(
+        self, native: Mapping[int, tuple[int, int]] | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Per command, what this tally counted plus what native relays counted (`native`:
+        command number -> requests, payload bytes)."""
+        merged = {name: list(entry) for name, entry in self.counts.items()}
+        for command, (requests, size) in (native or {}).items():
+            if command < len(COMMANDS):
+                entry = merged.setdefault(COMMANDS[command], [0, 0])
+                entry[0] += requests
+                entry[1] += size
+        return {name: {"requests": n, "bytes": size} for name, (n, size) in merged.items()}
 
 
 class RequestReader:

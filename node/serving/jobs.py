@@ -86,9 +86,7 @@ class Job:
         return None if supervisor.ready_spec is None else supervisor.ready_spec.endpoint
 
 
-def gossiped_aliases(
-    members: MemberStates, models: Collection[str]
-) -> dict[str, str]:
+def gossiped_aliases(members: MemberStates, models: Collection[str]) -> dict[str, str]:
     """Other names for the models offered, as their holders gossip them (the lowest peer id's
     claim on a name wins; a model's own id is never an alias of another)."""
     aliases: dict[str, str] = {}

@@ -30,9 +30,12 @@ from ...mesh.election import Elector, ModelState
 from ...mesh.mesh_store import load_epochs, save_epochs
 from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane
+from ...mesh.transport.native_relay import NativeRelay
 from ...mesh.transport.tunnel import (
     TUNNEL,
     TunnelListener,
+)
+from ...mesh.transport.tunnel_stats import (
     TunnelStats,
 )
 from ..config import NodeConfig
@@ -64,8 +67,10 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         config: NodeConfig,
         local_models: Sequence[LocalModel],
         client: httpx.AsyncClient,
+        native_relay: NativeRelay | None = None,
     ) -> None:
         self._service = service
+        self._native_relay = native_relay  # rpc tunnels' byte copy in C, where it was built
         self._data_plane = data_plane
         self._engine = engine
         self._config = config

@@ -15,11 +15,14 @@ from ...mesh.election import Elector, ModelState
 from ...mesh.probing import data_addresses
 from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane
+from ...mesh.transport.native_relay import NativeRelay
 from ...mesh.transport.seam import MeshStream, TransportError
 from ...mesh.transport.tunnel import (
     TUNNEL,
     OpenStream,
     TunnelListener,
+)
+from ...mesh.transport.tunnel_stats import (
     TunnelStats,
 )
 from ..config import NodeConfig
@@ -46,6 +49,7 @@ class ServingParts(Protocol):
     _local: dict[str, LocalModel]
     _client: httpx.AsyncClient
     _me: str
+    _native_relay: NativeRelay | None
     elector: Elector
     model_states: dict[str, ModelState]  # each model's first replica, by model id
     unit_states: dict[str, ModelState]  # every replica of every model, by unit

@@ -16,7 +16,7 @@ from ...scheduler.llama_args import LlamaSplitArgs, split_args
 from ..engine.devices import gossiped_device_count
 from ..engine.load_report import LoadReport
 from ..engine.options import SPECULATION
-from ..engine.rpc_traffic import RpcTally
+from ..engine.rpc_traffic import COMMANDS, RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..engine.unix_socket import engine_client, unix_endpoint
 from ..models.chat_template import template_args
@@ -65,6 +65,8 @@ class PrimaryRole(ServingParts):
                         TunnelRequest("rpc", claim.model_id, claim.epoch),
                         watcher=tally.reader,
                         allowed_pids=job.engine_pids,
+                        native=self._native_relay,
+                        rpc_commands=len(COMMANDS),
                     )
                     job.tunnels[worker] = listener
                     nursery.start_soon(listener.run)

@@ -194,7 +194,10 @@ class ApiRouting(ServingParts):
                 "tunnels": {}
                 if job is None
                 else {
-                    worker: {**t.stats.as_dict(), "requests": job.requests[worker].as_dict()}
+                    worker: {
+                        **t.stats.as_dict(),
+                        "requests": job.requests[worker].as_dict(t.stats.native_rpc_counts()),
+                    }
                     for worker, t in job.tunnels.items()
                 },
                 "unused": {} if claim is None else self._unused_nodes(claim),

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection, Mapping
+from typing import Protocol
 
 import trio
 
 from ...mesh.transport.seam import MeshStream
-from ...mesh.transport.tunnel import (
-    TunnelRefused,
-    TunnelRequest,
-    TunnelStats,
-    serve_tunnel,
-)
+from ...mesh.transport.tunnel import TunnelRefused, TunnelRequest, serve_tunnel
+from ...mesh.transport.tunnel_stats import TunnelStats
 from ..engine.locate import free_loopback_port
 from ..engine.supervisor import ProcessSpec, Supervisor
 from ..weights.share_wire import WEIGHTS
@@ -133,15 +131,16 @@ class WorkerRole(ServingParts):
         stats = self.worker_stats.setdefault(stream.remote_peer, TunnelStats())
         try:
             with scope:
-                await serve_tunnel(stream, target, stats)
+                await serve_tunnel(stream, target, stats, self._native_relay)
         finally:
             if registered is not None:
                 registered[:] = [entry for entry in registered if entry[1] is not scope]
 
     async def _tunnel_target(self, request: TunnelRequest, peer: str) -> str:
         if request.service == "api":
-            job = self._primary_jobs.get((request.model_id, (request.epoch, self._me)))
-            endpoint = None if job is None or not job.verified else job.endpoint()
+            endpoint = api_endpoint(
+                self._primary_jobs, self._winding, self._me, request.model_id, request.epoch
+            )
             if endpoint is None:
                 raise TunnelRefused(f"this node does not serve {request.model_id} now")
             return endpoint
@@ -166,3 +165,33 @@ class WorkerRole(ServingParts):
     def _leads(self, request: TunnelRequest, peer: str) -> bool:
         """Whether `peer` leads a placement of the model that this node serves in now."""
         return (request.model_id, (request.epoch, peer)) in self._accepting
+
+
+class _Engine(Protocol):
+    verified: bool
+
+    def endpoint(self) -> str | None: ...
+
+
+def api_endpoint(
+    jobs: Mapping[JobKey, _Engine],
+    winding: Collection[JobKey],
+    me: str,
+    model_id: str,
+    epoch: int,
+) -> str | None:
+    """The engine for an API request of `model_id` at `epoch` (of the jobs this node leads):
+    that placement's, or, when the sender's view is behind (this node re-planned and leads a
+    newer epoch of the model), the newest placement of it here that takes requests."""
+    exact = jobs.get((model_id, (epoch, me)))
+    if exact is not None and exact.verified and (found := exact.endpoint()) is not None:
+        return found
+    newer = sorted(
+        (key for key in jobs if key[0] == model_id and key[1][0] > epoch and key not in winding),
+        key=lambda key: -key[1][0],
+    )
+    for key in newer:
+        job = jobs[key]
+        if key[1][1] == me and job.verified and (found := job.endpoint()) is not None:
+            return found
+    return None

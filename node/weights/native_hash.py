@@ -8,15 +8,11 @@ about a gigabyte per second; ctypes calls them on memory-mapped tensors without 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import mmap
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import TypeAlias
+
+from ..engine.native_build import NativeBuildFailed, built_library
 
 Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
@@ -38,7 +34,7 @@ uint64_t sharedllm_fnv1a64(const unsigned char *data, size_t length, uint64_t ha
 
 
 class NativeHashUnavailable(Exception):
-    """No C compiler to build the hash function (the message says what to install)."""
+    """The hash function could not be built (the message says what to install)."""
 
 
 def fnv1a64_python(data: bytes, start: int = FNV_OFFSET_BASIS) -> int:
@@ -53,7 +49,10 @@ class NativeFnv:
     """The compiled hash function, loaded from the per-machine cache (built on first use)."""
 
     def __init__(self, cache_dir: Path) -> None:
-        library = _built_library(cache_dir)
+        try:
+            library = built_library(cache_dir, "fnv1a", _SOURCE, purpose="the weight-cache hash")
+        except NativeBuildFailed as err:
+            raise NativeHashUnavailable(str(err)) from None
         self._function = ctypes.CDLL(str(library)).sharedllm_fnv1a64
         self._function.restype = ctypes.c_uint64
         self._function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint64)
@@ -71,26 +70,3 @@ class NativeFnv:
             return int(self._function(ctypes.addressof(pointer), len(view), start))
         finally:
             del pointer  # release the buffer export so that the caller can close its map
-
-
-def _built_library(cache_dir: Path) -> Path:
-    digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:12]
-    target = cache_dir / "native" / f"fnv1a-{digest}-{platform.machine()}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise NativeHashUnavailable(
-            "no C compiler found to build the weight-cache hash (install gcc or clang)"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        source = Path(work) / "fnv1a.c"
-        source.write_text(_SOURCE)
-        built = Path(work) / target.name
-        command = [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(source)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise NativeHashUnavailable(f"building the weight-cache hash failed: {done.stderr}")
-        os.replace(built, target)  # atomic: a concurrent build just wins the same name
-    return target
