@@ -58,6 +58,11 @@ HEADLINE = (
     "two_replicas_tokens_ratio",
     "speculative_vs_direct_tokens_ratio",
     "speculative_free_chat_ratio",
+    "tunnel_vs_tls_round_trip_ratio",
+    "gpu_mesh_vs_direct_tokens_ratio",
+    "gpu_mesh_vs_direct_prompt_ratio",
+    "gpu_mesh_vs_direct_load_ratio",
+    "planner_vs_memory_proportional_measured",
 )
 
 

@@ -88,8 +88,13 @@ def _node_command() -> str:
     return shutil.which("sharedllm-node") or str(Path(sys.executable).parent / "sharedllm-node")
 
 
-def _start_mesh(stack: ExitStack, work: Path, model: Path, profile: ModelProfile) -> dict[str, str]:
+def _start_mesh(
+    stack: ExitStack, work: Path, model: Path, profile: ModelProfile, *, warm: bool = False
+) -> dict[str, str]:
+    """Three nodes whose caps force a three-way split; with `warm` the workers hold the model
+    file too (their rpc-servers' caches are filled from it), else they fetch their layers."""
     command = _node_command()
+    work.mkdir(parents=True, exist_ok=True)
     primary_layers, *worker_layers = _thirds(profile.layer_count)
     ports = [free_loopback_port() for _ in range(3)]
 
@@ -114,6 +119,7 @@ def _start_mesh(stack: ExitStack, work: Path, model: Path, profile: ModelProfile
             serving_bench.cap_bytes(profile, layers, False, CONTEXT),
             "--join",
             token,
+            *(("--model", str(model)) if warm else ()),
         )
     return {"mesh_at_primary": f"http://127.0.0.1:{ports[0]}"}
 
@@ -185,6 +191,7 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
             stack.enter_context(_started(argv, work / "single.log", _ENV))
             urls["single"] = f"http://127.0.0.1:{port}"
             load_s["single"] = _ready_after(urls["single"], "bench", started)
+            load_s["mesh_warm"] = _warm_mesh_load(work / "warm", model, profile)
             started = time.monotonic()
             urls.update(_start_mesh(stack, work, model, profile))
             load_s["mesh"] = _ready_after(urls["mesh_at_primary"], model_id, started)
@@ -199,6 +206,15 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _report(model, placement, measured, load_s)
+
+
+def _warm_mesh_load(work: Path, model: Path, profile: ModelProfile) -> float:
+    """Seconds from starting a mesh whose workers hold the file to its first answer (the warm
+    path); the mesh is stopped before the others start."""
+    with ExitStack() as stack:
+        started = time.monotonic()
+        url = _start_mesh(stack, work, model, profile, warm=True)["mesh_at_primary"]
+        return _ready_after(url, model.name.removesuffix(".gguf"), started)
 
 
 def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
@@ -263,6 +279,9 @@ def _report(
         "tunnel_requests_per_token": traffic[-1]["requests"],
         "mesh_vs_direct_gen_ratio": gen_ratio,
         "mesh_vs_direct_prompt_ratio": prompt_ratio,
+        "mesh_warm_vs_direct_load_ratio": load_s["mesh_warm"] / load_s["direct"],
+        # The workers' layers over the whole fetch-path load: a lower bound of the fetch's pace
+        "fetch_mb_per_s_at_least": _worker_bytes(model, placement) / load_s["mesh"] / 1e6,
     }
     print(
         f"gpu: {shape} ({weight_type}, {model.stat().st_size / 1024**3:.2f} GiB), "
@@ -276,6 +295,11 @@ def _report(
             f"{load:>8.1f}"
         )
     print(
+        f"  load: mesh (workers hold the file) / direct "
+        f"{result['mesh_warm_vs_direct_load_ratio']:.2f} (target <= 1.5); "
+        f"fetch path at least {result['fetch_mb_per_s_at_least']:.0f} MB/s"
+    )
+    print(
         f"  mesh / direct: generation {gen_ratio:.3f}, prompt {prompt_ratio:.3f}; through the "
         f"tunnels per token: {result['tunnel_bytes_per_token']:.0f} bytes "
         f"({result['tunnel_wire_bytes_per_token']:.0f} on the wire), "
@@ -285,6 +309,15 @@ def _report(
         requests, size = figures["requests"], figures["bytes"]
         print(f"    {command:<16} {requests:>7.2f} requests {size:>10.0f} bytes per token")
     return result
+
+
+def _worker_bytes(model: Path, placement: Placement) -> int:
+    weights = inspect_model(model).profile.layer_weight_bytes
+    return sum(
+        sum(weights[a.first_layer : a.last_layer + 1])
+        for a in placement.assignments
+        if a.node != placement.primary
+    )
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -319,6 +352,10 @@ def run() -> dict[str, Any]:
         "engine_version": engine.version,
         "models": results,
         "mesh_vs_direct_rpc_tokens_ratio_gpu": results[0]["mesh_vs_direct_gen_ratio"],
+        # Issue 26's headlines: the smaller of the two models' figures (the larger for load)
+        "gpu_mesh_vs_direct_tokens_ratio": min(r["mesh_vs_direct_gen_ratio"] for r in results),
+        "gpu_mesh_vs_direct_prompt_ratio": min(r["mesh_vs_direct_prompt_ratio"] for r in results),
+        "gpu_mesh_vs_direct_load_ratio": max(r["mesh_warm_vs_direct_load_ratio"] for r in results),
     }
 
 

@@ -1,17 +1,21 @@
 """Transport benchmark: round trip and bulk throughput of each stream kind, side by side, in one
 run and one process (client and server share a core budget, as on a busy node):
 raw TCP (the ceiling), the libp2p control plane (Noise + yamux), the TLS data plane, and a whole
-rpc tunnel (TCP in, the data plane with compressed chunks, TCP out)."""
+rpc tunnel (TCP in, the data plane, TCP out) relayed natively and by the Python path.
+Headline: `tunnel_vs_tls_round_trip_ratio`, the native tunnel's round trip over a direct TLS
+connection's (issue 26 target: at most 1.3)."""
 
 from __future__ import annotations
 
 import statistics
 import struct
+import tempfile
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -19,6 +23,7 @@ from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.transport.data_plane import DataPlane
+from sharedllm.mesh.transport.native_relay import NativeRelay
 from sharedllm.mesh.transport.seam import MeshStream
 from sharedllm.mesh.transport.tunnel import (
     TUNNEL,
@@ -29,6 +34,7 @@ from sharedllm.mesh.transport.tunnel import (
 from sharedllm.mesh.transport.tunnel_stats import (
     TunnelStats,
 )
+from sharedllm.node.engine.native_build import native_relay_library
 
 PINGS = 400
 BULK_BYTES = 64 * 1024 * 1024
@@ -148,9 +154,10 @@ async def _data_plane() -> AsyncIterator[Opener]:
 
 
 @asynccontextmanager
-async def _tunnel() -> AsyncIterator[Opener]:
-    """What llama-server's RPC traffic crosses: plain TCP into a tunnel listener, the TLS data
-    plane (compressed chunks), and plain TCP out to the service on the far side."""
+async def _tunnel(native: NativeRelay | None) -> AsyncIterator[Opener]:
+    """What llama-server's RPC traffic crosses: plain TCP into a tunnel listener, the data plane
+    (with `native`, the native relay's sealed records; else TLS and compressed chunks from
+    Python), and plain TCP out to the service on the far side."""
     (server_id, server_proof), (client_id, client_proof) = _members()
     mesh_key = server_proof.certificate.mesh_public_key if server_proof.certificate else b""
     server = DataPlane(server_id, server_proof, MembershipState(mesh_key).admit_encoded)
@@ -164,13 +171,15 @@ async def _tunnel() -> AsyncIterator[Opener]:
         async def target(_request: TunnelRequest, _peer: str) -> str:
             return service
 
-        server.serve(TUNNEL, partial(serve_tunnel, target=target, stats=TunnelStats()))
+        serve = partial(serve_tunnel, target=target, stats=TunnelStats(), native=native)
+        server.serve(TUNNEL, serve)
         host, port = await nursery.start(server.run, ["127.0.0.1"], 0)
 
         async def open_data_stream() -> MeshStream:
             return await client.open_stream(server_id.peer_id, host, port, TUNNEL)
 
-        listener = TunnelListener(open_data_stream, TunnelRequest("rpc", "bench", 1))
+        request = TunnelRequest("rpc", "bench", 1)
+        listener = TunnelListener(open_data_stream, request, native=native, rpc_commands=18)
         nursery.start_soon(listener.run)
 
         async def opener() -> MeshStream:
@@ -201,12 +210,13 @@ async def _libp2p() -> AsyncIterator[Opener]:
         yield opener
 
 
-async def _run_all() -> dict[str, dict[str, float]]:
+async def _run_all(native: NativeRelay) -> dict[str, dict[str, float]]:
     results = {}
     for name, setup in (
         ("raw_tcp", _raw_tcp),
         ("data_plane_tls", _data_plane),
-        ("tunnel", _tunnel),
+        ("tunnel_native", partial(_tunnel, native)),
+        ("tunnel_python", partial(_tunnel, None)),
         ("libp2p_noise_yamux", _libp2p),
     ):
         async with setup() as opener:
@@ -215,7 +225,9 @@ async def _run_all() -> dict[str, dict[str, float]]:
 
 
 def run() -> dict[str, Any]:
-    results = trio.run(_run_all)
+    with tempfile.TemporaryDirectory() as cache:
+        native = NativeRelay(native_relay_library(Path(cache)))
+        results: dict[str, Any] = trio.run(_run_all, native)
     raw = results["raw_tcp"]
     mib = BULK_BYTES >> 20
     print(f"transport: {PINGS} x 64-byte round trips and {mib} MiB bulk, one process, loopback")
@@ -227,4 +239,13 @@ def run() -> dict[str, Any]:
             f"  {name:<20} {figures['rtt_us_median']:>8.0f} {figures['mb_per_s']:>8.0f} "
             f"{figures['rtt_ratio_vs_raw']:>11.2f} {figures['throughput_ratio_vs_raw']:>12.2f}"
         )
+    tls = results["data_plane_tls"]["rtt_us_median"]
+    ratio = round(results["tunnel_native"]["rtt_us_median"] / tls, 2)
+    python_ratio = round(results["tunnel_python"]["rtt_us_median"] / tls, 2)
+    print(
+        f"  tunnel round trip vs a direct TLS connection's: native {ratio:.2f}x "
+        f"(target <= 1.3), Python path {python_ratio:.2f}x"
+    )
+    results["tunnel_vs_tls_round_trip_ratio"] = ratio
+    results["python_tunnel_vs_tls_round_trip_ratio"] = python_ratio
     return results

@@ -156,6 +156,37 @@ def test_a_hostile_peer_s_records_end_the_tunnel_with_a_reason(
     assert b"hello" not in passed and b"own key" not in passed and b"skipped" not in passed
 
 
+def test_a_record_arriving_in_pieces_is_put_together(relay: NativeRelay) -> None:
+    payload = bytes(range(256)) * 600  # over a socket buffer's worth, in one record
+    wire = _record(OPENER.send, 0, payload) + _record(OPENER.send, 1, b"")
+
+    async def main() -> bytes:
+        local, app = _pair()
+        ours, peer = _pair()
+        got = b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.relay, local, ours, ANSWERER, RelayCounters())
+
+            async def trickle() -> None:
+                for start in range(0, len(wire), 7001):  # pieces that cut heads and bodies
+                    await trio.lowlevel.wait_writable(peer)
+                    peer.sendall(wire[start : start + 7001])
+                    await trio.sleep(0.001)
+                app.shutdown(socket.SHUT_WR)
+
+            async def read() -> None:
+                nonlocal got
+                got = await _read_all(app)
+
+            nursery.start_soon(trickle)
+            nursery.start_soon(read)
+        for sock in (local, app, ours, peer):
+            sock.close()
+        return got
+
+    assert trio.run(main) == payload
+
+
 def test_a_record_over_the_limit_is_refused_before_it_is_read(relay: NativeRelay) -> None:
     over = struct.pack(">I", 256 * 1024 + 17)
     error, _ = trio.run(_answerer_given, relay, over)

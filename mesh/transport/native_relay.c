@@ -192,6 +192,7 @@ static int read_remote(struct relay *r) {
     struct direction *d = &r->in;
     size_t size = 0;
     for (;;) {
+        if (d->filled >= HEAD) size = record_size(d->buffer); /* checked when its head came */
         size_t want = d->filled < HEAD ? HEAD - d->filled : HEAD + size - d->filled;
         ssize_t got = recv(r->remote, d->buffer + d->filled, want, 0);
         if (got < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : fail(r, "read from the peer");
