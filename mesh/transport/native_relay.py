@@ -1,4 +1,4 @@
-"""The native tunnel relay: an rpc tunnel's bytes copied in C, not by the interpreter per message.
+"""The native tunnel relay: a tunnel's bytes copied in C, not by the interpreter per message.
 
 The node authenticates a data-plane stream (TLS, membership proof, the tunnel's request) in
 Python as always. When both ends have the relay, the opener's request carries 32 random bytes

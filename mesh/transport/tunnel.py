@@ -5,9 +5,10 @@ model's primary, through a loopback listener whose connections become data-plane
 far side the stream is connected to a loopback service (the rpc-server, the llama-server), so no
 engine port is ever reachable from the network.
 
-An rpc tunnel on a direct data-plane stream, where both ends have the native relay, is copied by
-it (native_relay.py): no Python per message, no compression (since GRAPH_RECOMPUTE a token's
-messages are small and do not repeat). Any other tunnel goes the Python path: after the opening
+A tunnel on a direct data-plane stream, where both ends have the native relay (and a thread for
+it), is copied by it (native_relay.py): no Python per message, no compression (since
+GRAPH_RECOMPUTE a token's messages are small and do not repeat). A tunnel carried over the
+control connection, or to a peer without the relay, goes the Python path: after the opening
 request, each direction is a sequence of chunks, each a 4-byte length then that many bytes,
 zstd-packed (tunnel_codec.py); a zero-length chunk is that direction's end (TCP half-close),
 which TLS streams cannot signal themselves. A broken side closes the other at once.
@@ -89,15 +90,10 @@ class OpenedTunnel:
     native_keys: TunnelKeys | None = None
 
 
-def _can_relay(native: NativeRelay | None, stream: MeshStream, service: str) -> bool:
-    """Whether this tunnel may go native here: an rpc tunnel (the per-token path) on a direct
-    TLS stream (not one carried over the control connection), with a relay thread free."""
-    return (
-        native is not None
-        and isinstance(stream, DataStream)
-        and service == "rpc"
-        and (native.has_room())
-    )
+def _can_relay(native: NativeRelay | None, stream: MeshStream) -> bool:
+    """Whether this tunnel may go native here: on a direct TLS stream (not one carried over the
+    control connection), with a relay thread free."""
+    return native is not None and isinstance(stream, DataStream) and native.has_room()
 
 
 Watch = Callable[[bytes], None]
@@ -168,6 +164,7 @@ async def splice_natively(
     keys: TunnelKeys,
     stats: TunnelStats,
     *,
+    outward: bool,
     rpc_commands: int = 0,
 ) -> None:
     """As `splice`, by the native relay: TLS ends on `remote` and the relay takes its socket.
@@ -176,7 +173,7 @@ async def splice_natively(
     try:
         with trio.fail_after(_OPEN_TIMEOUT_S):
             sock = await remote.detach()
-        stats.relaying(counters)
+        stats.relaying(counters, outward)
         try:
             await native.relay(local.socket, sock, keys, counters, rpc_commands)
         finally:
@@ -205,7 +202,7 @@ async def open_tunnel(
     """Opens a stream and asks the far side to connect it (natively relayed where both ends
     can); raises TunnelRefused or TransportError."""
     stream = await open_stream()
-    offer = new_secret() if _can_relay(native, stream, request.service) else b""
+    offer = new_secret() if _can_relay(native, stream) else b""
     try:
         with trio.fail_after(_OPEN_TIMEOUT_S):
             await send_frame(stream, replace(request, native_offer=offer).encode())
@@ -288,7 +285,13 @@ class TunnelListener:
         remote, keys = opened.stream, opened.native_keys
         if keys is not None and self._native is not None and isinstance(remote, DataStream):
             await splice_natively(
-                local, remote, self._native, keys, self.stats, rpc_commands=self._rpc_commands
+                local,
+                remote,
+                self._native,
+                keys,
+                self.stats,
+                outward=True,
+                rpc_commands=self._rpc_commands,
             )
             return
         watch = self._watcher() if self._watcher is not None else None
@@ -324,12 +327,12 @@ async def serve_tunnel(
         await send_frame(stream, str(err).encode()[:300] or b"refused")
         return
     stats.connections += 1
-    if request.native_offer and native is not None and _can_relay(native, stream, request.service):
+    if request.native_offer and native is not None and _can_relay(native, stream):
         assert isinstance(stream, DataStream)
         secret = new_secret()
         await send_frame(stream, _NATIVE_OK + secret)
         keys = TunnelKeys.derive(request.native_offer, secret, opener=False)
-        await splice_natively(local, stream, native, keys, stats)
+        await splice_natively(local, stream, native, keys, stats, outward=False)
         return
     await send_frame(stream, b"ok")
     await splice(local, stream, stats, outward=False)

@@ -24,7 +24,7 @@ class TunnelStats:
     native_connections: int = 0  # of `connections`, those relayed natively
     refused_local: int = 0  # loopback connections from processes other than the engine's
     _last_direction: int = field(default=0, repr=False)
-    _live: list[RelayCounters] = field(default_factory=list, repr=False)
+    _live: list[tuple[RelayCounters, bool]] = field(default_factory=list, repr=False)
     _rpc_ended: list[list[int]] = field(
         default_factory=lambda: [[0, 0] for _ in range(RPC_COMMANDS)], repr=False
     )
@@ -40,16 +40,18 @@ class TunnelStats:
                 self.round_trips += 1
         self._last_direction = direction
 
-    def relaying(self, counters: RelayCounters) -> None:
-        """A native relay started counting into `counters`."""
+    def relaying(self, counters: RelayCounters, outward: bool) -> None:
+        """A native relay started counting into `counters`; `outward` on the side that opened
+        the tunnel (elsewhere the relay's "out", its local side's bytes, are our "back")."""
         self.native_connections += 1
-        self._live.append(counters)
+        self._live.append((counters, outward))
 
     def relayed(self, counters: RelayCounters) -> None:
         """The native relay counting into `counters` ended: its counts join the totals."""
-        self._live = [c for c in self._live if c is not counters]
-        for name in _TOTALS:
-            setattr(self, name, getattr(self, name) + int(getattr(counters, name)))
+        ended = [entry for entry in self._live if entry[0] is counters]
+        self._live = [entry for entry in self._live if entry[0] is not counters]
+        for name, value in _oriented(*ended[0]).items():
+            setattr(self, name, getattr(self, name) + value)
         for command, entry in enumerate(self._rpc_ended):
             entry[0] += int(counters.rpc_requests[command])
             entry[1] += int(counters.rpc_bytes[command])
@@ -58,17 +60,29 @@ class TunnelStats:
         """llama.cpp RPC requests the native relays counted: command -> (requests, bytes)."""
         found: dict[int, tuple[int, int]] = {}
         for command, (ended_requests, ended_bytes) in enumerate(self._rpc_ended):
-            requests = ended_requests + sum(int(c.rpc_requests[command]) for c in self._live)
-            size = ended_bytes + sum(int(c.rpc_bytes[command]) for c in self._live)
+            requests = ended_requests + sum(int(c.rpc_requests[command]) for c, _ in self._live)
+            size = ended_bytes + sum(int(c.rpc_bytes[command]) for c, _ in self._live)
             if requests:
                 found[command] = (requests, size)
         return found
 
     def as_dict(self) -> dict[str, int]:
-        live = {name: sum(int(getattr(c, name)) for c in self._live) for name in _TOTALS}
+        live = dict.fromkeys(_TOTALS, 0)
+        for counters, outward in self._live:
+            for name, value in _oriented(counters, outward).items():
+                live[name] += value
         return {
             **{name: getattr(self, name) + live[name] for name in _TOTALS},
             "connections": self.connections,
             "native_connections": self.native_connections,
             "refused_local": self.refused_local,
         }
+
+
+def _oriented(counters: RelayCounters, outward: bool) -> dict[str, int]:
+    """The relay's counts with "out" as the tunnel's opener sent it."""
+    found = {name: int(getattr(counters, name)) for name in _TOTALS}
+    if not outward:
+        found["bytes_out"], found["bytes_back"] = found["bytes_back"], found["bytes_out"]
+        found["wire_out"], found["wire_back"] = found["wire_back"], found["wire_out"]
+    return found

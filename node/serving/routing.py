@@ -154,6 +154,7 @@ class ApiRouting(ServingParts):
                 self._opener(claim.primary),
                 TunnelRequest("api", claim.model_id, claim.epoch),
                 allowed_pids=lambda: (os.getpid(),),  # only this node's own HTTP client
+                native=self._native_relay,
             )
             scope = trio.CancelScope()
             self._api_tunnels[key] = (listener, scope)
