@@ -117,7 +117,7 @@ class Elector:
         offered = self.reader.offered_models(members)
         units = replica_requests(offered, self.reader.mesh_demand(members), current)
         retiring = retiring_replicas(offered, units, current)
-        view = self.reader.cluster_view(members) if units else ClusterView.build(())
+        view = self.reader.cluster_view(members, now) if units else ClusterView.build(())
         ledger = MemoryLedger.of(view, [*units, *retiring], current, self.cost)
         states: dict[str, ModelState] = {}
         for request in units:

@@ -25,6 +25,9 @@ from .member_states import MemberStates
 # Until a bandwidth probe has measured a link, the planner assumes this much.
 ASSUMED_BANDWIDTH_MBPS = 100.0
 _MAX_MODELS_PER_NODE = 16
+# How long a view may go without the newest link measurements (members and capacities changed
+# are taken in at once).
+LINK_REFRESH_S = 5.0
 MAX_DEMAND_ENTRIES = 32  # models one node reports demand for; more are ignored
 _NodeDemand = tuple[str, float, tuple[float, ...]]  # model, recent, buckets newest first
 
@@ -70,8 +73,14 @@ def measured_links(source: str, content: Mapping[str, Any]) -> tuple[Link, ...]:
                 continue
             if not _positive(bandwidth):
                 bandwidth = ASSUMED_BANDWIDTH_MBPS
-            links.append(Link(source, target, float(rtt), float(bandwidth)))
-    return tuple(links)
+            links.append(Link(source, target, _coarse(rtt), _coarse(bandwidth)))
+    return tuple(sorted(links, key=lambda link: link.target))
+
+
+def _coarse(value: float) -> float:
+    """A measurement to two significant digits (5% at worst): plans need no finer, and a view
+    that changes only when a link really does is built again far less often."""
+    return float(f"{value:.2g}")
 
 
 _Parsed = tuple[NodeCapacity | None, tuple[Link, ...]]
@@ -90,6 +99,15 @@ def _view_of(parsed: Mapping[str, _Parsed]) -> ClusterView:
     return ClusterView.build(nodes, links)
 
 
+@dataclass(frozen=True)
+class _BuiltView:
+    nodes_key: tuple[tuple[str, int], ...]
+    links_key: tuple[int, ...]
+    view: ClusterView
+    built_at: float
+    parsed: tuple[_Parsed, ...]  # held so that the ids in the keys stay theirs
+
+
 @dataclass
 class GossipReader:
     memo_size: int = 1024
@@ -101,7 +119,9 @@ class GossipReader:
     )
     view_memo_size: int = 8192  # member states parsed for the view (a mesh's worth)
     _parsed: OrderedDict[int, tuple[object, str, _Parsed]] = field(default_factory=OrderedDict)
-    _last_view: tuple[tuple[tuple[str, int], ...], ClusterView, tuple[object, ...]] | None = None
+    _last_view: _BuiltView | None = None
+    # each member's last parse (members gone are dropped once `memo_size` of them gather)
+    _parsed_by_peer: dict[str, _Parsed] = field(default_factory=dict)
     _demand: OrderedDict[int, tuple[object, tuple[_NodeDemand, ...]]] = field(
         default_factory=OrderedDict
     )
@@ -125,23 +145,45 @@ class GossipReader:
         _remember(self._requests, id(entry), (entry, request), self.memo_size)
         return request
 
-    def cluster_view(self, members: Mapping[str, Mapping[str, Any]]) -> ClusterView:
+    def cluster_view(
+        self, members: Mapping[str, Mapping[str, Any]], now: float | None = None
+    ) -> ClusterView:
         """`cluster_view`, parsing each member's state once and building the view again only
-        when some member's state changed."""
-        key = tuple((peer, id(content)) for peer, content in members.items())
-        if self._last_view is not None and self._last_view[0] == key:
-            return self._last_view[1]
+        when some member's capacity or links changed (not its claims, demand or the like).
+        With `now`, a change of link measurements alone waits up to `LINK_REFRESH_S` to be
+        taken in: in a big mesh some link is always re-measured, and building the view for
+        every election step was most of the step's cost."""
         parsed = {}
         for peer, content in members.items():
             memo = self._parsed.get(id(content))
             if memo is None or memo[0] is not content or memo[1] != peer:
-                memo = (content, peer, _parse_member(peer, content))
+                memo = (content, peer, self._stable_parse(peer, content))
                 _remember(self._parsed, id(content), memo, self.view_memo_size)
             parsed[peer] = memo[2]
+        if len(self._parsed_by_peer) > len(parsed) + self.memo_size:
+            self._parsed_by_peer = {p: e for p, e in self._parsed_by_peer.items() if p in parsed}
+        nodes_key = tuple((peer, id(entry[0])) for peer, entry in parsed.items())
+        links_key = tuple(id(entry[1]) for entry in parsed.values())
+        last = self._last_view
+        if last is not None and last.nodes_key == nodes_key:
+            fresh = now is not None and now - last.built_at < LINK_REFRESH_S
+            if last.links_key == links_key or fresh:
+                return last.view
         view = _view_of(parsed)
-        # the contents are held so that their ids stay theirs while the key is compared
-        self._last_view = (key, view, tuple(members.values()))
+        self._last_view = _BuiltView(nodes_key, links_key, view, now or 0.0, tuple(parsed.values()))
         return view
+
+    def _stable_parse(self, peer: str, content: Mapping[str, Any]) -> _Parsed:
+        """The member's capacity and links, as the same objects as its last parse where they
+        are equal (so that the view's keys stay put)."""
+        capacity, links = _parse_member(peer, content)
+        before = self._parsed_by_peer.get(peer)
+        if before is not None:
+            capacity = before[0] if before[0] == capacity else capacity
+            links = before[1] if before[1] == links else links
+        kept = (capacity, links)
+        self._parsed_by_peer[peer] = kept
+        return kept
 
     def mesh_demand(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Demand]:
         """Each model's demand summed over the members that report it (by model id)."""
