@@ -214,7 +214,9 @@ def _warm_mesh_load(work: Path, model: Path, profile: ModelProfile) -> float:
     with ExitStack() as stack:
         started = time.monotonic()
         url = _start_mesh(stack, work, model, profile, warm=True)["mesh_at_primary"]
-        return _ready_after(url, model.name.removesuffix(".gguf"), started)
+        seconds = _ready_after(url, model.name.removesuffix(".gguf"), started)
+    _print_log_tails(work, lines=40)  # where a warm load spends its time, in the nodes' words
+    return seconds
 
 
 def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
