@@ -62,7 +62,6 @@ HEADLINE = (
     "gpu_mesh_vs_direct_tokens_ratio",
     "gpu_mesh_vs_direct_prompt_ratio",
     "gpu_mesh_vs_direct_load_ratio",
-    "planner_vs_memory_proportional_measured",
 )
 
 

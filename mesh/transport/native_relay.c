@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -46,7 +45,6 @@ extern int EVP_DecryptFinal_ex(EVP_CIPHER_CTX *, unsigned char *, int *);
 #define RPC_COMMANDS 32
 #define RPC_HEADER 9
 #define RPC_SANE_SIZE (1ULL << 40)
-#define SPIN_US 50 /* how long to keep looking after activity before sleeping */
 
 /* Read by Python while the relay runs (sampled; each field is one aligned word). */
 struct relay_counters {
@@ -80,16 +78,9 @@ struct relay {
     struct relay_counters *counters;
     struct rpc_watch *watch;
     int last; /* +1 after outbound data, -1 after inbound: a turn from out to back is a trip */
-    uint64_t active_us; /* when the relay last had something to do */
     char *error;
     size_t error_len;
 };
-
-static uint64_t now_us(void) {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
-}
 
 static int fail(struct relay *r, const char *what) {
     snprintf(r->error, r->error_len, "%s%s%s", what, errno ? ": " : "", errno ? strerror(errno) : "");
@@ -252,15 +243,7 @@ static int step(struct relay *r) {
     if (in_busy) fds[0].events |= POLLOUT;
     for (int i = 0; i < 2; i++)
         if (!fds[i].events) fds[i].fd = -1; /* not waited on: its hang-up must not spin us */
-    /* An engine's messages come in bursts (a token's tensors, then its graph): for a moment
-     * after each one, look again without sleeping, since waking a sleeping thread (on a
-     * virtual machine above all) costs more than the look. Then sleep until something comes. */
-    int ready = 0;
-    while (now_us() - r->active_us < SPIN_US && (ready = poll(fds, 3, 0)) == 0) {
-    }
-    if (ready == 0) ready = poll(fds, 3, -1);
-    if (ready < 0) return errno == EINTR ? 0 : fail(r, "poll");
-    r->active_us = now_us();
+    if (poll(fds, 3, -1) < 0) return errno == EINTR ? 0 : fail(r, "poll");
     if (fds[2].revents) {
         errno = 0;
         return fail(r, "stopped");
@@ -303,7 +286,7 @@ int sharedllm_relay(int local, int remote, int stop, const unsigned char *send_k
                     struct relay_counters *counters, char *error, size_t error_len) {
     struct rpc_watch watch = {{0}, 0, 0, rpc_commands > RPC_COMMANDS ? RPC_COMMANDS : rpc_commands};
     struct relay r = {local, remote, stop, {0}, {0}, NULL, counters, rpc_commands > 0 ? &watch : NULL,
-                      0,     0,      error, error_len};
+                      0,     error,  error_len};
     int result = -1;
     errno = 0;
     r.chunk = malloc(MAX_PLAIN);
