@@ -58,6 +58,7 @@ HEADLINE = (
     "two_replicas_tokens_ratio",
     "speculative_vs_direct_tokens_ratio",
     "speculative_free_chat_ratio",
+    "speculative_predicted_vs_measured_error",
     "tunnel_vs_tls_round_trip_ratio",
     "gpu_mesh_vs_direct_tokens_ratio",
     "gpu_mesh_vs_direct_prompt_ratio",

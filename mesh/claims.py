@@ -15,6 +15,7 @@ from ..scheduler.placement import (
     is_model_id,
     unit_key,
 )
+from ..scheduler.speculation import SPECULATION_MODES
 
 MAX_CLAIMS_PER_NODE = 16
 
@@ -33,6 +34,7 @@ class Claim:
     overlap: bool = False
     slots: int = 1  # requests the engine runs at once, each with a KV cache of the context
     replica: int = 0  # which of the model's placements this is
+    speculation: str = "off"  # how the primary's engine drafts tokens (the planner chose)
 
     @property
     def unit(self) -> str:
@@ -59,17 +61,21 @@ class Claim:
         return [(node, last - first + 1) for node, first, last in self.layers]
 
     def same_split(self, placement: Placement) -> bool:
-        """Same primary, layers and slots (a slot count is memory the split's nodes hold)."""
+        """Same primary, layers, slots (a slot count is memory the split's nodes hold) and
+        speculation (the engine takes it at start)."""
         return (
             self.primary == placement.primary
             and self.slots == placement.slots
+            and self.speculation == placement.speculation
             and self.counts() == [(a.node, a.layer_count) for a in placement.assignments]
         )
 
     def as_placement(self) -> Placement:
         """The claim's layout, without the predictions only its primary computed."""
         assignments = tuple(Assignment(node, first, last, 0) for node, first, last in self.layers)
-        return Placement(self.model_id, self.primary, assignments, 0, 0.0, 0.0, self.slots)
+        return Placement(
+            self.model_id, self.primary, assignments, 0, 0.0, 0.0, self.slots, self.speculation
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -81,7 +87,7 @@ class Claim:
             "overlap": self.overlap,
             "slots": self.slots,
             "replica": self.replica,
-        }
+        } | ({"speculation": self.speculation} if self.speculation != "off" else {})
 
     @staticmethod
     def from_wire(data: object) -> Claim:
@@ -91,7 +97,7 @@ class Claim:
         model, epoch, primary = data.get("model"), data.get("epoch"), data.get("primary")
         layers, serving = data.get("layers"), data.get("serving", False)
         overlap, slots = data.get("overlap", False), data.get("slots", 1)
-        replica = data.get("replica", 0)
+        replica, speculation = data.get("replica", 0), data.get("speculation", "off")
         if not isinstance(model, str) or not isinstance(primary, str):
             raise ValueError("a claim needs a model and a primary")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -104,6 +110,8 @@ class Claim:
             raise ValueError(f"a claim's slots must be an integer from 1 to {MAX_SLOTS}")
         if not _whole(replica) or not 0 <= replica < MAX_REPLICAS:
             raise ValueError(f"a claim's replica must be an integer below {MAX_REPLICAS}")
+        if not isinstance(speculation, str) or speculation not in SPECULATION_MODES:
+            raise ValueError(f"a claim's speculation is one of {', '.join(SPECULATION_MODES)}")
         if not is_model_id(model):
             raise ValueError("a claim's model id is malformed")
         ranges = []
@@ -116,7 +124,9 @@ class Claim:
             ):
                 raise ValueError("a layer range is [node, first, last]")
             ranges.append((entry[0], entry[1], entry[2]))
-        return Claim(model, epoch, primary, tuple(ranges), serving, overlap, slots, replica)
+        return Claim(
+            model, epoch, primary, tuple(ranges), serving, overlap, slots, replica, speculation
+        )
 
 
 def claim_for(
@@ -131,6 +141,7 @@ def claim_for(
         overlap=overlap,
         slots=placement.slots,
         replica=replica,
+        speculation=placement.speculation,
     )
 
 

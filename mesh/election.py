@@ -35,6 +35,7 @@ from ..scheduler.placement import (
 )
 from ..scheduler.planner import DEFAULT_COST, plan_with_slots
 from ..scheduler.replica_demand import Demand, rank_units, wanted_replicas
+from ..scheduler.speculation import DraftRate
 from .claims import Claim, claim_for, serving_predecessor, winding_down
 from .gossip_reader import GossipReader, gossiped_problem, model_entries
 from .member_states import MemberStates
@@ -76,7 +77,7 @@ class Elector:
     cost: CostModel = DEFAULT_COST
     claims: dict[str, Claim] = field(default_factory=dict)
     highest_epoch: dict[str, int] = field(default_factory=dict)
-    _wanted_since: dict[str, tuple[tuple[str, tuple[tuple[str, int], ...]], float]] = field(
+    _wanted_since: dict[str, tuple[tuple[str, tuple[tuple[str, int], ...], str], float]] = field(
         default_factory=dict
     )
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
@@ -114,7 +115,9 @@ class Elector:
             if winner is not None and winner.rank > mine.rank:
                 del self.claims[unit]  # fenced: a higher claim exists
                 self._hand_over(mine, winner)
-        offered = self.reader.offered_models(members)
+        offered = with_draft_rates(
+            self.reader.offered_models(members), self.reader.draft_rates(members)
+        )
         units = replica_requests(offered, self.reader.mesh_demand(members), current)
         retiring = retiring_replicas(offered, units, current)
         view = self.reader.cluster_view(members, now) if units else ClusterView.build(())
@@ -232,8 +235,9 @@ class Elector:
     ) -> ModelState:
         model_id, unit = request.model_id, request.unit
         kept = None
-        if current is not None and all(node in view for node in current.nodes):
-            as_claimed = replace(request, slots=current.slots)
+        held_to = None if current is None else request.speculation.only(current.speculation)
+        if current is not None and held_to and all(node in view for node in current.nodes):
+            as_claimed = replace(request, slots=current.slots, speculation=held_to)
             kept = evaluate(view, as_claimed, self.cost, current.primary, current.counts())
         try:
             planned = plan_with_slots(view, request, self.cost, kept)
@@ -248,7 +252,8 @@ class Elector:
         if current is not None and current.same_split(planned):
             self._wanted_since.pop(unit, None)
             return ModelState(request, current, planned, None)
-        key = (planned.primary, tuple((a.node, a.layer_count) for a in planned.assignments))
+        layout = tuple((a.node, a.layer_count) for a in planned.assignments)
+        key = (planned.primary, layout, planned.speculation)
         since = self._wanted_since.get(unit)
         if since is None or since[0] != key:
             self._wanted_since[unit] = (key, now)
@@ -282,6 +287,18 @@ def next_epoch(highest: int, me: str, holders: Iterable[str]) -> int:
     index, count = ordered.index(me), len(ordered)
     first = max(highest, 0) + 1
     return first + (index - first) % count
+
+
+def with_draft_rates(
+    offered: Mapping[str, ModelRequest], rates: Mapping[str, DraftRate]
+) -> dict[str, ModelRequest]:
+    """The offered models, each with the draft rate the mesh learned for it (if any)."""
+    return {
+        model_id: request
+        if (rate := rates.get(model_id)) is None
+        else replace(request, speculation=replace(request.speculation, rate=rate))
+        for model_id, request in offered.items()
+    }
 
 
 def replica_requests(

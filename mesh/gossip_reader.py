@@ -19,6 +19,7 @@ from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, ModelRequest, is_model_id
 from ..scheduler.replica_demand import DEMAND_FIGURES, MAX_DEMAND, Demand, mesh_demand_of
+from ..scheduler.speculation import DraftRate, SpeculationPolicy
 from .claims import Claim, parse_claims
 from .member_states import MemberStates
 
@@ -125,6 +126,9 @@ class GossipReader:
     _demand: OrderedDict[int, tuple[object, tuple[_NodeDemand, ...]]] = field(
         default_factory=OrderedDict
     )
+    _drafts: OrderedDict[int, tuple[object, tuple[tuple[str, DraftRate], ...]]] = field(
+        default_factory=OrderedDict
+    )
 
     def offered_models(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
         """Every model some member holds; its profile and context come from the lowest peer
@@ -198,6 +202,26 @@ class GossipReader:
                 reports.setdefault(model_id, []).append((recent, buckets))
         return {model_id: mesh_demand_of(found) for model_id, found in reports.items()}
 
+    def draft_rates(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, DraftRate]:
+        """What each model's drafts yield, over every member that reports what its engine
+        learned (weighted by the tokens each counted)."""
+        totals: dict[str, tuple[float, float, int]] = {}
+        for _, content in MemberStates.of(members).having("drafts"):
+            raw = content.get("drafts")
+            memo = self._drafts.get(id(raw))
+            if memo is None or memo[0] is not raw:
+                memo = (raw, draft_rate_entries(raw))
+                _remember(self._drafts, id(raw), memo, self.memo_size)
+            for model_id, rate in memo[1]:
+                accepted, drafted, tokens = totals.get(model_id, (0.0, 0.0, 0))
+                totals[model_id] = (
+                    accepted + rate.accepted_per_token * rate.tokens,
+                    drafted + rate.drafted_per_token * rate.tokens,
+                    tokens + rate.tokens,
+                )
+        found = {model_id: DraftRate.of(*total) for model_id, total in totals.items()}
+        return {model_id: rate for model_id, rate in found.items() if rate is not None}
+
     def claims_in(self, content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
         """The claims a node makes for itself (a claim naming another primary is ignored)."""
         raw = content.get("claims")
@@ -236,7 +260,7 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         profile = profile_from_dict(entry.get("profile"))
     except ValueError:
         return None
-    context, slots = entry.get("context"), entry.get("slots")
+    context, slots, policy = entry.get("context"), entry.get("slots"), entry.get("speculation")
     least, most = (
         _replica_count(entry.get("min_replicas")),
         _replica_count(entry.get("max_replicas")),
@@ -250,6 +274,7 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         replicas=min(least, most),
         min_replicas=min(least, most),
         max_replicas=most,
+        speculation=SpeculationPolicy.named(policy if isinstance(policy, str) else "off"),
     )
 
 
@@ -304,6 +329,30 @@ def demand_entries(raw: object) -> tuple[_NodeDemand, ...]:
         if all(_finite(value) and value >= 0 for value in figures):
             capped = [min(float(value), MAX_DEMAND) for value in figures]
             found.append((model_id, capped[0], tuple(capped[1:])))
+    return tuple(found)
+
+
+MAX_DRAFT_TOKENS = 10**9  # tokens a reported rate may rest on (bounds one member's weight)
+
+
+def draft_rate_entries(raw: object) -> tuple[tuple[str, DraftRate], ...]:
+    """A member's gossiped draft rates, `{model: [accepted per token, drafted per token,
+    tokens]}`: malformed or impossible entries are dropped, and only the first
+    `MAX_DEMAND_ENTRIES` models count."""
+    if not isinstance(raw, dict):
+        return ()
+    found = []
+    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
+        if not (isinstance(model_id, str) and is_model_id(model_id)):
+            continue
+        if not (isinstance(figures, list | tuple) and len(figures) == 3):
+            continue
+        accepted, drafted, tokens = figures
+        if _finite(accepted) and _finite(drafted) and _count(tokens) and tokens > 0:
+            tokens = min(tokens, MAX_DRAFT_TOKENS)
+            rate = DraftRate.of(accepted * tokens, drafted * tokens, tokens)
+            if rate is not None:
+                found.append((model_id, rate))
     return tuple(found)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 # The keys the election looks members up by; a member is listed under a key when its state
 # has a non-empty value there.
-INDEXED_KEYS = ("claims", "demand", "models", "problems")
+INDEXED_KEYS = ("claims", "demand", "drafts", "models", "problems")
 
 
 class MemberStates(Mapping[str, Mapping[str, Any]]):

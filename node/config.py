@@ -20,7 +20,8 @@ import platformdirs
 
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS
 from ..scheduler.replica_demand import DEFAULT_MAX_REPLICAS
-from .engine.options import SPECULATION, check_engine_args
+from ..scheduler.speculation import POLICY_MODES
+from .engine.options import check_engine_args
 from .models.chat_template import BUILTIN_TEMPLATES
 from .models.model_kind import KINDS
 
@@ -83,10 +84,12 @@ class NodeConfig:
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
     parallel_slots: int = 4
-    # Speculative decoding by the primary's engine: "ngram" drafts from n-grams already in the
+    # Speculative decoding of this node's models: "ngram" drafts from n-grams already in the
     # context (llama.cpp's ngram-mod; no extra model), verified in one pass, so a split pays
-    # one round trip per worker for several tokens when the text repeats itself; "off".
-    speculation: str = "off"
+    # one round trip per worker for several tokens when the text repeats itself; "auto" lets
+    # the planner choose per placement by what the drafts yield (learned from the engines);
+    # "off". The holder with the lowest peer id sets it for its model, as with context_size.
+    speculation: str = "auto"
     # Placements of this node's model at once, on disjoint nodes, where memory allows: demand
     # picks the count between these two (the settings of the holder with the lowest peer id
     # count).
@@ -380,9 +383,9 @@ def _check_engine_settings(config: NodeConfig) -> None:
         raise ConfigError(f"model_kind {config.model_kind!r} is not one of {', '.join(KINDS)}")
     if config.threads is not None and config.threads < 1:
         raise ConfigError(f"threads {config.threads} must be at least 1")
-    if config.speculation not in SPECULATION:
+    if config.speculation not in POLICY_MODES:
         raise ConfigError(
-            f"speculation {config.speculation!r} is not one of {', '.join(SPECULATION)}"
+            f"speculation {config.speculation!r} is not one of {', '.join(POLICY_MODES)}"
         )
 
 

@@ -44,6 +44,12 @@ class CostModel:
     prompt_batch_tokens: int = 512
     prompt_compute_speedup: float = 6.0
     prompt_round_trips_per_batch_per_worker: float = 3.0
+    # Speculation: what one drafted token adds to a pass, as a share of the placement's compute
+    # per token. On a CPU each checked token costs most of a token (the output head is a full
+    # matrix product per token): fitted on the speculation bench (2 cores, Gemma 270M). A GPU
+    # checks a few more tokens in the same weight read: assumed, not yet measured.
+    draft_compute_share: float = 0.45
+    draft_compute_share_gpu: float = 0.05
 
     def memory_budget(self, node: NodeCapacity) -> int:
         """Bytes of a node usable for weights and KV cache."""
@@ -92,6 +98,22 @@ class CostModel:
         rtt_s = max(out.rtt_ms, back.rtt_ms) / 1000.0
         transfer_s = self.bytes_per_token(profile) * 8 / (out.bandwidth_mbps * 1e6)
         return self.round_trips_per_token_per_worker * rtt_s + transfer_s + self.worker_overhead_s
+
+    def draft_seconds(self, compute_s: float, on_gpu: bool, transfer_s: float) -> float:
+        """What one drafted token adds to a pass: its share of the placement's compute per
+        token (`compute_s`), and its hidden state across the workers' links (`transfer_s`)."""
+        share = self.draft_compute_share_gpu if on_gpu else self.draft_compute_share
+        return share * compute_s + transfer_s
+
+    def activation_seconds(
+        self, view: ClusterView, profile: ModelProfile, primary: str, worker: str
+    ) -> float:
+        """One token's hidden state to a worker and back (0 if the link is unknown)."""
+        link = view.link(primary, worker)
+        if worker == primary or link is None or link.bandwidth_mbps <= 0:
+            return 0.0
+        size = 2 * profile.embedding_length * self.activation_bytes_per_element
+        return size * 8 / (link.bandwidth_mbps * 1e6)
 
     def prompt_tokens_per_s(
         self, view: ClusterView, profile: ModelProfile, primary: str, layers: dict[str, int]

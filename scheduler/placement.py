@@ -9,6 +9,7 @@ from typing import Any
 from .cluster import ClusterView
 from .cost_model import CostModel
 from .model_profile import ModelProfile
+from .speculation import NO_SPECULATION, SpeculationPolicy, choose_mode, seconds_per_token
 
 
 class PlannerError(Exception):
@@ -39,6 +40,10 @@ class Placement:
     ms_per_token: float
     prompt_tokens_per_s: float
     slots: int = 1  # requests its engine runs at once, each with its own KV cache
+    speculation: str = "off"  # how its engine drafts tokens (`speculation.SPECULATION_MODES`)
+    # The prediction's parts: time per token without speculation, and per drafted token.
+    plain_ms_per_token: float = 0.0
+    ms_per_draft: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +78,9 @@ class Placement:
             "predicted_tokens_per_s": self.tokens_per_s,
             "predicted_prompt_tokens_per_s": self.prompt_tokens_per_s,
             "slots": self.slots,
+            "speculation": self.speculation,
+            "predicted_plain_ms_per_token": self.plain_ms_per_token,
+            "predicted_ms_per_draft": self.ms_per_draft,
         }
 
 
@@ -112,6 +120,7 @@ class ModelRequest:
     replica: int = 0
     min_replicas: int = 1
     max_replicas: int = 1
+    speculation: SpeculationPolicy = NO_SPECULATION
 
     @property
     def kv_tokens(self) -> int:
@@ -142,7 +151,8 @@ def evaluate(
     others = [(p, c) for p, c in counts if p != primary]
     # llama.cpp orders devices: remote ones first, then local GPUs; layers kept on a CPU first.
     ordered = others + own if primary_node.vram_bytes > 0 else own + others
-    seconds = cost.head_seconds(profile, primary_node)
+    compute = cost.head_seconds(profile, primary_node)
+    network = activations = 0.0
     assignments: list[Assignment] = []
     first = 0
     primary_memory = cost.primary_extra_memory(profile)
@@ -156,7 +166,9 @@ def evaluate(
         link_s = cost.worker_link_seconds(view, profile, primary, peer_id)
         if link_s is None or extra + count * layer_memory > cost.memory_budget(node):
             return None
-        seconds += link_s + count * cost.layer_seconds(profile, node)
+        network += link_s
+        compute += count * cost.layer_seconds(profile, node)
+        activations += cost.activation_seconds(view, profile, primary, peer_id)
         memory = _assignment_memory(request, cost, first, count) + extra
         assignments.append(Assignment(peer_id, first, first + count - 1, memory))
         first += count
@@ -167,6 +179,10 @@ def evaluate(
         primary_memory + cost.compute_buffer_bytes,
     )
     layers = {a.node: a.layer_count for a in assignments}
+    plain = compute + network
+    per_draft = cost.draft_seconds(compute, primary_node.vram_bytes > 0, activations)
+    mode = choose_mode(plain, per_draft, request.speculation)
+    seconds = seconds_per_token(plain, per_draft, mode, request.speculation.rate)
     return Placement(
         model_id=request.model_id,
         primary=primary,
@@ -175,6 +191,9 @@ def evaluate(
         ms_per_token=seconds * 1000.0,
         prompt_tokens_per_s=cost.prompt_tokens_per_s(view, profile, primary, layers),
         slots=request.slots,
+        speculation=mode,
+        plain_ms_per_token=plain * 1000.0,
+        ms_per_draft=per_draft * 1000.0,
     )
 
 

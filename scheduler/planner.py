@@ -24,6 +24,9 @@ from .placement import ModelRequest, Placement, PlannerError, evaluate
 
 DEFAULT_STABILITY_MARGIN = 0.10
 PREFER_HOLDER_MARGIN = 0.25
+# A placement changes only its speculation mode when the other mode is faster by this much:
+# the engine restarts (a reload from the workers' caches), but no layers move.
+SPECULATION_MARGIN = 0.05
 DEFAULT_COST = CostModel()
 _MAX_PRIMARY_CANDIDATES = 24
 
@@ -44,13 +47,19 @@ def plan_model(
     stability_margin: float = DEFAULT_STABILITY_MARGIN,
 ) -> Placement:
     """The fastest feasible placement, or `current` if it is still feasible and not beaten by
-    more than `stability_margin` (a fraction of its time per token)."""
+    more than `stability_margin` (a fraction of its time per token). The split is chosen for
+    time per token without speculation, then the speculation mode for the split; `current`
+    keeps its mode (switching restarts the engine), so a mode must win by the margin too."""
     best = _best_placement(view, request, cost)
-    if current is not None:
+    held = None if current is None else request.speculation.only(current.speculation)
+    if current is not None and held is not None:
         counts = [(a.node, a.layer_count) for a in current.assignments]
-        kept = evaluate(view, request, cost, current.primary, counts)
-        if kept is not None and best.ms_per_token >= kept.ms_per_token * (1 - stability_margin):
-            return kept
+        kept = evaluate(view, replace(request, speculation=held), cost, current.primary, counts)
+        if kept is not None:
+            same_layout = (best.primary, best.assignments) == (kept.primary, kept.assignments)
+            margin = SPECULATION_MARGIN if same_layout else stability_margin
+            if best.ms_per_token >= kept.ms_per_token * (1 - margin):
+                return kept
     return best
 
 

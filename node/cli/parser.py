@@ -207,9 +207,9 @@ def add_up_command(commands: Any) -> None:
     )
     up.add_argument(
         "--speculation",
-        choices=("off", "ngram"),
-        help="speculative decoding by this node's engine when it leads: ngram drafts from the "
-        "text so far (default: off)",
+        choices=("auto", "off", "ngram"),
+        help="speculative decoding of this node's models: ngram drafts from the text so far; "
+        "auto lets the planner choose by what drafts yield (default: auto)",
     )
     up.add_argument(
         "--engine-from-mesh",

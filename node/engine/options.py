@@ -2,7 +2,8 @@
 
 Users of llama-server tune flash attention, KV cache types, reasoning output, the drafts of
 speculative decoding and default sampling; those pass through (`engine_args` in the config).
-Whether the engine speculates at all is the node's `speculation` setting.
+Whether the engine speculates at all is the placement's (the node's `speculation` setting
+allows the planner its choice).
 Anything that decides where the engine listens, what it loads or how it reaches its workers
 (`--host`, `--port`, `--model`, `--rpc`, `--n-gpu-layers`, `--tensor-split`, ...) belongs to the
 node, and so do parallel slots and the context, which the planner books as memory; any flag
@@ -51,7 +52,7 @@ _SET_ELSEWHERE = {
     for flag in ("-np", "--parallel", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified")
 } | {flag: "context_size (--context-size)" for flag in ("-c", "--ctx-size")}
 _SET_ELSEWHERE["--spec-type"] = "speculation (--speculation)"
-# The node's speculation settings, as llama-server arguments.
+# The speculation modes a placement's engine runs with (the planner chooses), as arguments.
 SPECULATION: dict[str, tuple[str, ...]] = {"off": (), "ngram": ("--spec-type", "ngram-mod")}
 MAX_ARGS = 64
 _VALUE = re.compile(r"^[\w.:,{}\"'\[\] =+-]{1,256}$")

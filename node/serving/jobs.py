@@ -38,9 +38,15 @@ class LocalModel:
         return self.info.path
 
     def gossip_entry(
-        self, context: int, slots: int, replicas: tuple[int, int], sha256: str | None
+        self,
+        context: int,
+        slots: int,
+        replicas: tuple[int, int],
+        sha256: str | None,
+        speculation: str = "off",
     ) -> dict[str, Any]:
-        """`replicas`: the least and most placements this node's settings allow."""
+        """`replicas`: the least and most placements this node's settings allow;
+        `speculation`: the modes it allows the planner (a `POLICY_MODES` name)."""
         entry = {
             "id": self.model_id,
             "size": self.info.size_bytes,
@@ -49,6 +55,7 @@ class LocalModel:
             "min_replicas": replicas[0],
             "max_replicas": replicas[1],
             "profile": profile_to_dict(self.info.profile),
+            "speculation": speculation,
         }
         if sha256 is not None:
             entry["sha256"] = sha256

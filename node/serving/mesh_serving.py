@@ -45,6 +45,7 @@ from ..models.model_file import ModelFileError, cached_sha256
 from ..weights.share import WeightShare
 from ..weights.share_wire import WEIGHTS
 from ..weights.warm_start import READY, WeightFiller, answer_ready
+from .draft_meter import DraftMeter
 from .jobs import Job, LocalModel, gossiped_aliases, gossiped_kinds
 from .offered_recently import RecentlyOffered
 from .parts import STEP_S
@@ -85,6 +86,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self.model_states: dict[str, ModelState] = {}
         self.unit_states: dict[str, ModelState] = {}
         self._in_flight = InFlight()
+        self._drafts = DraftMeter()
         self.replans: dict[str, int] = {}  # model -> placements replaced, as this node saw it
         self._last_rank: dict[str, tuple[int, str]] = {}  # model -> last placement seen
         # Jobs by (model, claim rank): two of one model run at once during a switch.
@@ -112,20 +114,27 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     # -- gossip ------------------------------------------------------------------------------
 
     def gossip_fields(self) -> dict[str, Any]:
-        demand = self._in_flight.demand.report(trio.current_time())
-        return {
-            "models": [
-                m.gossip_entry(
-                    self._config.context_size,
-                    self._config.parallel_slots,
-                    (self._config.min_replicas, self._config.max_replicas),
-                    self._hashes.get(m.model_id),
-                )
-                for m in self._local.values()
-            ],
-            "claims": self.elector.gossiped_claims(),
-            "problems": dict(sorted(self.elector.problems.items())),
-        } | ({"demand": demand} if demand else {})  # an idle node spends no bytes on it
+        now = trio.current_time()
+        demand = self._in_flight.demand.report(now)
+        drafts = self._drafts.gossip(now)
+        return (
+            {
+                "models": [
+                    m.gossip_entry(
+                        self._config.context_size,
+                        self._config.parallel_slots,
+                        (self._config.min_replicas, self._config.max_replicas),
+                        self._hashes.get(m.model_id),
+                        self._config.speculation,
+                    )
+                    for m in self._local.values()
+                ],
+                "claims": self.elector.gossiped_claims(),
+                "problems": dict(sorted(self.elector.problems.items())),
+            }
+            | ({"demand": demand} if demand else {})
+            | ({"drafts": drafts} if drafts else {})
+        )
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from ...mesh.transport.tunnel_stats import (
 from ..config import NodeConfig
 from ..engine.locate import EngineInfo
 from ..weights.warm_start import WeightFiller
+from .draft_meter import DraftMeter
 from .jobs import Job, LocalModel
 from .offered_recently import RecentlyOffered
 from .reconciler import ApiTunnelKey, JobKey
@@ -54,6 +55,7 @@ class ServingParts(Protocol):
     model_states: dict[str, ModelState]  # each model's first replica, by model id
     unit_states: dict[str, ModelState]  # every replica of every model, by unit
     _in_flight: InFlight
+    _drafts: DraftMeter
     replans: dict[str, int]
     _primary_jobs: dict[JobKey, Job]
     _worker_jobs: dict[JobKey, Job]

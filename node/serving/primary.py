@@ -22,6 +22,7 @@ from ..engine.unix_socket import engine_client, unix_endpoint
 from ..models.chat_template import template_args
 from ..models.model_kind import kind_args
 from ..weights.warm_start import READY, await_ready
+from .draft_meter import EngineCounters, parse_engine_counters
 from .jobs import Job, LocalModel
 from .parts import ENGINE_ENV, STEP_S, ServingParts
 
@@ -29,6 +30,7 @@ _log = logging.getLogger("sharedllm.serving")
 _FILL_WAIT_S = 1800.0  # the longest a primary waits for its workers to fill their caches
 _HANDOVER_MIN_S = 1.0  # routers hear that the new placement serves before the old one stops
 _HANDOVER_LIMIT_S = 60.0  # the longest a replaced engine may take to finish its requests
+_METER_S = 10.0  # how often the engine's counters are read
 
 
 class PrimaryRole(ServingParts):
@@ -80,6 +82,7 @@ class PrimaryRole(ServingParts):
                 )
                 nursery.start_soon(job.supervisor.run)
                 nursery.start_soon(self._verify_load, job, model, report)
+                nursery.start_soon(self._meter_drafts, job)
 
     def _llama_server_spec(
         self, model: LocalModel, claim: Claim, job: Job, report: LoadReport
@@ -105,12 +108,12 @@ class PrimaryRole(ServingParts):
                 tokenizer_pre=model.info.tokenizer_pre,
                 configured=self._config.chat_template,
             ),
-            *("--no-webui", "--log-verbosity", "4"),
+            *("--no-webui", "--log-verbosity", "4", "--metrics"),
             *split.argv(endpoints),
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
-        argv += SPECULATION[self._config.speculation]
+        argv += SPECULATION[claim.speculation]
         argv += self._config.engine_args  # checked against the allow-list when loaded
         return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
 
@@ -150,6 +153,31 @@ class PrimaryRole(ServingParts):
                     ", ".join(f"{n[-6:]} {a}-{b}" for n, a, b in job.claim.layers),
                 )
             self._changed.set()
+
+    async def _meter_drafts(self, job: Job) -> None:
+        """Reads the engine's counters now and then: what its drafts yield is what the
+        planner weighs speculation by."""
+        engine, speculating = (job.claim.model_id, job.claim.epoch), job.claim.speculation != "off"
+        try:
+            while True:
+                await trio.sleep(_METER_S)
+                counters = await self._engine_counters(job)
+                if counters is not None:
+                    now = trio.current_time()
+                    self._drafts.observe(engine, counters, speculating, now)
+        finally:
+            self._drafts.forget(engine)
+
+    async def _engine_counters(self, job: Job) -> EngineCounters | None:
+        if job.http is None or job.supervisor is None:
+            return None
+        if job.supervisor.state is not ServiceState.READY:
+            return None
+        try:
+            answer = await job.http.get("/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        return parse_engine_counters(answer.text) if answer.status_code == 200 else None
 
     async def _engine_healthy(self, job: Job) -> bool:
         assert job.http is not None

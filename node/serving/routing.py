@@ -183,6 +183,7 @@ class ApiRouting(ServingParts):
                 "epoch": None if claim is None else claim.epoch,
                 "serving": claim is not None and claim.serving,
                 "slots": None if claim is None else claim.slots,
+                "speculation": _describe_speculation(claim, state),
                 "context": state.request.context,
                 "assignments": []
                 if claim is None
@@ -261,4 +262,17 @@ def _describe_demand(state: ModelState, found: Demand | None) -> dict[str, Any]:
         "replicas_wanted": request.replicas,
         "min_replicas": request.min_replicas,
         "max_replicas": request.max_replicas,
+    }
+
+
+def _describe_speculation(claim: Claim | None, state: ModelState) -> dict[str, Any]:
+    """The placement's speculation mode, what the holder allows, and the draft rate the
+    planner weighs it by (`learned_tokens` 0: the prior, nothing learned yet)."""
+    policy = state.request.speculation
+    return {
+        "mode": None if claim is None else claim.speculation,
+        "allowed": list(policy.modes),
+        "accepted_per_token": policy.rate.accepted_per_token,
+        "drafted_per_token": policy.rate.drafted_per_token,
+        "learned_tokens": policy.rate.tokens,
     }
