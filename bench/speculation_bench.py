@@ -31,6 +31,7 @@ from sharedllm.node.engine.locate import find_engine, free_loopback_port
 from sharedllm.node.engine.speed import engine_gflops
 from sharedllm.node.models.default_model import default_model_path
 from sharedllm.node.models.model_file import inspect_model
+from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
 
 from .serving_bench import (
     _ENV,
@@ -121,10 +122,7 @@ def _learn(url: str, model_id: str, workload: dict[str, Any]) -> dict[str, Any]:
     while time.monotonic() < deadline:
         try:
             entry = _model_entry(url, model_id)
-            learned = entry.get("speculation", {}).get("learned_tokens", 0)
-            planned = entry.get("planned") or {}
-            mode = entry.get("speculation", {}).get("mode")
-            if learned and entry.get("serving") and planned.get("speculation") == mode:
+            if entry.get("serving") and _planned_with_what_was_learned(entry):
                 return entry
             if entry.get("serving"):
                 _tokens_per_s(url, model_id, workload)
@@ -133,6 +131,18 @@ def _learn(url: str, model_id: str, workload: dict[str, Any]) -> dict[str, Any]:
         except (httpx.HTTPError, ValueError, KeyError):
             time.sleep(1)
     raise RuntimeError(f"the mesh at {url} did not settle its speculation in {LEARN_LIMIT_S} s")
+
+
+def _planned_with_what_was_learned(entry: dict[str, Any]) -> bool:
+    """Whether the planner has learned a draft rate, planned with it (the standing placement
+    is judged again every few seconds), and the placement runs the mode it planned."""
+    speculation, planned = entry.get("speculation") or {}, entry.get("planned") or {}
+    if not speculation.get("learned_tokens") or planned.get("speculation") != speculation["mode"]:
+        return False
+    rate = DraftRate(speculation["accepted_per_token"], speculation["drafted_per_token"])
+    plain, per_draft = planned["predicted_plain_ms_per_token"], planned["predicted_ms_per_draft"]
+    expected = seconds_per_token(plain, per_draft, speculation["mode"], rate)
+    return bool(abs(planned["predicted_ms_per_token"] - expected) <= 1e-6 * expected)
 
 
 def run() -> dict[str, Any]:

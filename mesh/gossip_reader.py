@@ -275,6 +275,7 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         min_replicas=min(least, most),
         max_replicas=most,
         speculation=SpeculationPolicy.named(policy if isinstance(policy, str) else "off"),
+        split="memory" if entry.get("split") == "memory" else "planner",
     )
 
 

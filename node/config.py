@@ -18,7 +18,7 @@ from typing import Any
 
 import platformdirs
 
-from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS
+from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, SPLITS
 from ..scheduler.replica_demand import DEFAULT_MAX_REPLICAS
 from ..scheduler.speculation import POLICY_MODES
 from .engine.options import check_engine_args
@@ -90,6 +90,10 @@ class NodeConfig:
     # the planner choose per placement by what the drafts yield (learned from the engines);
     # "off". The holder with the lowest peer id sets it for its model, as with context_size.
     speculation: str = "auto"
+    # How this node's models are split: "planner" (link- and speed-aware, the default) or
+    # "memory" (in proportion to each reachable node's memory, as llama.cpp does by default:
+    # to compare the two on a real mesh). Set by the lowest holder, as with context_size.
+    split: str = "planner"
     # Placements of this node's model at once, on disjoint nodes, where memory allows: demand
     # picks the count between these two (the settings of the holder with the lowest peer id
     # count).
@@ -154,6 +158,7 @@ _SETTING_TYPES: dict[str, type] = {
     "context_size": int,
     "parallel_slots": int,
     "speculation": str,
+    "split": str,
     "min_replicas": int,
     "max_replicas": int,
     "chat_template": str,
@@ -383,6 +388,8 @@ def _check_engine_settings(config: NodeConfig) -> None:
         raise ConfigError(f"model_kind {config.model_kind!r} is not one of {', '.join(KINDS)}")
     if config.threads is not None and config.threads < 1:
         raise ConfigError(f"threads {config.threads} must be at least 1")
+    if config.split not in SPLITS:
+        raise ConfigError(f"split {config.split!r} is not one of {', '.join(SPLITS)}")
     if config.speculation not in POLICY_MODES:
         raise ConfigError(
             f"speculation {config.speculation!r} is not one of {', '.join(POLICY_MODES)}"

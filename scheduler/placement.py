@@ -84,6 +84,7 @@ class Placement:
         }
 
 
+SPLITS = ("planner", "memory")
 MAX_SLOTS = 64  # parallel requests one engine may run; more (from a peer) is malformed
 MAX_REPLICAS = 8  # placements of one model at once
 _REPLICA_MARK = "\x1f"  # never in a model id (gossip drops ids holding it)
@@ -121,6 +122,7 @@ class ModelRequest:
     min_replicas: int = 1
     max_replicas: int = 1
     speculation: SpeculationPolicy = NO_SPECULATION
+    split: str = "planner"  # or "memory": llama.cpp's default split, to compare (`SPLITS`)
 
     @property
     def kv_tokens(self) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .baselines import memory_proportional
 from .cluster import ClusterView, NodeCapacity
 from .cost_model import CostModel
 from .placement import ModelRequest, Placement, PlannerError, evaluate
@@ -50,7 +51,14 @@ def plan_model(
     more than `stability_margin` (a fraction of its time per token). The split is chosen for
     time per token without speculation, then the speculation mode for the split; `current`
     keeps its mode (switching restarts the engine), so a mode must win by the margin too."""
-    best = _best_placement(view, request, cost)
+    best = _best_placement(view, request, cost) if request.split == "planner" else None
+    if best is None:
+        best = memory_proportional(view, request, cost)
+        if best is None:
+            raise PlannerError(
+                f"model {request.model_id}: a split in proportion to memory "
+                "does not fit the reachable nodes"
+            )
     held = None if current is None else request.speculation.only(current.speculation)
     if current is not None and held is not None:
         counts = [(a.node, a.layer_count) for a in current.assignments]

@@ -212,6 +212,12 @@ def add_up_command(commands: Any) -> None:
         "auto lets the planner choose by what drafts yield (default: auto)",
     )
     up.add_argument(
+        "--split",
+        choices=("planner", "memory"),
+        help="how this node's models are split: by the planner (default), or in proportion "
+        "to memory as llama.cpp does (to compare)",
+    )
+    up.add_argument(
         "--engine-from-mesh",
         action="store_const",
         const=True,

@@ -43,10 +43,13 @@ class LocalModel:
         slots: int,
         replicas: tuple[int, int],
         sha256: str | None,
+        *,
         speculation: str = "off",
+        split: str = "planner",
     ) -> dict[str, Any]:
         """`replicas`: the least and most placements this node's settings allow;
-        `speculation`: the modes it allows the planner (a `POLICY_MODES` name)."""
+        `speculation`: the modes it allows the planner (a `POLICY_MODES` name); `split`: how
+        the model is split (`SPLITS`)."""
         entry = {
             "id": self.model_id,
             "size": self.info.size_bytes,
@@ -57,6 +60,8 @@ class LocalModel:
             "profile": profile_to_dict(self.info.profile),
             "speculation": speculation,
         }
+        if split != "planner":
+            entry["split"] = split
         if sha256 is not None:
             entry["sha256"] = sha256
         if self.aliases:
