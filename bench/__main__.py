@@ -25,6 +25,7 @@ from . import (
     serving_bench,
     simnet_bench,
     speculation_bench,
+    split_bench,
     transport_bench,
     warm_load_bench,
 )
@@ -41,6 +42,7 @@ SUITES = {
     "serving": serving_bench.run,
     "simnet": simnet_bench.run,
     "speculation": speculation_bench.run,
+    "split": split_bench.run,
     "transport": transport_bench.run,
     "warm_load": warm_load_bench.run,
 }
@@ -63,6 +65,7 @@ HEADLINE = (
     "gpu_mesh_vs_direct_tokens_ratio",
     "gpu_mesh_vs_direct_prompt_ratio",
     "gpu_mesh_vs_direct_load_ratio",
+    "planner_vs_memory_proportional_measured",
 )
 
 

@@ -6,12 +6,32 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 COMMAND = str(Path(sys.executable).parent / "sharedllm-node")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a node runs: this machine's loopback, or a network namespace of ours."""
+
+    address: str = "127.0.0.1"
+    namespace: str | None = None
+
+    def command(self, *argv: str) -> list[str]:
+        prefix = ["ip", "netns", "exec", self.namespace] if self.namespace else []
+        return [*prefix, *argv]
+
+    def run(self, *argv: str) -> str:
+        done = subprocess.run(
+            self.command(*argv), capture_output=True, text=True, timeout=120, check=True
+        )
+        return done.stdout
+
 
 # Runs inside a network namespace: the standard library only, so it starts in milliseconds.
 _FETCH = (

@@ -35,7 +35,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from sharedllm.node.engine.locate import find_engine, free_loopback_port
 from sharedllm.node.models.gguf_header import read_header
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
-from .node_cli import COMMAND, node_status
+from .node_cli import COMMAND, Place, node_status
 
 RUNS = 3
 LAN_RUNS = 2
@@ -81,30 +80,12 @@ def _fill_s(log: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-@dataclass(frozen=True)
-class _Place:
-    """Where a node runs: this machine's loopback, or a network namespace of ours."""
-
-    address: str = "127.0.0.1"
-    namespace: str | None = None
-
-    def command(self, *argv: str) -> list[str]:
-        prefix = ["ip", "netns", "exec", self.namespace] if self.namespace else []
-        return [*prefix, *argv]
-
-    def run(self, *argv: str) -> str:
-        done = subprocess.run(
-            self.command(*argv), capture_output=True, text=True, timeout=120, check=True
-        )
-        return done.stdout
-
-
-LOOPBACK = (_Place(), _Place())
+LOOPBACK = (Place(), Place())
 
 
 class _Node:
     def __init__(
-        self, work: Path, name: str, model: Path | None, prefill: bool, place: _Place, *args: str
+        self, work: Path, name: str, model: Path | None, prefill: bool, place: Place, *args: str
     ) -> None:
         self.place = place
         self.data = work / name / "data"
@@ -164,7 +145,7 @@ def _layer_weight_bytes(model: Path) -> dict[int, int]:
 
 
 def _one_run(
-    work: Path, model: Path, kind: str, places: tuple[_Place, _Place] = LOOPBACK
+    work: Path, model: Path, kind: str, places: tuple[Place, Place] = LOOPBACK
 ) -> dict[str, float]:
     prefill = kind != "cold"
     model_id = model.name.removesuffix(".gguf")
@@ -215,12 +196,12 @@ def _serving(node: _Node, model_id: str) -> dict[str, Any]:
 
 
 @contextmanager
-def _shaped_link(rate: str) -> Iterator[tuple[_Place, _Place]]:
+def _shaped_link(rate: str) -> Iterator[tuple[Place, Place]]:
     """Two network namespaces joined by a veth pair whose both ends send at most `rate`."""
     tag = str(os.getpid())[-6:]
     names, devices = (f"sllwa{tag}", f"sllwb{tag}"), (f"vsllwa{tag}", f"vsllwb{tag}")
-    places = (_Place(f"{_SUBNET}.1", names[0]), _Place(f"{_SUBNET}.2", names[1]))
-    root = _Place()
+    places = (Place(f"{_SUBNET}.1", names[0]), Place(f"{_SUBNET}.2", names[1]))
+    root = Place()
     try:
         for name, place in zip(names, places, strict=True):
             root.run("ip", "netns", "add", name)

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+PROBE_BLOCK_BYTES = 256 * 1024  # a bulk probe is sent in blocks of this size
+PROBE_TARGET_S = 1.0  # how long a bulk probe should take
+
+
+def next_probe_bytes(bandwidth_mbps: float, largest: int) -> int:
+    """The size of a bulk probe that takes about `PROBE_TARGET_S` on a link of this bandwidth
+    (whole blocks, at least one, at most `largest`): long enough to time, and short enough
+    that a slow link is not flooded by the probes meant to measure it."""
+    wanted = int(bandwidth_mbps * 1e6 / 8 * PROBE_TARGET_S) // PROBE_BLOCK_BYTES
+    return max(PROBE_BLOCK_BYTES, min(largest, wanted * PROBE_BLOCK_BYTES))
+
+
+def bandwidth_at_most(size: int, seconds: float) -> float:
+    """What a probe of `size` bytes that did not finish in `seconds` says of the link (Mbit/s):
+    the planner prices it so, rather than as unmeasured (and it is not probed again at once)."""
+    return size * 8 / seconds / 1e6
+
 
 @dataclass
 class PeerLink:
@@ -14,6 +31,7 @@ class PeerLink:
     bandwidth_mbps: float | None = None  # data plane, from bulk probes
     data_rtt_ms: float | None = None  # data plane, after each bulk probe: what tunnels pay
     address: str | None = None  # the control-plane address that reached it last, when we dialed
+    probe_bytes: int = PROBE_BLOCK_BYTES  # the next bulk probe's size (`next_probe_bytes`)
 
     def observe(self, sample_ms: float) -> None:
         if self.rtt_ms is None:

@@ -11,7 +11,13 @@ import trio
 
 from .addresses import MAX_ADVERTISED, beyond_this_machine, host_of_multiaddr, order_multiaddrs
 from .gossip import SignedState
-from .link_stats import PeerLink
+from .link_stats import (
+    PROBE_BLOCK_BYTES,
+    PROBE_TARGET_S,
+    PeerLink,
+    bandwidth_at_most,
+    next_probe_bytes,
+)
 from .probe_records import (
     News,
     decode_ping_request,
@@ -29,6 +35,7 @@ PING = "/sharedllm/ping/1"
 PING_REQ = "/sharedllm/ping-req/1"
 BANDWIDTH = "/sharedllm/bandwidth/2"
 _ECHOES = 9  # round-trip samples after each bandwidth probe
+_PROBES_PER_ROUND = 3  # probes of growing size in one bandwidth round, at most
 STATES_PER_PROBE = 4
 _log = logging.getLogger("sharedllm.mesh")
 
@@ -153,30 +160,50 @@ class Probing(MeshShell):
         raise TransportError(f"no answer at {address}")
 
     async def _measure_bandwidth(self, peer: str) -> None:
-        """Times a bulk transfer over the data plane, then the round trip of small frames."""
+        """Times bulk transfers over the data plane, then the round trip of small frames. The
+        first probe is small; while one ends too soon to time, a bigger one follows (up to
+        `bandwidth_probe_bytes`), sized by what the last one measured."""
         addresses = data_addresses(self.store.states.get(peer))
         if self.data_plane is None or not addresses:
             return
-        size = self.timing.bandwidth_probe_bytes
-        with trio.move_on_after(self.timing.exchange_timeout_s * 4):
-            try:
-                stream = await self.data_plane.connect(peer, addresses, BANDWIDTH)
+        link = self.links.setdefault(peer, PeerLink())
+        limit_s = self.timing.exchange_timeout_s * 4
+        largest = self.timing.bandwidth_probe_bytes
+        for _ in range(_PROBES_PER_ROUND):
+            size = min(link.probe_bytes, largest)
+            with trio.move_on_after(limit_s) as timer:
                 try:
-                    started = trio.current_time()
-                    await send_frame(stream, encode_probe_header(size))
-                    block = bytes(256 * 1024)
-                    for _ in range(size // len(block)):
-                        await stream.send_all(block)
-                    await receive_frame(stream, self.timing.exchange_timeout_s)
-                    seconds = trio.current_time() - started
-                    round_trip_s = await _time_echoes(stream, self.timing.exchange_timeout_s)
-                finally:
-                    await stream.aclose()
-                link = self.links.setdefault(peer, PeerLink())
-                link.bandwidth_mbps = size * 8 / seconds / 1e6
-                link.data_rtt_ms = round_trip_s * 1000
-            except PROTOCOL_FAULTS as err:
-                _log.debug("bandwidth probe to %s failed: %s", peer, err)
+                    seconds = await self._probe_once(peer, addresses, size, link)
+                except PROTOCOL_FAULTS as err:
+                    _log.debug("bandwidth probe to %s failed: %s", peer, err)
+                    return
+            if timer.cancelled_caught:
+                link.bandwidth_mbps = bandwidth_at_most(size, limit_s)
+                link.probe_bytes = PROBE_BLOCK_BYTES
+                return
+            link.bandwidth_mbps = size * 8 / seconds / 1e6
+            link.probe_bytes = next_probe_bytes(link.bandwidth_mbps, largest)
+            if seconds >= PROBE_TARGET_S / 4 or size >= largest:
+                return
+
+    async def _probe_once(
+        self, peer: str, addresses: list[tuple[str, int]], size: int, link: PeerLink
+    ) -> float:
+        """One bulk probe of `size` bytes; its seconds (the data plane's RTT noted on `link`)."""
+        assert self.data_plane is not None
+        stream = await self.data_plane.connect(peer, addresses, BANDWIDTH)
+        try:
+            started = trio.current_time()
+            await send_frame(stream, encode_probe_header(size))
+            block = bytes(PROBE_BLOCK_BYTES)
+            for _ in range(size // len(block)):
+                await stream.send_all(block)
+            await receive_frame(stream, self.timing.exchange_timeout_s)
+            seconds = trio.current_time() - started
+            link.data_rtt_ms = await _time_echoes(stream, self.timing.exchange_timeout_s) * 1000
+        finally:
+            await stream.aclose()
+        return seconds
 
     def bandwidth_candidates(self) -> list[tuple[str, bool]]:
         """(peer, measured already) for each admitted member with a data-plane address."""

@@ -66,7 +66,8 @@ def plan_model(
         if kept is not None:
             same_layout = (best.primary, best.assignments) == (kept.primary, kept.assignments)
             margin = SPECULATION_MARGIN if same_layout else stability_margin
-            if best.ms_per_token >= kept.ms_per_token * (1 - margin):
+            asked_for = same_layout or request.split == "planner"  # a memory split is exact
+            if asked_for and best.ms_per_token >= kept.ms_per_token * (1 - margin):
                 return kept
     return best
 

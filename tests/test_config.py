@@ -48,6 +48,8 @@ def test_data_dir_from_environment(tmp_path: Path) -> None:
         ("min_replicas = 3\nmax_replicas = 2", "min_replicas 3 is more than max_replicas 2"),
         ("log_level = 'loud'", "log_level"),
         ("model = 5", "expected a path"),
+        ("split = 'even'", "split 'even' is not one of planner, memory"),
+        ("speculation = 'always'", "speculation 'always' is not one of off, ngram, auto"),
     ],
 )
 def test_bad_file_is_a_clear_error(tmp_path: Path, toml: str, message: str) -> None:

@@ -3,6 +3,8 @@ cost model (checked against brute force), never worse than the baselines, and st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -245,6 +247,9 @@ def test_plan_beats_memory_proportional_on_a_mixed_cluster() -> None:
     theirs = BASELINES["memory_proportional"](view, request, COST)
     assert theirs is not None
     assert ours.tokens_per_s >= 1.2 * theirs.tokens_per_s
+    # a holder may ask for llama.cpp's split instead (to compare them on a real mesh)
+    asked = plan_model(view, replace(request, split="memory"), COST, ours)
+    assert asked == theirs
 
 
 @given(profiles(), st.floats(min_value=0.5, max_value=5000.0))

@@ -9,6 +9,7 @@ Needs root (network namespaces, nftables); elsewhere the tests skip and say why.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -160,3 +161,43 @@ def test_two_replicas_on_two_lan_hosts_share_the_requests_and_survive_one_host(
         code, _ = a.complete(user=f"user-{answered}", timeout_s=30)
         answered += code == 200
     print(f"\nrequests routed to the two replicas from a: {routed}")
+
+
+def _sent_bytes(host: Host) -> int:
+    found = json.loads(host.run("ip", "-j", "-s", "link", "show", host.device).stdout)
+    return int(found[0]["stats64"]["tx"]["bytes"])
+
+
+def _bandwidth_to(host: Host, peer_id: str) -> float | None:
+    for peer in host.get("/mesh/peers")["peers"]:
+        if peer["peer_id"] == peer_id and peer.get("bandwidth_mbps"):
+            return float(peer["bandwidth_mbps"])
+    return None
+
+
+def test_a_slow_link_is_measured_without_being_flooded_by_the_probes(
+    plain_lan: list[Host],
+) -> None:
+    """At 1 Mbit/s a bulk probe of the old fixed 4 MiB never finished in its time limit: the
+    link stayed unmeasured and was probed again every 2 s, saturated by the probes. Probes
+    now start small and grow only while they end too soon to time."""
+    a, b = plain_lan
+    for host in (a, b):
+        shape = ("rate", "1mbit", "burst", "16kb", "latency", "200ms")
+        host.run("tc", "qdisc", "add", "dev", host.device, "root", "tbf", *shape)
+    a.start("--name", "a", "--no-model")
+    a.wait_running()
+    b.start("--name", "b", "--join", a.invite(), "--no-model")
+    b.wait_running()
+    b_id = b.get("/mesh/peers")["peer_id"]
+    deadline = time.monotonic() + 120
+    while (measured := _bandwidth_to(a, b_id)) is None:
+        assert time.monotonic() < deadline, a.log()[-3000:]
+        time.sleep(2)
+    assert 0 < measured <= 1.5
+    before = _sent_bytes(a)
+    time.sleep(30)
+    sent = _sent_bytes(a) - before
+    capacity = 1e6 / 8 * 30
+    assert sent < 0.4 * capacity, f"{sent} bytes sent in 30 s at 1 Mbit/s"
+    print(f"\nmeasured {measured:.2f} Mbit/s; a sent {sent / capacity:.0%} of the link in 30 s")

@@ -58,7 +58,8 @@ class LocalModel:
             "min_replicas": replicas[0],
             "max_replicas": replicas[1],
             "profile": profile_to_dict(self.info.profile),
-            "speculation": speculation,
+            # only a model that generates text drafts tokens
+            "speculation": speculation if self.kind == "text" else "off",
         }
         if split != "planner":
             entry["split"] = split
