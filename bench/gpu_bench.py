@@ -45,7 +45,12 @@ MAX_TOKENS = 128
 CONTEXT = 4096
 MODELS = (("llama3-8b", "q4_k"), ("gemma3-270m-size", "q8_0"))
 PROMPT = " ".join(["The lighthouse keeper climbed the stairs as the storm rolled in."] * 24)
-_ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1", "SHAREDLLM_WEIGHT_SHARE_MBPS": "0"}
+_ENV = {
+    **os.environ,
+    "GGML_RPC_NO_RDMA": "1",
+    "SHAREDLLM_WEIGHT_SHARE_MBPS": "0",
+    "SHAREDLLM_SPECULATION": "off",  # compared with plain llama.cpp RPC
+}
 
 
 def _model(shape: str, weight_type: str) -> Path:

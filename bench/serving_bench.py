@@ -52,7 +52,8 @@ SPLITS = ((6, 6, 6), (9, 9))
 # Three engine processes share this machine's cores in the split setups: one thread each, in
 # both the direct and the mesh setup, so that neither pays for oversubscribed spinning threads.
 THREADS = ["--threads", "1"]
-_ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1"}
+# the mesh without speculation: it is compared with plain llama.cpp RPC (see the speculation bench)
+_ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1", "SHAREDLLM_SPECULATION": "off"}
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

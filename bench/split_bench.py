@@ -43,6 +43,9 @@ CPU_SHARE = 0.25
 ROUNDS = 3
 TOKENS = 64
 HALF = 9  # layers of Gemma 270M's 18 each node's cap allows
+# Bandwidth probes repeat every 30 s: the ones made while a mesh loaded its weights over c's
+# link measured a busy link; predictions are read after newer ones.
+LINK_SETTLE_S = 35.0
 _SUBNET = "10.197.10"  # addresses inside our own namespaces only
 _ENV = {**os.environ, "GGML_RPC_NO_RDMA": "1", "SHAREDLLM_SPECULATION": "off"}
 # Runs inside a namespace: one completion at a node's API, its timings printed.
@@ -77,7 +80,9 @@ def _hosts(tag: str) -> Iterator[dict[str, Place]]:
             host.run("ip", "addr", "add", f"{host.address}/24", "dev", inner)
             host.run("ip", "link", "set", inner, "up")
             if name == "c":
-                shape = ("root", "tbf", "rate", RATE, "burst", "32kb", "latency", "100ms")
+                # a burst of about one packet: each message takes its time on the wire, as on
+                # a slow line (a big bucket would let a token's few KB through at veth speed)
+                shape = ("root", "tbf", "rate", RATE, "burst", "2kb", "latency", "200ms")
                 host.run("tc", "qdisc", "add", "dev", inner, *shape)
                 hub.run("tc", "qdisc", "add", "dev", outer, *shape)
         yield hosts
@@ -230,8 +235,9 @@ def run() -> dict[str, Any]:
             slow = (limit, _slow_speed(work, limit))
             hosts = stack.enter_context(_hosts(tag))
             founders = {split: _mesh(stack, work, split, hosts, slow) for split in SPLITS}
-            entries = {split: _serving(node, model_id) for split, node in founders.items()}
-            return _measure(founders, entries, model_id, slow[1])
+            for node in founders.values():
+                _serving(node, model_id)
+            return _measure(founders, model_id, slow[1])
     except (OSError, subprocess.CalledProcessError) as err:
         why = err.stderr.strip() if isinstance(err, subprocess.CalledProcessError) else str(err)
         print(f"split: skipped, no namespaces, tc or cgroups here ({why})")
@@ -243,15 +249,16 @@ def run() -> dict[str, Any]:
 SPLITS = ("planner", "memory")
 
 
-def _measure(
-    founders: dict[str, _Node], entries: dict[str, dict[str, Any]], model_id: str, slow: float
-) -> dict[str, Any]:
+def _measure(founders: dict[str, _Node], model_id: str, slow: float) -> dict[str, Any]:
     for node in founders.values():  # warm-up: the first request pays one-time costs
         node.timings(model_id)
     samples: dict[str, list[float]] = {split: [] for split in SPLITS}
     for _ in range(ROUNDS):
         for split, node in founders.items():
             samples[split].append(float(node.timings(model_id)["predicted_per_second"]))
+    # what the planner predicts now, with the links measured while nothing else loads them
+    time.sleep(LINK_SETTLE_S)
+    entries = {split: node.status()["models"][model_id] for split, node in founders.items()}
     names = {peer["peer_id"]: peer.get("name", "?") for peer in _peers(founders)}
     report: dict[str, Any] = {"rate": RATE, "cpu_share": CPU_SHARE, "slow_gflops": slow}
     for split in SPLITS:
@@ -262,10 +269,15 @@ def _measure(
         ]
         report[split] = {
             "layers": layout,
+            "links_mbps": _links_seen(founders[split]),
             "predicted_tok_s": round(float(planned["predicted_tokens_per_s"]), 2),
             "measured_tok_s": round(statistics.median(samples[split]), 2),
             "samples": samples[split],
         }
+        measured_here = report[split]["measured_tok_s"]
+        report[split]["error"] = round(
+            abs(report[split]["predicted_tok_s"] - measured_here) / measured_here, 3
+        )
     predicted = report["planner"]["predicted_tok_s"] / report["memory"]["predicted_tok_s"]
     measured = report["planner"]["measured_tok_s"] / report["memory"]["measured_tok_s"]
     print(
@@ -293,3 +305,12 @@ def _peers(founders: dict[str, _Node]) -> list[dict[str, Any]]:
         found = node.status().get("peers", [])
         peers += [p for p in found if isinstance(p, dict) and "peer_id" in p]
     return peers
+
+
+def _links_seen(founder: _Node) -> dict[str, float | None]:
+    """The bandwidth the founder measured to each member (Mbit/s)."""
+    return {
+        str(peer.get("name", "?")): peer.get("bandwidth_mbps")
+        for peer in founder.status().get("peers", [])
+        if isinstance(peer, dict) and peer.get("state") != "self"
+    }

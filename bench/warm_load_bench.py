@@ -46,6 +46,7 @@ from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_mod
 from .node_cli import COMMAND, Place, node_status
 
 RUNS = 3
+PACE_MBPS = 800.0  # the default weight_share_mbps
 LAN_RUNS = 2
 LAN_RATE = "1gbit"
 _SUBNET = "10.197.9"  # addresses inside our own namespaces only
@@ -71,6 +72,12 @@ def _engine_load_s(log: Path) -> float | None:
         elif "llama-server ready at" in line and started is not None:
             ready = _log_time(line)
     return None if started is None or ready is None else ready - started
+
+
+def _fetched_mb(log: Path) -> float:
+    """The weight bytes (MB) the worker fetched from peers, from its log."""
+    found = re.findall(r"weights for layers .* fetched \(([\d.]+) MB", log.read_text())
+    return float(found[-1]) if found else 0.0
 
 
 def _fill_s(log: Path) -> float | None:
@@ -178,6 +185,7 @@ def _one_run(
             "tunnel_bytes": float(tunnel["bytes_out"]),
             "assigned_weight_bytes": float(assigned),
             "fill_s": _fill_s(worker.log) or 0.0,
+            "fetched_mb": _fetched_mb(worker.log),
         }
     finally:
         for node in nodes:
@@ -279,6 +287,13 @@ def run() -> dict[str, Any]:
     fetched_ratio = statistics.median(
         run["tunnel_bytes"] / run["assigned_weight_bytes"] for run in results["fetched"]
     )
+    fetch_rate = statistics.median(
+        run["fetched_mb"] / run["fill_s"] for run in results["fetched"] if run["fill_s"] > 0
+    )
+    print(
+        f"  the worker fetched its layers from the holder at {fetch_rate:.0f} MB/s "
+        f"(paced at {PACE_MBPS / 8:.0f} MB/s, the default weight_share_mbps)"
+    )
     print(
         f"  warm load sends {bytes_ratio:.2%} of the assigned weight bytes (target < 5%); "
         f"warm/cold load speedup {speedup:.2f}x (target >= 3x); after a fetch from the holder "
@@ -292,6 +307,7 @@ def run() -> dict[str, Any]:
         "warm_load_bytes_ratio": bytes_ratio,
         "warm_vs_cold_load_speedup": speedup,
         "fetched_load_bytes_ratio": fetched_ratio,
+        "fetch_mb_per_s": fetch_rate,
         "speedup_range": [min(speedups), max(speedups)],
         "over_shaped_link": lan,
     }

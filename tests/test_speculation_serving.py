@@ -1,0 +1,75 @@
+"""Speculation on a real node: with the default `speculation = "auto"` the placement starts
+speculating (the planner's prior), its engine's counters are read, and the planner weighs the
+drafts of a copied list by what they yielded."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sharedllm.node.engine.locate import EngineInfo
+from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
+
+from .node_process import start_node
+
+pytestmark = pytest.mark.integration
+GEMMA_ID = "gemma-3-270m-q4_k_m"
+_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "grey", "pink")
+INVENTORY = "\n".join(f"- the {c} box holds {i * 7} marbles" for i, c in enumerate(_COLOURS))
+
+
+def _model(api_url: str) -> dict[str, Any]:
+    entry: dict[str, Any] = httpx.get(api_url + "/mesh/peers", timeout=10).json()["models"][
+        GEMMA_ID
+    ]
+    return entry
+
+
+def test_a_copy_is_speculated_and_its_drafts_are_learned(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    node = start_node(tmp_path / "a", "--context-size", "2048", "--threads", "1")
+    try:
+        assert _model(node.api_url)["speculation"]["mode"] == "ngram"
+        assert "--spec-type ngram-mod" in node.log_path.read_text()
+        body = {
+            "model": GEMMA_ID,
+            "prompt": f"Inventory:\n{INVENTORY}\n\nInventory (copy):\n",
+            "max_tokens": 96,
+            "temperature": 0,
+        }
+        deadline = time.monotonic() + 90
+        while not (entry := _model(node.api_url))["speculation"]["learned_tokens"]:
+            assert time.monotonic() < deadline, node.log_path.read_text()[-3000:]
+            httpx.post(node.api_url + "/v1/completions", json=body, timeout=120).raise_for_status()
+            time.sleep(2)
+        learned = entry["speculation"]
+        assert learned["accepted_per_token"] >= 0.5, learned  # a copy: most drafts accepted
+        assert learned["drafted_per_token"] >= learned["accepted_per_token"]
+        time.sleep(6)  # the standing placement is judged again every few seconds
+        entry = _model(node.api_url)
+        planned, learned = entry["planned"], entry["speculation"]
+        assert learned["mode"] == planned["speculation"] == "ngram"
+        rate = DraftRate(learned["accepted_per_token"], learned["drafted_per_token"])
+        predicted = seconds_per_token(
+            planned["predicted_plain_ms_per_token"], planned["predicted_ms_per_draft"], "ngram", rate
+        )
+        assert planned["predicted_ms_per_token"] == pytest.approx(predicted)
+        assert predicted < planned["predicted_plain_ms_per_token"] / 2
+    finally:
+        node.stop()
+
+
+def test_a_holder_can_turn_speculation_off(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    node = start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off")
+    try:
+        speculation = _model(node.api_url)["speculation"]
+        assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]
+        assert "--spec-type" not in node.log_path.read_text()
+    finally:
+        node.stop()
