@@ -148,3 +148,21 @@ def test_every_replica_has_its_readiness_load_and_routed_requests() -> None:
     assert found[("sharedllm_replica_ready", "2", "")] == 0
     assert found[("sharedllm_replica_in_flight_requests", "1", "pa")] == 2
     assert found[("sharedllm_replica_routed_requests_total", "1", "pa")] == 9
+
+
+def test_speculation_shows_its_mode_and_what_drafts_yielded() -> None:
+    learned = {"mode": "ngram", "accepted_per_token": 0.9, "drafted_per_token": 1.0}
+    models = {
+        "m": {"speculation": {**learned, "learned_tokens": 4000}},
+        "n": {"speculation": {"mode": "off", "learned_tokens": 0}},
+    }
+    metrics = NodeMetrics(lambda: {"models": models})
+    found = {
+        (sample.name, sample.labels.get("model")): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+    }
+    assert found[("sharedllm_speculation_on", "m")] == 1
+    assert found[("sharedllm_speculation_on", "n")] == 0
+    assert found[("sharedllm_draft_accepted_per_token", "m")] == 0.9
+    assert ("sharedllm_draft_accepted_per_token", "n") not in found

@@ -4,6 +4,7 @@ drafts of a copied list by what they yielded."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from sharedllm.node.engine.locate import EngineInfo
 from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
 
-from .node_process import start_node
+from .node_process import node_command, start_node
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
@@ -54,11 +55,19 @@ def test_a_copy_is_speculated_and_its_drafts_are_learned(
         planned, learned = entry["planned"], entry["speculation"]
         assert learned["mode"] == planned["speculation"] == "ngram"
         rate = DraftRate(learned["accepted_per_token"], learned["drafted_per_token"])
-        predicted = seconds_per_token(
-            planned["predicted_plain_ms_per_token"], planned["predicted_ms_per_draft"], "ngram", rate
-        )
+        plain = planned["predicted_plain_ms_per_token"]
+        per_draft = planned["predicted_ms_per_draft"]
+        predicted = seconds_per_token(plain, per_draft, "ngram", rate)
         assert planned["predicted_ms_per_token"] == pytest.approx(predicted)
-        assert predicted < planned["predicted_plain_ms_per_token"] / 2
+        assert predicted < plain / 2
+        status = subprocess.run(
+            [node_command(), "status", "--data-dir", str(tmp_path / "a" / "data")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "speculation: ngram (the planner's choice: drafts accepted" in status, status
     finally:
         node.stop()
 

@@ -158,6 +158,7 @@ class _MeshCollector(Collector):
         yield _fault_metrics(view.get("handler_faults", []))
         yield from _model_metrics(view.get("models", {}))
         yield from _replica_metrics(view.get("models", {}))
+        yield from _speculation_metrics(view.get("models", {}))
 
 
 def _member_metrics(peers: list[Mapping[str, Any]]) -> Iterator[Metric]:
@@ -339,3 +340,29 @@ def _replica_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric
             in_flight.add_metric(key, replica.get("in_flight", 0))
             routed.add_metric(key, replica.get("routed", 0))
     yield from (ready, in_flight, routed, demand, wanted)
+
+
+def _speculation_metrics(models: Mapping[str, Mapping[str, Any]]) -> Iterator[Metric]:
+    speculating = GaugeMetricFamily(
+        "sharedllm_speculation_on",
+        "1 while the model's placement drafts tokens (n-gram speculation)",
+        labels=["model"],
+    )
+    accepted = GaugeMetricFamily(
+        "sharedllm_draft_accepted_per_token",
+        "Drafts accepted per generated token, as the planner weighs speculation by",
+        labels=["model"],
+    )
+    checked = GaugeMetricFamily(
+        "sharedllm_draft_checked_per_token",
+        "Drafts checked per generated token, as the planner weighs speculation by",
+        labels=["model"],
+    )
+    for model_id, entry in models.items():
+        speculation = entry.get("speculation") or {}
+        if speculation.get("mode") is not None:
+            speculating.add_metric([model_id], 1.0 if speculation["mode"] != "off" else 0.0)
+        if speculation.get("learned_tokens"):
+            accepted.add_metric([model_id], speculation.get("accepted_per_token", 0.0))
+            checked.add_metric([model_id], speculation.get("drafted_per_token", 0.0))
+    yield from (speculating, accepted, checked)

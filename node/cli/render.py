@@ -100,6 +100,8 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
             f"  primary {names.get(primary, '?')} ({primary[-12:]}), epoch {entry['epoch']}"
             + at_once
         )
+    if (speculation := _speculation_line(entry)) is not None:
+        print(speculation)
     if entry.get("serving_meanwhile") is not None:
         print(f"  loading; epoch {entry['serving_meanwhile']} serves until it is ready")
     tunnels = entry.get("tunnels", {})
@@ -140,6 +142,25 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
             f"{len(replica['nodes'])} nodes, {replica['in_flight']} in flight, "
             f"{replica['routed']} routed from here"
         )
+
+
+def _speculation_line(entry: dict[str, Any]) -> str | None:
+    """How the placement's engine drafts tokens, and what the planner weighed it by."""
+    speculation = entry.get("speculation") or {}
+    if speculation.get("mode") is None:
+        return None
+    line = f"  speculation: {speculation['mode']}"
+    if len(speculation.get("allowed", ())) > 1:
+        line += " (the planner's choice"
+        if speculation.get("learned_tokens"):
+            line += (
+                f": drafts accepted {speculation['accepted_per_token']:.2f} and checked "
+                f"{speculation['drafted_per_token']:.2f} per token over the last "
+                f"{speculation['learned_tokens']} tokens)"
+            )
+        else:
+            line += ", nothing learned yet)"
+    return line
 
 
 def agreement(report: Any) -> str:
