@@ -100,6 +100,15 @@ def _view_of(parsed: Mapping[str, _Parsed]) -> ClusterView:
     return ClusterView.build(nodes, links)
 
 
+def _links_came_or_went(last: _BuiltView, parsed: Mapping[str, _Parsed]) -> bool:
+    """Whether some member measures links to other targets than in `last` (whose members are
+    those of `parsed`, in the same order)."""
+    for before, now in zip(last.parsed, parsed.values(), strict=True):
+        if before[1] is not now[1] and [x.target for x in before[1]] != [x.target for x in now[1]]:
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class _BuiltView:
     nodes_key: tuple[tuple[str, int], ...]
@@ -156,7 +165,8 @@ class GossipReader:
         when some member's capacity or links changed (not its claims, demand or the like).
         With `now`, a change of link measurements alone waits up to `LINK_REFRESH_S` to be
         taken in: in a big mesh some link is always re-measured, and building the view for
-        every election step was most of the step's cost."""
+        every election step was most of the step's cost. A link measured for the first time
+        (or gone) is taken in at once: a mesh that is forming waits on it to plan."""
         parsed = {}
         for peer, content in members.items():
             memo = self._parsed.get(id(content))
@@ -171,7 +181,7 @@ class GossipReader:
         last = self._last_view
         if last is not None and last.nodes_key == nodes_key:
             fresh = now is not None and now - last.built_at < LINK_REFRESH_S
-            if last.links_key == links_key or fresh:
+            if last.links_key == links_key or (fresh and not _links_came_or_went(last, parsed)):
                 return last.view
         view = _view_of(parsed)
         self._last_view = _BuiltView(nodes_key, links_key, view, now or 0.0, tuple(parsed.values()))
