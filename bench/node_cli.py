@@ -40,6 +40,17 @@ _FETCH = (
 )
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 30 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def node_status(api_port: int, prefix: Sequence[str] = ()) -> dict[str, Any]:
     """The mesh view of the node whose API is at `api_port` (what `status --json` shows).
 

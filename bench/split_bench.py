@@ -35,7 +35,7 @@ from sharedllm.node.models.default_model import default_model_path
 from sharedllm.node.models.model_file import inspect_model
 
 from .cpu_limit import CpuLimit
-from .node_cli import COMMAND, Place, node_status
+from .node_cli import COMMAND, Place, node_status, stop_process
 from .serving_bench import CONTEXT, PROMPT, cap_bytes
 
 RATE = "4mbit"
@@ -128,13 +128,7 @@ class _Node:
         return found
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _mesh(

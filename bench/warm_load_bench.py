@@ -43,7 +43,7 @@ from sharedllm.node.engine.locate import find_engine, free_loopback_port
 from sharedllm.node.models.gguf_header import read_header
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 
-from .node_cli import COMMAND, Place, node_status
+from .node_cli import COMMAND, Place, node_status, stop_process
 
 RUNS = 3
 PACE_MBPS = 800.0  # the default weight_share_mbps
@@ -132,13 +132,7 @@ class _Node:
         self.place.run(sys.executable, "-c", script, body)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _layer_weight_bytes(model: Path) -> dict[int, int]:

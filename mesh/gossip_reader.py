@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
 from ..scheduler.model_profile import profile_from_dict
@@ -203,12 +203,8 @@ class GossipReader:
         """Each model's demand summed over the members that report it (by model id)."""
         reports: dict[str, list[tuple[float, tuple[float, ...]]]] = {}
         for _, content in MemberStates.of(members).having("demand"):
-            raw = content.get("demand")
-            memo = self._demand.get(id(raw))
-            if memo is None or memo[0] is not raw:
-                memo = (raw, demand_entries(raw))
-                _remember(self._demand, id(raw), memo, self.memo_size)
-            for model_id, recent, buckets in memo[1]:
+            entries = _parsed_once(self._demand, content.get("demand"), demand_entries, self)
+            for model_id, recent, buckets in entries:
                 reports.setdefault(model_id, []).append((recent, buckets))
         return {model_id: mesh_demand_of(found) for model_id, found in reports.items()}
 
@@ -217,12 +213,8 @@ class GossipReader:
         learned (weighted by the tokens each counted)."""
         totals: dict[str, tuple[float, float, int]] = {}
         for _, content in MemberStates.of(members).having("drafts"):
-            raw = content.get("drafts")
-            memo = self._drafts.get(id(raw))
-            if memo is None or memo[0] is not raw:
-                memo = (raw, draft_rate_entries(raw))
-                _remember(self._drafts, id(raw), memo, self.memo_size)
-            for model_id, rate in memo[1]:
+            rates = _parsed_once(self._drafts, content.get("drafts"), draft_rate_entries, self)
+            for model_id, rate in rates:
                 accepted, drafted, tokens = totals.get(model_id, (0.0, 0.0, 0))
                 totals[model_id] = (
                     accepted + rate.accepted_per_token * rate.tokens,
@@ -256,6 +248,23 @@ class GossipReader:
     def current_claims(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, Claim]:
         """For each replica of each model, the highest-ranked claim among `members`."""
         return {unit: ranked[0] for unit, ranked in self.ranked_claims(members).items()}
+
+
+_Entries = TypeVar("_Entries")
+
+
+def _parsed_once(
+    memo: OrderedDict[int, tuple[object, _Entries]],
+    raw: object,
+    parse: Callable[[object], _Entries],
+    reader: GossipReader,
+) -> _Entries:
+    """`parse(raw)`, remembered for the object `raw` (a decoded gossiped value never changes)."""
+    found = memo.get(id(raw))
+    if found is None or found[0] is not raw:
+        found = (raw, parse(raw))
+        _remember(memo, id(raw), found, reader.memo_size)
+    return found[1]
 
 
 def _remember(memo: OrderedDict[int, Any], key: int, value: Any, size: int) -> None:

@@ -10,7 +10,7 @@ from sharedllm.mesh.gossip_reader import LINK_REFRESH_S, GossipReader
 from .test_election import _node
 
 
-def _members(links: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+def _members(links: dict[str, float]) -> dict[str, dict[str, Any]]:
     members = {peer: _node(peer, 4096) for peer in ("a", "b", "c")}
     members["a"]["links"] = {
         target: {"rtt_ms": rtt, "bandwidth_mbps": 1000.0} for target, rtt in links.items()
