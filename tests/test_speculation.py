@@ -242,3 +242,15 @@ def test_the_meter_holds_a_bounded_number_of_engines() -> None:
     assert len(meter.rates(1.0)) == MAX_METERED_ENGINES
     meter.forget(("m0", 1))
     meter.observe(("new", 1), _counters(0, 0, 0), True, 2.0)  # room again for a baseline
+
+
+def test_a_holder_may_ask_for_the_memory_split_and_nonsense_means_the_planner() -> None:
+    def parsed(split: object) -> str:
+        entry = _members("auto", None)["a"]["models"][0]
+        request = GossipReader().request_of("m", {**entry, "split": split})
+        assert request is not None
+        return request.split
+
+    assert parsed("memory") == "memory"
+    for hostile in ("planner", "even", ["memory"], None, 7):
+        assert parsed(hostile) == "planner"
