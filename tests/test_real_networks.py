@@ -183,8 +183,10 @@ def test_a_slow_link_is_measured_without_being_flooded_by_the_probes(
     now start small and grow only while they end too soon to time."""
     a, b = plain_lan
     for host in (a, b):
-        shape = ("rate", "1mbit", "burst", "16kb", "latency", "200ms")
-        host.run("tc", "qdisc", "add", "dev", host.device, "root", "tbf", *shape)
+        shape = ("root", "tbf", "rate", "1mbit", "burst", "16kb", "latency", "200ms")
+        shaped = host.run("tc", "qdisc", "add", "dev", host.device, *shape, check=False)
+        if shaped.returncode != 0:
+            pytest.skip(f"no tbf qdisc in this kernel: {shaped.stderr.strip()}")
     a.start("--name", "a", "--no-model")
     a.wait_running()
     b.start("--name", "b", "--join", a.invite(), "--no-model")
