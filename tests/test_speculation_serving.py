@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sharedllm.node.engine.locate import EngineInfo
+from sharedllm.node.engine.locate import EngineInfo, probe_ngram_speculation
 from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
 
 from .node_process import node_command, start_node
@@ -76,6 +76,37 @@ def test_a_holder_can_turn_speculation_off(
     tmp_path: Path, engine: EngineInfo, gemma_path: Path
 ) -> None:
     node = start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off")
+    try:
+        speculation = _model(node.api_url)["speculation"]
+        assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]
+        assert "--spec-type" not in node.log_path.read_text()
+    finally:
+        node.stop()
+
+
+def _engine_without_ngram(directory: Path, engine: EngineInfo) -> Path:
+    """The engine behind a llama-server whose usage lists no n-gram speculation (as an older
+    build of a user's would)."""
+    directory.mkdir()
+    script = directory / "llama-server"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = --help ]; then "{engine.llama_server}" --help 2>&1 | sed s/ngram-mod//g;'
+        " exit 0; fi\n"
+        f'exec "{engine.llama_server}" "$@"\n'
+    )
+    script.chmod(0o755)
+    (directory / engine.rpc_server.name).symlink_to(engine.rpc_server)
+    return directory
+
+
+def test_an_engine_without_ngram_speculation_never_gets_it(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    older = _engine_without_ngram(tmp_path / "engine", engine)
+    assert probe_ngram_speculation(older / "llama-server") is False
+    assert probe_ngram_speculation(engine.llama_server) is True
+    node = start_node(tmp_path / "a", "--context-size", "2048", "--engine-dir", str(older))
     try:
         speculation = _model(node.api_url)["speculation"]
         assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]

@@ -58,6 +58,9 @@ class EngineInfo:
     rpc_protocol: str
     source: str  # "configured", "PATH" or "built"
     changes: str = ""  # our changes to the engine, comma-separated (our build); "" if stock
+    # llama-server takes `--spec-type ngram-mod` (our pinned build does; an older one of the
+    # user's would not start with it, so its node never speculates)
+    ngram_speculation: bool = True
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -155,6 +158,7 @@ def describe_binaries(llama_server: Path, rpc_server: Path, source: str) -> Engi
         version=probe_llama_server_version(llama_server),
         rpc_protocol=probe_rpc_protocol(rpc_server),
         source=source,
+        ngram_speculation=probe_ngram_speculation(llama_server),
     )
 
 
@@ -182,6 +186,16 @@ def probe_llama_server_version(llama_server: Path) -> str:
         raise EngineProbeError(f"{llama_server}: --version printed no version line")
     commit = _COMMIT.search(output)
     return f"{match.group(1)}+{commit.group(1)}" if commit else match.group(1)
+
+
+def probe_ngram_speculation(llama_server: Path) -> bool:
+    """Whether `llama-server --help` lists n-gram speculation (`--spec-type ... ngram-mod`)."""
+    try:
+        usage = llama_server_output(llama_server, "--help")
+    except EngineProbeError:
+        return False
+    lines = usage.splitlines()
+    return any(line.startswith("--spec-type") and "ngram-mod" in line for line in lines)
 
 
 def probe_rpc_protocol(rpc_server: Path) -> str:
@@ -282,10 +296,21 @@ def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: P
     if not isinstance(known, dict):
         known = {}
     entry = known.get(key)
-    if isinstance(entry, dict) and {"version", "rpc_protocol"} <= entry.keys():
-        return EngineInfo(llama_server, rpc_server, entry["version"], entry["rpc_protocol"], source)
+    if isinstance(entry, dict) and {"version", "rpc_protocol", "ngram_speculation"} <= entry.keys():
+        return EngineInfo(
+            llama_server,
+            rpc_server,
+            entry["version"],
+            entry["rpc_protocol"],
+            source,
+            ngram_speculation=entry["ngram_speculation"] is True,
+        )
     info = describe_binaries(llama_server, rpc_server, source)
-    known[key] = {"version": info.version, "rpc_protocol": info.rpc_protocol}
+    known[key] = {
+        "version": info.version,
+        "rpc_protocol": info.rpc_protocol,
+        "ngram_speculation": info.ngram_speculation,
+    }
     write_atomic(cache_file, json.dumps(known, indent=1).encode())
     return info
 

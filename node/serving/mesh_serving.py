@@ -125,7 +125,9 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
                         self._config.parallel_slots,
                         (self._config.min_replicas, self._config.max_replicas),
                         self._hashes.get(m.model_id),
-                        speculation=self._config.speculation,
+                        speculation=self._config.speculation
+                        if self._engine.ngram_speculation
+                        else "off",
                         split=self._config.split,
                     )
                     for m in self._local.values()

@@ -113,7 +113,7 @@ class PrimaryRole(ServingParts):
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
-        argv += SPECULATION[claim.speculation]
+        argv += SPECULATION[claim.speculation] if self._engine.ngram_speculation else ()
         argv += self._config.engine_args  # checked against the allow-list when loaded
         return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
 
@@ -157,7 +157,8 @@ class PrimaryRole(ServingParts):
     async def _meter_drafts(self, job: Job) -> None:
         """Reads the engine's counters now and then: what its drafts yield is what the
         planner weighs speculation by."""
-        engine, speculating = (job.claim.model_id, job.claim.epoch), job.claim.speculation != "off"
+        engine = (job.claim.model_id, job.claim.epoch)
+        speculating = job.claim.speculation != "off" and self._engine.ngram_speculation
         try:
             while True:
                 await trio.sleep(_METER_S)
