@@ -35,8 +35,10 @@ class CostModel:
     activation_bytes_per_element: int = 4
     # Per worker per token, beyond its link: the engines' RPC handling and the tunnel's local
     # hops (process hand-offs). Fitted on the serving bench (loopback, 2 cores, one engine
-    # thread each); a GPU machine's direct RPC shows about 1 ms.
-    worker_overhead_s: float = 0.004
+    # thread each): with the native relay, splits 9/9 and 6/6/6 measured 47-48.7 and 45.5-47.9
+    # tok/s (two runs), 7% off either way at 3.3 ms (4 ms, fitted with the Python relay, was
+    # 16% off for 6/6/6); a GPU machine's direct RPC shows about 1 ms.
+    worker_overhead_s: float = 0.0033
     # Memory: engine compute buffers per node, and a share of memory left free.
     compute_buffer_bytes: int = 256 * MIB
     memory_headroom_fraction: float = 0.05
