@@ -301,10 +301,14 @@ def _peers(founders: dict[str, _Node]) -> list[dict[str, Any]]:
     return peers
 
 
-def _links_seen(founder: _Node) -> dict[str, float | None]:
-    """The bandwidth the founder measured to each member (Mbit/s)."""
+def _links_seen(founder: _Node) -> dict[str, dict[str, Any]]:
+    """What the founder measured of its link to each member: Mbit/s and the data plane's
+    round trip (ms)."""
     return {
-        str(peer.get("name", "?")): peer.get("bandwidth_mbps")
+        str(peer.get("name", "?")): {
+            "mbps": peer.get("bandwidth_mbps"),
+            "data_rtt_ms": peer.get("data_rtt_ms"),
+        }
         for peer in founder.status().get("peers", [])
         if isinstance(peer, dict) and peer.get("state") != "self"
     }
