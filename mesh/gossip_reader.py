@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeGuard, TypeVar
@@ -334,17 +334,24 @@ def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, A
     ]
 
 
+def _figures_by_model(raw: object) -> Iterator[tuple[str, list[Any] | tuple[Any, ...]]]:
+    """`{model: [figure, ...]}` as gossiped: the entries with a well-formed model id and a
+    list of figures, among the first `MAX_DEMAND_ENTRIES`."""
+    if not isinstance(raw, dict):
+        return
+    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
+        well_formed = isinstance(model_id, str) and is_model_id(model_id)
+        if well_formed and isinstance(figures, list | tuple):
+            yield model_id, figures
+
+
 def demand_entries(raw: object) -> tuple[_NodeDemand, ...]:
     """A member's gossiped demand, `{model: [recent, bucket, ...]}` (`DEMAND_FIGURES` at most,
     buckets newest first): malformed entries are dropped, figures are capped, and only the
     first `MAX_DEMAND_ENTRIES` models count."""
-    if not isinstance(raw, dict):
-        return ()
     found = []
-    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
-        if not (isinstance(model_id, str) and is_model_id(model_id)):
-            continue
-        if not (isinstance(figures, list | tuple) and 1 <= len(figures) <= DEMAND_FIGURES):
+    for model_id, figures in _figures_by_model(raw):
+        if not 1 <= len(figures) <= DEMAND_FIGURES:
             continue
         if all(_finite(value) and value >= 0 for value in figures):
             capped = [min(float(value), MAX_DEMAND) for value in figures]
@@ -359,13 +366,9 @@ def draft_rate_entries(raw: object) -> tuple[tuple[str, DraftRate], ...]:
     """A member's gossiped draft rates, `{model: [accepted per token, drafted per token,
     tokens]}`: malformed or impossible entries are dropped, and only the first
     `MAX_DEMAND_ENTRIES` models count."""
-    if not isinstance(raw, dict):
-        return ()
     found = []
-    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
-        if not (isinstance(model_id, str) and is_model_id(model_id)):
-            continue
-        if not (isinstance(figures, list | tuple) and len(figures) == 3):
+    for model_id, figures in _figures_by_model(raw):
+        if len(figures) != 3:
             continue
         accepted, drafted, tokens = figures
         if _finite(accepted) and _finite(drafted) and _count(tokens) and tokens > 0:

@@ -14,7 +14,7 @@ import pytest
 from sharedllm.node.engine.locate import EngineInfo, probe_ngram_speculation
 from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
 
-from .node_process import node_command, start_node
+from .node_process import RunningNode, node_command, start_node
 
 pytestmark = pytest.mark.integration
 GEMMA_ID = "gemma-3-270m-q4_k_m"
@@ -72,16 +72,20 @@ def test_a_copy_is_speculated_and_its_drafts_are_learned(
         node.stop()
 
 
-def test_a_holder_can_turn_speculation_off(
-    tmp_path: Path, engine: EngineInfo, gemma_path: Path
-) -> None:
-    node = start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off")
+def _never_speculates(node: RunningNode) -> None:
+    """The node's placement runs without speculation and allows none; then it stops."""
     try:
         speculation = _model(node.api_url)["speculation"]
         assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]
         assert "--spec-type" not in node.log_path.read_text()
     finally:
         node.stop()
+
+
+def test_a_holder_can_turn_speculation_off(
+    tmp_path: Path, engine: EngineInfo, gemma_path: Path
+) -> None:
+    _never_speculates(start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off"))
 
 
 def _engine_without_ngram(directory: Path, engine: EngineInfo) -> Path:
@@ -107,9 +111,4 @@ def test_an_engine_without_ngram_speculation_never_gets_it(
     assert probe_ngram_speculation(older / "llama-server") is False
     assert probe_ngram_speculation(engine.llama_server) is True
     node = start_node(tmp_path / "a", "--context-size", "2048", "--engine-dir", str(older))
-    try:
-        speculation = _model(node.api_url)["speculation"]
-        assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]
-        assert "--spec-type" not in node.log_path.read_text()
-    finally:
-        node.stop()
+    _never_speculates(node)
