@@ -7,7 +7,6 @@ trust a `NodeConfig`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -24,6 +23,7 @@ from ..scheduler.speculation import POLICY_MODES
 from .engine.options import check_engine_args
 from .models.chat_template import BUILTIN_TEMPLATES
 from .models.model_kind import KINDS
+from .setting_values import is_loopback_host, parse_size
 
 APP_NAME = "sharedllm"
 DEFAULT_API_HOST = "127.0.0.1"
@@ -84,15 +84,12 @@ class NodeConfig:
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
     parallel_slots: int = 4
-    # Speculative decoding of this node's models: "ngram" drafts from n-grams already in the
-    # context (llama.cpp's ngram-mod; no extra model), verified in one pass, so a split pays
-    # one round trip per worker for several tokens when the text repeats itself; "auto" lets
-    # the planner choose per placement by what the drafts yield (learned from the engines);
-    # "off". The holder with the lowest peer id sets it for its model, as with context_size.
+    # Speculative decoding of this node's models (the lowest holder's setting counts): "ngram"
+    # drafts from n-grams of the text (llama.cpp's ngram-mod), several tokens per round trip
+    # where text repeats; "auto" lets the planner choose by what drafts yielded; "off".
     speculation: str = "auto"
-    # How this node's models are split: "planner" (link- and speed-aware, the default) or
-    # "memory" (in proportion to each reachable node's memory, as llama.cpp does by default:
-    # to compare the two on a real mesh). Set by the lowest holder, as with context_size.
+    # How this node's models are split: by the "planner", or in proportion to each node's
+    # "memory" as llama.cpp does (to compare the two). The lowest holder's setting counts.
     split: str = "planner"
     # Placements of this node's model at once, on disjoint nodes, where memory allows: demand
     # picks the count between these two (the settings of the holder with the lowest peer id
@@ -179,15 +176,6 @@ _SETTING_TYPES: dict[str, type] = {
 }
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
 
 
 def default_data_dir() -> Path:
@@ -405,23 +393,6 @@ def _check_chat_template(template: str | None) -> None:
         raise ConfigError(
             f"chat_template {template!r} is neither a built-in template ({known}) nor a file"
         )
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes in "512MB", "6GiB", "1.5g" or "1048576" (K/M/G/T, decimal or binary)."""
-    found = _SIZE.match(text)
-    if found is None:
-        raise ValueError("expected a size such as 512MB, 6GiB or 8G")
-    number, unit, binary = found.groups()
-    base = 1024 if binary else 1000
-    power = "kmgt".find(unit.lower()) + 1 if unit else 0
-    size = int(float(number) * base**power)
-    if size <= 0:
-        raise ValueError("the size must be positive")
-    return size
 
 
 def setting_names() -> list[str]:

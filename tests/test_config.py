@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sharedllm.node.config import DEFAULT_API_PORT, ConfigError, load_config, parse_size
+from sharedllm.node.config import DEFAULT_API_PORT, ConfigError, load_config
+from sharedllm.node.setting_values import parse_size
 
 
 def test_defaults(tmp_path: Path) -> None:
