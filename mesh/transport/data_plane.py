@@ -243,6 +243,9 @@ class DataPlane:
             self.faults.log.emit("refused-data", "refused a data connection: %s", err)
             await trio.aclose_forcefully(tls)
             return None
+        except BaseException:  # cancelled mid-handshake (the node stops)
+            await trio.aclose_forcefully(tls)
+            raise
         return tls, peer, protocol
 
     async def _authenticate_client(self, pending: MeshStream) -> tuple[str, str]:
@@ -350,17 +353,14 @@ class DataPlane:
                 stream = DataStream(tls, peer_id)
                 await self._prove_ourselves(stream, peer_id, protocol)
                 return stream
-        except (
-            trio.TooSlowError,
-            OSError,
-            FrameError,
-            TransportError,
-        ) as err:
+        except BaseException as err:  # cancelled too: the socket is ours to close
             if tls is not None:
                 await trio.aclose_forcefully(tls)
-            raise TransportError(
-                f"data stream to {peer_id} at {host}:{port} failed: {err}"
-            ) from None
+            if isinstance(err, (trio.TooSlowError, OSError, FrameError, TransportError)):
+                raise TransportError(
+                    f"data stream to {peer_id} at {host}:{port} failed: {err}"
+                ) from None
+            raise
 
     async def _prove_ourselves(self, stream: MeshStream, peer_id: str, protocol: str) -> MeshStream:
         """Answers the server's nonce with our signature and proof, and names `protocol`."""

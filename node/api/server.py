@@ -22,11 +22,13 @@ async def serve_api(
 ) -> None:
     listener = listen_api(config.api_host, config.api_port)
     hyper = HypercornConfig()
-    hyper.bind = [f"fd://{listener.fileno()}"]  # hypercorn adopts the socket we opened
     hyper.accesslog = None
     hyper.errorlog = logging.getLogger("sharedllm.api.server")
     hyper.graceful_timeout = 2.0
     host, port = listener.getsockname()[:2]
+    # hypercorn adopts the socket and closes it; ours lets go of it, or it would close the same
+    # descriptor number again later, when it may belong to another connection
+    hyper.bind = [f"fd://{listener.detach()}"]
     url = f"http://{_bracket(host)}:{port}"
     task_status.started(url)
     await serve(app, hyper)  # type: ignore[arg-type]

@@ -201,6 +201,7 @@ class ChildProcess:
         try:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
+            trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
         return self._popen.wait()
 
