@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -94,39 +95,53 @@ def _node_command() -> str:
 
 
 def _start_mesh(
-    stack: ExitStack, work: Path, model: Path, profile: ModelProfile, *, warm: bool = False
-) -> dict[str, str]:
+    stack: ExitStack,
+    work: Path,
+    model: Path,
+    profile: ModelProfile,
+    *,
+    warm: bool = False,
+    restart: tuple[list[int], str] | None = None,
+) -> tuple[str, list[int], str]:
     """Three nodes whose caps force a three-way split; with `warm` the workers hold the model
-    file too (their rpc-servers' caches are filled from it), else they fetch their layers."""
+    file too (their rpc-servers' caches are filled from it), else they fetch their layers.
+    With `restart` (the ports and token of an earlier start in `work`), the same members
+    start again all at once, as after a reboot. Returns the primary's URL, ports and token."""
     command = _node_command()
     work.mkdir(parents=True, exist_ok=True)
     primary_layers, *worker_layers = _thirds(profile.layer_count)
-    ports = [free_loopback_port() for _ in range(3)]
+    ports, token = restart or ([_free_port_pair() for _ in range(3)] + _api_ports(), "")
 
-    def node(name: str, port: int, cap: int, *args: str) -> None:
-        argv = [command, "up", "--data-dir", str(work / name), "--api-port", str(port)]
-        argv += ["--listen", "/ip4/127.0.0.1/tcp/0", "--context-size", str(CONTEXT)]
+    def node(index: int, cap: int, *args: str) -> None:
+        name = "a" if index == 0 else f"n{index}"
+        argv = [command, "up", "--data-dir", str(work / name), "--api-port", str(ports[3 + index])]
+        argv += ["--listen", f"/ip4/127.0.0.1/tcp/{ports[index]}", "--context-size", str(CONTEXT)]
         argv += ["--max-memory", str(cap), *args]
-        stack.enter_context(_started(argv, work / f"{name}.log", _ENV))
+        log = work / f"{name}{'-restart' if restart else ''}.log"
+        stack.enter_context(_started(argv, log, _ENV))
 
-    node(
-        "a",
-        ports[0],
-        serving_bench.cap_bytes(profile, primary_layers, True, CONTEXT),
-        "--model",
-        str(model),
-    )
-    token = _invite(command, work / "a")
+    node(0, serving_bench.cap_bytes(profile, primary_layers, True, CONTEXT), "--model", str(model))
+    token = token or _invite(command, work / "a")
     for index, layers in enumerate(worker_layers, start=1):
-        node(
-            f"n{index}",
-            ports[index],
-            serving_bench.cap_bytes(profile, layers, False, CONTEXT),
-            "--join",
-            token,
-            *(("--model", str(model)) if warm else ()),
-        )
-    return {"mesh_at_primary": f"http://127.0.0.1:{ports[0]}"}
+        cap = serving_bench.cap_bytes(profile, layers, False, CONTEXT)
+        node(index, cap, "--join", token, *(("--model", str(model)) if warm else ()))
+    return f"http://127.0.0.1:{ports[3]}", ports, token
+
+
+def _free_port_pair() -> int:
+    """A loopback port whose successor is free too (a node's data plane listens on mesh + 1)."""
+    while True:
+        port = free_loopback_port()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return port
+
+
+def _api_ports() -> list[int]:
+    return [free_loopback_port() for _ in range(3)]
 
 
 def _invite(command: str, data_dir: Path) -> str:
@@ -196,9 +211,9 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
             stack.enter_context(_started(argv, work / "single.log", _ENV))
             urls["single"] = f"http://127.0.0.1:{port}"
             load_s["single"] = _ready_after(urls["single"], "bench", started)
-            load_s["mesh_warm"] = _warm_mesh_load(work / "warm", model, profile)
+            load_s |= _warm_mesh_loads(work / "warm", model, profile)
             started = time.monotonic()
-            urls.update(_start_mesh(stack, work, model, profile))
+            urls["mesh_at_primary"] = _start_mesh(stack, work, model, profile)[0]
             load_s["mesh"] = _ready_after(urls["mesh_at_primary"], model_id, started)
             placement = _mesh_placement(urls["mesh_at_primary"], model_id)
             started = time.monotonic()
@@ -213,15 +228,21 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
     return _report(model, placement, measured, load_s)
 
 
-def _warm_mesh_load(work: Path, model: Path, profile: ModelProfile) -> float:
+def _warm_mesh_loads(work: Path, model: Path, profile: ModelProfile) -> dict[str, float]:
     """Seconds from starting a mesh whose workers hold the file to its first answer (the warm
-    path); the mesh is stopped before the others start."""
+    path): when it forms (an invite, each node's one-time engine timing) and when the same
+    members start again all at once. Each mesh is stopped before the next starts."""
+    model_id = model.name.removesuffix(".gguf")
     with ExitStack() as stack:
         started = time.monotonic()
-        url = _start_mesh(stack, work, model, profile, warm=True)["mesh_at_primary"]
-        seconds = _ready_after(url, model.name.removesuffix(".gguf"), started)
+        url, ports, token = _start_mesh(stack, work, model, profile, warm=True)
+        forming = _ready_after(url, model_id, started)
+    with ExitStack() as stack:
+        started = time.monotonic()
+        url, _, _ = _start_mesh(stack, work, model, profile, warm=True, restart=(ports, token))
+        again = _ready_after(url, model_id, started)
     _print_log_tails(work, lines=40)  # where a warm load spends its time, in the nodes' words
-    return seconds
+    return {"mesh_warm_forming": forming, "mesh_warm": again}
 
 
 def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:
@@ -286,7 +307,9 @@ def _report(
         "tunnel_requests_per_token": traffic[-1]["requests"],
         "mesh_vs_direct_gen_ratio": gen_ratio,
         "mesh_vs_direct_prompt_ratio": prompt_ratio,
+        # the members starting again (the daily case) and forming (invite, engine timing)
         "mesh_warm_vs_direct_load_ratio": load_s["mesh_warm"] / load_s["direct"],
+        "mesh_forming_vs_direct_load_ratio": load_s["mesh_warm_forming"] / load_s["direct"],
         # The workers' layers over the whole fetch-path load: a lower bound of the fetch's pace
         "fetch_mb_per_s_at_least": _worker_bytes(model, placement) / load_s["mesh"] / 1e6,
     }
@@ -302,8 +325,10 @@ def _report(
             f"{load:>8.1f}"
         )
     print(
-        f"  load: mesh (workers hold the file) / direct "
-        f"{result['mesh_warm_vs_direct_load_ratio']:.2f} (target <= 1.5); "
+        f"  load, workers holding the file: mesh restarting / direct "
+        f"{result['mesh_warm_vs_direct_load_ratio']:.2f} (target <= 1.5; "
+        f"{load_s['mesh_warm']:.1f} s), forming / direct "
+        f"{result['mesh_forming_vs_direct_load_ratio']:.2f} ({load_s['mesh_warm_forming']:.1f} s); "
         f"fetch path at least {result['fetch_mb_per_s_at_least']:.0f} MB/s"
     )
     print(

@@ -28,6 +28,19 @@ CATCHING_UP_STATES = 8
 MEASUREMENTS = frozenset({"links", "ram_free", "load", "devices"})
 
 
+def measured_figures(links: object) -> frozenset[tuple[str, str]]:
+    """(target, figure) for each figure of each gossiped link that has a value."""
+    if not isinstance(links, Mapping):
+        return frozenset()
+    return frozenset(
+        (str(target), str(name))
+        for target, figures in links.items()
+        if isinstance(figures, Mapping)
+        for name, value in figures.items()
+        if value is not None
+    )
+
+
 class Do(enum.Enum):
     HEARTBEAT = "heartbeat"  # check our state (publish if due), tick SWIM, forget the long gone
     EXCHANGE = "gossip"  # an anti-entropy exchange with a connected member
@@ -161,7 +174,9 @@ class MeshCore:
         `refresh_s`, or to refute a suspicion; otherwise our state (and everyone's work on
         it) stays as it is. Every new state travels to every node: in a big mesh measurements
         age longer, so that each node's share of that traffic stays bounded, but never longer
-        than a quarter of the horizon after which silent members are forgotten."""
+        than a quarter of the horizon after which silent members are forgotten. In a mesh
+        small enough to be fully connected, a link (or a figure of one) measured for the first
+        time publishes at once: planning waits on it when the mesh forms or starts again."""
         previous = self._published or {}
         changed = any(
             facts.get(key) != previous.get(key)
@@ -173,7 +188,10 @@ class MeshCore:
             self.timing.forget_gone_after_s / 4,
         )
         stale = now - self._published_at >= refresh_s
-        return changed or stale or self.swim.must_refute
+        first_measured = known_states <= self.timing.full_mesh_up_to and bool(
+            measured_figures(facts.get("links")) - measured_figures(previous.get("links"))
+        )
+        return changed or stale or first_measured or self.swim.must_refute
 
     def forget_due(self, now: float) -> bool:
         """Whether to look for long-gone members now (at most every `forget_check_s`)."""

@@ -25,7 +25,7 @@ class OwnState(MeshShell):
         return {**self._facts(), "links": self._nearest_links()}
 
     def _facts(self) -> dict[str, Any]:
-        """Our state without the link measurements (the costly part to gather)."""
+        """Our state without the link measurements."""
         return {
             **self.describe_self(),
             "name": self.name,

@@ -196,7 +196,7 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
         """Publishes when the core says so, declares the long suspected dead, forgets the
         long gone, and stops probing dead members we are not connected to."""
         now = trio.current_time()
-        if self.core.should_publish(self._facts(), now, len(self.store.states)):
+        if self.core.should_publish(self._payload(), now, len(self.store.states)):
             self._publish()
         for peer in self.swim.tick(now):
             _log.info("peer %s declared dead (suspected for %.0f s)", peer, self.timing.suspicion_s)

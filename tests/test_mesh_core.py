@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.mesh.mesh_core import Action, Do, MeshCore
+from sharedllm.mesh.mesh_core import Action, Do, MeshCore, measured_figures
 from sharedllm.mesh.swim import Swim
 from sharedllm.mesh.timing import MeshTiming
 
@@ -202,6 +202,36 @@ def test_measurements_alone_wait_for_the_refresh_and_facts_publish_at_once() -> 
     assert core.should_publish({"models": ["a"]}, horizon, known_states=10**9)
     core.swim.must_refute = True
     assert core.should_publish({"models": ["a"], "links": {"x": 1}}, 1.0, known_states=1)
+
+
+def test_a_link_measured_for_the_first_time_publishes_at_once_in_a_small_mesh() -> None:
+    core = _core()
+    core.published({"models": ["a"], "links": {"x": {"rtt_ms": 1.0, "bandwidth_mbps": None}}}, 0.0)
+    new_value = {"x": {"rtt_ms": 2.0, "bandwidth_mbps": None}}
+    assert not core.should_publish({"models": ["a"], "links": new_value}, 1.0, known_states=3)
+    new_figure = {"x": {"rtt_ms": 1.0, "bandwidth_mbps": 900.0}}
+    assert core.should_publish({"models": ["a"], "links": new_figure}, 1.0, known_states=3)
+    new_link = {"x": {"rtt_ms": 1.0}, "y": {"rtt_ms": 3.0}}
+    assert core.should_publish({"models": ["a"], "links": new_link}, 1.0, known_states=3)
+    assert not core.should_publish({"models": ["a"], "links": {}}, 1.0, known_states=3)
+    # a big mesh: every new state travels to every node, so new links wait for the refresh
+    big = TIMING.full_mesh_up_to + 1
+    assert not core.should_publish({"models": ["a"], "links": new_link}, 1.0, known_states=big)
+
+
+@given(
+    st.dictionaries(
+        st.text(max_size=3),
+        st.one_of(
+            st.none(),
+            st.integers(),
+            st.dictionaries(st.text(max_size=3), st.one_of(st.none(), st.floats(allow_nan=False))),
+        ),
+    )
+)
+def test_measured_figures_takes_any_gossiped_shape(links: dict[str, object]) -> None:
+    figures = measured_figures(links)
+    assert all(target in links for target, _ in figures)
 
 
 def test_long_gone_members_are_looked_for_at_most_every_check_interval() -> None:
