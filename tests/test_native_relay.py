@@ -21,6 +21,7 @@ from sharedllm.mesh.transport.native_relay import (
     RelayCounters,
     TunnelKeys,
     new_secret,
+    spin_for,
 )
 from sharedllm.node.engine.native_build import native_relay_library
 
@@ -108,6 +109,40 @@ def test_both_directions_arrive_whole_and_in_order(
             sock.close()
 
     trio.run(main)
+
+
+def test_a_relay_that_looks_again_before_sleeping_relays_the_same(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    spinning = NativeRelay(native_relay_library(Path(tmp_path_factory.mktemp("cache"))), 50)
+    outward, back = bytes(range(256)) * 1000, b"answer" * 5000
+
+    async def main() -> None:
+        app_a, local_a = _pair()
+        wire_a, wire_b = _pair()
+        local_b, app_b = _pair()
+        got: dict[str, bytes] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spinning.relay, local_a, wire_a, OPENER, RelayCounters())
+            nursery.start_soon(spinning.relay, local_b, wire_b, ANSWERER, RelayCounters())
+            nursery.start_soon(_send_all, app_a, outward, 4096)
+            nursery.start_soon(_send_all, app_b, back, 100)
+
+            async def read(name: str, sock: socket.socket) -> None:
+                got[name] = await _read_all(sock)
+
+            nursery.start_soon(read, "b", app_b)
+            nursery.start_soon(read, "a", app_a)
+        assert got == {"b": outward, "a": back}
+        for sock in (app_a, local_a, wire_a, wire_b, local_b, app_b):
+            sock.close()
+
+    trio.run(main)
+
+
+def test_relays_look_again_only_where_cores_are_spare() -> None:
+    assert spin_for(None) == spin_for(1) == spin_for(2) == 0
+    assert spin_for(16) > 0
 
 
 async def _answerer_given(relay: NativeRelay, wire: bytes) -> tuple[str, bytes]:

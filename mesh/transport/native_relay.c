@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -78,9 +79,16 @@ struct relay {
     struct relay_counters *counters;
     struct rpc_watch *watch;
     int last; /* +1 after outbound data, -1 after inbound: a turn from out to back is a trip */
+    uint64_t spin_us, active_us; /* how long to look again after activity; when it last was */
     char *error;
     size_t error_len;
 };
+
+static uint64_t now_us(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000u + (uint64_t)now.tv_nsec / 1000u;
+}
 
 static int fail(struct relay *r, const char *what) {
     snprintf(r->error, r->error_len, "%s%s%s", what, errno ? ": " : "", errno ? strerror(errno) : "");
@@ -243,7 +251,15 @@ static int step(struct relay *r) {
     if (in_busy) fds[0].events |= POLLOUT;
     for (int i = 0; i < 2; i++)
         if (!fds[i].events) fds[i].fd = -1; /* not waited on: its hang-up must not spin us */
-    if (poll(fds, 3, -1) < 0) return errno == EINTR ? 0 : fail(r, "poll");
+    /* An engine's messages come in bursts (a token's tensors, then its graph). Where the
+     * node has cores to spare, the relay looks again without sleeping for `spin_us` after
+     * each one: waking a sleeping thread costs more than the look. Then it sleeps. */
+    int ready = 0;
+    while (r->spin_us && now_us() - r->active_us < r->spin_us && (ready = poll(fds, 3, 0)) == 0) {
+    }
+    if (ready == 0) ready = poll(fds, 3, -1);
+    if (ready < 0) return errno == EINTR ? 0 : fail(r, "poll");
+    if (r->spin_us) r->active_us = now_us();
     if (fds[2].revents) {
         errno = 0;
         return fail(r, "stopped");
@@ -280,13 +296,14 @@ static void teardown(struct direction *d) {
 
 /* Relays until both directions have ended (0), or something failed or `stop` became
  * readable (-1, with the reason in `error`). Both sockets must be non-blocking. `rpc_commands`
- * > 0 counts the local side's llama.cpp RPC requests into `counters`. */
+ * > 0 counts the local side's llama.cpp RPC requests into `counters`; `spin_us` > 0 polls
+ * that long after activity before sleeping. */
 int sharedllm_relay(int local, int remote, int stop, const unsigned char *send_key,
-                    const unsigned char *receive_key, int rpc_commands,
+                    const unsigned char *receive_key, int rpc_commands, int spin_us,
                     struct relay_counters *counters, char *error, size_t error_len) {
     struct rpc_watch watch = {{0}, 0, 0, rpc_commands > RPC_COMMANDS ? RPC_COMMANDS : rpc_commands};
     struct relay r = {local, remote, stop, {0}, {0}, NULL, counters, rpc_commands > 0 ? &watch : NULL,
-                      0,     error,  error_len};
+                      0,     spin_us > 0 ? (uint64_t)spin_us : 0, 0, error, error_len};
     int result = -1;
     errno = 0;
     r.chunk = malloc(MAX_PLAIN);

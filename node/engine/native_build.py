@@ -19,7 +19,7 @@ from pathlib import Path
 import trio
 
 from ...mesh.transport.native_relay import SOURCE as RELAY_SOURCE
-from ...mesh.transport.native_relay import NativeRelay, libcrypto_path
+from ...mesh.transport.native_relay import NativeRelay, libcrypto_path, spin_for
 
 _BUILD_TIMEOUT_S = 120.0
 _log = logging.getLogger("sharedllm.engine")
@@ -77,7 +77,7 @@ async def load_native_relay(cache_dir: Path, wanted: bool = True) -> NativeRelay
         return None
     try:
         library = await trio.to_thread.run_sync(native_relay_library, cache_dir)
-        return NativeRelay(library)
+        return NativeRelay(library, spin_for(os.cpu_count()))
     except (NativeBuildFailed, OSError, AttributeError) as err:
         _log.warning("rpc tunnels take the Python path: %s", err)
         return None
