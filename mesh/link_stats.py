@@ -33,6 +33,23 @@ class PeerLink:
     address: str | None = None  # the control-plane address that reached it last, when we dialed
     probe_bytes: int = PROBE_BLOCK_BYTES  # the next bulk probe's size (`next_probe_bytes`)
 
+    def probe_size(self, largest: int) -> int:
+        return min(self.probe_bytes, largest)
+
+    def probed(self, size: int, seconds: float, largest: int) -> bool:
+        """Takes in a bulk probe of `size` bytes that took `seconds`; returns whether to probe
+        again at once: while a probe ends in under a quarter of `PROBE_TARGET_S` it was too
+        short to time well, and a bigger one (sized by what it measured) follows."""
+        self.bandwidth_mbps = size * 8 / max(seconds, 1e-9) / 1e6
+        self.probe_bytes = next_probe_bytes(self.bandwidth_mbps, largest)
+        return seconds < PROBE_TARGET_S / 4 and size < largest
+
+    def probe_timed_out(self, size: int, limit_s: float) -> None:
+        """A probe that did not finish within `limit_s` prices the link at most so, and the
+        next one starts small again."""
+        self.bandwidth_mbps = bandwidth_at_most(size, limit_s)
+        self.probe_bytes = PROBE_BLOCK_BYTES
+
     def observe(self, sample_ms: float) -> None:
         if self.rtt_ms is None:
             self.rtt_ms = sample_ms

@@ -11,13 +11,7 @@ import trio
 
 from .addresses import MAX_ADVERTISED, beyond_this_machine, host_of_multiaddr, order_multiaddrs
 from .gossip import SignedState
-from .link_stats import (
-    PROBE_BLOCK_BYTES,
-    PROBE_TARGET_S,
-    PeerLink,
-    bandwidth_at_most,
-    next_probe_bytes,
-)
+from .link_stats import PROBE_BLOCK_BYTES, PeerLink
 from .probe_records import (
     News,
     decode_ping_request,
@@ -170,7 +164,7 @@ class Probing(MeshShell):
         limit_s = self.timing.exchange_timeout_s * 4
         largest = self.timing.bandwidth_probe_bytes
         for _ in range(_PROBES_PER_ROUND):
-            size = min(link.probe_bytes, largest)
+            size = link.probe_size(largest)
             with trio.move_on_after(limit_s) as timer:
                 try:
                     seconds = await self._probe_once(peer, addresses, size, link)
@@ -178,12 +172,9 @@ class Probing(MeshShell):
                     _log.debug("bandwidth probe to %s failed: %s", peer, err)
                     return
             if timer.cancelled_caught:
-                link.bandwidth_mbps = bandwidth_at_most(size, limit_s)
-                link.probe_bytes = PROBE_BLOCK_BYTES
+                link.probe_timed_out(size, limit_s)
                 return
-            link.bandwidth_mbps = size * 8 / seconds / 1e6
-            link.probe_bytes = next_probe_bytes(link.bandwidth_mbps, largest)
-            if seconds >= PROBE_TARGET_S / 4 or size >= largest:
+            if not link.probed(size, seconds, largest):
                 return
 
     async def _probe_once(
