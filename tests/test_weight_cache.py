@@ -4,6 +4,7 @@ a load of the sent weights computes, and damaged entries are replaced rather tha
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -20,11 +21,12 @@ from sharedllm.node.engine.locate import EngineInfo, free_loopback_port
 from sharedllm.node.tools.synthetic_model import ModelShape, write_synthetic_model
 from sharedllm.node.weights.cache import (
     HASH_THRESHOLD_BYTES,
+    MAX_NAMED_MODELS,
     cached_layer_tensors,
     fill_cache,
     rpc_cache_entries,
 )
-from sharedllm.node.weights.native_hash import NativeFnv, fnv1a64_python
+from sharedllm.node.weights.native_hash import FNV_OFFSET_BASIS, Buffer, NativeFnv, fnv1a64_python
 
 # Feed-forward tensors of 2048 x 4096 f16 (16 MiB) are over the engine's hash threshold; the
 # attention ones (8 MiB) are not.
@@ -143,3 +145,64 @@ def test_damaged_entries_are_replaced(tmp_path: Path, big_model: Path, fnv: Nati
     assert (report.replaced, report.written, report.already_cached) == (2, 2, 1)
     again = fill_cache(entries, big_model, spans, fnv)
     assert again.already_cached == len(spans) and again.written == 0
+
+
+class _CountingFnv(NativeFnv):
+    """The real hash, counting the bytes it reads."""
+
+    hashed_bytes = 0
+
+    def hash(self, data: Buffer, start: int = FNV_OFFSET_BASIS) -> int:
+        self.hashed_bytes += memoryview(data).nbytes
+        return super().hash(data, start)
+
+
+def test_a_complete_cache_is_filled_again_without_reading_the_model(
+    tmp_path: Path, big_model: Path
+) -> None:
+    fnv = _CountingFnv(tmp_path / "native")
+    spans = cached_layer_tensors(big_model, 0, SHAPE.blocks - 1)
+    entries = tmp_path / "rpc"
+    fill_cache(entries, big_model, spans, fnv)
+    fnv.hashed_bytes = 0
+    again = fill_cache(entries, big_model, spans, fnv)
+    assert again.already_cached == len(spans) and fnv.hashed_bytes == 0
+    # A model file changed since (a new mtime): its names are computed again.
+    os.utime(big_model, ns=(time.time_ns(), time.time_ns()))
+    assert fill_cache(entries, big_model, spans, fnv).already_cached == len(spans)
+    assert fnv.hashed_bytes == sum(span.size for span in spans)
+
+
+def test_remembered_names_that_are_not_entry_names_are_forgotten(
+    tmp_path: Path, big_model: Path, fnv: NativeFnv
+) -> None:
+    spans = cached_layer_tensors(big_model, 1, 1)
+    entries = tmp_path / "rpc"
+    fill_cache(entries, big_model, spans, fnv)
+    memo = entries / ".names.json"
+    remembered = json.loads(memo.read_text())
+    for names in remembered.values():
+        for where in names:
+            names[where] = "../../escape"
+    memo.write_text(json.dumps(remembered))
+    assert fill_cache(entries, big_model, spans, fnv).already_cached == len(spans)
+    assert not (tmp_path.parent / "escape").exists()
+    memo.write_text("{not json")
+    assert fill_cache(entries, big_model, spans, fnv).already_cached == len(spans)
+
+
+def test_names_are_remembered_for_a_bounded_number_of_model_files(
+    tmp_path: Path, big_model: Path, fnv: NativeFnv
+) -> None:
+    spans = cached_layer_tensors(big_model, 1, 1)
+    entries = tmp_path / "rpc"
+    for copy in range(MAX_NAMED_MODELS + 3):
+        model = tmp_path / f"copy{copy}.gguf"
+        os.link(big_model, model)
+        fill_cache(entries, model, spans, fnv)
+    remembered = json.loads((entries / ".names.json").read_text())
+    assert len(remembered) == MAX_NAMED_MODELS
+    assert any(
+        key.startswith(str((tmp_path / f"copy{MAX_NAMED_MODELS + 2}.gguf").resolve()))
+        for key in remembered
+    )

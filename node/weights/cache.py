@@ -31,7 +31,10 @@ from .native_hash import NativeFnv
 # Tensors up to this size are always sent: the engine hashes only larger ones.
 HASH_THRESHOLD_BYTES = 10 * 1024 * 1024
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+_ENTRY = re.compile(r"^[0-9a-f]{16}$")
 _CHECKED = ".checked.json"  # entries verified by us: name -> [size, mtime_ns]
+_NAMES = ".names.json"  # model file stamp -> {"offset:size": entry name} of its tensors
+MAX_NAMED_MODELS = 16  # model files whose tensor names are remembered
 
 
 @dataclass(frozen=True)
@@ -90,18 +93,28 @@ def fill_cache(
     stop: Callable[[], bool] = lambda: False,
 ) -> FillReport:
     """Makes sure `entries` holds a correct entry for every span; returns what it did.
-    Checks `stop()` between tensors so that a cancelled fill ends soon."""
+    Checks `stop()` between tensors so that a cancelled fill ends soon. The tensors' names
+    are remembered per model file (its path, size and mtime), so that a fill of a cache that
+    is already complete reads neither the model nor the entries again."""
     started = time.monotonic()
     report = FillReport(tensors=len(spans))
     entries.mkdir(parents=True, exist_ok=True)
     checked = read_checked(entries)
+    all_names = read_names(entries)
+    model_key = _model_key(model)
+    names = all_names.pop(model_key, {})
     with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as data:
         for span in spans:
             if stop():
                 break
+            where = f"{span.offset}:{span.size}"
+            known = names.get(where)
+            if known is not None and entry_matches(entries / known, known, span.size, fnv, checked):
+                report.already_cached += 1
+                continue
             tensor = memoryview(data)[span.offset : span.offset + span.size]
             try:
-                name = entry_name(fnv, tensor)
+                name = names[where] = entry_name(fnv, tensor)
                 target = entries / name
                 if entry_matches(target, name, span.size, fnv, checked):
                     report.already_cached += 1
@@ -114,8 +127,15 @@ def fill_cache(
             report.written += 1
             report.bytes_written += span.size
     write_checked(entries, checked)
+    all_names[model_key] = names  # the most recently filled last: the oldest go first
+    write_names(entries, dict(list(all_names.items())[-MAX_NAMED_MODELS:]))
     report.seconds = time.monotonic() - started
     return report
+
+
+def _model_key(model: Path) -> str:
+    info = model.stat()
+    return f"{model.resolve()}|{info.st_size}|{info.st_mtime_ns}"
 
 
 def entry_matches(
@@ -160,3 +180,27 @@ def read_checked(entries: Path) -> dict[str, list[int]]:
 
 def write_checked(entries: Path, checked: dict[str, list[int]]) -> None:
     write_atomic(entries / _CHECKED, json.dumps(checked).encode(), mode=0o644)
+
+
+def read_names(entries: Path) -> dict[str, dict[str, str]]:
+    """Remembered tensor names by model file; anything malformed is forgotten (the names are
+    then computed again, and every entry is still checked against its own name)."""
+    try:
+        known = json.loads((entries / _NAMES).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {
+        model: {k: v for k, v in names.items() if isinstance(k, str) and _is_entry_name(v)}
+        for model, names in known.items()
+        if isinstance(model, str) and isinstance(names, dict)
+    }
+
+
+def write_names(entries: Path, names: dict[str, dict[str, str]]) -> None:
+    write_atomic(entries / _NAMES, json.dumps(names).encode(), mode=0o644, sync=False)
+
+
+def _is_entry_name(value: object) -> bool:
+    return isinstance(value, str) and _ENTRY.match(value) is not None
