@@ -156,7 +156,11 @@ async def _run_node(
             config=config,
             local_models=models,
             client=client,
-            native_relay=await load_native_relay(config.cache_dir, config.native_relay),
+            native_relay=await load_native_relay(
+                config.cache_dir,
+                config.native_relay,
+                engine_on_gpus=bool(mesh.capacity().get("vram_total")),
+            ),
         )
         revocation_files: set[str] = set()  # read already: the keeper reads only new ones
         for revocation in load_revocations(mesh.data_dir, revocation_files):

@@ -140,9 +140,10 @@ def test_a_relay_that_looks_again_before_sleeping_relays_the_same(
     trio.run(main)
 
 
-def test_relays_look_again_only_where_cores_are_spare() -> None:
-    assert spin_for(None) == spin_for(1) == spin_for(2) == 0
-    assert spin_for(16) > 0
+def test_relays_look_again_only_where_the_engine_leaves_cores_waiting() -> None:
+    assert spin_for(16, engine_on_gpus=True) > 0
+    assert spin_for(16, engine_on_gpus=False) == 0  # the engine computes on those cores
+    assert spin_for(None, True) == spin_for(2, True) == 0
 
 
 async def _answerer_given(relay: NativeRelay, wire: bytes) -> tuple[str, bytes]:

@@ -70,14 +70,16 @@ def native_relay_library(cache_dir: Path) -> Path:
     return built_library(cache_dir, "relay", source, link, purpose="the native tunnel relay")
 
 
-async def load_native_relay(cache_dir: Path, wanted: bool = True) -> NativeRelay | None:
+async def load_native_relay(
+    cache_dir: Path, wanted: bool = True, *, engine_on_gpus: bool = False
+) -> NativeRelay | None:
     """The native tunnel relay (built off the event loop on first use), or None where it is
     not wanted or cannot be built or loaded (logged: rpc tunnels then take the Python path)."""
     if not wanted:
         return None
     try:
         library = await trio.to_thread.run_sync(native_relay_library, cache_dir)
-        return NativeRelay(library, spin_for(os.cpu_count()))
+        return NativeRelay(library, spin_for(os.cpu_count(), engine_on_gpus))
     except (NativeBuildFailed, OSError, AttributeError) as err:
         _log.warning("rpc tunnels take the Python path: %s", err)
         return None
