@@ -206,3 +206,14 @@ def test_names_are_remembered_for_a_bounded_number_of_model_files(
         key.startswith(str((tmp_path / f"copy{MAX_NAMED_MODELS + 2}.gguf").resolve()))
         for key in remembered
     )
+
+
+def test_fills_of_other_layers_add_to_the_remembered_names(tmp_path: Path, big_model: Path) -> None:
+    fnv = _CountingFnv(tmp_path / "native")
+    entries = tmp_path / "rpc"
+    first, second = cached_layer_tensors(big_model, 0, 0), cached_layer_tensors(big_model, 1, 1)
+    fill_cache(entries, big_model, first, fnv)  # two nodes of one machine share a cache
+    fill_cache(entries, big_model, second, fnv)
+    fnv.hashed_bytes = 0
+    assert fill_cache(entries, big_model, first + second, fnv).already_cached == 6
+    assert fnv.hashed_bytes == 0

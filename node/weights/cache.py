@@ -100,9 +100,8 @@ def fill_cache(
     report = FillReport(tensors=len(spans))
     entries.mkdir(parents=True, exist_ok=True)
     checked = read_checked(entries)
-    all_names = read_names(entries)
     model_key = _model_key(model)
-    names = all_names.pop(model_key, {})
+    names = read_names(entries).get(model_key, {})
     with model.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as data:
         for span in spans:
             if stop():
@@ -127,7 +126,10 @@ def fill_cache(
             report.written += 1
             report.bytes_written += span.size
     write_checked(entries, checked)
-    all_names[model_key] = names  # the most recently filled last: the oldest go first
+    # Read again: nodes sharing one cache (on one machine) may have added names meanwhile.
+    all_names = read_names(entries)
+    names = all_names.pop(model_key, {}) | names  # the most recently filled last
+    all_names[model_key] = names
     write_names(entries, dict(list(all_names.items())[-MAX_NAMED_MODELS:]))
     report.seconds = time.monotonic() - started
     return report
