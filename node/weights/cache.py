@@ -168,13 +168,17 @@ def stamp(path: Path) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
-def read_checked(entries: Path) -> dict[str, list[int]]:
+def _json_object(path: Path) -> dict[object, object]:
+    """The JSON object in `path`; empty if the file is missing, unreadable or not one."""
     try:
-        known = json.loads((entries / _CHECKED).read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):
         return {}
-    if not isinstance(known, dict):
-        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def read_checked(entries: Path) -> dict[str, list[int]]:
+    known = _json_object(entries / _CHECKED)
     return {
         k: v for k, v in known.items() if isinstance(k, str) and isinstance(v, list) and len(v) == 2
     }
@@ -187,12 +191,7 @@ def write_checked(entries: Path, checked: dict[str, list[int]]) -> None:
 def read_names(entries: Path) -> dict[str, dict[str, str]]:
     """Remembered tensor names by model file; anything malformed is forgotten (the names are
     then computed again, and every entry is still checked against its own name)."""
-    try:
-        known = json.loads((entries / _NAMES).read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    if not isinstance(known, dict):
-        return {}
+    known = _json_object(entries / _NAMES)
     return {
         model: {k: v for k, v in names.items() if isinstance(k, str) and _is_entry_name(v)}
         for model, names in known.items()
