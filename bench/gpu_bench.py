@@ -16,6 +16,7 @@ the processes to the first answered request. Needs a CUDA build of the engine
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 import socket
@@ -239,6 +240,8 @@ def _warm_mesh_loads(work: Path, model: Path, profile: ModelProfile) -> dict[str
         forming = _ready_after(url, model_id, started)
     with ExitStack() as stack:
         started = time.monotonic()
+        began = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+        print(f"gpu: warm mesh starting again at {began}", file=sys.stderr)
         url, _, _ = _start_mesh(stack, work, model, profile, warm=True, restart=(ports, token))
         again = _ready_after(url, model_id, started)
     _print_log_tails(work, lines=40)  # where a warm load spends its time, in the nodes' words

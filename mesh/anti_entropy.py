@@ -69,7 +69,10 @@ class AntiEntropy(MeshShell):
                 self.swim.hear(Rumor(state.origin, Liveness.LEFT, state.version), now)
             else:
                 self.swim.heard_of(state.origin, state.version, now)
+            claimed_before = self._known.get(state.origin, {}).get("claims")
             self._remember(state, content)
+            if self.on_claims_heard is not None and content.get("claims") != claimed_before:
+                self.on_claims_heard()  # a worker named in a new claim starts its part now
         return len(accepted)
 
     def _admit_state(self, state: SignedState) -> bool:

@@ -41,6 +41,10 @@ from .gossip_reader import GossipReader, gossiped_problem, model_entries
 from .member_states import MemberStates
 from .memory_ledger import MemoryLedger
 
+# Meshes this small are fully connected (see `MeshTiming.full_mesh_up_to`), so a complete view
+# is one every member can reach; a model nothing serves is claimed there after a short settle.
+QUICK_SETTLE_UP_TO = 32
+
 
 @dataclass(frozen=True)
 class ModelState:
@@ -224,10 +228,15 @@ class Elector:
         if old is not None and old.epoch == epoch:
             del self.handing_over[unit]
 
-    def _settle_s(self, view: ClusterView) -> float:
+    def _settle_s(self, view: ClusterView, current: Claim | None) -> float:
         """How long a plan must hold before we claim it: `settle_s`, and longer in a big mesh,
         where news takes a few gossip hops more to reach every holder (two holders whose views
-        still differ could otherwise both claim the same epoch)."""
+        still differ could otherwise both claim the same epoch). A quarter of it for a model
+        nothing serves yet in a small mesh whose every link is measured: the plan waits on no
+        more news there, and each second of waiting delays the first answer (a mesh starting
+        again). Should news still change the plan, the claim is replaced as any other is."""
+        if current is None and len(view.nodes) <= QUICK_SETTLE_UP_TO and view.fully_linked():
+            return self.settle_s / 4
         return self.settle_s * max(1.0, math.log2(max(len(view.nodes), 2)) / 2)
 
     def _decide(
@@ -257,7 +266,7 @@ class Elector:
         since = self._wanted_since.get(unit)
         if since is None or since[0] != key:
             self._wanted_since[unit] = (key, now)
-        elif planned.primary == self.me and now - since[1] >= self._settle_s(view):
+        elif planned.primary == self.me and now - since[1] >= self._settle_s(view, current):
             holders = [node.peer_id for node in view.nodes if model_id in node.models]
             epoch = next_epoch(self.highest_epoch.get(model_id, 0), self.me, holders)
             overlap = (

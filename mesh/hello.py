@@ -45,10 +45,13 @@ class Hello(MeshShell):
         if not answer.admitted:
             self.traffic.refused_hellos += 1
             self.faults.log.emit("refused-hello", "refused %s: %s", peer, answer.refusal)
-        await self._send(stream, answer.reply)
         if answer.admitted:
+            # Admitted before the answer leaves: the peer may speak (gossip, a ping) as soon as
+            # it reads it, and a stream from a peer not admitted yet cuts its connection.
             self._admit(peer)
+            await self._send(stream, answer.reply)
             return
+        await self._send(stream, answer.reply)
         if answer.reply:  # a revocation: the revoked node must learn it, or it keeps asking
             await self._until_read(stream)
         await self.transport.disconnect(peer)
@@ -101,6 +104,12 @@ class Hello(MeshShell):
         # belong to a group that has not heard of the other, and only such a first exchange
         # is sure to tell the groups apart from the start (random rounds may take minutes).
         self._in_background(Action(Do.EXCHANGE, peer), self._exchange_with)
+        link = self.links.get(peer)
+        if link is None or link.rtt_ms is None:
+            # And its link measured at once rather than in its turn among the probes (up to a
+            # probe period per member): no plan counts on a peer until its link is. A ping, not
+            # SWIM's probe: one lost in the rush of a forming mesh must not make it suspect.
+            self._in_background(Action(Do.PROBE, peer), self._ping)
         return True
 
     def _admit(self, peer: str) -> None:

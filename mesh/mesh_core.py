@@ -26,6 +26,10 @@ CATCHING_UP_STATES = 8
 # Parts of our state that are measurements: they change all the time, so they alone do not
 # make us publish; they are refreshed every `refresh_s`.
 MEASUREMENTS = frozenset({"links", "ram_free", "load", "devices"})
+# After a link's first figure, how long the heartbeat waits for others measured with it.
+FIRST_FIGURES_GATHER_S = 0.1
+# The next bulk probe, after one that measured a link first while others are unmeasured.
+NEXT_UNMEASURED_S = 0.2
 
 
 def measured_figures(links: object) -> frozenset[tuple[str, str]]:
@@ -154,15 +158,27 @@ class MeshCore:
         self._far_spacing = 1 if found_members else min(8, 2 * self._far_spacing)
         self._rounds_to_far = self._far_spacing
 
-    def bandwidth_done(self, now: float, probed: bool, all_measured: bool) -> None:
+    def bandwidth_done(
+        self, now: float, probed: bool, all_measured: bool, first_figure: bool = False
+    ) -> None:
         """One probe per interval (so serving traffic keeps the links), sooner while some
-        member's link has not been measured yet."""
-        quiet = (
-            self.timing.bandwidth_probe_interval_s
-            if probed and all_measured
-            else self.timing.reconnect_interval_s
-        )
+        member's link has not been measured yet, and at once after a probe that measured a
+        link for the first time (a forming mesh plans with the figures; a failing one waits)."""
+        if probed and all_measured:
+            quiet = self.timing.bandwidth_probe_interval_s
+        elif first_figure:
+            quiet = NEXT_UNMEASURED_S
+        else:
+            quiet = self.timing.reconnect_interval_s
         self._due[_Timer.BANDWIDTH] = now + jittered(self.rng, quiet)
+
+    def measured_first(self, now: float) -> None:
+        """A link, or a figure of one, was measured for the first time. In a small mesh our
+        state is looked at soon rather than at the next heartbeat: the others plan with it
+        (a mesh starting again waits on it). Figures measured together publish once."""
+        if len(self.swim.live_members()) <= self.timing.full_mesh_up_to:
+            soon = now + FIRST_FIGURES_GATHER_S
+            self._due[_Timer.HEARTBEAT] = min(self._due.get(_Timer.HEARTBEAT, soon), soon)
 
     # -- publish policy -------------------------------------------------------------------
 

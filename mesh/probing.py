@@ -60,8 +60,12 @@ class Probing(MeshShell):
             answer = await self._receive(stream, self.timing.probe_timeout_s)
         finally:
             await stream.aclose()
-        self.links.setdefault(peer, PeerLink()).observe((trio.current_time() - started) * 1000)
+        link = self.links.setdefault(peer, PeerLink())
+        first = link.rtt_ms is None
+        link.observe((trio.current_time() - started) * 1000)
         self._take_news(answer)
+        if first:
+            self.measured_first()
 
     async def _serve_ping_request(self, stream: MeshStream) -> None:
         """Probes a member on behalf of a peer that could not reach it (indirect probe)."""

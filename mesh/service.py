@@ -65,6 +65,7 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
     traffic: ControlTraffic = field(default_factory=ControlTraffic)
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
     on_new_proof: Callable[[Proof], None] | None = None  # to keep an admission we were given
+    on_claims_heard: Callable[[], None] | None = None  # a member's claims changed
     interfaces: Callable[[], Sequence[LocalInterface]] = tuple  # this machine's addresses
     discovered: Callable[[], Sequence[str]] = tuple  # members' addresses found on the LAN
 
@@ -80,6 +81,7 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
         )
         self.hello_desk = HelloDesk(self.membership, self.identity, lambda: self.proof)
         self._tasks: trio.Nursery | None = None
+        self._timers_moved = trio.Event()  # the core wants to be asked sooner than it said
         self._contents: dict[str, tuple[int, dict[str, Any]]] = {}
         self._hello_pending: set[str] = set()
         self._version = 0
@@ -118,7 +120,9 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
             self._tasks = nursery
             self.core.start(trio.current_time())
             while True:
-                await trio.sleep_until(self.core.next_timer())
+                with trio.move_on_at(self.core.next_timer()):
+                    await self._timers_moved.wait()
+                self._timers_moved = trio.Event()
                 for action in self.core.handle_timer(trio.current_time(), self):
                     await self._execute(action, bootstrap)
 
@@ -156,11 +160,23 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
         self._tasks.start_soon(task)
 
     async def _bandwidth_round(self, peer: str) -> None:
+        link = self.links.get(peer)
+        unmeasured = link is None or link.bandwidth_mbps is None
         try:
             await self._measure_bandwidth(peer)
         finally:
+            link = self.links.get(peer)
+            first = unmeasured and link is not None and link.bandwidth_mbps is not None
             measured = all(measured for _, measured in self.bandwidth_candidates())
-            self.core.bandwidth_done(trio.current_time(), probed=True, all_measured=measured)
+            now = trio.current_time()
+            self.core.bandwidth_done(now, probed=True, all_measured=measured, first_figure=first)
+            if first:
+                self.measured_first()
+
+    def measured_first(self) -> None:
+        """A link's first figure: the core looks at our state soon (its timer moved)."""
+        self.core.measured_first(trio.current_time())
+        self._timers_moved.set()
 
     async def leave(self) -> None:
         """Announces a clean departure to a few peers (best effort, bounded in time)."""

@@ -54,6 +54,7 @@ class MeshShell(Protocol):
     traffic: ControlTraffic
     faults: HandlerFaults
     core: MeshCore
+    on_claims_heard: Callable[[], None] | None  # serving acts on a new claim at once
     swim: Swim
     _tasks: trio.Nursery | None
     _contents: dict[str, tuple[int, dict[str, Any]]]
@@ -96,6 +97,12 @@ class MeshShell(Protocol):
         ...
 
     def _publish(self) -> None: ...
+
+    def measured_first(self) -> None:
+        """Reports a link's first figure (the core then publishes soon in a small mesh)."""
+        ...
+
+    async def _ping(self, peer: str) -> None: ...
 
     async def _exchange_with(self, peer: str) -> None: ...
 

@@ -91,6 +91,11 @@ class ClusterView:
         """How many other nodes `peer_id` has a link to."""
         return self._degree_map().get(peer_id, 0)
 
+    def fully_linked(self) -> bool:
+        """Whether every node has a link to every other (as in a small mesh once measured)."""
+        others = len(self.nodes) - 1
+        return all(self.reachable_count(node.peer_id) == others for node in self.nodes)
+
     def reachable_from(self, peer_id: str) -> list[NodeCapacity]:
         """The node itself and every node it has links to and from, by peer id: the only
         nodes that can serve it as workers (found once per view, from the links)."""

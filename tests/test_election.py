@@ -67,14 +67,19 @@ def _mesh(ram: dict[str, int], holders: set[str]) -> dict[str, dict[str, Any]]:
 
 
 def _run(elector: Elector, members: dict[str, dict[str, Any]], until: float) -> None:
+    """Steps every half second; the elector's claims go into its own state, as its node
+    publishes them."""
     now = 0.0
     while now <= until:
         elector.step(now, members)
+        if elector.me in members:
+            members[elector.me]["claims"] = elector.gossiped_claims()
         now += 0.5
 
 
 def test_the_planned_primary_claims_after_the_plan_settles() -> None:
     members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    members["c"] = _node("c", 4096)  # measured by nobody yet: the view is not complete
     elector = Elector("a", settle_s=2.0)
     elector.step(0.0, members)
     assert elector.claims == {}  # the plan must stay the same for settle_s first
@@ -84,6 +89,32 @@ def test_the_planned_primary_claims_after_the_plan_settles() -> None:
     claim = elector.claims["m"]
     assert claim.primary == "a" and claim.epoch == 1 and not claim.serving
     assert states["m"].current == claim
+
+
+def test_a_model_nothing_serves_is_claimed_soon_once_every_link_is_measured() -> None:
+    # A small mesh whose views are complete (as when its members start again together): the
+    # plan waits on no more news, so a quarter of the settle time is enough.
+    members = _mesh({"a": 4096, "b": 4096, "c": 4096}, holders={"a"})
+    elector = Elector("a", settle_s=2.0)
+    elector.step(0.0, members)
+    elector.step(0.4, members)
+    assert elector.claims == {}
+    elector.step(0.5, members)
+    assert elector.claims["m"].primary == "a"
+
+
+def test_replacing_a_standing_placement_waits_the_whole_settle_time() -> None:
+    members = _mesh({"a": 700, "b": 4096, "c": 4096}, holders={"a"})
+    elector = Elector("a", settle_s=2.0)
+    _run(elector, members, 1.0)
+    first = elector.claims["m"]
+    members["a"]["claims"] = [first.to_wire()]
+    del members[first.workers[0]]  # its worker is gone: the claim must be replaced
+    elector.step(10.0, members)
+    elector.step(11.0, members)
+    assert elector.claims["m"] == first  # a complete view, but a placement stands
+    elector.step(12.0, members)
+    assert elector.claims["m"].epoch > first.epoch
 
 
 def test_a_node_that_is_not_the_planned_primary_never_claims() -> None:

@@ -12,7 +12,14 @@ from dataclasses import dataclass, field
 
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.mesh.mesh_core import Action, Do, MeshCore, measured_figures
+from sharedllm.mesh.mesh_core import (
+    FIRST_FIGURES_GATHER_S,
+    NEXT_UNMEASURED_S,
+    Action,
+    Do,
+    MeshCore,
+    measured_figures,
+)
 from sharedllm.mesh.swim import Swim
 from sharedllm.mesh.timing import MeshTiming
 
@@ -219,6 +226,25 @@ def test_a_link_measured_for_the_first_time_publishes_at_once_in_a_small_mesh() 
     assert not core.should_publish({"models": ["a"], "links": new_link}, 1.0, known_states=big)
 
 
+def test_a_first_figure_is_looked_at_soon_in_a_small_mesh_and_not_in_a_big_one() -> None:
+    # A mesh starting again plans on its links: each member's first figures should not wait
+    # for the next heartbeat to be published.
+    core = _core(live=_peers(3))
+    world = World(connected=_peers(3), admitted=set(_peers(3)), states=4)
+    for action in core.handle_timer(0.0, world):  # every timer ran: the next ones are later
+        core.finished(action)
+    core.measured_first(0.3)
+    core.measured_first(0.35)  # measured with it: still one look, gathered
+    assert core.next_timer() == 0.3 + FIRST_FIGURES_GATHER_S
+    assert _of(core.handle_timer(core.next_timer(), world), Do.HEARTBEAT) == [""]
+    live = _peers(TIMING.full_mesh_up_to + 1)
+    big = _core(live=live)
+    big.handle_timer(0.0, World(connected=live[:6], admitted=set(live), states=len(live)))
+    due = big.next_timer()
+    big.measured_first(0.3)
+    assert big.next_timer() == due
+
+
 @given(
     st.dictionaries(
         st.text(max_size=3),
@@ -280,6 +306,21 @@ def test_bandwidth_is_measured_first_where_it_never_was_then_once_an_interval() 
         core.handle_timer(60.0 + 0.7 * TIMING.bandwidth_probe_interval_s, world),
         Do.MEASURE_BANDWIDTH,
     )
+
+
+def test_after_a_first_bandwidth_figure_the_next_unmeasured_link_is_probed_soon() -> None:
+    core = _core(bandwidth=True)
+    world = World(bandwidth=[("a", False), ("b", False)])
+    core.handle_timer(0.0, world)
+    core.finished(Action(Do.MEASURE_BANDWIDTH, "a"))
+    core.bandwidth_done(1.0, probed=True, all_measured=False, first_figure=True)
+    world.bandwidth = [("a", True), ("b", False)]
+    assert _of(core.handle_timer(1.0 + 1.2 * NEXT_UNMEASURED_S, world), Do.MEASURE_BANDWIDTH)
+    core.finished(Action(Do.MEASURE_BANDWIDTH, "b"))
+    # a probe that measured nothing (a failing data plane) waits the usual interval
+    core.bandwidth_done(2.0, probed=True, all_measured=False, first_figure=False)
+    later = 2.0 + 0.7 * TIMING.reconnect_interval_s
+    assert not _of(core.handle_timer(later, world), Do.MEASURE_BANDWIDTH)
 
 
 def test_without_a_data_plane_nothing_is_measured() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sharedllm.node.models.default_model import default_model_path
-from sharedllm.node.models.gguf_header import read_header
+from sharedllm.node.models.gguf_header import ArrayInfo, read_header
 from sharedllm.node.models.model_file import (
     ModelFileError,
     cached_sha256,
@@ -125,3 +125,20 @@ def test_the_default_model_assembles_with_progress(tmp_path: Path, gemma_path: P
     count = len(fractions)
     assert default_model_path(tmp_path, report) == assembled
     assert len(fractions) == count  # assembled once: the second call finds the file
+
+
+def test_a_long_vocabulary_is_stepped_over_and_a_cut_one_refused(tmp_path: Path) -> None:
+    """A vocabulary of thousands of strings is kept as its length only; a file that ends in
+    the middle of it is refused, not read past its end."""
+    model = write_synthetic_model(tmp_path / "vocab.gguf", ModelShape(vocab_size=5000))
+    header = read_header(model)
+    tokens = header.fields["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, ArrayInfo) and tokens.length == 5000
+    assert header.tensors[0].offset >= header.data_offset
+    data = model.read_bytes()
+    start = data.index(b"tokenizer.ggml.tokens")
+    for end in (start + 40, start + 5000, header.data_offset // 2):
+        cut = tmp_path / f"cut-{end}.gguf"
+        cut.write_bytes(data[:end])
+        with pytest.raises(ModelFileError, match=r"truncated|damaged"):
+            inspect_model(cut)

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sharedllm.node.engine.locate import EngineInfo, probe_ngram_speculation
+from sharedllm.node.engine.locate import EngineInfo, probe_usage
 from sharedllm.scheduler.speculation import DraftRate, seconds_per_token
 
 from .node_process import RunningNode, node_command, start_node
@@ -72,12 +72,17 @@ def test_a_copy_is_speculated_and_its_drafts_are_learned(
         node.stop()
 
 
-def _never_speculates(node: RunningNode) -> None:
-    """The node's placement runs without speculation and allows none; then it stops."""
+def _never_speculates(
+    node: RunningNode, absent: tuple[str, ...] = ("--spec-type",), present: tuple[str, ...] = ()
+) -> None:
+    """The node's placement runs without speculation and allows none; `absent` flags never
+    reach its engine, `present` ones do. Then it stops."""
     try:
         speculation = _model(node.api_url)["speculation"]
         assert speculation["mode"] == "off" and speculation["allowed"] == ["off"]
-        assert "--spec-type" not in node.log_path.read_text()
+        log = node.log_path.read_text()
+        assert not [flag for flag in absent if f" {flag} " in log]
+        assert all(f" {flag} " in log for flag in present)
     finally:
         node.stop()
 
@@ -85,17 +90,19 @@ def _never_speculates(node: RunningNode) -> None:
 def test_a_holder_can_turn_speculation_off(
     tmp_path: Path, engine: EngineInfo, gemma_path: Path
 ) -> None:
-    _never_speculates(start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off"))
+    node = start_node(tmp_path / "a", "--context-size", "2048", "--speculation", "off")
+    _never_speculates(node, present=("--fit",))  # the node's split needs no fitting
 
 
 def _engine_without_ngram(directory: Path, engine: EngineInfo) -> Path:
-    """The engine behind a llama-server whose usage lists no n-gram speculation (as an older
-    build of a user's would)."""
+    """The engine behind a llama-server whose usage lists neither n-gram speculation nor
+    `--fit` (as an older build of a user's would)."""
     directory.mkdir()
     script = directory / "llama-server"
     script.write_text(
         "#!/bin/sh\n"
-        f'if [ "$1" = --help ]; then "{engine.llama_server}" --help 2>&1 | sed s/ngram-mod//g;'
+        f'if [ "$1" = --help ]; then "{engine.llama_server}" --help 2>&1 | sed -e s/ngram-mod//g'
+        " -e '/^-fit,/d';"
         " exit 0; fi\n"
         f'exec "{engine.llama_server}" "$@"\n'
     )
@@ -108,7 +115,7 @@ def test_an_engine_without_ngram_speculation_never_gets_it(
     tmp_path: Path, engine: EngineInfo, gemma_path: Path
 ) -> None:
     older = _engine_without_ngram(tmp_path / "engine", engine)
-    assert probe_ngram_speculation(older / "llama-server") is False
-    assert probe_ngram_speculation(engine.llama_server) is True
+    assert probe_usage(older / "llama-server") == (False, False)
+    assert probe_usage(engine.llama_server) == (True, True)
     node = start_node(tmp_path / "a", "--context-size", "2048", "--engine-dir", str(older))
-    _never_speculates(node)
+    _never_speculates(node, absent=("--spec-type", "--fit"))

@@ -114,7 +114,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             "`sharedllm-node invite` prints a token for other nodes",
             file=sys.stderr,
         )
+    listing = time.monotonic()
     devices = list_devices(engine.llama_server)
+    _log.info(
+        "engine devices: %s (listed in %.1f s)",
+        ", ".join(f"{d.name} {d.description} ({d.total_bytes / 1024**3:.0f} GiB)" for d in devices)
+        or "none, it computes on the CPU",
+        time.monotonic() - listing,
+    )
     gflops = config.compute_gflops or measured_speed(config, engine, gpu=bool(devices))
     cap = config.max_memory_bytes
     mesh = MeshOptions(

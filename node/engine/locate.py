@@ -61,6 +61,9 @@ class EngineInfo:
     # llama-server takes `--spec-type ngram-mod` (our pinned build does; an older one of the
     # user's would not start with it, so its node never speculates)
     ngram_speculation: bool = True
+    # llama-server takes `--fit off`: the node sets the split itself, and llama.cpp's own fitting
+    # (a trial load that measures device memory) only delays every load (0.5 s on a CPU)
+    fit_switch: bool = True
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -152,13 +155,15 @@ def load_built_engine(cache_dir: Path, backend: str = "cpu") -> EngineInfo | Non
 
 def describe_binaries(llama_server: Path, rpc_server: Path, source: str) -> EngineInfo:
     """Probes both programs (no cache): used right after a build."""
+    ngram, fit = probe_usage(llama_server)
     return EngineInfo(
         llama_server=llama_server,
         rpc_server=rpc_server,
         version=probe_llama_server_version(llama_server),
         rpc_protocol=probe_rpc_protocol(rpc_server),
         source=source,
-        ngram_speculation=probe_ngram_speculation(llama_server),
+        ngram_speculation=ngram,
+        fit_switch=fit,
     )
 
 
@@ -188,14 +193,16 @@ def probe_llama_server_version(llama_server: Path) -> str:
     return f"{match.group(1)}+{commit.group(1)}" if commit else match.group(1)
 
 
-def probe_ngram_speculation(llama_server: Path) -> bool:
-    """Whether `llama-server --help` lists n-gram speculation (`--spec-type ... ngram-mod`)."""
+def probe_usage(llama_server: Path) -> tuple[bool, bool]:
+    """Whether `llama-server --help` lists n-gram speculation (`--spec-type ... ngram-mod`),
+    and whether it lists `--fit`; neither when it cannot be run."""
     try:
         usage = llama_server_output(llama_server, "--help")
     except EngineProbeError:
-        return False
+        return False, False
     lines = usage.splitlines()
-    return any(line.startswith("--spec-type") and "ngram-mod" in line for line in lines)
+    ngram = any(line.startswith("--spec-type") and "ngram-mod" in line for line in lines)
+    return ngram, any(re.match(r"(-fit,\s+)?--fit\s", line) for line in lines)
 
 
 def probe_rpc_protocol(rpc_server: Path) -> str:
@@ -285,6 +292,10 @@ def _candidates_below_ephemeral(tries: int = 64) -> list[int]:
     return [_LOWEST_PORT + secrets.randbelow(low - _LOWEST_PORT) for _ in range(tries)]
 
 
+# What a remembered probe holds (an entry from an older node lacks some: probed again).
+_PROBED = frozenset({"version", "rpc_protocol", "ngram_speculation", "fit_switch"})
+
+
 def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: Path) -> EngineInfo:
     """Versions of binaries we did not build, remembered per (path, size, mtime)."""
     cache_file = cache_dir / "engine" / "probes.json"
@@ -296,7 +307,7 @@ def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: P
     if not isinstance(known, dict):
         known = {}
     entry = known.get(key)
-    if isinstance(entry, dict) and {"version", "rpc_protocol", "ngram_speculation"} <= entry.keys():
+    if isinstance(entry, dict) and entry.keys() >= _PROBED:
         return EngineInfo(
             llama_server,
             rpc_server,
@@ -304,12 +315,14 @@ def _describe(llama_server: Path, rpc_server: Path, *, source: str, cache_dir: P
             entry["rpc_protocol"],
             source,
             ngram_speculation=entry["ngram_speculation"] is True,
+            fit_switch=entry["fit_switch"] is True,
         )
     info = describe_binaries(llama_server, rpc_server, source)
     known[key] = {
         "version": info.version,
         "rpc_protocol": info.rpc_protocol,
         "ngram_speculation": info.ngram_speculation,
+        "fit_switch": info.fit_switch,
     }
     write_atomic(cache_file, json.dumps(known, indent=1).encode())
     return info

@@ -25,7 +25,7 @@ import trio
 
 _PR_SET_PDEATHSIG = 1
 _LOG_TAIL_LINES = 40
-_READY_POLL_S = 0.2
+_READY_POLL_S = 0.05  # a health check is one local request; a load waits on the next
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ _SCALARS: dict[int, str] = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class GgufFormatError(Exception):
@@ -137,11 +138,22 @@ class _Parser:
         if element in _SCALARS:
             self._take(length * struct.calcsize(_SCALARS[element]))
         elif element == _STRING:
-            for _ in range(length):
-                self._take(self._count())
+            self._skip_strings(length)
         else:
             raise GgufFormatError(f"long array of type {element} is not supported")
         return ArrayInfo(element, length)
+
+    def _skip_strings(self, count: int) -> None:
+        """Steps over `count` strings without reading them: a vocabulary has 100,000s, and
+        every node start reads the header of each model it offers."""
+        data, position, end = self._data, self._pos, len(self._data)
+        for _ in range(count):
+            if position + 8 > end:
+                raise GgufFormatError("the header runs past the end of the file")
+            position += 8 + _U64.unpack_from(data, position)[0]
+        if position > end:
+            raise GgufFormatError("the header runs past the end of the file")
+        self._pos = position
 
     def _string(self) -> str:
         return self._take(self._count()).decode("utf-8", errors="replace")

@@ -107,6 +107,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self.worker_stats: dict[str, TunnelStats] = {}
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
+        service.on_claims_heard = self._step_soon
         self._hashes: dict[str, str] = {}
         self._socket_dir: Path | None = None
         self._engines_started = 0
@@ -140,6 +141,11 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         )
 
     # -- the loop ------------------------------------------------------------------------------
+
+    def _step_soon(self) -> None:
+        """A member's claims changed: step now rather than at the next tick (a worker named in
+        a new claim starts its rpc-server while the primary waits for it)."""
+        self._changed.set()
 
     async def run(self) -> None:
         self._data_plane.serve(TUNNEL, self._serve_tunnel)

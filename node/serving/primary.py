@@ -114,6 +114,9 @@ class PrimaryRole(ServingParts):
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
         argv += SPECULATION[claim.speculation] if self._engine.ngram_speculation else ()
+        # The split and the context are set above: llama.cpp's fitting would change nothing,
+        # after a trial load of the model on every device (0.5 s of every load on a CPU).
+        argv += ("--fit", "off") if self._engine.fit_switch else ()
         argv += self._config.engine_args  # checked against the allow-list when loaded
         return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
 
@@ -140,7 +143,9 @@ class PrimaryRole(ServingParts):
             await job.supervisor.wait_changed()
             if job.supervisor.state is not ServiceState.READY:
                 continue
-            await trio.sleep(0.2)  # the log pump may be a line or two behind the health check
+            with trio.move_on_after(0.2):  # the log pump may be a line behind the health check
+                while report.offloaded is None:
+                    await trio.sleep(0.01)
             job.problem = report.problem(split.n_gpu_layers, planned)
             job.verified = job.problem is None
             if job.problem:

@@ -24,6 +24,8 @@ _log = logging.getLogger("sharedllm.serving")
 _CLAIM_WAIT_S = 5.0  # a worker waits this long for a new claim to reach it by gossip
 _WORKER_READY_WAIT_S = 30.0
 _FILL_WAIT_S = 1800.0  # the longest a worker's cache may take to fill
+# How often the waits below look again: each is a lookup, and a primary's load waits on them.
+_LOOK_S = 0.02
 
 
 class WorkerRole(ServingParts):
@@ -90,13 +92,13 @@ class WorkerRole(ServingParts):
         key = (request.model_id, (request.epoch, peer))
         with trio.move_on_after(_CLAIM_WAIT_S):
             while key not in self._accepting:
-                await trio.sleep(0.1)
+                await trio.sleep(_LOOK_S)
         with trio.move_on_after(_FILL_WAIT_S):
             while key in self._accepting:
                 filled, job = self._filled.get(key), self._worker_jobs.get(key)
                 if filled is not None and filled.is_set() and job and job.endpoint():
                     return READY_ANSWER
-                await trio.sleep(0.2)
+                await trio.sleep(_LOOK_S)
         return f"not a ready worker of {request.model_id} epoch {request.epoch} here".encode()
 
     async def _run_worker(self, job: Job) -> None:
@@ -148,7 +150,7 @@ class WorkerRole(ServingParts):
             raise TunnelRefused(f"unknown tunnel service {request.service!r}")
         with trio.move_on_after(_CLAIM_WAIT_S):
             while not self._leads(request, peer):
-                await trio.sleep(0.1)
+                await trio.sleep(_LOOK_S)
         if not self._leads(request, peer):
             raise TunnelRefused(
                 f"{peer} is not the primary of {request.model_id} epoch {request.epoch} here"
@@ -158,7 +160,7 @@ class WorkerRole(ServingParts):
             while (job := self._worker_jobs.get(key)) is None or (
                 endpoint := job.endpoint()
             ) is None:
-                await trio.sleep(0.1)
+                await trio.sleep(_LOOK_S)
             return endpoint
         raise TunnelRefused(f"the rpc-server for {request.model_id} is not ready")
 
