@@ -20,6 +20,7 @@ from . import (
     fuzz_bench,
     gpu_bench,
     hello_flood_bench,
+    load_bench,
     planner_bench,
     scale_bench,
     serving_bench,
@@ -37,6 +38,7 @@ SUITES = {
     "fuzz": fuzz_bench.run,
     "gpu": gpu_bench.run,
     "hello_flood": hello_flood_bench.run,
+    "load": load_bench.run,
     "planner": planner_bench.run,
     "scale": scale_bench.run,
     "serving": serving_bench.run,
@@ -65,6 +67,7 @@ HEADLINE = (
     "gpu_mesh_vs_direct_tokens_ratio",
     "gpu_mesh_vs_direct_prompt_ratio",
     "gpu_mesh_vs_direct_load_ratio",
+    "mesh_restart_vs_direct_load_ratio_cpu",
     "planner_vs_memory_proportional_measured",
 )
 

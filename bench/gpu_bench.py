@@ -16,7 +16,6 @@ the processes to the first answered request. Needs a CUDA build of the engine
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import socket
@@ -36,11 +35,11 @@ from sharedllm.node.engine.locate import EngineInfo, find_engine, free_loopback_
 from sharedllm.node.models.model_file import inspect_model
 from sharedllm.node.tools.synthetic_model import SHAPES, write_synthetic_model
 from sharedllm.scheduler.llama_args import split_args
-from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement
 
 from . import serving_bench
 from .serving_bench import _per_token, _started, _tunnel_totals, _wait_http
+from .three_nodes import MeshSetup, start_mesh, warm_mesh_loads
 
 ROUNDS = 5
 MAX_TOKENS = 128
@@ -53,6 +52,7 @@ _ENV = {
     "SHAREDLLM_WEIGHT_SHARE_MBPS": "0",
     "SHAREDLLM_SPECULATION": "off",  # compared with plain llama.cpp RPC
 }
+MESH = MeshSetup(_ENV, CONTEXT)
 
 
 def _model(shape: str, weight_type: str) -> Path:
@@ -62,13 +62,6 @@ def _model(shape: str, weight_type: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_synthetic_model(path, SHAPES[shape], dtype=weight_type)
     return path
-
-
-def _thirds(layer_count: int) -> tuple[int, int, int]:
-    """Primary, worker, worker: as even as can be, the primary taking the fewest (it also
-    holds the embeddings and the output head)."""
-    share, extra = divmod(layer_count, 3)
-    return share, share + (1 if extra > 0 else 0), share + (1 if extra > 1 else 0)
 
 
 def _llama_server(engine: EngineInfo, model: Path, port: int, extra: list[str]) -> list[str]:
@@ -89,76 +82,6 @@ def _ready_after(url: str, model: str, started: float) -> float:
     _wait_http(url, timeout_s=900)
     _complete(url, model)
     return time.monotonic() - started
-
-
-def _node_command() -> str:
-    return shutil.which("sharedllm-node") or str(Path(sys.executable).parent / "sharedllm-node")
-
-
-def _start_mesh(
-    stack: ExitStack,
-    work: Path,
-    model: Path,
-    profile: ModelProfile,
-    *,
-    warm: bool = False,
-    restart: tuple[list[int], str] | None = None,
-) -> tuple[str, list[int], str]:
-    """Three nodes whose caps force a three-way split; with `warm` the workers hold the model
-    file too (their rpc-servers' caches are filled from it), else they fetch their layers.
-    With `restart` (the ports and token of an earlier start in `work`), the same members
-    start again all at once, as after a reboot. Returns the primary's URL, ports and token."""
-    command = _node_command()
-    work.mkdir(parents=True, exist_ok=True)
-    primary_layers, *worker_layers = _thirds(profile.layer_count)
-    ports, token = restart or ([_free_port_pair() for _ in range(3)] + _api_ports(), "")
-
-    def node(index: int, cap: int, *args: str) -> None:
-        name = "a" if index == 0 else f"n{index}"
-        argv = [command, "up", "--data-dir", str(work / name), "--api-port", str(ports[3 + index])]
-        argv += ["--listen", f"/ip4/127.0.0.1/tcp/{ports[index]}", "--context-size", str(CONTEXT)]
-        argv += ["--max-memory", str(cap), *args]
-        log = work / f"{name}{'-restart' if restart else ''}.log"
-        stack.enter_context(_started(argv, log, _ENV))
-
-    node(0, serving_bench.cap_bytes(profile, primary_layers, True, CONTEXT), "--model", str(model))
-    token = token or _invite(command, work / "a")
-    for index, layers in enumerate(worker_layers, start=1):
-        cap = serving_bench.cap_bytes(profile, layers, False, CONTEXT)
-        node(index, cap, "--join", token, *(("--model", str(model)) if warm else ()))
-    return f"http://127.0.0.1:{ports[3]}", ports, token
-
-
-def _free_port_pair() -> int:
-    """A loopback port whose successor is free too (a node's data plane listens on mesh + 1)."""
-    while True:
-        port = free_loopback_port()
-        try:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return port
-
-
-def _api_ports() -> list[int]:
-    return [free_loopback_port() for _ in range(3)]
-
-
-def _invite(command: str, data_dir: Path) -> str:
-    deadline = time.monotonic() + 120
-    while True:
-        invite = subprocess.run(
-            [command, "invite", "--data-dir", str(data_dir), "--uses", "2"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if invite.returncode == 0:
-            return invite.stdout.strip()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no invite from the founder: {invite.stderr}")
-        time.sleep(0.5)
 
 
 def _mesh_placement(url: str, model_id: str) -> Placement:
@@ -184,7 +107,7 @@ def _start_direct(
     for index, port in enumerate(rpc_ports):
         argv = [str(engine.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
         stack.enter_context(_started(argv, work / f"rpc{index}.log", _ENV))
-    time.sleep(1.0)
+    _await_accepting(rpc_ports)
     devices = {node: max(gpus, 1) for node in placement.workers} | {placement.primary: gpus}
     layer_count = sum(a.layer_count for a in placement.assignments)
     split = split_args(placement, layer_count, devices)
@@ -192,6 +115,21 @@ def _start_direct(
     argv = _llama_server(engine, model, port, split.argv([f"127.0.0.1:{p}" for p in rpc_ports]))
     stack.enter_context(_started(argv, work / "direct.log", _ENV))
     return f"http://127.0.0.1:{port}"
+
+
+def _await_accepting(ports: list[int], timeout_s: float = 60.0) -> None:
+    """Until every port takes a connection (an rpc-server on a GPU starts in about a second):
+    llama-server would give up on a worker that is not listening yet."""
+    deadline = time.monotonic() + timeout_s
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no rpc-server listening on port {port}") from None
+                time.sleep(0.02)
 
 
 def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) -> dict[str, Any]:
@@ -212,9 +150,10 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
             stack.enter_context(_started(argv, work / "single.log", _ENV))
             urls["single"] = f"http://127.0.0.1:{port}"
             load_s["single"] = _ready_after(urls["single"], "bench", started)
-            load_s |= _warm_mesh_loads(work / "warm", model, profile)
+            load_s |= warm_mesh_loads(work / "warm", model, profile, MESH, _ready_after)
+            _print_log_tails(work / "warm", lines=40)  # where a warm load spends its time
             started = time.monotonic()
-            urls["mesh_at_primary"] = _start_mesh(stack, work, model, profile)[0]
+            urls["mesh_at_primary"] = start_mesh(stack, work, model, profile, MESH)[0]
             load_s["mesh"] = _ready_after(urls["mesh_at_primary"], model_id, started)
             placement = _mesh_placement(urls["mesh_at_primary"], model_id)
             started = time.monotonic()
@@ -227,25 +166,6 @@ def _bench_model(engine: EngineInfo, shape: str, weight_type: str, gpus: int) ->
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return _report(model, placement, measured, load_s)
-
-
-def _warm_mesh_loads(work: Path, model: Path, profile: ModelProfile) -> dict[str, float]:
-    """Seconds from starting a mesh whose workers hold the file to its first answer (the warm
-    path): when it forms (an invite, each node's one-time engine timing) and when the same
-    members start again all at once. Each mesh is stopped before the next starts."""
-    model_id = model.name.removesuffix(".gguf")
-    with ExitStack() as stack:
-        started = time.monotonic()
-        url, ports, token = _start_mesh(stack, work, model, profile, warm=True)
-        forming = _ready_after(url, model_id, started)
-    with ExitStack() as stack:
-        started = time.monotonic()
-        began = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
-        print(f"gpu: warm mesh starting again at {began}", file=sys.stderr)
-        url, _, _ = _start_mesh(stack, work, model, profile, warm=True, restart=(ports, token))
-        again = _ready_after(url, model_id, started)
-    _print_log_tails(work, lines=40)  # where a warm load spends its time, in the nodes' words
-    return {"mesh_warm_forming": forming, "mesh_warm": again}
 
 
 def _measure(urls: dict[str, str], model_id: str) -> dict[str, Any]:

@@ -58,9 +58,11 @@ class AntiEntropy(MeshShell):
         """Keeps the new states among `states`; returns how many there were."""
         now = trio.current_time()
         accepted = self.store.merge(states, admit=self._admit_state)
+        heard_of, small = False, self.timing.full_mesh_up_to
         for state in accepted:
             if state.origin == self.identity.peer_id:
                 continue
+            heard_of = heard_of or state.origin not in self._known
             self._queue_state(state)  # news travels on
             content = self.content_of(state)
             if content is None:
@@ -71,8 +73,14 @@ class AntiEntropy(MeshShell):
                 self.swim.heard_of(state.origin, state.version, now)
             claimed_before = self._known.get(state.origin, {}).get("claims")
             self._remember(state, content)
-            if self.on_claims_heard is not None and content.get("claims") != claimed_before:
-                self.on_claims_heard()  # a worker named in a new claim starts its part now
+            acts_on = content.get("claims") != claimed_before or len(self._known) <= small
+            if acts_on and self.on_state_news is not None:
+                # A worker named in a new claim starts its part now; a small mesh plans as its
+                # members' links come in (the election is cheap there).
+                self.on_state_news()
+        if heard_of:
+            self.core.heard_of_members(now)
+            self.timers_moved()
         return len(accepted)
 
     def _admit_state(self, state: SignedState) -> bool:

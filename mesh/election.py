@@ -87,6 +87,7 @@ class Elector:
     problems: dict[str, str] = field(default_factory=dict)  # gossiped: why a model waits
     replan_s: float = 5.0
     _planned_at: dict[str, tuple[float, Placement | None]] = field(default_factory=dict)
+    _claim_at: dict[str, float] = field(default_factory=dict)  # when a wanted plan settles
     # Our own superseded claims that keep serving until their successor serves.
     handing_over: dict[str, Claim] = field(default_factory=dict)
     reader: GossipReader = field(default_factory=GossipReader)
@@ -153,7 +154,7 @@ class Elector:
         for unit in list(self.claims):
             if unit not in states:
                 del self.claims[unit]  # nobody holds the model, or it has fewer replicas now
-        for memo in (self._planned_at, self._wanted_since):
+        for memo in (self._planned_at, self._wanted_since, self._claim_at):
             for unit in [unit for unit in memo if unit not in states]:
                 del memo[unit]
         self.handing_over = {
@@ -207,6 +208,12 @@ class Elector:
             self.handing_over[request.unit] = mine
         problem = f"replica {request.replica + 1} retiring: demand fell, its requests finish"
         return ModelState(request, None, None, problem, winding_down=(claim,))
+
+    def next_claim_at(self) -> float:
+        """When a plan this node waits to claim will have settled (inf: none waits), so that
+        its node steps then rather than at its next tick."""
+        waiting = (at for unit, at in self._claim_at.items() if unit in self._wanted_since)
+        return min(waiting, default=math.inf)
 
     def set_serving(self, unit: str, epoch: int, serving: bool) -> None:
         claim = self.claims.get(unit)
@@ -265,8 +272,12 @@ class Elector:
         key = (planned.primary, layout, planned.speculation)
         since = self._wanted_since.get(unit)
         if since is None or since[0] != key:
-            self._wanted_since[unit] = (key, now)
-        elif planned.primary == self.me and now - since[1] >= self._settle_s(view, current):
+            since = self._wanted_since[unit] = (key, now)
+        if planned.primary != self.me:
+            self._claim_at.pop(unit, None)
+        elif now - since[1] < (settle_s := self._settle_s(view, current)):
+            self._claim_at[unit] = since[1] + settle_s
+        else:
             holders = [node.peer_id for node in view.nodes if model_id in node.models]
             epoch = next_epoch(self.highest_epoch.get(model_id, 0), self.me, holders)
             overlap = (

@@ -152,6 +152,13 @@ class MeshCore:
         if more or new_states >= CATCHING_UP_STATES or new_members > 0:
             self._catching_up = True
 
+    def heard_of_members(self, now: float) -> None:
+        """Gossip (an exchange, or a probe's news) brought a member we did not know. In a
+        small mesh it is connected to at once rather than at the next reconnect round: a mesh
+        starting again plans only once its members have measured their links."""
+        if len(self.swim.live_members()) <= self.timing.full_mesh_up_to:
+            self._due[_Timer.RECONNECT] = min(self._due.get(_Timer.RECONNECT, now), now)
+
     def far_exchange_done(self, found_members: bool) -> None:
         """Once far exchanges stop finding members we did not know, they thin out (every
         second round, fourth..., up to every eighth); one that finds some brings them back."""

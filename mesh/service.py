@@ -65,7 +65,7 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
     traffic: ControlTraffic = field(default_factory=ControlTraffic)
     faults: HandlerFaults = field(default_factory=lambda: HandlerFaults(trio.current_time))
     on_new_proof: Callable[[Proof], None] | None = None  # to keep an admission we were given
-    on_claims_heard: Callable[[], None] | None = None  # a member's claims changed
+    on_state_news: Callable[[], None] | None = None  # news serving acts on at once
     interfaces: Callable[[], Sequence[LocalInterface]] = tuple  # this machine's addresses
     discovered: Callable[[], Sequence[str]] = tuple  # members' addresses found on the LAN
 
@@ -174,8 +174,12 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
                 self.measured_first()
 
     def measured_first(self) -> None:
-        """A link's first figure: the core looks at our state soon (its timer moved)."""
+        """A link's first figure: the core looks at our state soon."""
         self.core.measured_first(trio.current_time())
+        self.timers_moved()
+
+    def timers_moved(self) -> None:
+        """The core may want to be asked sooner than it said: its loop looks again now."""
         self._timers_moved.set()
 
     async def leave(self) -> None:

@@ -54,7 +54,7 @@ class MeshShell(Protocol):
     traffic: ControlTraffic
     faults: HandlerFaults
     core: MeshCore
-    on_claims_heard: Callable[[], None] | None  # serving acts on a new claim at once
+    on_state_news: Callable[[], None] | None  # news serving acts on at once
     swim: Swim
     _tasks: trio.Nursery | None
     _contents: dict[str, tuple[int, dict[str, Any]]]
@@ -100,6 +100,10 @@ class MeshShell(Protocol):
 
     def measured_first(self) -> None:
         """Reports a link's first figure (the core then publishes soon in a small mesh)."""
+        ...
+
+    def timers_moved(self) -> None:
+        """The core's timers were moved from outside its loop: the loop looks again."""
         ...
 
     async def _ping(self, peer: str) -> None: ...

@@ -167,6 +167,24 @@ def test_a_round_that_brought_news_is_followed_by_the_next_one_at_once() -> None
     assert _round_times(core, world, 0.8 * 20 * TIMING.gossip_interval_s, now=1.3) == []
 
 
+def test_a_small_mesh_connects_to_members_it_just_heard_of_at_once() -> None:
+    core = _core(live=["a"])
+    world = World(connected=["a"], admitted={"a"}, states=2)
+    for action in core.handle_timer(0.0, world):
+        core.finished(action)
+    core.swim.heard_of("b", 1, 0.3)  # an exchange with a brought b's state
+    core.heard_of_members(0.3)
+    assert core.next_timer() == 0.3
+    assert _of(core.handle_timer(0.3, World(connected=["a"], admitted={"a"}, states=3)), Do.PROBE)
+    # in a big mesh our few connections are chosen at the reconnect round
+    live = _peers(TIMING.full_mesh_up_to + 1)
+    big = _core(live=live)
+    big.handle_timer(0.0, World(connected=live[:6], admitted=set(live), states=len(live)))
+    due = big.next_timer()
+    big.heard_of_members(0.3)
+    assert big.next_timer() == due
+
+
 def test_a_gossip_round_exchanges_with_fanout_members_and_cuts_revoked_peers() -> None:
     core = _core()
     peers = _peers(10)

@@ -56,6 +56,7 @@ from .routing import ApiRouting
 from .worker import WorkerRole
 
 _log = logging.getLogger("sharedllm.serving")
+_SETTLED_MARGIN_S = 0.001  # a step a moment after a settle time finds it passed
 
 
 class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
@@ -107,7 +108,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         self.worker_stats: dict[str, TunnelStats] = {}
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
-        service.on_claims_heard = self._step_soon
+        service.on_state_news = self._step_soon
         self._hashes: dict[str, str] = {}
         self._socket_dir: Path | None = None
         self._engines_started = 0
@@ -143,8 +144,9 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     # -- the loop ------------------------------------------------------------------------------
 
     def _step_soon(self) -> None:
-        """A member's claims changed: step now rather than at the next tick (a worker named in
-        a new claim starts its rpc-server while the primary waits for it)."""
+        """News the election acts on at once rather than at the next tick: a member's claims
+        changed (a worker named in a new claim starts its rpc-server while the primary waits
+        for it), or any state in a small mesh (a mesh starting again plans on its links)."""
         self._changed.set()
 
     async def run(self) -> None:
@@ -160,7 +162,10 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
             nursery.start_soon(self._hash_models)
             while True:
                 await self._step()
-                with trio.move_on_after(STEP_S):
+                # ...and again at the next tick, when news comes, or when a plan it waits to
+                # claim has settled, whichever is first
+                settled_in = self.elector.next_claim_at() - trio.current_time() + _SETTLED_MARGIN_S
+                with trio.move_on_after(min(STEP_S, max(settled_in, 0.0))):
                     await self._changed.wait()
                 self._changed = trio.Event()
 
@@ -204,6 +209,9 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
         if self.elector.gossiped_claims() != before:
             own = [*self.elector.claims.values(), *self.elector.handing_over.values()]
             await self._service.publish_now(sorted({w for c in own for w in c.workers}))
+            # This step's model states predate the change (a claim made, an engine serving):
+            # the next step, at once, routes by it rather than half a second later.
+            self._changed.set()
 
     def _running(self) -> Running:
         return Running(
