@@ -103,6 +103,23 @@ def test_a_model_nothing_serves_is_claimed_soon_once_every_link_is_measured() ->
     assert elector.claims["m"].primary == "a"
 
 
+def test_the_elector_says_when_the_plan_it_waits_to_claim_settles() -> None:
+    # Its node steps then, rather than at its next tick.
+    members = _mesh({"a": 4096, "b": 4096}, holders={"a"})
+    members["c"] = _node("c", 4096)  # unmeasured: the whole settle time
+    primary, other = Elector("a", settle_s=2.0), Elector("b", settle_s=2.0)
+    assert primary.next_claim_at() == float("inf")
+    primary.step(3.0, members)
+    other.step(3.0, members)
+    assert primary.next_claim_at() == 5.0
+    assert other.next_claim_at() == float("inf")  # b is not the planned primary
+    members = _mesh({"a": 4096, "b": 4096, "c": 4096}, holders={"a"})
+    primary.step(3.2, members)  # every link measured now: a quarter of it, from when it began
+    assert primary.next_claim_at() == 3.5
+    primary.step(3.5, members)
+    assert "m" in primary.claims and primary.next_claim_at() == float("inf")
+
+
 def test_replacing_a_standing_placement_waits_the_whole_settle_time() -> None:
     members = _mesh({"a": 700, "b": 4096, "c": 4096}, holders={"a"})
     elector = Elector("a", settle_s=2.0)

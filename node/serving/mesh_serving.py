@@ -57,6 +57,7 @@ from .worker import WorkerRole
 
 _log = logging.getLogger("sharedllm.serving")
 _SETTLED_MARGIN_S = 0.001  # a step a moment after a settle time finds it passed
+_STEP_GAP_S = 0.05  # the least time between two steps
 
 
 class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
@@ -163,7 +164,10 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
             while True:
                 await self._step()
                 # ...and again at the next tick, when news comes, or when a plan it waits to
-                # claim has settled, whichever is first
+                # claim has settled, whichever is first; never more often than every
+                # `_STEP_GAP_S` (a member flooding the mesh with states must not make this node
+                # plan for each one)
+                await trio.sleep(_STEP_GAP_S)
                 settled_in = self.elector.next_claim_at() - trio.current_time() + _SETTLED_MARGIN_S
                 with trio.move_on_after(min(STEP_S, max(settled_in, 0.0))):
                     await self._changed.wait()
