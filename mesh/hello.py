@@ -8,6 +8,7 @@ only to admitted peers (`members_only`); anyone else is disconnected.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 
 import trio
@@ -22,12 +23,17 @@ from .transport.seam import MeshStream, StreamHandler, TransportError
 HELLO = "/sharedllm/hello/2"
 DISCOVERED_PER_ROUND = 8  # LAN-announced addresses dialed per bootstrap round
 REFUSAL_LINGER_S = 1.0  # how long a refused peer is given to read why
+# A joiner that answered our hello with "my own is on its way" may speak before that hello
+# reaches us: its streams are dropped quietly for this long rather than its connection cut.
+HELLO_EXPECTED_S = 10.0
+MAX_HELLOS_EXPECTED = 256
 _log = logging.getLogger("sharedllm.mesh")
 
 
 class Hello(MeshShell):
     hello_desk: HelloDesk
     _hello_pending: set[str]
+    _hello_expected: dict[str, float]  # peer -> until when its own hello is expected
     on_new_proof: Callable[[Proof], None] | None
 
     async def _serve_hello(self, stream: MeshStream) -> None:
@@ -92,6 +98,7 @@ class Hello(MeshShell):
             # A joiner whose own hello to us is on its way (it carries the redemption we admit
             # then): cutting the connection now would cut that hello too, again and again.
             _log.debug("%s has not been admitted yet; its own hello will be", peer)
+            self._expect_hello(peer, trio.current_time())
             return False
         if not verdict.admitted:
             _log.warning("could not join %s: %s", peer, verdict.refusal)
@@ -116,12 +123,22 @@ class Hello(MeshShell):
         if peer not in self.admitted:
             _log.info("admitted %s", peer)
         self.admitted.add(peer)
+        self._hello_expected.pop(peer, None)
         self.core.met(peer)
+
+    def _expect_hello(self, peer: str, now: float) -> None:
+        expected = self._hello_expected
+        for gone in [p for p, until in expected.items() if until <= now]:
+            del expected[gone]
+        if len(expected) < MAX_HELLOS_EXPECTED:
+            expected[peer] = now + HELLO_EXPECTED_S
 
     def _members_only(self, handler: StreamHandler) -> StreamHandler:
         async def members_only(stream: MeshStream) -> None:
             if stream.remote_peer in self._hello_pending:
                 return  # it admitted us and spoke before its answer to our hello reached us
+            if self._hello_expected.get(stream.remote_peer, -math.inf) > trio.current_time():
+                return  # a joiner that admitted us and spoke before its own hello reached us
             if stream.remote_peer not in self.admitted:
                 self.faults.log.emit(
                     "no-proof", "dropping %s: no membership proof yet", stream.remote_peer

@@ -84,6 +84,7 @@ class MeshService(Hello, OwnState, AntiEntropy, Probing):
         self._timers_moved = trio.Event()  # the core wants to be asked sooner than it said
         self._contents: dict[str, tuple[int, dict[str, Any]]] = {}
         self._hello_pending: set[str] = set()
+        self._hello_expected: dict[str, float] = {}
         self._version = 0
         self._leaving = False
         self._state_rumors: SendQueue[SignedState] = SendQueue(capacity=64)

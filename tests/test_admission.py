@@ -1,15 +1,21 @@
 """The hello exchange's decisions without I/O (`HelloDesk`): members are let in, a joiner's
 bare redemption is admitted by our clock, a revoked member is told so, and an address whose
-hellos keep failing is not read at all for a while."""
+hellos keep failing is not read at all for a while; a joiner whose own hello is on its way is
+not cut off for speaking first."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import trio
 from sharedllm.mesh.admission import HelloDesk
+from sharedllm.mesh.hello import HELLO_EXPECTED_S, MAX_HELLOS_EXPECTED
 from sharedllm.mesh.identity import NodeIdentity
 from sharedllm.mesh.invite import Invite
 from sharedllm.mesh.membership import Certificate, MeshKey, Proof, Revocation
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.probe_records import decode_hello_reply
+from sharedllm.simnet.simulation import Simulation
 
 NOW = 1_800_000_000.0
 MESH = MeshKey.generate(b"\x05" * 32)
@@ -98,3 +104,35 @@ def test_an_address_whose_hellos_keep_failing_is_not_read_until_its_window_passe
     for _ in range(desk.limiter.max_failures):
         desk.refuse(stranger, "203.0.113.11", 2.0, "timed out")
     assert not desk.may_read("203.0.113.11", 2.5)
+
+
+class _Stream:
+    def __init__(self, peer: str) -> None:
+        self.remote_peer = peer
+
+
+async def test_a_joiner_that_speaks_before_its_own_hello_arrives_is_not_cut() -> None:
+    """We dialled a joiner; it admitted us and answered that its own hello (with the
+    redemption we admit) is on its way. It may gossip or ping first: those streams are dropped
+    quietly for a while, not its connection cut (which cut that hello too, and a joiner on a
+    LAN with decoy addresses then took many seconds to get in). A stranger's still are."""
+    service = Simulation(seed=1).add_node().service
+    cut: list[str] = []
+
+    async def disconnect(peer: str) -> None:
+        cut.append(peer)
+
+    async def handler(stream: Any) -> None:
+        raise AssertionError(f"{stream.remote_peer} was served before its admission")
+
+    service.transport.disconnect = disconnect  # type: ignore[method-assign,assignment]
+    guarded = service._members_only(handler)
+    now = trio.current_time()
+    service._expect_hello("joiner", now)
+    service._expect_hello("long-ago", now - HELLO_EXPECTED_S - 1)
+    for peer in ("joiner", "long-ago", "stranger"):
+        await guarded(_Stream(peer))  # type: ignore[arg-type]
+    assert cut == ["long-ago", "stranger"]
+    for index in range(2 * MAX_HELLOS_EXPECTED):  # bounded, whatever peers answer
+        service._expect_hello(f"peer{index}", now)
+    assert len(service._hello_expected) == MAX_HELLOS_EXPECTED
