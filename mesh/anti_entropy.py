@@ -58,7 +58,7 @@ class AntiEntropy(MeshShell):
         """Keeps the new states among `states`; returns how many there were."""
         now = trio.current_time()
         accepted = self.store.merge(states, admit=self._admit_state)
-        heard_of, small = False, self.timing.full_mesh_up_to
+        heard_of, small_up_to = False, self.timing.full_mesh_up_to
         for state in accepted:
             if state.origin == self.identity.peer_id:
                 continue
@@ -73,7 +73,7 @@ class AntiEntropy(MeshShell):
                 self.swim.heard_of(state.origin, state.version, now)
             claimed_before = self._known.get(state.origin, {}).get("claims")
             self._remember(state, content)
-            acts_on = content.get("claims") != claimed_before or len(self._known) <= small
+            acts_on = content.get("claims") != claimed_before or len(self._known) <= small_up_to
             if acts_on and self.on_state_news is not None:
                 # A worker named in a new claim starts its part now; a small mesh plans as its
                 # members' links come in (the election is cheap there).

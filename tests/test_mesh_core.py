@@ -177,12 +177,18 @@ def test_a_small_mesh_connects_to_members_it_just_heard_of_at_once() -> None:
     assert core.next_timer() == 0.3
     assert _of(core.handle_timer(0.3, World(connected=["a"], admitted={"a"}, states=3)), Do.PROBE)
     # in a big mesh our few connections are chosen at the reconnect round
+    big, due = _big_core_past_its_first_timers()
+    big.heard_of_members(0.3)
+    assert big.next_timer() == due
+
+
+def _big_core_past_its_first_timers() -> tuple[MeshCore, float]:
+    """A core of a mesh too big to be fully connected, after its timers first ran, and when
+    it wants to be asked next."""
     live = _peers(TIMING.full_mesh_up_to + 1)
     big = _core(live=live)
     big.handle_timer(0.0, World(connected=live[:6], admitted=set(live), states=len(live)))
-    due = big.next_timer()
-    big.heard_of_members(0.3)
-    assert big.next_timer() == due
+    return big, big.next_timer()
 
 
 def test_a_gossip_round_exchanges_with_fanout_members_and_cuts_revoked_peers() -> None:
@@ -255,10 +261,7 @@ def test_a_first_figure_is_looked_at_soon_in_a_small_mesh_and_not_in_a_big_one()
     core.measured_first(0.35)  # measured with it: still one look, gathered
     assert core.next_timer() == 0.3 + FIRST_FIGURES_GATHER_S
     assert _of(core.handle_timer(core.next_timer(), world), Do.HEARTBEAT) == [""]
-    live = _peers(TIMING.full_mesh_up_to + 1)
-    big = _core(live=live)
-    big.handle_timer(0.0, World(connected=live[:6], admitted=set(live), states=len(live)))
-    due = big.next_timer()
+    big, due = _big_core_past_its_first_timers()
     big.measured_first(0.3)
     assert big.next_timer() == due
 
