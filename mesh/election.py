@@ -40,10 +40,11 @@ from .claims import Claim, claim_for, serving_predecessor, winding_down
 from .gossip_reader import GossipReader, gossiped_problem, model_entries
 from .member_states import MemberStates
 from .memory_ledger import MemoryLedger
+from .timing import MeshTiming
 
-# Meshes this small are fully connected (see `MeshTiming.full_mesh_up_to`), so a complete view
-# is one every member can reach; a model nothing serves is claimed there after a short settle.
-QUICK_SETTLE_UP_TO = 32
+# Meshes this small are fully connected, so a complete view is one every member can reach; a
+# model nothing serves is claimed there after a short settle.
+QUICK_SETTLE_UP_TO = MeshTiming().full_mesh_up_to
 
 
 @dataclass(frozen=True)

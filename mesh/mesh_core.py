@@ -156,8 +156,12 @@ class MeshCore:
         """Gossip (an exchange, or a probe's news) brought a member we did not know. In a
         small mesh it is connected to at once rather than at the next reconnect round: a mesh
         starting again plans only once its members have measured their links."""
-        if len(self.swim.live_members()) <= self.timing.full_mesh_up_to:
+        if self._fully_connected():
             self._due[_Timer.RECONNECT] = min(self._due.get(_Timer.RECONNECT, now), now)
+
+    def _fully_connected(self) -> bool:
+        """Whether the live members are few enough for each to keep a connection to all."""
+        return len(self.swim.live_members()) <= self.timing.full_mesh_up_to
 
     def far_exchange_done(self, found_members: bool) -> None:
         """Once far exchanges stop finding members we did not know, they thin out (every
@@ -183,7 +187,7 @@ class MeshCore:
         """A link, or a figure of one, was measured for the first time. In a small mesh our
         state is looked at soon rather than at the next heartbeat: the others plan with it
         (a mesh starting again waits on it). Figures measured together publish once."""
-        if len(self.swim.live_members()) <= self.timing.full_mesh_up_to:
+        if self._fully_connected():
             soon = now + FIRST_FIGURES_GATHER_S
             self._due[_Timer.HEARTBEAT] = min(self._due.get(_Timer.HEARTBEAT, soon), soon)
 
