@@ -80,6 +80,9 @@ class NodeConfig:
     # Copy split models' rpc tunnels in C (native_relay.c, built on first start) rather than
     # in Python; off, or where it cannot be built, they take the Python path.
     native_relay: bool = True
+    # Let an engine built with our sealed transport seal rpc tunnels itself, the node handing
+    # it each authenticated connection (no relay in between); off, the native relay copies them.
+    engine_seals: bool = True
     context_size: int = 4096
     # Requests this node's model engine runs at once (continuous batching), each with a KV
     # cache of context_size tokens; the planner gives fewer when memory is short.
@@ -152,6 +155,7 @@ _SETTING_TYPES: dict[str, type] = {
     "relay": bool,
     "upnp": bool,
     "native_relay": bool,
+    "engine_seals": bool,
     "context_size": int,
     "parallel_slots": int,
     "speculation": str,

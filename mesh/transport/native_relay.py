@@ -27,6 +27,7 @@ from typing import Protocol
 import trio
 
 SOURCE = Path(__file__).with_name("native_relay.c")
+SEALED_RECORDS = Path(__file__).with_name("sealed_records.h")  # shared with the engine patch
 SECRET_BYTES = 32
 RPC_COMMANDS = 32  # command numbers the C side counts (llama.cpp's RPC has fewer)
 MAX_RELAYS = 64  # tunnels relayed natively at once (a thread each); more take the Python path

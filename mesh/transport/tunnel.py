@@ -6,12 +6,13 @@ far side the stream is connected to a loopback service (the rpc-server, the llam
 engine port is ever reachable from the network.
 
 A tunnel on a direct data-plane stream, where both ends have the native relay (and a thread for
-it), is copied by it (native_relay.py): no Python per message, no compression (since
-GRAPH_RECOMPUTE a token's messages are small and do not repeat). A tunnel carried over the
-control connection, or to a peer without the relay, goes the Python path: after the opening
-request, each direction is a sequence of chunks, each a 4-byte length then that many bytes,
-zstd-packed (tunnel_codec.py); a zero-length chunk is that direction's end (TCP half-close),
-which TLS streams cannot signal themselves. A broken side closes the other at once.
+it), goes native: its records are sealed in C with keys both ends agreed on (native_relay.py),
+no Python per message, no compression (since GRAPH_RECOMPUTE a token's messages are small and
+do not repeat). Each end then either relays it (a thread copies between the engine's loopback
+connection and the peer's) or, where its engine has our sealed transport, hands the peer's
+connection to the engine, which seals the records itself (engine_handoff.py): the same wire,
+no relay hop. A tunnel carried over the control connection, or to a peer without the relay,
+goes the Python path (tunnel_splice.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import trio
 
 from .. import records
 from ..records import RecordError
+from .engine_handoff import HandoffFailed, hand_to_rpc_server
 from .framing import FrameError, receive_frame, send_frame
 from .loopback_owner import kernel_can_tell, opened_by
 from .native_relay import (
@@ -37,15 +39,7 @@ from .native_relay import (
 )
 from .seam import MeshStream, TransportError
 from .tls_socket import DataStream
-from .tunnel_codec import (
-    HEADER,
-    MAX_CHUNK,
-    MAX_WIRE_CHUNK,
-    ChunkDecoder,
-    Packer,
-    Unpacker,
-    encode_chunk,
-)
+from .tunnel_splice import Watch, close_both, splice
 from .tunnel_stats import TunnelStats
 
 TUNNEL = "/sharedllm/tunnel/3"
@@ -96,67 +90,6 @@ def _can_relay(native: NativeRelay | None, stream: MeshStream) -> bool:
     return native is not None and isinstance(stream, DataStream) and native.has_room()
 
 
-Watch = Callable[[bytes], None]
-
-
-async def splice(
-    local: trio.SocketStream,
-    remote: MeshStream,
-    stats: TunnelStats,
-    outward: bool,
-    watch: Watch | None = None,
-) -> None:
-    """Copies both ways until both ends have finished; a failure on either side closes both.
-
-    `outward` is True on the side that opened the tunnel: its local bytes count as "out".
-    `watch` sees every local byte sent to the far side, in order (to count what crosses).
-    """
-    sign = 1 if outward else -1
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_local_to_remote, local, remote, stats, sign, watch)
-            nursery.start_soon(_remote_to_local, remote, local, stats, -sign)
-    except* (TransportError, FrameError, trio.BrokenResourceError, OSError) as group:
-        _log.debug("tunnel to %s closed: %s", remote.remote_peer, group.exceptions[0])
-    finally:
-        await _close_both(local, remote)
-
-
-async def _local_to_remote(
-    local: trio.SocketStream,
-    remote: MeshStream,
-    stats: TunnelStats,
-    direction: int,
-    watch: Watch | None,
-) -> None:
-    packer = Packer()
-    while data := await local.receive_some(MAX_CHUNK):
-        chunk = bytes(data)
-        if watch is not None:
-            watch(chunk)
-        packed = packer.pack(chunk)
-        stats.count(direction, len(chunk), len(packed))
-        await remote.send_all(encode_chunk(packed))
-    await remote.send_all(encode_chunk(b""))
-
-
-async def _remote_to_local(
-    remote: MeshStream, local: trio.SocketStream, stats: TunnelStats, direction: int
-) -> None:
-    decoder, unpacker = ChunkDecoder(), Unpacker()
-    while not decoder.ended:
-        data = await remote.receive_some(MAX_WIRE_CHUNK + HEADER)
-        if not data:
-            raise TransportError("the tunnel stream ended without an end marker")
-        for chunk in decoder.feed(data):
-            if chunk is None:
-                await local.send_eof()
-            else:
-                unpacked = unpacker.unpack(chunk)
-                stats.count(direction, len(unpacked), len(chunk))
-                await local.send_all(unpacked)
-
-
 async def splice_natively(
     local: trio.SocketStream,
     remote: DataStream,
@@ -169,28 +102,47 @@ async def splice_natively(
 ) -> None:
     """As `splice`, by the native relay: TLS ends on `remote` and the relay takes its socket.
     `rpc_commands` > 0 counts the local side's llama.cpp RPC requests (the opener's side)."""
-    counters = RelayCounters()
+    try:
+        sock = await _detached(remote)
+    except TransportError as err:
+        _log.debug("tunnel to %s closed: %s", remote.remote_peer, err)
+        await close_both(local, remote)
+        return
+    await _relay(local, sock, native, keys, stats, outward=outward, rpc_commands=rpc_commands)
+    await close_both(local, remote)
+
+
+async def _detached(remote: DataStream) -> socket.socket:
+    """The stream's TCP socket once TLS has ended on it (TransportError if it does not)."""
     try:
         with trio.fail_after(_OPEN_TIMEOUT_S):
-            sock = await remote.detach()
-        stats.relaying(counters, outward)
-        try:
-            await native.relay(local.socket, sock, keys, counters, rpc_commands)
-        finally:
-            stats.relayed(counters)
-    except (trio.TooSlowError, TransportError, NativeRelayError) as err:
-        _log.debug("tunnel to %s closed: %s", remote.remote_peer, err or "TLS did not end")
+            return await remote.detach()
+    except trio.TooSlowError:
+        raise TransportError(f"data stream to {remote.remote_peer} did not end TLS") from None
+
+
+async def _relay(
+    local: trio.SocketStream,
+    sock: socket.socket,
+    native: NativeRelay,
+    keys: TunnelKeys,
+    stats: TunnelStats,
+    *,
+    outward: bool,
+    rpc_commands: int = 0,
+) -> None:
+    """Relays natively until the tunnel ends, then closes both sockets."""
+    counters = RelayCounters()
+    stats.relaying(counters, outward)
+    try:
+        await native.relay(local.socket, sock, keys, counters, rpc_commands)
+    except NativeRelayError as err:
+        _log.debug("a natively relayed tunnel closed: %s", err)
     finally:
-        await _close_both(local, remote)
-
-
-async def _close_both(local: trio.SocketStream, remote: MeshStream) -> None:
-    """Closes both ends, even while the tunnel's task is being cancelled (else the first close
-    would raise Cancelled and the second would never run); a peer that does not answer a
-    goodbye is not waited for long."""
-    with trio.move_on_after(_CLOSE_S, shield=True):
-        await trio.aclose_forcefully(local)
-        await remote.aclose()
+        stats.relayed(counters)
+        sock.close()
+        with trio.move_on_after(_CLOSE_S, shield=True):
+            await trio.aclose_forcefully(local)
 
 
 OpenStream = Callable[[], Awaitable[MeshStream]]
@@ -241,7 +193,7 @@ class TunnelListener:
         self.request = request
         self._watcher = watcher
         self._native = native
-        self._rpc_commands = rpc_commands  # > 0: a native relay counts RPC requests (as watch)
+        self.rpc_commands = rpc_commands  # > 0: a native relay counts RPC requests (as watch)
         # Whose connections are carried (the engine's, the node's own); None: any process's.
         self._allowed_pids = allowed_pids if kernel_can_tell() else None
         self.stats = TunnelStats()
@@ -259,6 +211,22 @@ class TunnelListener:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def open_for_engine(self) -> tuple[socket.socket, TunnelKeys] | None:
+        """Opens a tunnel for an engine that seals its records itself (engine_handoff.py): its
+        TCP connection and keys, or None where it cannot go native (the engine then connects
+        to our port). Raises HandoffFailed where the tunnel does not open."""
+        if self._native is None:
+            return None
+        try:
+            opened = await open_tunnel(self.open_stream, self.request, self._native)
+            if opened.native_keys is None or not isinstance(opened.stream, DataStream):
+                await opened.stream.aclose()
+                return None
+            with trio.fail_after(_OPEN_TIMEOUT_S):
+                return await opened.stream.detach(), opened.native_keys
+        except (TransportError, TunnelRefused, trio.TooSlowError) as err:
+            raise HandoffFailed(f"tunnel for {self.request.model_id}: {err}") from None
 
     async def _carry(self, local: trio.SocketStream) -> None:
         # /proc/net/tcp lists every connection of the host: read it off the event loop.
@@ -291,7 +259,7 @@ class TunnelListener:
                 keys,
                 self.stats,
                 outward=True,
-                rpc_commands=self._rpc_commands,
+                rpc_commands=self.rpc_commands,
             )
             return
         watch = self._watcher() if self._watcher is not None else None
@@ -314,25 +282,65 @@ async def serve_tunnel(
     target: LocalTarget,
     stats: TunnelStats,
     native: NativeRelay | None = None,
+    handoff: Callable[[str], str | None] | None = None,
 ) -> None:
     """The far end: `target(request, peer)` names the loopback host:port or `unix:` socket to
     connect the stream to, or raises TunnelRefused. With `native`, an offer to relay natively
-    is taken where this end can."""
+    is taken where this end can; then, where `handoff(endpoint)` names the service's handoff
+    socket, the service takes the tunnel itself (engine_handoff.py), else the relay carries it."""
     try:
         request = TunnelRequest.decode(await receive_frame(stream, _OPEN_TIMEOUT_S))
         endpoint = await target(request, stream.remote_peer)
-        local = await _connect_local(endpoint)
+        handoff_path = handoff(endpoint) if handoff is not None else None
+        native_here = bool(request.native_offer) and _can_relay(native, stream)
+        local = None if native_here and handoff_path else await _connect_local(endpoint)
     except (RecordError, FrameError, TunnelRefused, OSError) as err:
         _log.info("refused a tunnel from %s: %s", stream.remote_peer, err)
         await send_frame(stream, str(err).encode()[:300] or b"refused")
         return
     stats.connections += 1
-    if request.native_offer and native is not None and _can_relay(native, stream):
+    if native_here and native is not None:
         assert isinstance(stream, DataStream)
         secret = new_secret()
         await send_frame(stream, _NATIVE_OK + secret)
         keys = TunnelKeys.derive(request.native_offer, secret, opener=False)
-        await splice_natively(local, stream, native, keys, stats, outward=False)
+        if local is None and handoff_path is not None:
+            await _hand_or_relay(stream, endpoint, handoff_path, native, keys, stats=stats)
+        else:
+            assert local is not None
+            await splice_natively(local, stream, native, keys, stats, outward=False)
         return
+    assert local is not None
     await send_frame(stream, b"ok")
     await splice(local, stream, stats, outward=False)
+
+
+async def _hand_or_relay(
+    stream: DataStream,
+    endpoint: str,
+    handoff_path: str,
+    native: NativeRelay,
+    keys: TunnelKeys,
+    *,
+    stats: TunnelStats,
+) -> None:
+    """Hands the tunnel to the service at `handoff_path`; where it does not take it, relays
+    the tunnel to `endpoint` natively."""
+    try:
+        sock = await _detached(stream)
+    except TransportError as err:
+        _log.debug("tunnel from %s closed: %s", stream.remote_peer, err)
+        await stream.aclose()
+        return
+    try:
+        await hand_to_rpc_server(handoff_path, sock, keys, stats)
+        return
+    except HandoffFailed as err:
+        _log.info("tunnel from %s: %s; relaying it", stream.remote_peer, err)
+    try:
+        local = await _connect_local(endpoint)
+    except OSError as err:
+        _log.info("tunnel from %s: %s", stream.remote_peer, err)
+        sock.close()
+        return
+    await _relay(local, sock, native, keys, stats, outward=False)

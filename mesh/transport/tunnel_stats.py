@@ -21,7 +21,8 @@ class TunnelStats:
     wire_back: int = 0
     round_trips: int = 0
     connections: int = 0
-    native_connections: int = 0  # of `connections`, those relayed natively
+    native_connections: int = 0  # of `connections`, those relayed natively or handed over
+    handed_connections: int = 0  # of those, the ones an engine seals itself (engine_handoff)
     refused_local: int = 0  # loopback connections from processes other than the engine's
     _last_direction: int = field(default=0, repr=False)
     _live: list[tuple[RelayCounters, bool]] = field(default_factory=list, repr=False)
@@ -75,6 +76,7 @@ class TunnelStats:
             **{name: getattr(self, name) + live[name] for name in _TOTALS},
             "connections": self.connections,
             "native_connections": self.native_connections,
+            "handed_connections": self.handed_connections,
             "refused_local": self.refused_local,
         }
 

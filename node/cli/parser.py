@@ -206,6 +206,13 @@ def add_up_command(commands: Any) -> None:
         help="copy rpc tunnels in Python rather than with the native relay (to compare)",
     )
     up.add_argument(
+        "--no-engine-seal",
+        dest="engine_seals",
+        action="store_const",
+        const=False,
+        help="relay rpc tunnels natively rather than hand them to the engine to seal (to compare)",
+    )
+    up.add_argument(
         "--speculation",
         choices=("auto", "off", "ngram"),
         help="speculative decoding of this node's models: ngram drafts from the text so far; "

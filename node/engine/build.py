@@ -37,7 +37,8 @@ from .locate import (
     find_nvcc,
     load_built_engine,
 )
-from .patch import PATCH_NAME, apply_engine_patch
+from .patch import ENGINE_PATCHES
+from .patch_edits import apply_patch
 
 ProgressCallback = Callable[[str, float], None]
 """Called with a step name and the fraction of that step done (0.0 to 1.0)."""
@@ -236,14 +237,17 @@ def _run_logged(
 
 
 def _patch(source: Path, log: TextIO) -> list[str]:
-    """Our change to the rpc-server's cache hits (engine_patch); a tree it does not fit is
-    built as it is, and the build log says why."""
-    problem = apply_engine_patch(source)
-    if problem is None:
-        log.write(f"sharedllm: applied {PATCH_NAME}\n")
-        return [PATCH_NAME]
-    log.write(f"sharedllm: {PATCH_NAME} not applied, building the tree unchanged: {problem}\n")
-    return []
+    """Our changes to the engine (engine/patch.py), each whole or not at all; a tree a change
+    does not fit is built without it, and the build log says why."""
+    applied = []
+    for patch in ENGINE_PATCHES:
+        problem = apply_patch(source, patch)
+        if problem is None:
+            log.write(f"sharedllm: applied {patch.name}\n")
+            applied.append(patch.name)
+        else:
+            log.write(f"sharedllm: {patch.name} not applied: {problem}\n")
+    return applied
 
 
 def _install(build_bin: Path, target: Path, patches: list[str]) -> EngineInfo:

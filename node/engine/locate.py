@@ -29,7 +29,9 @@ from ...mesh.atomic_file import write_atomic
 # The llama.cpp tree we build and test against: the one vendored in this llama-cpp-python sdist.
 PINNED_SDIST = "llama-cpp-python"
 PINNED_SDIST_VERSION = "0.3.36"
-BUILD_REVISION = "b3"  # b2: no Intel AMX; b3: engine_patch (cache hits copied in the background)
+BUILD_REVISION = (
+    "b4"  # b2: no Intel AMX; b3: cache hits copied in the background; b4: sealed handoff
+)
 LLAMA_SERVER = "llama-server"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
 BACKENDS = ("cpu", "cuda", "metal")

@@ -13,13 +13,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import trio
 
+from ...mesh.transport.native_relay import SEALED_RECORDS, NativeRelay, libcrypto_path, spin_for
 from ...mesh.transport.native_relay import SOURCE as RELAY_SOURCE
-from ...mesh.transport.native_relay import NativeRelay, libcrypto_path, spin_for
 
 _BUILD_TIMEOUT_S = 120.0
 _log = logging.getLogger("sharedllm.engine")
@@ -30,11 +30,20 @@ class NativeBuildFailed(Exception):
 
 
 def built_library(
-    cache_dir: Path, name: str, source: str, link: Sequence[str] = (), purpose: str = ""
+    cache_dir: Path,
+    name: str,
+    source: str,
+    link: Sequence[str] = (),
+    *,
+    purpose: str = "",
+    headers: Mapping[str, str] | None = None,
 ) -> Path:
-    """The compiled library of `source` in `cache_dir/native`, built on first use."""
+    """The compiled library of `source` (with `headers`, name -> text, beside it) in
+    `cache_dir/native`, built on first use."""
     flags = ["-O2", "-shared", "-fPIC"]
-    digest = hashlib.sha256("\0".join([source, *flags, *link]).encode()).hexdigest()[:12]
+    included = sorted((headers or {}).items())
+    parts = [source, *flags, *link, *(f"{n}\0{t}" for n, t in included)]
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
     target = cache_dir / "native" / f"{name}-{digest}-{platform.machine()}.so"
     if target.exists():
         return target
@@ -45,6 +54,8 @@ def built_library(
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         source_file = Path(work) / f"{name}.c"
         source_file.write_text(source)
+        for header_name, text in included:
+            (Path(work) / header_name).write_text(text)
         built = Path(work) / target.name
         command = [compiler, *flags, "-o", str(built), str(source_file), *link]
         try:
@@ -67,7 +78,10 @@ def native_relay_library(cache_dir: Path) -> Path:
         raise NativeBuildFailed("no libcrypto found for the native tunnel relay")
     link = [crypto] if os.path.isabs(crypto) else [f"-l:{crypto}"]
     source = RELAY_SOURCE.read_text()
-    return built_library(cache_dir, "relay", source, link, purpose="the native tunnel relay")
+    headers = {SEALED_RECORDS.name: SEALED_RECORDS.read_text()}
+    return built_library(
+        cache_dir, "relay", source, link, purpose="the native tunnel relay", headers=headers
+    )
 
 
 async def load_native_relay(

@@ -1,4 +1,4 @@
-"""Our one change to the pinned llama.cpp: `ggml-rpc-server` copies cache hits in the background.
+"""Our changes to the pinned llama.cpp. This one: `ggml-rpc-server` copies cache hits in the background.
 
 A warm load (every big weight already in the worker's `-c` cache) is two byte-serial loops
 taking turns: llama-server computes a tensor's FNV-1a hash, then waits while the rpc-server
@@ -16,22 +16,15 @@ engine's own, so a mesh can mix these workers with stock ones. A tree the change
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from .patch_edits import Edit, EnginePatch, apply_patch
+from .sealed_patch import SEALED_PATCH
 
 PATCH_NAME = "rpc-cache-overlap"
 _FILE = "ggml/src/ggml-rpc/ggml-rpc.cpp"
 
-
-@dataclass(frozen=True)
-class _Edit:
-    """Replace the one occurrence of `old` with `new`."""
-
-    old: str
-    new: str
-
-
-_MEMBERS = _Edit(
+_MEMBERS = Edit(
     old="""private:
     bool get_cached_file(uint64_t hash, std::vector<uint8_t> & data);
 """,
@@ -45,7 +38,7 @@ private:
 """,
 )
 
-_SET_TENSOR_HASH = _Edit(
+_SET_TENSOR_HASH = Edit(
     old="""bool rpc_server::set_tensor_hash(const rpc_msg_set_tensor_hash_req & request, rpc_msg_set_tensor_hash_rsp & response)
 {
     std::vector<uint8_t> cached_file;
@@ -100,7 +93,7 @@ bool rpc_server::set_tensor_hash(const rpc_msg_set_tensor_hash_req & request, rp
 """,
 )
 
-_HIT = _Edit(
+_HIT = Edit(
     old="""    ggml_backend_tensor_set(tensor, cached_file.data(), request.offset, size);
     response.result = 1;
     return true;
@@ -120,7 +113,7 @@ _HIT = _Edit(
 """,
 )
 
-_DESTRUCTOR = _Edit(
+_DESTRUCTOR = Edit(
     old="""rpc_server::~rpc_server() {
 """,
     new="""rpc_server::~rpc_server() {
@@ -128,7 +121,7 @@ _DESTRUCTOR = _Edit(
 """,
 )
 
-_LOOP = _Edit(
+_LOOP = Edit(
     old="""        if (!sock->recv_data(&cmd, 1)) {
             break;
         }
@@ -146,18 +139,11 @@ _LOOP = _Edit(
 EDITS = (_MEMBERS, _SET_TENSOR_HASH, _HIT, _DESTRUCTOR, _LOOP)
 
 
+CACHE_PATCH = EnginePatch(name=PATCH_NAME, edits={_FILE: EDITS})
+ENGINE_PATCHES = (CACHE_PATCH, SEALED_PATCH)
+
+
 def apply_engine_patch(tree: Path) -> str | None:
-    """Applies the change to a llama.cpp source tree; returns why not where it does not fit
-    (the tree is then left as it was)."""
-    path = tree / _FILE
-    try:
-        text = path.read_text()
-    except OSError as err:
-        return f"{_FILE} unreadable ({err.strerror or err})"
-    for index, edit in enumerate(EDITS):
-        found = text.count(edit.old)
-        if found != 1:
-            return f"{_FILE}: edit {index + 1} matches {found} places, not one"
-        text = text.replace(edit.old, edit.new)
-    path.write_text(text)
-    return None
+    """Applies the cache-hit change to a llama.cpp source tree; returns why not where it does
+    not fit (the tree is then left as it was)."""
+    return apply_patch(tree, CACHE_PATCH)

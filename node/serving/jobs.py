@@ -12,6 +12,7 @@ import trio
 
 from ...mesh.claims import Claim
 from ...mesh.member_states import MemberStates
+from ...mesh.transport.engine_handoff import HandoffDesk
 from ...mesh.transport.tunnel import (
     TunnelListener,
 )
@@ -85,6 +86,14 @@ class Job:
     socket: Path | None = None  # the primary's llama-server listens here
     http: httpx.AsyncClient | None = None  # bound to `socket`
     requests: dict[str, RpcTally] = field(default_factory=dict)  # worker -> engine requests
+    handoff: HandoffDesk | None = None  # where the primary's engine asks for its tunnels
+
+    def tunnel_at(self, endpoint: str) -> TunnelListener:
+        """The primary's tunnel listener at `endpoint` (LookupError if none)."""
+        for listener in self.tunnels.values():
+            if listener.endpoint == endpoint:
+                return listener
+        raise LookupError(f"no tunnel of this engine listens at {endpoint[:40]!r}")
 
     def engine_pids(self) -> tuple[int, ...]:
         """The job's engine process, while it runs: its tunnels carry its connections only."""

@@ -48,7 +48,7 @@ from ..weights.warm_start import READY, WeightFiller, answer_ready
 from .draft_meter import DraftMeter
 from .jobs import Job, LocalModel, gossiped_aliases, gossiped_kinds
 from .offered_recently import RecentlyOffered
-from .parts import STEP_S
+from .parts import STEP_S, engine_seals
 from .primary import PrimaryRole
 from .reconciler import Changes, JobKey, Running, reconcile
 from .replica_choice import InFlight
@@ -74,6 +74,7 @@ class MeshServing(PrimaryRole, WorkerRole, ApiRouting):
     ) -> None:
         self._service = service
         self._native_relay = native_relay  # rpc tunnels' byte copy in C, where it was built
+        self._engine_seals = engine_seals(engine, config, native_relay)
         self._data_plane = data_plane
         self._engine = engine
         self._config = config

@@ -15,6 +15,7 @@ from ...mesh.election import Elector, ModelState
 from ...mesh.probing import data_addresses
 from ...mesh.service import MeshService
 from ...mesh.transport.data_plane import DataPlane
+from ...mesh.transport.engine_handoff import engine_env, handoff_possible
 from ...mesh.transport.native_relay import NativeRelay
 from ...mesh.transport.seam import MeshStream, TransportError
 from ...mesh.transport.tunnel import (
@@ -27,6 +28,7 @@ from ...mesh.transport.tunnel_stats import (
 )
 from ..config import NodeConfig
 from ..engine.locate import EngineInfo
+from ..engine.sealed_patch import SEALED_PATCH_NAME
 from ..weights.warm_start import WeightFiller
 from .draft_meter import DraftMeter
 from .jobs import Job, LocalModel
@@ -51,6 +53,7 @@ class ServingParts(Protocol):
     _client: httpx.AsyncClient
     _me: str
     _native_relay: NativeRelay | None
+    _engine_seals: bool  # engines take rpc tunnels to seal themselves (engine_handoff.py)
     elector: Elector
     model_states: dict[str, ModelState]  # each model's first replica, by model id
     unit_states: dict[str, ModelState]  # every replica of every model, by unit
@@ -95,3 +98,26 @@ class ServingParts(Protocol):
         content = None if state is None else self._service.content_of(state)
         name = None if content is None else content.get("name")
         return f"{name} ({peer[-8:]})" if isinstance(name, str) else peer[-8:]
+
+    def _engine_env(self, handoff_path: Path | None) -> dict[str, str]:
+        """An engine's environment; with a handoff socket where engines seal tunnels here."""
+        if not self._engine_seals or handoff_path is None:
+            return dict(ENGINE_ENV)
+        return {**ENGINE_ENV, **engine_env(str(handoff_path))}
+
+    def _rpc_handoff_path(self, port: int | str) -> Path | None:
+        """Where the rpc-server listening on loopback `port` takes tunnels to seal itself."""
+        if not self._engine_seals or self._socket_dir is None:
+            return None
+        return self._socket_dir / f"rpc-{port}.sock"
+
+
+def engine_seals(engine: EngineInfo, config: NodeConfig, native: NativeRelay | None) -> bool:
+    """Whether this node's engines seal rpc tunnels themselves: wanted, our engine change built
+    in, and tunnels native here (the keys come from the native relay's handshake)."""
+    return (
+        config.engine_seals
+        and native is not None
+        and SEALED_PATCH_NAME in engine.changes.split(",")
+        and handoff_possible()
+    )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import httpx
 import trio
 
 from ...mesh.claims import Claim
+from ...mesh.transport.engine_handoff import HandoffDesk
 from ...mesh.transport.tunnel import (
     TunnelListener,
     TunnelRequest,
@@ -24,7 +26,7 @@ from ..models.model_kind import kind_args
 from ..weights.warm_start import READY, await_ready
 from .draft_meter import EngineCounters, parse_engine_counters
 from .jobs import Job, LocalModel
-from .parts import ENGINE_ENV, STEP_S, ServingParts
+from .parts import STEP_S, ServingParts
 
 _log = logging.getLogger("sharedllm.serving")
 _FILL_WAIT_S = 1800.0  # the longest a primary waits for its workers to fill their caches
@@ -72,6 +74,11 @@ class PrimaryRole(ServingParts):
                     )
                     job.tunnels[worker] = listener
                     nursery.start_soon(listener.run)
+                if self._engine_seals:
+                    assert job.socket is not None
+                    path = job.socket.with_name(f"{job.socket.stem}-handoff.sock")
+                    job.handoff = HandoffDesk(str(path), job.tunnel_at, job.engine_pids)
+                    nursery.start_soon(job.handoff.run)
                 report = LoadReport()
                 job.supervisor = Supervisor(
                     lambda: self._llama_server_spec(model, claim, job, report),
@@ -118,7 +125,9 @@ class PrimaryRole(ServingParts):
         # after a trial load of the model on every device (0.5 s of every load on a CPU).
         argv += ("--fit", "off") if self._engine.fit_switch else ()
         argv += self._config.engine_args  # checked against the allow-list when loaded
-        return ProcessSpec("llama-server", tuple(argv), ENGINE_ENV, unix_endpoint(job.socket))
+        handoff = None if job.handoff is None else Path(job.handoff.path)
+        env = self._engine_env(handoff)
+        return ProcessSpec("llama-server", tuple(argv), env, unix_endpoint(job.socket))
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
         """The claim's layout as llama-server arguments, given the devices each node gossiped."""

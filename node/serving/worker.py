@@ -17,7 +17,7 @@ from ..engine.supervisor import ProcessSpec, Supervisor
 from ..weights.share_wire import WEIGHTS
 from ..weights.warm_start import READY_ANSWER
 from .jobs import Job, accepts_tcp, offered_sha256
-from .parts import ENGINE_ENV, ServingParts
+from .parts import ServingParts
 from .reconciler import JobKey, WorkerStart
 
 _log = logging.getLogger("sharedllm.serving")
@@ -110,7 +110,7 @@ class WorkerRole(ServingParts):
             port = free_loopback_port()
             argv = [str(self._engine.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
             argv += ["-c", "-t", str(threads)]
-            env = {**ENGINE_ENV, "LLAMA_CACHE": str(cache)}
+            env = {**self._engine_env(self._rpc_handoff_path(port)), "LLAMA_CACHE": str(cache)}
             return ProcessSpec("ggml-rpc-server", tuple(argv), env, f"127.0.0.1:{port}")
 
         with job.scope:
@@ -133,7 +133,7 @@ class WorkerRole(ServingParts):
         stats = self.worker_stats.setdefault(stream.remote_peer, TunnelStats())
         try:
             with scope:
-                await serve_tunnel(stream, target, stats, self._native_relay)
+                await serve_tunnel(stream, target, stats, self._native_relay, self._handoff_of)
         finally:
             if registered is not None:
                 registered[:] = [entry for entry in registered if entry[1] is not scope]
@@ -163,6 +163,12 @@ class WorkerRole(ServingParts):
                 await trio.sleep(_LOOK_S)
             return endpoint
         raise TunnelRefused(f"the rpc-server for {request.model_id} is not ready")
+
+    def _handoff_of(self, endpoint: str) -> str | None:
+        """The handoff socket of the rpc-server at `endpoint`, where it takes tunnels."""
+        host, _, port = endpoint.rpartition(":")
+        path = self._rpc_handoff_path(port) if host == "127.0.0.1" and port.isdigit() else None
+        return str(path) if path is not None and path.exists() else None
 
     def _leads(self, request: TunnelRequest, peer: str) -> bool:
         """Whether `peer` leads a placement of the model that this node serves in now."""
