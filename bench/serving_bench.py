@@ -3,8 +3,11 @@
 - single: one llama-server holding every layer;
 - direct: llama-server with `--rpc` straight to two ggml-rpc-servers (plain llama.cpp RPC);
 - mesh: three `sharedllm-node` processes whose memory caps force the same split, the rpc traffic
-  going through our tunnels over the TLS data plane; asked at the primary (tunnel cost only) and
-  at a worker node (plus API forwarding through the mesh).
+  going through our tunnels over the TLS data plane, each sealed by the engines themselves (the
+  nodes hand them the connections); asked at the primary (tunnel cost only) and at a worker node
+  (plus API forwarding through the mesh);
+- mesh_relayed: the same mesh with `--no-engine-seal`: the nodes' native relays carry the
+  tunnels (asked at the primary).
 
 Requests are interleaved round by round so that drift of a shared machine hits every setup
 alike. Generation and prompt speeds are the engine's own timings.
@@ -179,6 +182,9 @@ def run() -> dict[str, Any]:
     return {
         "placements": placements,
         "mesh_vs_direct_rpc_tokens_ratio": placements[0]["mesh_vs_direct_rpc_tokens_ratio"],
+        "relayed_mesh_vs_direct_rpc_tokens_ratio": placements[0][
+            "relayed_mesh_vs_direct_rpc_tokens_ratio"
+        ],
         "predicted_vs_measured_error": max(errors),
     }
 
@@ -199,6 +205,8 @@ def _run_split(
             urls["direct"] = start_direct_split(stack, work, engine, model, counts)
             caps = [cap_bytes(profile, n, index == 0, CONTEXT) for index, n in enumerate(counts)]
             urls.update(_start_mesh(stack, work, caps))
+            relayed = _start_mesh(stack, work / "relayed", caps, "--no-engine-seal")
+            urls["mesh_relayed"] = relayed["mesh_at_primary"]
             for url in urls.values():
                 _wait_http(url)
             return {"split": list(counts), **_measure(urls, model_id, counts)}
@@ -237,17 +245,18 @@ def invite_when_running(command: str, founder: Path, uses: int) -> str:
         time.sleep(0.5)
 
 
-def _start_mesh(stack: ExitStack, work: Path, caps: list[int]) -> dict[str, str]:
+def _start_mesh(stack: ExitStack, work: Path, caps: list[int], *extra: str) -> dict[str, str]:
     """The founder holds the model and leads; each joiner's cap fixes its share of layers."""
+    work.mkdir(exist_ok=True)
     command = str(Path(sys.executable).parent / "sharedllm-node")
     ports = [free_loopback_port() for _ in caps]
     founder = work / "a"
-    argv = _node(command, founder, ports[0], "--max-memory", str(caps[0]), *THREADS)
+    argv = _node(command, founder, ports[0], "--max-memory", str(caps[0]), *THREADS, *extra)
     stack.enter_context(_started(argv, work / "a.log"))
     token = invite_when_running(command, founder, len(caps) - 1)
     for index in range(1, len(caps)):
         argv = _node(command, work / f"n{index}", ports[index], "--join", token)
-        argv += ["--max-memory", str(caps[index]), *THREADS]
+        argv += ["--max-memory", str(caps[index]), *THREADS, *extra]
         stack.enter_context(_started(argv, work / f"n{index}.log"))
     return {
         "mesh_at_primary": f"http://127.0.0.1:{ports[0]}",
@@ -287,6 +296,7 @@ def _per_token(
         for w, b in before.items()
     )
     trips = sum(after[w]["round_trips"] - b["round_trips"] for w, b in before.items())
+    handed = sum(after[w].get("handed_connections", 0) for w in after)
     requests: dict[str, dict[str, float]] = {}
     for worker, was in before.items():
         for command, now in after[worker].get("requests", {}).items():
@@ -298,6 +308,7 @@ def _per_token(
         "bytes": moved / tokens,
         "wire_bytes": wire / tokens,
         "round_trips": trips / tokens,
+        "handed_connections": handed,
         "requests": {name: entry for name, entry in requests.items() if entry["requests"]},
     }
 
@@ -332,11 +343,13 @@ def _report(
         "bytes": statistics.median(t["bytes"] for t in traffic),
         "wire_bytes": statistics.median(t["wire_bytes"] for t in traffic),
         "round_trips": statistics.median(t["round_trips"] for t in traffic),
+        "handed_connections": max(t["handed_connections"] for t in traffic),
     }
     print(
         f"  through the tunnels, per generated token (the prompt's share included): "
         f"{per_token['bytes']:.0f} bytes ({per_token['wire_bytes']:.0f} compressed on the "
-        f"wire), {per_token['round_trips']:.2f} round trips"
+        f"wire), {per_token['round_trips']:.2f} round trips; "
+        f"{per_token['handed_connections']:.0f} connections sealed by the engines themselves"
     )
     measured = medians["mesh_at_primary"]["gen_tok_s"]
     error = abs(predicted_tok_s - measured) / measured
@@ -350,6 +363,7 @@ def _report(
         "predicted_vs_measured_error": error,
         "tunnel_per_token": per_token,
         "mesh_vs_direct_rpc_tokens_ratio": medians["mesh_at_primary"]["gen_ratio_vs_direct"],
+        "relayed_mesh_vs_direct_rpc_tokens_ratio": medians["mesh_relayed"]["gen_ratio_vs_direct"],
         "rounds": ROUNDS,
         "max_tokens": MAX_TOKENS,
     }
