@@ -5,6 +5,7 @@ engine counts what crosses into the node's stats, and a fenced tunnel is cut."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -20,7 +21,12 @@ from sharedllm.mesh.membership import Certificate, MeshKey, Proof
 from sharedllm.mesh.membership_state import MembershipState
 from sharedllm.mesh.transport.data_plane import DataPlane
 from sharedllm.mesh.transport.engine_handoff import HandoffDesk, engine_env, hand_to_rpc_server
-from sharedllm.mesh.transport.native_relay import NativeRelay, RelayCounters, TunnelKeys
+from sharedllm.mesh.transport.native_relay import (
+    NativeRelay,
+    NativeRelayError,
+    RelayCounters,
+    TunnelKeys,
+)
 from sharedllm.mesh.transport.seam import MeshStream
 from sharedllm.mesh.transport.tunnel import TUNNEL, TunnelListener, TunnelRequest, serve_tunnel
 from sharedllm.mesh.transport.tunnel_stats import TunnelStats
@@ -207,11 +213,53 @@ async def _hello(stream: trio.SocketStream) -> bytes:
     return answer[8:11]
 
 
-async def test_an_rpc_server_survives_bad_handoffs_and_serves_a_good_one(
+async def _handed_session(
+    path: Path, native: NativeRelay, stats: TunnelStats, *, cut: bool
+) -> bytes | None:
+    """Hands the rpc-server at `path` a tunnel whose other end the node's relay seals, and says
+    HELLO through it; or, with `cut`, cuts the tunnel once handed, as a fenced primary's is.
+    The server's version, or None where the tunnel was cut."""
+    fence = trio.CancelScope()
+    engine_end, relay_end = socket.socketpair()
+    local, client = socket.socketpair()
+    for end in (relay_end, local, client):
+        end.setblocking(False)
+    secrets = (b"\x01" * 32, b"\x02" * 32)
+
+    async def relay() -> None:
+        keys = TunnelKeys.derive(*secrets, opener=True)
+        with contextlib.suppress(NativeRelayError):  # the cut peer: an end without its record
+            await native.relay(local, relay_end, keys, RelayCounters())
+        local.close()
+        relay_end.close()
+
+    async def handed() -> None:
+        with fence:
+            keys = TunnelKeys.derive(*secrets, opener=False)
+            await hand_to_rpc_server(str(path), engine_end, keys, stats)
+
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handed)
+        nursery.start_soon(relay)
+        if cut:
+            with trio.fail_after(30):
+                while stats.handed_connections == 0:
+                    await trio.sleep(0.01)
+                fence.cancel()
+                answer = await stream.receive_some(64)  # the cut reaches this end
+            await stream.aclose()
+            return answer or None
+        version = await _hello(stream)
+        await stream.aclose()  # the relay ends its direction; the rpc-server closes
+    return version
+
+
+async def test_an_rpc_server_survives_bad_handoffs_and_a_cut_and_serves_on(
     sealing_engine: EngineInfo, native: NativeRelay, tmp_path: Path
 ) -> None:
-    """Garbage, a short message, no connection, a connection it cannot open: each is dropped,
-    and a real handoff after them is served (the node's relay sealing the other end)."""
+    """Garbage, a short message, no connection, a connection it cannot open: each is dropped;
+    a handed tunnel cut by the node (a fenced primary) ends; a handoff after them is served."""
     path = tmp_path / "rpc.sock"
     rpc_port = free_loopback_port()
     argv = [str(sealing_engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
@@ -226,26 +274,14 @@ async def test_an_rpc_server_survives_bad_handoffs_and_serves_a_good_one(
             with socket.socket(socket.AF_UNIX) as unix:
                 unix.connect(str(path))
                 unix.sendall(bad)
-        engine_end, relay_end = socket.socketpair()
-        local, client = socket.socketpair()
-        for end in (relay_end, local, client):
-            end.setblocking(False)
         stats = TunnelStats()
-        async with trio.open_nursery() as nursery:
-            secrets = (b"\x01" * 32, b"\x02" * 32)
-            engine_keys = TunnelKeys.derive(*secrets, opener=False)
-            nursery.start_soon(hand_to_rpc_server, str(path), engine_end, engine_keys, stats)
-            relay_keys = TunnelKeys.derive(*secrets, opener=True)
-            nursery.start_soon(native.relay, local, relay_end, relay_keys, RelayCounters())
-            stream = trio.SocketStream(trio.socket.from_stdlib_socket(client))
-            version = await _hello(stream)
-            await stream.aclose()  # the relay ends its direction; the rpc-server closes
+        assert await _handed_session(path, native, stats, cut=True) is None
+        version = await _handed_session(path, native, stats, cut=False)
+        assert version is not None
         assert version[0] == int(sealing_engine.rpc_protocol.split(".")[0])
-        assert stats.as_dict()["handed_connections"] == 1
+        assert stats.as_dict()["handed_connections"] == 2
         assert stats.as_dict()["bytes_out"] > 0
         assert rpc.returncode is None
-        local.close()
-        relay_end.close()
     finally:
         rpc.terminate()
         with trio.move_on_after(30):

@@ -1,4 +1,4 @@
-"""Our change to the engine's rpc-server: applied whole to the tree it was written for, never in
+"""Our changes to the engine: each applied whole to the tree it was written for, never in
 part to another, and carried by the engine we build."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from sharedllm.node.engine.locate import EngineInfo
 from sharedllm.node.engine.patch import EDITS, PATCH_NAME, apply_engine_patch
+from sharedllm.node.engine.patch_edits import apply_patch
+from sharedllm.node.engine.sealed_patch import SEALED_PATCH, SEALED_PATCH_NAME
 
 _FILE = Path("ggml/src/ggml-rpc/ggml-rpc.cpp")
 
@@ -64,4 +66,43 @@ def test_a_missing_source_file_is_reported(tmp_path: Path) -> None:
 def test_the_engine_we_build_carries_the_change(engine: EngineInfo) -> None:
     if engine.source != "built":
         pytest.skip(f"the engine in use comes from {engine.source}, not our build")
-    assert PATCH_NAME in engine.changes.split(",")
+    assert {PATCH_NAME, SEALED_PATCH_NAME} <= set(engine.changes.split(","))
+
+
+def _sealed_tree(tmp_path: Path) -> Path:
+    """A tree holding each place the sealed transport edits, in each file it edits."""
+    for name, edits in SEALED_PATCH.edits.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("\n// other code\n".join(edit.old for edit in edits))
+    return tmp_path
+
+
+def test_the_sealed_transport_edits_its_files_and_adds_its_own(tmp_path: Path) -> None:
+    tree = _sealed_tree(tmp_path)
+    assert apply_patch(tree, SEALED_PATCH) is None
+    for name, edits in SEALED_PATCH.edits.items():
+        assert all(edit.new in (tree / name).read_text() for edit in edits)
+    for name, ours in SEALED_PATCH.added.items():
+        assert (tree / name).read_text() == ours.read_text()
+    # the shared record format is the relay's own file
+    assert "sealed_seal" in (tree / "ggml/src/ggml-rpc/sharedllm_sealed_records.h").read_text()
+
+
+def test_a_tree_that_has_a_file_it_would_add_is_left_as_it_was(tmp_path: Path) -> None:
+    tree = _sealed_tree(tmp_path)
+    before = {name: (tree / name).read_text() for name in SEALED_PATCH.edits}
+    clash = tree / next(iter(SEALED_PATCH.added))
+    clash.write_text("// someone else's")
+    problem = apply_patch(tree, SEALED_PATCH)
+    assert problem is not None and "already there" in problem
+    assert {name: (tree / name).read_text() for name in SEALED_PATCH.edits} == before
+    assert clash.read_text() == "// someone else's"
+
+
+def test_a_tree_missing_one_edited_file_is_left_as_it_was(tmp_path: Path) -> None:
+    tree = _sealed_tree(tmp_path)
+    missing, *others = SEALED_PATCH.edits
+    (tree / missing).unlink()
+    before = {name: (tree / name).read_text() for name in others}
+    assert apply_patch(tree, SEALED_PATCH) is not None
+    assert {name: (tree / name).read_text() for name in others} == before

@@ -102,6 +102,9 @@ async def test_a_handed_tunnel_carries_keys_connection_and_counters(path: str) -
         assert peer.recv(64) == b"through the handed connection"
         counters = RelayCounters.from_buffer(page)
         counters.bytes_out, counters.round_trips = 1234, 7  # as the engine counts
+        with trio.fail_after(10):  # the desk holds the tunnel once it is handed
+            while listener.stats.handed_connections == 0:
+                await trio.sleep(0.01)
         stats = listener.stats.as_dict()
         assert stats["bytes_out"] == 1234 and stats["round_trips"] == 7
         assert stats["handed_connections"] == stats["connections"] == 1

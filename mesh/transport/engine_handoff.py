@@ -141,6 +141,10 @@ async def hand_to_rpc_server(
     except (OSError, HandoffFailed) as err:
         unix.close()
         raise HandoffFailed(f"handing a tunnel to the rpc-server failed: {err}") from None
+    except BaseException:  # cancelled (a fenced primary): the tunnel goes with it
+        unix.close()
+        tcp.close()
+        raise
     await hold(unix, tcp, counters, stats, outward=False)
 
 
@@ -231,7 +235,7 @@ class HandoffDesk:
         counters = SharedCounters()
         try:
             await _send_handoff(unix, tcp, keys, counters, listener.rpc_commands)
-        except (OSError, HandoffFailed):
+        except BaseException:  # failed or cancelled: nobody else will close it
             tcp.close()
             raise
         finally:
