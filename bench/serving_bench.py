@@ -42,7 +42,7 @@ from sharedllm.scheduler.llama_args import split_args
 from sharedllm.scheduler.model_profile import ModelProfile
 from sharedllm.scheduler.placement import Assignment, Placement
 
-ROUNDS = 5
+ROUNDS = 9
 MAX_TOKENS = 64
 CONTEXT = 4096
 PROMPT = (

@@ -33,12 +33,13 @@ class CostModel:
     rpc_overhead_bytes_per_token: int = 4_300
     # Network: the hidden state crosses each worker link in f32, up and back.
     activation_bytes_per_element: int = 4
-    # Per worker per token, beyond its link: the engines' RPC handling and the tunnel's local
-    # hops (process hand-offs). Fitted on the serving bench (loopback, 2 cores, one engine
-    # thread each): with the native relay, splits 9/9 and 6/6/6 measured 47-48.7 and 45.5-47.9
-    # tok/s (two runs), 7% off either way at 3.3 ms (4 ms, fitted with the Python relay, was
-    # 16% off for 6/6/6); a GPU machine's direct RPC shows about 1 ms.
-    worker_overhead_s: float = 0.0033
+    # Per worker per token, beyond its link: the engines' RPC handling (and, where a node
+    # relays a tunnel, its local hops). Fitted on the serving bench (loopback, 2 cores, one
+    # engine thread each) with the engines sealing their own tunnels: at 3.3 ms (fitted with
+    # the native relay) splits 6/6/6 and 9/9 were predicted at 38.5 and 46.9 tok/s, measured
+    # 42.9 and 48.5 (bench-20261205T083537Z.json); at 2.2 ms they were 2% and 5% off in a
+    # 9-round run (bench-20261205T092208Z.json). A GPU machine's direct RPC shows about 1 ms.
+    worker_overhead_s: float = 0.0022
     # Memory: engine compute buffers per node, and a share of memory left free.
     compute_buffer_bytes: int = 256 * MIB
     memory_headroom_fraction: float = 0.05

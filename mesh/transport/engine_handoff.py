@@ -37,7 +37,6 @@ from .tunnel_stats import TunnelStats
 
 MAGIC = b"SLH1"
 HANDOFF_BYTES = len(MAGIC) + 2 + 64
-MAX_ENDPOINT = 255
 _ANSWER_WAIT_S = 10.0  # a request must come this soon after an engine connects
 _log = logging.getLogger("sharedllm.mesh.tunnel")
 
