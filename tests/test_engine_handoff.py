@@ -255,11 +255,34 @@ async def _handed_session(
     return version
 
 
+async def _hostile_peer(path: Path, records: bytes) -> bytes:
+    """Hands the rpc-server a tunnel whose peer sends `records` (forged, oversized, ...);
+    what the peer then receives before the tunnel ends."""
+    engine_end, peer_end = socket.socketpair()
+    peer_end.setblocking(False)
+    keys = TunnelKeys.derive(b"\x03" * 32, b"\x04" * 32, opener=False)
+    peer = trio.SocketStream(trio.socket.from_stdlib_socket(peer_end))
+    received = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hand_to_rpc_server, str(path), engine_end, keys, TunnelStats())
+        await peer.send_all(records)
+        with trio.fail_after(30):  # the engine ends the tunnel, and the node shuts it down
+            try:
+                while got := await peer.receive_some(65536):
+                    received += got
+            except trio.BrokenResourceError:
+                pass  # ended with our records unread: a reset
+    await peer.aclose()
+    return received
+
+
 async def test_an_rpc_server_survives_bad_handoffs_and_a_cut_and_serves_on(
     sealing_engine: EngineInfo, native: NativeRelay, tmp_path: Path
 ) -> None:
     """Garbage, a short message, no connection, a connection it cannot open: each is dropped;
-    a handed tunnel cut by the node (a fenced primary) ends; a handoff after them is served."""
+    a peer that sends an impossible length, a record too short to hold a tag or a forged record
+    sees the tunnel end; a tunnel cut by the node (a fenced primary) ends; a handoff after all
+    of them is served."""
     path = tmp_path / "rpc.sock"
     rpc_port = free_loopback_port()
     argv = [str(sealing_engine.rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port), "-t", "1"]
@@ -274,6 +297,9 @@ async def test_an_rpc_server_survives_bad_handoffs_and_a_cut_and_serves_on(
             with socket.socket(socket.AF_UNIX) as unix:
                 unix.connect(str(path))
                 unix.sendall(bad)
+        forged = (32).to_bytes(4, "big") + bytes(32)  # a record whose tag is wrong
+        for hostile in (b"\x7f\xff\xff\xff" + bytes(64), b"\x00\x00\x00\x01", forged):
+            assert await _hostile_peer(path, hostile) == b""
         stats = TunnelStats()
         assert await _handed_session(path, native, stats, cut=True) is None
         version = await _handed_session(path, native, stats, cut=False)

@@ -117,6 +117,7 @@ def print_placement(model_id: str, entry: dict[str, Any], names: dict[str, str])
             line += f", tunnel {traffic['bytes_out'] / 1e6:.1f} MB out"
             line += f" / {traffic['bytes_back'] / 1e6:.1f} MB back"
             line += f", {traffic['round_trips']} round trips"
+            line += _carried_by(traffic)
         print(line)
     for node, why in sorted(entry.get("unused", {}).items()):
         print(f"  {names.get(node, '?'):<16} {node[-12:]:<14} unused: {why}")
@@ -168,3 +169,13 @@ def agreement(report: Any) -> str:
     if report.placements_agree_s is not None:
         agreed += f" ({report.placements_agree_s:.1f} s after convergence)"
     return agreed
+
+
+def _carried_by(traffic: dict[str, Any]) -> str:
+    """How a worker's tunnel is carried: sealed by the engines (the fast path), relayed in C
+    by the nodes, or in Python."""
+    if traffic.get("handed_connections"):
+        return ", sealed by the engines"
+    if traffic.get("native_connections"):
+        return ", relayed natively"
+    return ", relayed in Python" if traffic.get("connections") else ""
