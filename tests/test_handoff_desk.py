@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from sharedllm.mesh.transport import engine_handoff
 from sharedllm.mesh.transport.engine_handoff import HANDOFF_BYTES, MAGIC, HandoffDesk
 from sharedllm.mesh.transport.native_relay import RelayCounters, TunnelKeys
 from sharedllm.mesh.transport.tunnel_stats import TunnelStats
@@ -43,11 +44,11 @@ async def _ask(path: str, data: bytes) -> tuple[bytes, list[int]]:
     unix = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with unix:
         await unix.connect(path)
-        await unix.send(data)
         try:
+            await unix.send(data)
             with trio.fail_after(10):
                 message, ancillary, _, _ = await unix.recvmsg(HANDOFF_BYTES, socket.CMSG_SPACE(8))
-        except ConnectionResetError:  # closed with our request unread
+        except (ConnectionResetError, BrokenPipeError):  # closed with our request unread
             return b"", []
     fds: list[int] = []
     for level, kind, payload in ancillary:
@@ -120,3 +121,41 @@ async def test_a_handed_tunnel_carries_keys_connection_and_counters(path: str) -
         handed.close()
         nursery.cancel_scope.cancel()
     await peer_stream.aclose()
+
+
+async def test_a_desk_serves_a_bounded_number_of_engine_connections(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_handoff, "MAX_AT_DESK", 2)
+    desk = HandoffDesk(path, lambda _endpoint: _Listener(None), lambda: (os.getpid(),))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(desk.run)
+        stalled = []
+        for _ in range(2):  # connected, asking nothing yet
+            unix = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await unix.connect(path)
+            stalled.append(unix)
+        with trio.fail_after(10):
+            while desk.serving < 2:
+                await trio.sleep(0.01)
+        assert await _ask(path, _request(b"127.0.0.1:5000")) == (b"", [])
+        assert desk.refused == 1
+        for unix in stalled:
+            unix.close()
+        with trio.fail_after(10):  # room again once they went
+            while desk.serving > 0:
+                await trio.sleep(0.01)
+            answer, _ = await _ask(path, _request(b"127.0.0.1:5000"))
+        assert answer[:5] == MAGIC + b"\x00"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_desk_takes_over_a_socket_file_left_by_a_crash(path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(path)
+    desk = HandoffDesk(path, lambda _endpoint: _Listener(None), lambda: (os.getpid(),))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(desk.run)
+        answer, _ = await _ask(path, _request(b"127.0.0.1:5000"))
+        assert answer[:5] == MAGIC + b"\x00"
+        nursery.cancel_scope.cancel()

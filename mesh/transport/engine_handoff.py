@@ -38,6 +38,7 @@ from .tunnel_stats import TunnelStats
 MAGIC = b"SLH1"
 HANDOFF_BYTES = len(MAGIC) + 2 + 64
 _ANSWER_WAIT_S = 10.0  # a request must come this soon after an engine connects
+MAX_AT_DESK = 256  # engine connections a desk serves at once (a few per worker tunnel)
 _log = logging.getLogger("sharedllm.mesh.tunnel")
 
 
@@ -177,8 +178,11 @@ class HandoffDesk:
         self._listener_for = listener_for
         self._allowed_pids = allowed_pids
         self.refused = 0
+        self._serving = 0
         bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            with contextlib.suppress(FileNotFoundError):  # ours, left by a crash
+                os.unlink(path)
             bound.bind(path)  # now, so that an engine started next finds it
             bound.listen(16)
         except OSError:
@@ -186,12 +190,21 @@ class HandoffDesk:
             raise
         self._listener = trio.socket.from_stdlib_socket(bound)
 
+    @property
+    def serving(self) -> int:
+        """Engine connections served now (asking, or holding a tunnel)."""
+        return self._serving
+
     async def run(self) -> None:
         """Serves requests until cancelled, then closes the socket."""
         try:
             async with trio.open_nursery() as nursery:
                 while True:
                     unix, _ = await self._listener.accept()
+                    if self._serving >= MAX_AT_DESK:
+                        self.refused += 1
+                        unix.close()
+                        continue
                     nursery.start_soon(self._serve, unix)
         finally:
             self._listener.close()
@@ -199,16 +212,20 @@ class HandoffDesk:
                 os.unlink(self.path)
 
     async def _serve(self, unix: trio.socket.SocketType) -> None:
+        self._serving += 1
         try:
-            opened = await self._answer(unix)
-        except (OSError, HandoffFailed, LookupError, trio.TooSlowError) as err:
-            _log.info("an engine's tunnel handoff failed: %s", err)
-            opened = None
-        if opened is None:
-            unix.close()
-            return
-        tcp, counters, stats = opened
-        await hold(unix, tcp, counters, stats, outward=True)
+            try:
+                opened = await self._answer(unix)
+            except (OSError, HandoffFailed, LookupError, trio.TooSlowError) as err:
+                _log.info("an engine's tunnel handoff failed: %s", err)
+                opened = None
+            if opened is None:
+                unix.close()
+                return
+            tcp, counters, stats = opened
+            await hold(unix, tcp, counters, stats, outward=True)
+        finally:
+            self._serving -= 1
 
     async def _answer(
         self, unix: trio.socket.SocketType
