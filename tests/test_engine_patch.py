@@ -3,9 +3,12 @@ part to another, and carried by the engine we build."""
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
+from sharedllm.mesh.transport.native_relay import SEALED_RECORDS
+from sharedllm.mesh.transport.native_relay import SOURCE as RELAY_SOURCE
 from sharedllm.node.engine.locate import EngineInfo
 from sharedllm.node.engine.patch import EDITS, PATCH_NAME, apply_engine_patch
 from sharedllm.node.engine.patch_edits import apply_patch
@@ -106,3 +109,14 @@ def test_a_tree_missing_one_edited_file_is_left_as_it_was(tmp_path: Path) -> Non
     before = {name: (tree / name).read_text() for name in others}
     assert apply_patch(tree, SEALED_PATCH) is not None
     assert {name: (tree / name).read_text() for name in others} == before
+
+
+def test_the_files_a_build_reads_ship_with_the_package() -> None:
+    """An installed node (a wheel, as on the GPU machine) builds the engine and the relay from
+    files beside its modules: each is listed as package data, or the change is left out."""
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    shipped = project["tool"]["setuptools"]["package-data"]
+    needed = [*SEALED_PATCH.added.values(), RELAY_SOURCE, SEALED_RECORDS]
+    for path in needed:
+        package = "sharedllm." + ".".join(path.parent.relative_to(Path(__file__).parents[1]).parts)
+        assert path.name in shipped.get(package, []), f"{path.name} is not shipped in {package}"
