@@ -104,12 +104,11 @@ async def splice_natively(
     `rpc_commands` > 0 counts the local side's llama.cpp RPC requests (the opener's side)."""
     try:
         sock = await _detached(remote)
+        await _relay(local, sock, native, keys, stats, outward=outward, rpc_commands=rpc_commands)
     except TransportError as err:
         _log.debug("tunnel to %s closed: %s", remote.remote_peer, err)
+    finally:
         await close_both(local, remote)
-        return
-    await _relay(local, sock, native, keys, stats, outward=outward, rpc_commands=rpc_commands)
-    await close_both(local, remote)
 
 
 async def _detached(remote: DataStream) -> socket.socket:
@@ -131,7 +130,7 @@ async def _relay(
     outward: bool,
     rpc_commands: int = 0,
 ) -> None:
-    """Relays natively until the tunnel ends, then closes both sockets."""
+    """Relays natively until the tunnel ends, then closes the peer's socket and `local`."""
     counters = RelayCounters()
     stats.relaying(counters, outward)
     try:
@@ -220,12 +219,15 @@ class TunnelListener:
             return None
         try:
             opened = await open_tunnel(self.open_stream, self.request, self._native)
-            if opened.native_keys is None or not isinstance(opened.stream, DataStream):
-                await opened.stream.aclose()
-                return None
-            with trio.fail_after(_OPEN_TIMEOUT_S):
-                return await opened.stream.detach(), opened.native_keys
-        except (TransportError, TunnelRefused, trio.TooSlowError) as err:
+        except (TransportError, TunnelRefused) as err:
+            raise HandoffFailed(f"tunnel for {self.request.model_id}: {err}") from None
+        if opened.native_keys is None or not isinstance(opened.stream, DataStream):
+            await opened.stream.aclose()
+            return None
+        try:
+            return await _detached(opened.stream), opened.native_keys
+        except TransportError as err:
+            await opened.stream.aclose()
             raise HandoffFailed(f"tunnel for {self.request.model_id}: {err}") from None
 
     async def _carry(self, local: trio.SocketStream) -> None:
