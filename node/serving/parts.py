@@ -99,11 +99,9 @@ class ServingParts(Protocol):
         name = None if content is None else content.get("name")
         return f"{name} ({peer[-8:]})" if isinstance(name, str) else peer[-8:]
 
-    def _engine_env(self, handoff_path: Path | None) -> dict[str, str]:
-        """An engine's environment; with a handoff socket where engines seal tunnels here."""
-        if not self._engine_seals or handoff_path is None:
-            return dict(ENGINE_ENV)
-        return {**ENGINE_ENV, **engine_env(str(handoff_path))}
+    def _engine_env(self, handoff_path: str | None) -> dict[str, str]:
+        """An engine's environment; with a handoff socket (where engines seal tunnels here)."""
+        return {**ENGINE_ENV, **(engine_env(handoff_path) if handoff_path else {})}
 
     def _rpc_handoff_path(self, port: int | str) -> Path | None:
         """Where the rpc-server listening on loopback `port` takes tunnels to seal itself."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import httpx
 import trio
@@ -125,8 +124,7 @@ class PrimaryRole(ServingParts):
         # after a trial load of the model on every device (0.5 s of every load on a CPU).
         argv += ("--fit", "off") if self._engine.fit_switch else ()
         argv += self._config.engine_args  # checked against the allow-list when loaded
-        handoff = None if job.handoff is None else Path(job.handoff.path)
-        env = self._engine_env(handoff)
+        env = self._engine_env(None if job.handoff is None else job.handoff.path)
         return ProcessSpec("llama-server", tuple(argv), env, unix_endpoint(job.socket))
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:

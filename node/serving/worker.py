@@ -110,7 +110,9 @@ class WorkerRole(ServingParts):
             port = free_loopback_port()
             argv = [str(self._engine.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
             argv += ["-c", "-t", str(threads)]
-            env = {**self._engine_env(self._rpc_handoff_path(port)), "LLAMA_CACHE": str(cache)}
+            handoff = self._rpc_handoff_path(port)
+            env = self._engine_env(None if handoff is None else str(handoff))
+            env["LLAMA_CACHE"] = str(cache)
             return ProcessSpec("ggml-rpc-server", tuple(argv), env, f"127.0.0.1:{port}")
 
         with job.scope:
