@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import hmac
 import os
@@ -83,9 +84,10 @@ def new_secret() -> bytes:
     return secrets.token_bytes(SECRET_BYTES)
 
 
+@functools.cache
 def libcrypto_path() -> str | None:
     """The libcrypto this process's ssl module uses (to link the relay against the same one),
-    else the system's, else None."""
+    else the system's, else None. Read once: every engine start asks (engine_handoff)."""
     import ssl  # noqa: F401  (loads libcrypto, so that the process's maps name it)
 
     try:
