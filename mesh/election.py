@@ -311,13 +311,13 @@ def next_epoch(highest: int, me: str, holders: Iterable[str]) -> int:
 
 
 def with_draft_rates(
-    offered: Mapping[str, ModelRequest], rates: Mapping[str, DraftRate]
+    offered: Mapping[str, ModelRequest], rates: Mapping[str, Mapping[str, DraftRate]]
 ) -> dict[str, ModelRequest]:
-    """The offered models, each with the draft rate the mesh learned for it (if any)."""
+    """The offered models, each with the draft rates (by mode) the mesh learned for it."""
     return {
         model_id: request
-        if (rate := rates.get(model_id)) is None
-        else replace(request, speculation=replace(request.speculation, rate=rate))
+        if not (learned := rates.get(model_id))
+        else replace(request, speculation=request.speculation.with_rates(learned))
         for model_id, request in offered.items()
     }
 

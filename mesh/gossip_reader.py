@@ -11,16 +11,18 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
-from ..scheduler.model_profile import profile_from_dict
+from ..scheduler.model_profile import ModelProfile, profile_from_dict
 from ..scheduler.placement import MAX_REPLICAS, MAX_SLOTS, ModelRequest, is_model_id
 from ..scheduler.replica_demand import DEMAND_FIGURES, MAX_DEMAND, Demand, mesh_demand_of
 from ..scheduler.speculation import DraftRate, SpeculationPolicy
 from .claims import Claim, parse_claims
+from .gossip_drafts import ModeRate, draft_profile, draft_rate_entries
+from .gossip_values import is_count, is_finite, is_positive
 from .member_states import MemberStates
 
 # Until a bandwidth probe has measured a link, the planner assumes this much.
@@ -38,7 +40,7 @@ def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | No
     ram, vram = content.get("ram_total"), content.get("vram_total", 0)
     gflops, protocol = content.get("gflops"), content.get("rpc_protocol")
     cap = content.get("memory_cap")
-    if not (_count(ram) and _count(vram) and isinstance(protocol, str)):
+    if not (is_count(ram) and is_count(vram) and isinstance(protocol, str)):
         return None
     if not isinstance(gflops, int | float) or not math.isfinite(gflops) or gflops <= 0:
         return None
@@ -49,7 +51,7 @@ def node_capacity(peer_id: str, content: Mapping[str, Any]) -> NodeCapacity | No
         gflops=float(gflops),
         rpc_protocol=protocol,
         models=frozenset(model_id for model_id, _ in model_entries(content)),
-        memory_cap_bytes=cap if _count(cap) else None,
+        memory_cap_bytes=cap if is_count(cap) else None,
     )
 
 
@@ -68,11 +70,11 @@ def measured_links(source: str, content: Mapping[str, Any]) -> tuple[Link, ...]:
         if isinstance(target, str) and target != source and isinstance(link, dict):
             # the data plane's round trip is what tunnels pay; the control plane's until then
             rtt, bandwidth = link.get("data_rtt_ms"), link.get("bandwidth_mbps")
-            if not _positive(rtt):
+            if not is_positive(rtt):
                 rtt = link.get("rtt_ms")
-            if not _positive(rtt):
+            if not is_positive(rtt):
                 continue
-            if not _positive(bandwidth):
+            if not is_positive(bandwidth):
                 bandwidth = ASSUMED_BANDWIDTH_MBPS
             links.append(Link(source, target, _coarse(rtt), _coarse(bandwidth)))
     return tuple(sorted(links, key=lambda link: link.target))
@@ -135,7 +137,10 @@ class GossipReader:
     _demand: OrderedDict[int, tuple[object, tuple[_NodeDemand, ...]]] = field(
         default_factory=OrderedDict
     )
-    _drafts: OrderedDict[int, tuple[object, tuple[tuple[str, DraftRate], ...]]] = field(
+    _drafts: OrderedDict[int, tuple[object, tuple[ModeRate, ...]]] = field(
+        default_factory=OrderedDict
+    )
+    _draft_profiles: OrderedDict[int, tuple[object, ModelProfile | None]] = field(
         default_factory=OrderedDict
     )
 
@@ -143,11 +148,23 @@ class GossipReader:
         """Every model some member holds; its profile and context come from the lowest peer
         id holding it, so every node derives the same request."""
         requests: dict[str, ModelRequest] = {}
-        for _, content in MemberStates.of(members).having("models"):
+        drafts: dict[str, dict[str, ModelProfile]] = {}
+        for holder, content in MemberStates.of(members).having("models"):
             for model_id, entry in model_entries(content):
                 if model_id not in requests and (request := self.request_of(model_id, entry)):
                     requests[model_id] = request
+                if (draft := self._draft_of(entry)) is not None:
+                    drafts.setdefault(model_id, {}).setdefault(holder, draft)
+        for model_id, offered in drafts.items():
+            if model_id in requests:  # holders come by peer id: so do their drafts
+                requests[model_id] = replace(requests[model_id], drafts=tuple(offered.items()))
         return requests
+
+    def _draft_of(self, entry: dict[str, Any]) -> ModelProfile | None:
+        """The draft model a holder's entry offers (parsed once per entry)."""
+        if "draft" not in entry:
+            return None
+        return _parsed_once(self._draft_profiles, entry, draft_profile, self)
 
     def request_of(self, model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
         """The request a gossiped model entry describes (None if malformed)."""
@@ -208,21 +225,26 @@ class GossipReader:
                 reports.setdefault(model_id, []).append((recent, buckets))
         return {model_id: mesh_demand_of(found) for model_id, found in reports.items()}
 
-    def draft_rates(self, members: Mapping[str, Mapping[str, Any]]) -> dict[str, DraftRate]:
-        """What each model's drafts yield, over every member that reports what its engine
-        learned (weighted by the tokens each counted)."""
-        totals: dict[str, tuple[float, float, int]] = {}
+    def draft_rates(
+        self, members: Mapping[str, Mapping[str, Any]]
+    ) -> dict[str, dict[str, DraftRate]]:
+        """What each model's drafts yield in each mode, over every member that reports what
+        its engine learned (weighted by the tokens each counted)."""
+        totals: dict[tuple[str, str], tuple[float, float, int]] = {}
         for _, content in MemberStates.of(members).having("drafts"):
             rates = _parsed_once(self._drafts, content.get("drafts"), draft_rate_entries, self)
-            for model_id, rate in rates:
-                accepted, drafted, tokens = totals.get(model_id, (0.0, 0.0, 0))
-                totals[model_id] = (
+            for model_id, mode, rate in rates:
+                accepted, drafted, tokens = totals.get((model_id, mode), (0.0, 0.0, 0))
+                totals[model_id, mode] = (
                     accepted + rate.accepted_per_token * rate.tokens,
                     drafted + rate.drafted_per_token * rate.tokens,
                     tokens + rate.tokens,
                 )
-        found = {model_id: DraftRate.of(*total) for model_id, total in totals.items()}
-        return {model_id: rate for model_id, rate in found.items() if rate is not None}
+        found: dict[str, dict[str, DraftRate]] = {}
+        for (model_id, mode), total in sorted(totals.items()):
+            if (merged := DraftRate.of(*total)) is not None:
+                found.setdefault(model_id, {})[mode] = merged
+        return found
 
     def claims_in(self, content: Mapping[str, Any], origin: str) -> tuple[Claim, ...]:
         """The claims a node makes for itself (a claim naming another primary is ignored)."""
@@ -287,9 +309,9 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
     return ModelRequest(
         model_id,
         profile,
-        context if _count(context) and context > 0 else 4096,
+        context if is_count(context) and context > 0 else 4096,
         primary_must_hold=True,
-        slots=slots if _count(slots) and 1 <= slots <= MAX_SLOTS else 1,
+        slots=slots if is_count(slots) and 1 <= slots <= MAX_SLOTS else 1,
         replicas=min(least, most),
         min_replicas=min(least, most),
         max_replicas=most,
@@ -299,7 +321,7 @@ def _parse_request(model_id: str, entry: dict[str, Any]) -> ModelRequest | None:
 
 
 def _replica_count(value: object) -> int:
-    return value if _count(value) and 1 <= value <= MAX_REPLICAS else 1
+    return value if is_count(value) and 1 <= value <= MAX_REPLICAS else 1
 
 
 def offered_models(members: Mapping[str, Mapping[str, Any]]) -> dict[str, ModelRequest]:
@@ -353,39 +375,7 @@ def demand_entries(raw: object) -> tuple[_NodeDemand, ...]:
     for model_id, figures in _figures_by_model(raw):
         if not 1 <= len(figures) <= DEMAND_FIGURES:
             continue
-        if all(_finite(value) and value >= 0 for value in figures):
+        if all(is_finite(value) and value >= 0 for value in figures):
             capped = [min(float(value), MAX_DEMAND) for value in figures]
             found.append((model_id, capped[0], tuple(capped[1:])))
     return tuple(found)
-
-
-MAX_DRAFT_TOKENS = 10**9  # tokens a reported rate may rest on (bounds one member's weight)
-
-
-def draft_rate_entries(raw: object) -> tuple[tuple[str, DraftRate], ...]:
-    """A member's gossiped draft rates, `{model: [accepted per token, drafted per token,
-    tokens]}`: malformed or impossible entries are dropped, and only the first
-    `MAX_DEMAND_ENTRIES` models count."""
-    found = []
-    for model_id, figures in _figures_by_model(raw):
-        if len(figures) != 3:
-            continue
-        accepted, drafted, tokens = figures
-        if _finite(accepted) and _finite(drafted) and _count(tokens) and tokens > 0:
-            tokens = min(tokens, MAX_DRAFT_TOKENS)
-            rate = DraftRate.of(accepted * tokens, drafted * tokens, tokens)
-            if rate is not None:
-                found.append((model_id, rate))
-    return tuple(found)
-
-
-def _finite(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _positive(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, int | float) and math.isfinite(value) and value > 0

@@ -74,7 +74,7 @@ class MemoryLedger:
 def claim_memory(request: ModelRequest, cost: CostModel, claim: Claim) -> Bytes:
     """Bytes each node of a standing claim holds, with the slots the claim runs."""
     as_claimed = replace(request, slots=claim.slots)
-    return claimed_memory(as_claimed, cost, claim.primary, claim.layers)
+    return claimed_memory(as_claimed, cost, claim.primary, claim.layers, claim.speculation)
 
 
 def _add(total: Bytes, more: Mapping[str, int]) -> None:

@@ -89,8 +89,12 @@ class NodeConfig:
     parallel_slots: int = 4
     # Speculative decoding of this node's models (the lowest holder's setting counts): "ngram"
     # drafts from n-grams of the text (llama.cpp's ngram-mod), several tokens per round trip
-    # where text repeats; "auto" lets the planner choose by what drafts yielded; "off".
+    # where text repeats; "draft" with a draft model on the primary; "auto" lets the planner
+    # choose by what drafts yielded; "off".
     speculation: str = "auto"
+    # A small model of the same vocabulary that drafts for this node's model when it leads.
+    # Unset: the embedded default model, where it is already here and matches.
+    draft_model: Path | None = None
     # How this node's models are split: by the "planner", or in proportion to each node's
     # "memory" as llama.cpp does (to compare the two). The lowest holder's setting counts.
     split: str = "planner"
@@ -144,6 +148,7 @@ _SETTING_TYPES: dict[str, type] = {
     "engine_archive": Path,
     "engine_from_mesh": bool,
     "model": Path,
+    "draft_model": Path,
     "model_name": str,
     "model_kind": str,
     "model_aliases": tuple,

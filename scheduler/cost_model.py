@@ -108,6 +108,19 @@ class CostModel:
         share = self.draft_compute_share_gpu if on_gpu else self.draft_compute_share
         return share * compute_s + transfer_s
 
+    def draft_model_seconds(self, draft: ModelProfile, primary: NodeCapacity) -> float:
+        """One pass of a draft model, all of it on the primary: what each token it drafts adds
+        besides checking that token."""
+        return draft.layer_count * self.layer_seconds(draft, primary) + self.head_seconds(
+            draft, primary
+        )
+
+    def draft_model_memory(self, draft: ModelProfile, kv_tokens: int) -> int:
+        """A draft model on the primary: all its weights, its KV cache for the same tokens as
+        the model's, and a compute buffer of its own."""
+        kv = draft.kv_cache_bytes(draft.layer_count, kv_tokens)
+        return draft.total_weight_bytes + kv + self.compute_buffer_bytes
+
     def activation_seconds(
         self, view: ClusterView, profile: ModelProfile, primary: str, worker: str
     ) -> float:

@@ -41,7 +41,8 @@ class Placement:
     prompt_tokens_per_s: float
     slots: int = 1  # requests its engine runs at once, each with its own KV cache
     speculation: str = "off"  # how its engine drafts tokens (`speculation.SPECULATION_MODES`)
-    # The prediction's parts: time per token without speculation, and per drafted token.
+    # The prediction's parts: time per token without speculation, and per drafted token in
+    # its mode (with none, per token n-grams would draft).
     plain_ms_per_token: float = 0.0
     ms_per_draft: float = 0.0
 
@@ -123,6 +124,9 @@ class ModelRequest:
     max_replicas: int = 1
     speculation: SpeculationPolicy = NO_SPECULATION
     split: str = "planner"  # or "memory": llama.cpp's default split, to compare (`SPLITS`)
+    # Holders with a draft model for this one (same vocabulary), and that draft's profile: a
+    # placement they lead may speculate with it.
+    drafts: tuple[tuple[str, ModelProfile], ...] = ()
 
     @property
     def kv_tokens(self) -> int:
@@ -131,6 +135,10 @@ class ModelRequest:
     @property
     def unit(self) -> str:
         return unit_key(self.model_id, self.replica)
+
+    def draft_on(self, node: str) -> ModelProfile | None:
+        """The draft model `node` holds for this model, if any."""
+        return next((draft for holder, draft in self.drafts if holder == node), None)
 
 
 def evaluate(
@@ -182,20 +190,29 @@ def evaluate(
     )
     layers = {a.node: a.layer_count for a in assignments}
     plain = compute + network
-    per_draft = cost.draft_seconds(compute, primary_node.vram_bytes > 0, activations)
+    verify = cost.draft_seconds(compute, primary_node.vram_bytes > 0, activations)
+    per_draft = {"ngram": verify}
+    draft = request.draft_on(primary)
+    draft_memory = 0 if draft is None else cost.draft_model_memory(draft, request.kv_tokens)
+    if draft and primary_total + draft_memory <= cost.memory_budget(primary_node) + (
+        cost.compute_buffer_bytes
+    ):
+        per_draft["draft"] = verify + cost.draft_model_seconds(draft, primary_node)
     mode = choose_mode(plain, per_draft, request.speculation)
-    seconds = seconds_per_token(plain, per_draft, mode, request.speculation.rate)
+    seconds = seconds_per_token(
+        plain, per_draft.get(mode, 0.0), mode, request.speculation.rate(mode)
+    )
     return Placement(
         model_id=request.model_id,
         primary=primary,
         assignments=tuple(assignments),
-        primary_memory_bytes=primary_total,
+        primary_memory_bytes=primary_total + (draft_memory if mode == "draft" else 0),
         ms_per_token=seconds * 1000.0,
         prompt_tokens_per_s=cost.prompt_tokens_per_s(view, profile, primary, layers),
         slots=request.slots,
         speculation=mode,
         plain_ms_per_token=plain * 1000.0,
-        ms_per_draft=per_draft * 1000.0,
+        ms_per_draft=per_draft.get(mode, verify) * 1000.0,
     )
 
 
@@ -204,15 +221,19 @@ def claimed_memory(
     cost: CostModel,
     primary: str,
     ranges: Sequence[tuple[str, int, int]],
+    speculation: str = "off",
 ) -> dict[str, int]:
     """Bytes each node of a standing placement holds, from its (node, first, last) layer ranges
-    as gossiped: what `evaluate` would put in its assignments, without checking any limit."""
+    and speculation mode as gossiped: what `evaluate` would count, without checking a limit."""
     profile = request.profile
     used: dict[str, int] = {}
     for node, first, last in ranges:
         count = max(0, min(last, profile.layer_count - 1) - max(first, 0) + 1)
         used[node] = used.get(node, 0) + _assignment_memory(request, cost, first, count)
     extra = cost.primary_extra_memory(profile)
+    draft = request.draft_on(primary) if speculation == "draft" else None
+    if draft is not None:
+        extra += cost.draft_model_memory(draft, request.kv_tokens)
     used[primary] = used.get(primary, cost.compute_buffer_bytes) + extra
     return used
 

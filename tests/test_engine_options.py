@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from sharedllm.node.config import ConfigError, load_config
 from sharedllm.node.engine.options import (
     ALLOWED,
-    SPECULATION,
     EngineOptionError,
     check_engine_args,
+    speculation_args,
 )
 
 
@@ -78,7 +78,14 @@ def test_speculation_is_a_setting_of_its_own() -> None:
     with pytest.raises(EngineOptionError, match="speculation"):
         check_engine_args(["--spec-type", "ngram-mod"])
     assert load_config(environ={"SHAREDLLM_SPECULATION": "ngram"}).speculation == "ngram"
-    assert SPECULATION["ngram"] == ("--spec-type", "ngram-mod") and SPECULATION["off"] == ()
+    assert speculation_args("ngram") == ("--spec-type", "ngram-mod")
+    assert speculation_args("off") == () == speculation_args("draft")  # no draft model here
+    draft = Path("/models/small.gguf")
+    assert speculation_args("draft", draft) == (
+        *("--spec-type", "draft-simple", "--model-draft", str(draft)),
+        *("--spec-draft-device", "none"),  # on the primary's CPU, never on its rpc workers
+    )
+    assert speculation_args("draft", draft, ["CUDA0"])[-2:] == ("--spec-draft-device", "CUDA0")
     with pytest.raises(ConfigError, match="speculation 'ngrams' is not one of off, ngram"):
         load_config(environ={"SHAREDLLM_SPECULATION": "ngrams"})
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sharedllm.mesh.claims import Claim, claim_for
 from sharedllm.mesh.election import Elector
-from sharedllm.mesh.gossip_reader import MAX_DEMAND_ENTRIES, GossipReader, draft_rate_entries
+from sharedllm.mesh.gossip_drafts import MAX_RATE_ENTRIES, draft_rate_entries
+from sharedllm.mesh.gossip_reader import GossipReader
 from sharedllm.node.serving.draft_meter import (
     MAX_METERED_ENGINES,
     MAX_METRICS_BYTES,
@@ -52,25 +53,45 @@ def _view(rtt_ms: float) -> ClusterView:
 
 
 def _request(policy: str, rate: DraftRate | None = None) -> ModelRequest:
-    return ModelRequest("m", PROFILE, 1024, True, speculation=SpeculationPolicy.named(policy, rate))
+    learned = None if rate is None else {"ngram": rate}
+    policy_of = SpeculationPolicy.named(policy, learned)
+    return ModelRequest("m", PROFILE, 1024, True, speculation=policy_of)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.floats(1e-4, 1.0), st.floats(0.0, 1.0), RATES, st.sampled_from(sorted(POLICY_MODES)))
-def test_the_chosen_mode_is_allowed_and_the_fastest(
-    plain_s: float, per_draft_s: float, rate: DraftRate, policy: str
+@given(
+    st.floats(1e-4, 1.0),
+    st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
+    st.tuples(RATES, RATES),
+    st.sampled_from(sorted(POLICY_MODES)),
+    st.booleans(),
+)
+def test_the_chosen_mode_is_allowed_priced_and_the_fastest(
+    plain_s: float,
+    per_draft_s: tuple[float, float],
+    rates: tuple[DraftRate, DraftRate],
+    policy: str,
+    has_draft_model: bool,
 ) -> None:
-    allowed = SpeculationPolicy.named(policy, rate)
-    mode = choose_mode(plain_s, per_draft_s, allowed)
-    assert mode in POLICY_MODES[policy]
-    chosen = seconds_per_token(plain_s, per_draft_s, mode, rate)
+    (ngram_s, draft_s), (ngram_rate, draft_rate) = per_draft_s, rates
+    allowed = SpeculationPolicy.named(policy, {"ngram": ngram_rate, "draft": draft_rate})
+    priced = {"ngram": ngram_s} | ({"draft": draft_s} if has_draft_model else {})
+    mode = choose_mode(plain_s, priced, allowed)
+    assert mode == "off" or (mode in POLICY_MODES[policy] and mode in priced)
+    chosen = seconds_per_token(plain_s, priced.get(mode, 0.0), mode, allowed.rate(mode))
     for other in allowed.modes:
-        assert chosen <= seconds_per_token(plain_s, per_draft_s, other, rate)
+        if other == "off" or other in priced:
+            cost = seconds_per_token(plain_s, priced.get(other, 0.0), other, allowed.rate(other))
+            assert chosen <= cost
 
 
 def test_drafts_that_yield_nothing_leave_speculation_off() -> None:
-    assert choose_mode(0.02, 0.005, SpeculationPolicy.named("auto", DraftRate(0, 0, 100))) == "off"
-    assert choose_mode(0.02, 0.005, SpeculationPolicy.named("off", DraftRate(1, 1, 100))) == "off"
+    nothing = SpeculationPolicy.named("auto", {"ngram": DraftRate(0, 0, 100)})
+    assert choose_mode(0.02, {"ngram": 0.005}, nothing) == "off"
+    everything = SpeculationPolicy.named("off", {"ngram": DraftRate(1, 1, 100)})
+    assert choose_mode(0.02, {"ngram": 0.005}, everything) == "off"
+    draft_only = SpeculationPolicy.named("draft", {"draft": DraftRate(1, 1, 100)})
+    assert choose_mode(0.02, {"ngram": 0.005}, draft_only) == "off"  # no draft model here
 
 
 def test_a_copy_speculates_on_a_split_and_free_text_on_a_cpu_does_not() -> None:
@@ -141,19 +162,25 @@ def test_a_claim_carries_its_mode_on_the_wire() -> None:
 
 def test_gossiped_rates_are_checked_bounded_and_weighted_by_tokens() -> None:
     assert draft_rate_entries({"m": [0.5, 0.8, 100], "n": [0.9, 0.1, 100]}) == (
-        ("m", DraftRate(0.5, 0.8, 100)),
-    )  # more accepted than drafted is no engine's
+        ("m", "ngram", DraftRate(0.5, 0.8, 100)),
+    )  # more accepted than drafted is no engine's; a bare list is an n-gram rate
     for hostile in ([1, 2], "x", [0.1, 0.2, -5], [0.1, 0.2, True], [float("inf"), 1, 1], None):
         assert draft_rate_entries({"m": hostile}) == ()
+        assert draft_rate_entries({"m": {"draft": hostile}}) == ()
     assert draft_rate_entries({"a\x1fb": [0.1, 0.2, 10]}) == ()
-    many = {f"m{i}": [0.1, 0.2, 10] for i in range(3 * MAX_DEMAND_ENTRIES)}
-    assert len(draft_rate_entries(many)) == MAX_DEMAND_ENTRIES
+    assert draft_rate_entries({"m": {"eagle": [0.1, 0.2, 10], "off": [0.1, 0.2, 10]}}) == ()
+    assert draft_rate_entries({"m": {"draft": [0.6, 1.2, 10], "ngram": [0.1, 0.2, 10]}}) == (
+        ("m", "ngram", DraftRate(0.1, 0.2, 10)),
+        ("m", "draft", DraftRate(0.6, 1.2, 10)),
+    )
+    many = {f"m{i}": [0.1, 0.2, 10] for i in range(3 * MAX_RATE_ENTRIES)}
+    assert len(draft_rate_entries(many)) == MAX_RATE_ENTRIES
     members = {
         "a": {"drafts": {"m": [1.0, 1.0, 300]}},
         "b": {"drafts": {"m": [0.0, 1.0, 100]}},
         "c": {"drafts": {"m": [0.5, 1.0, 10**30]}},  # a boast is capped, not believed whole
     }
-    merged = GossipReader().draft_rates(members)["m"]
+    merged = GossipReader().draft_rates(members)["m"]["ngram"]
     assert 0.5 <= merged.accepted_per_token < 0.51 and merged.drafted_per_token == 1.0
 
 
@@ -210,38 +237,45 @@ def test_engine_counters_are_read_from_the_metrics_text() -> None:
 
 def test_the_meter_learns_from_a_speculating_engine_only() -> None:
     meter = DraftMeter()
-    meter.observe(("m", 1), _counters(1000, 900, 800), True, 0.0)  # a baseline, no rate yet
+    meter.observe(("m", 1), _counters(1000, 900, 800), "ngram", 0.0)  # a baseline, no rate yet
     assert meter.rates(0.0) == {}
-    meter.observe(("m", 1), _counters(1100, 1000, 890), True, 10.0)
-    assert meter.rates(10.0)["m"] == DraftRate(0.9, 1.0, 100)
-    meter.observe(("m", 2), _counters(0, 0, 0), False, 11.0)
-    meter.observe(("m", 2), _counters(500, 0, 0), False, 21.0)  # off: teaches nothing
-    assert meter.rates(21.0)["m"] == DraftRate(0.9, 1.0, 100)
-    assert meter.gossip(21.0) == {"m": [0.9, 1.0, 100]}
-    assert meter.rates(10.0 + meter.forget_after_s + 1) == {}  # quiet too long: forgotten
+    meter.observe(("m", 1), _counters(1100, 1000, 890), "ngram", 10.0)
+    assert meter.rates(10.0)["m"] == {"ngram": DraftRate(0.9, 1.0, 100)}
+    meter.observe(("m", 2), _counters(0, 0, 0), "off", 11.0)
+    meter.observe(("m", 2), _counters(500, 0, 0), "off", 21.0)  # off: teaches nothing
+    assert meter.rates(21.0)["m"] == {"ngram": DraftRate(0.9, 1.0, 100)}
+    meter.observe(("m", 3), _counters(0, 0, 0), "draft", 22.0)  # a draft model: its own rate
+    meter.observe(("m", 3), _counters(200, 300, 120), "draft", 23.0)
+    assert meter.rates(23.0)["m"]["draft"] == DraftRate(0.6, 1.5, 200)
+    assert meter.gossip(23.0) == {"m": {"draft": [0.6, 1.5, 200], "ngram": [0.9, 1.0, 100]}}
+    assert draft_rate_entries(meter.gossip(23.0)) == (
+        ("m", "ngram", DraftRate(0.9, 1.0, 100)),
+        ("m", "draft", DraftRate(0.6, 1.5, 200)),
+    )  # what one node gossips, the others read
+    assert meter.rates(23.0 + meter.forget_after_s + 1) == {}  # quiet too long: forgotten
 
 
 def test_a_restarted_engine_counts_from_zero_and_the_window_is_bounded() -> None:
     meter = DraftMeter(window_tokens=1000)
-    meter.observe(("m", 1), _counters(5000, 100, 100), True, 0.0)
-    meter.observe(("m", 1), _counters(100, 100, 10), True, 1.0)  # went down: a new engine
-    assert meter.rates(1.0) == {"m": DraftRate(0.1, 1.0, 100)}
+    meter.observe(("m", 1), _counters(5000, 100, 100), "ngram", 0.0)
+    meter.observe(("m", 1), _counters(100, 100, 10), "ngram", 1.0)  # went down: a new engine
+    assert meter.rates(1.0) == {"m": {"ngram": DraftRate(0.1, 1.0, 100)}}
     tokens = 100
     for step in range(2, 40):
         tokens += 100
-        meter.observe(("m", 1), _counters(tokens, 100, 10), True, float(step))
-    rate = meter.rates(40.0)["m"]
+        meter.observe(("m", 1), _counters(tokens, 100, 10), "ngram", float(step))
+    rate = meter.rates(40.0)["m"]["ngram"]
     assert rate.tokens == 1000 and rate.accepted_per_token < 0.01  # the recent workload
 
 
 def test_the_meter_holds_a_bounded_number_of_engines() -> None:
     meter = DraftMeter()
     for i in range(3 * MAX_METERED_ENGINES):
-        meter.observe((f"m{i}", 1), _counters(0, 0, 0), True, 0.0)
-        meter.observe((f"m{i}", 1), _counters(100, 100, 50), True, 1.0)
+        meter.observe((f"m{i}", 1), _counters(0, 0, 0), "ngram", 0.0)
+        meter.observe((f"m{i}", 1), _counters(100, 100, 50), "ngram", 1.0)
     assert len(meter.rates(1.0)) == MAX_METERED_ENGINES
     meter.forget(("m0", 1))
-    meter.observe(("new", 1), _counters(0, 0, 0), True, 2.0)  # room again for a baseline
+    meter.observe(("new", 1), _counters(0, 0, 0), "ngram", 2.0)  # room again for a baseline
 
 
 def test_a_holder_may_ask_for_the_memory_split_and_nonsense_means_the_planner() -> None:

@@ -214,9 +214,16 @@ def add_up_command(commands: Any) -> None:
     )
     up.add_argument(
         "--speculation",
-        choices=("auto", "off", "ngram"),
-        help="speculative decoding of this node's models: ngram drafts from the text so far; "
-        "auto lets the planner choose by what drafts yield (default: auto)",
+        choices=("auto", "off", "ngram", "draft"),
+        help="speculative decoding of this node's models: ngram drafts from the text so far, "
+        "draft with a draft model (--draft-model); auto lets the planner choose by what drafts "
+        "yield (default: auto)",
+    )
+    up.add_argument(
+        "--draft-model",
+        type=Path,
+        help="a small GGUF model of the same vocabulary that drafts tokens for --model when "
+        "this node leads it (default: the embedded Gemma 3 270M where it matches)",
     )
     up.add_argument(
         "--split",

@@ -20,6 +20,7 @@ from ..engine.devices import list_devices
 from ..engine.locate import EngineInfo, detect_backend
 from ..mesh_setup import DEFAULT_LISTEN, MeshPlan, join_token_from, prepare_mesh
 from ..models.default_model import DefaultModelError, default_model_path
+from ..models.draft_model import draft_for
 from ..models.model_file import ModelFileError, inspect_model
 from ..models.model_kind import inferred_kind
 from ..serving.jobs import LocalModel
@@ -42,7 +43,11 @@ def models_to_offer(args: argparse.Namespace, config: NodeConfig) -> list[LocalM
     info = inspect_model(path)  # refuse a bad file before starting anything
     model_id = config.model_name or path.name.removesuffix(".gguf")
     kind = config.model_kind or inferred_kind(info.profile.architecture, info.pooling_type)
-    return [LocalModel(model_id, info, int(path.stat().st_mtime), config.model_aliases, kind)]
+    draft = draft_for(info, config.draft_model, config.cache_dir) if kind == "text" else None
+    if draft is not None:
+        _log.info("model %s: %s can draft for it", model_id, draft.path.name)
+    modified = int(path.stat().st_mtime)
+    return [LocalModel(model_id, info, modified, config.model_aliases, kind, draft)]
 
 
 def measured_speed(config: NodeConfig, engine: EngineInfo, *, gpu: bool) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 # flag -> whether it takes a value; each flag's aliases are listed too
 _WITH_VALUE = frozenset(
@@ -52,8 +53,6 @@ _SET_ELSEWHERE = {
     for flag in ("-np", "--parallel", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified")
 } | {flag: "context_size (--context-size)" for flag in ("-c", "--ctx-size")}
 _SET_ELSEWHERE["--spec-type"] = "speculation (--speculation)"
-# The speculation modes a placement's engine runs with (the planner chooses), as arguments.
-SPECULATION: dict[str, tuple[str, ...]] = {"off": (), "ngram": ("--spec-type", "ngram-mod")}
 MAX_ARGS = 64
 _VALUE = re.compile(r"^[\w.:,{}\"'\[\] =+-]{1,256}$")
 
@@ -88,6 +87,21 @@ def check_engine_args(args: Sequence[str]) -> tuple[str, ...]:
             checked.append(value)
             index += 1
     return tuple(checked)
+
+
+def speculation_args(
+    mode: str, draft: Path | None = None, local_devices: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """llama-server's arguments for a placement's speculation mode (the planner chose it). A
+    draft model runs on the primary's own devices only (its GPUs, else its CPU): by default
+    llama.cpp would spread it over the rpc workers too, a round trip per drafted token."""
+    if mode == "ngram":
+        return ("--spec-type", "ngram-mod")
+    if mode == "draft" and draft is not None:
+        devices = ",".join(local_devices) or "none"
+        return ("--spec-type", "draft-simple", "--model-draft", str(draft),
+                "--spec-draft-device", devices)  # fmt: skip
+    return ()
 
 
 def _is_number(text: str) -> bool:

@@ -8,6 +8,7 @@ against the bytes that remain, so a damaged or hostile file fails fast with `Ggu
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass
@@ -42,10 +43,12 @@ class GgufFormatError(Exception):
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """An array too long to keep: its element type and length."""
+    """An array too long to keep: its element type, length, and a digest of its bytes (two
+    models share a vocabulary when their token arrays have the same digest)."""
 
     element_type: int
     length: int
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,15 @@ class _Parser:
         length = self._count()
         if length <= _KEEP_ARRAY_ITEMS:
             return [self._value(element) for _ in range(length)]
+        start = self._pos
         if element in _SCALARS:
             self._take(length * struct.calcsize(_SCALARS[element]))
         elif element == _STRING:
             self._skip_strings(length)
         else:
             raise GgufFormatError(f"long array of type {element} is not supported")
-        return ArrayInfo(element, length)
+        digest = hashlib.blake2b(self._data[start : self._pos], digest_size=16).hexdigest()
+        return ArrayInfo(element, length, digest)
 
     def _skip_strings(self, count: int) -> None:
         """Steps over `count` strings without reading them: a vocabulary has 100,000s, and

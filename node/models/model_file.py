@@ -46,6 +46,8 @@ class ModelInfo:
     has_chat_template: bool = False  # the file carries its own (Jinja) chat template
     tokenizer_pre: str | None = None  # the tokenizer's pre-tokenizer name (picks a template)
     pooling_type: int | None = None  # declared by embedding and reranking models
+    # A digest of the tokenizer (its tokens and special tokens): a draft model must match it.
+    vocabulary: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         p = self.profile
@@ -105,6 +107,7 @@ def inspect_model(path: Path) -> ModelInfo:
         has_chat_template=isinstance(fields.get("tokenizer.chat_template"), str),
         tokenizer_pre=_optional_str(fields, "tokenizer.ggml.pre"),
         pooling_type=_optional_int(fields, f"{arch}.pooling_type"),
+        vocabulary=_vocabulary_digest(fields),
     )
 
 
@@ -237,6 +240,25 @@ def _kv_bytes_per_token(fields: dict[str, Any], arch: str, path: Path) -> int:
 def _optional_str(fields: dict[str, Any], key: str) -> str | None:
     value = fields.get(key)
     return value if isinstance(value, str) else None
+
+
+_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+)
+
+
+def _vocabulary_digest(fields: dict[str, Any]) -> str:
+    """What llama.cpp compares before it drafts with one model for another (the tokens, the
+    tokenizer and its special tokens), as one digest; "" for a file without tokens."""
+    if "tokenizer.ggml.tokens" not in fields:
+        return ""
+    parts = [repr(fields.get(key)) for key in _TOKENIZER_KEYS]
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
 
 def _vocab_size(fields: dict[str, Any]) -> int:

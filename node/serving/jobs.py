@@ -17,6 +17,7 @@ from ...mesh.transport.tunnel import (
     TunnelListener,
 )
 from ...scheduler.model_profile import profile_to_dict
+from ...scheduler.speculation import POLICY_MODES
 from ..config import MAX_ALIASES
 from ..engine.rpc_traffic import RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
@@ -33,6 +34,7 @@ class LocalModel:
     created: int
     aliases: tuple[str, ...] = ()  # other names clients may use for it (gossiped)
     kind: str = "text"  # text, embedding or rerank (gossiped: every peer routes by it)
+    draft: ModelInfo | None = None  # a model of its vocabulary that drafts for it when we lead
 
     @property
     def path(self) -> Path:
@@ -70,6 +72,8 @@ class LocalModel:
             entry["aliases"] = list(self.aliases)
         if self.kind != "text":
             entry["kind"] = self.kind
+        elif self.draft is not None and "draft" in POLICY_MODES.get(speculation, ()):
+            entry["draft"] = {"profile": profile_to_dict(self.draft.profile)}
         return entry
 
 

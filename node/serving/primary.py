@@ -16,7 +16,7 @@ from ...mesh.transport.tunnel import (
 from ...scheduler.llama_args import LlamaSplitArgs, split_args
 from ..engine.devices import gossiped_device_count
 from ..engine.load_report import LoadReport
-from ..engine.options import SPECULATION
+from ..engine.options import speculation_args
 from ..engine.rpc_traffic import COMMANDS, RpcTally
 from ..engine.supervisor import ProcessSpec, ServiceState, Supervisor
 from ..engine.unix_socket import engine_client, unix_endpoint
@@ -119,13 +119,23 @@ class PrimaryRole(ServingParts):
         ]
         if self._config.threads is not None:
             argv += ["--threads", str(self._config.threads)]
-        argv += SPECULATION[claim.speculation] if self._engine.ngram_speculation else ()
+        argv += self._speculation_args(model, claim)
         # The split and the context are set above: llama.cpp's fitting would change nothing,
         # after a trial load of the model on every device (0.5 s of every load on a CPU).
         argv += ("--fit", "off") if self._engine.fit_switch else ()
         argv += self._config.engine_args  # checked against the allow-list when loaded
         env = self._engine_env(None if job.handoff is None else job.handoff.path)
         return ProcessSpec("llama-server", tuple(argv), env, unix_endpoint(job.socket))
+
+    def _speculation_args(self, model: LocalModel, claim: Claim) -> tuple[str, ...]:
+        """The claim's speculation mode as arguments (none where the engine cannot speculate);
+        a draft model goes on this node's own devices, as the planner booked it."""
+        if not self._engine.ngram_speculation:
+            return ()
+        own = self._service.member_states().get(self._me, {}).get("devices")
+        names = [d["name"] for d in own if isinstance(d, dict)] if isinstance(own, list) else []
+        draft = None if model.draft is None else model.draft.path
+        return speculation_args(claim.speculation, draft, [n for n in names if isinstance(n, str)])
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
         """The claim's layout as llama-server arguments, given the devices each node gossiped."""
@@ -170,14 +180,14 @@ class PrimaryRole(ServingParts):
         """Reads the engine's counters now and then: what its drafts yield is what the
         planner weighs speculation by."""
         engine = (job.claim.model_id, job.claim.epoch)
-        speculating = job.claim.speculation != "off" and self._engine.ngram_speculation
+        mode = job.claim.speculation if self._engine.ngram_speculation else "off"
         try:
             while True:
                 await trio.sleep(_METER_S)
                 counters = await self._engine_counters(job)
                 if counters is not None:
                     now = trio.current_time()
-                    self._drafts.observe(engine, counters, speculating, now)
+                    self._drafts.observe(engine, counters, mode, now)
         finally:
             self._drafts.forget(engine)
 

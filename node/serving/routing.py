@@ -15,6 +15,7 @@ from ...mesh.transport.tunnel import (
     TunnelRequest,
 )
 from ...scheduler.replica_demand import Demand
+from ...scheduler.speculation import DRAFTING_MODES
 from ..engine.unix_socket import ENGINE_BASE_URL
 from .parts import ServingParts
 from .replica_choice import ReplicaLoad, choose_replica
@@ -269,10 +270,14 @@ def _describe_speculation(claim: Claim | None, state: ModelState) -> dict[str, A
     """The placement's speculation mode, what the holder allows, and the draft rate the
     planner weighs it by (`learned_tokens` 0: the prior, nothing learned yet)."""
     policy = state.request.speculation
+    mode = None if claim is None else claim.speculation
+    shown = policy.rate(mode if mode in DRAFTING_MODES else "ngram")
     return {
-        "mode": None if claim is None else claim.speculation,
+        "mode": mode,
         "allowed": list(policy.modes),
-        "accepted_per_token": policy.rate.accepted_per_token,
-        "drafted_per_token": policy.rate.drafted_per_token,
-        "learned_tokens": policy.rate.tokens,
+        # the rate of the mode the placement runs (of n-grams when it runs none)
+        "accepted_per_token": shown.accepted_per_token,
+        "drafted_per_token": shown.drafted_per_token,
+        "learned_tokens": shown.tokens,
+        "draft_model_holders": [holder for holder, _ in state.request.drafts],
     }
