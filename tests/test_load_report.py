@@ -46,3 +46,23 @@ def test_differences_are_explained() -> None:
     missing = {**planned, "127.0.0.1:1": MIB}
     assert "no weights on 127.0.0.1:1" in str(report.problem(13, missing))
     assert "did not report" in str(LoadReport().problem(13, planned))
+
+
+DRAFT_LOG = """\
+0.01.300.000 I load_tensors: offloading 0 repeating layers to GPU
+0.01.300.001 I load_tensors: offloaded 0/2 layers to GPU
+0.01.300.002 I load_tensors:   CPU_Mapped model buffer size =     9.50 MiB
+"""
+
+
+def test_a_draft_model_s_load_does_not_hide_the_model_s() -> None:
+    report = _report()
+    for line in DRAFT_LOG.splitlines():  # the draft model loads after the model
+        report.feed(line)
+    assert report.offloaded == 13
+    assert report.buffers["CPU_Mapped"] == int(191.72 * MIB)
+    report.restart()
+    assert (report.offloaded, report.buffers) == (None, {})
+    for line in LOG.splitlines():
+        report.feed(line)
+    assert report.offloaded == 13  # the restarted engine's own load counts

@@ -3,7 +3,8 @@
 llama-server prints, while loading, how many layers it offloaded and the size of the weight
 buffer on each device; an RPC device is named after its endpoint (`RPC0[127.0.0.1:PORT]`), which
 on the primary is the tunnel listener of one worker. Comparing those sizes with the planned
-layers' bytes tells whether the engine did what the planner meant.
+layers' bytes tells whether the engine did what the planner meant. A draft model loads after
+the model and prints the same lines: the report keeps the first of each, the model's.
 """
 
 from __future__ import annotations
@@ -25,11 +26,19 @@ _TOLERANCE_BYTES = 2 * _MIB
 class LoadReport:
     offloaded: int | None = None
     buffers: dict[str, int] = field(default_factory=dict)  # device -> bytes
+    loads_seen: int = 0  # models whose load was reported: the model's, then its draft's
+
+    def restart(self) -> None:
+        """The engine starts again: its log tells everything anew."""
+        self.offloaded, self.buffers, self.loads_seen = None, {}, 0
 
     def feed(self, line: str) -> None:
+        """One line of the log; a model's buffer sizes follow its count of offloaded layers."""
         if found := _OFFLOADED.search(line):
-            self.offloaded = int(found.group(1))
-        elif found := _MODEL_BUFFER.search(line):
+            self.loads_seen += 1
+            if self.loads_seen == 1:
+                self.offloaded = int(found.group(1))
+        elif (found := _MODEL_BUFFER.search(line)) and self.loads_seen <= 1:
             self.buffers[found.group(1)] = int(float(found.group(2)) * _MIB)
 
     def rpc_buffers(self) -> dict[str, int]:

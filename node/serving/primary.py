@@ -93,7 +93,7 @@ class PrimaryRole(ServingParts):
     def _llama_server_spec(
         self, model: LocalModel, claim: Claim, job: Job, report: LoadReport
     ) -> ProcessSpec:
-        report.offloaded, report.buffers = None, {}
+        report.restart()
         job.verified = False
         assert job.socket is not None
         job.socket.unlink(missing_ok=True)  # left by the engine's previous run
