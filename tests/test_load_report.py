@@ -61,8 +61,9 @@ def test_a_draft_model_s_load_does_not_hide_the_model_s() -> None:
         report.feed(line)
     assert report.offloaded == 13
     assert report.buffers["CPU_Mapped"] == int(191.72 * MIB)
-    report.restart()
-    assert (report.offloaded, report.buffers) == (None, {})
+    restarted = report
+    restarted.restart()
+    assert (restarted.offloaded, restarted.buffers) == (None, {})
     for line in LOG.splitlines():
-        report.feed(line)
-    assert report.offloaded == 13  # the restarted engine's own load counts
+        restarted.feed(line)
+    assert restarted.offloaded == 13  # the restarted engine's own load counts
