@@ -85,7 +85,8 @@ def test_speculation_is_a_setting_of_its_own() -> None:
         *("--spec-type", "draft-simple", "--model-draft", str(draft)),
         *("--spec-draft-device", "none"),  # on the primary's CPU, never on its rpc workers
     )
-    assert speculation_args("draft", draft, ["CUDA0"])[-2:] == ("--spec-draft-device", "CUDA0")
+    on_gpu = speculation_args("draft", draft, ["CUDA0"])
+    assert on_gpu[-4:] == ("--spec-draft-device", "CUDA0", "--spec-draft-ngl", "all")
     with pytest.raises(ConfigError, match="speculation 'ngrams' is not one of off, ngram"):
         load_config(environ={"SHAREDLLM_SPECULATION": "ngrams"})
 

@@ -98,9 +98,16 @@ def speculation_args(
     if mode == "ngram":
         return ("--spec-type", "ngram-mod")
     if mode == "draft" and draft is not None:
-        devices = ",".join(local_devices) or "none"
-        return ("--spec-type", "draft-simple", "--model-draft", str(draft),
-                "--spec-draft-device", devices)  # fmt: skip
+        drafting = ("--spec-type", "draft-simple", "--model-draft", str(draft))
+        if not local_devices:
+            return (*drafting, "--spec-draft-device", "none")
+        return (
+            *drafting,
+            "--spec-draft-device",
+            ",".join(local_devices),
+            "--spec-draft-ngl",
+            "all",
+        )
     return ()
 
 
