@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sharedllm.node.config import ConfigError, load_config
+from sharedllm.node.config import load_config
+from sharedllm.node.config_checks import ConfigError
 from sharedllm.node.models.chat_template import builtin_template, template_args
 
 

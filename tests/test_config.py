@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sharedllm.node.config import DEFAULT_API_PORT, ConfigError, load_config
+from sharedllm.node.config import DEFAULT_API_PORT, load_config
+from sharedllm.node.config_checks import ConfigError
 from sharedllm.node.setting_values import parse_size
 
 
@@ -50,7 +51,7 @@ def test_data_dir_from_environment(tmp_path: Path) -> None:
         ("log_level = 'loud'", "log_level"),
         ("model = 5", "expected a path"),
         ("split = 'even'", "split 'even' is not one of planner, memory"),
-        ("speculation = 'always'", "speculation 'always' is not one of off, ngram, auto"),
+        ("speculation = 'always'", "speculation 'always' is not one of off, ngram, draft, auto"),
     ],
 )
 def test_bad_file_is_a_clear_error(tmp_path: Path, toml: str, message: str) -> None:

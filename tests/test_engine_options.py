@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sharedllm.node.config import ConfigError, load_config
+from sharedllm.node.config import load_config
+from sharedllm.node.config_checks import ConfigError
 from sharedllm.node.engine.options import (
     ALLOWED,
     EngineOptionError,

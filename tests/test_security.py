@@ -30,7 +30,8 @@ from sharedllm.mesh.transport.libp2p_adapter import (
     open_libp2p_transport,
 )
 from sharedllm.mesh.transport.seam import TransportError
-from sharedllm.node.config import ConfigError, load_config
+from sharedllm.node.config import load_config
+from sharedllm.node.config_checks import ConfigError
 from sharedllm.node.mesh_setup import prepare_mesh
 from sharedllm.node.setting_values import is_loopback_host
 

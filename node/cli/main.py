@@ -19,7 +19,7 @@ from ...mesh.records import RecordError
 from ...mesh.transport.seam import TransportError
 from ...scheduler.cluster_file import ClusterFileError
 from ...scheduler.placement import PlannerError
-from ..config import ConfigError
+from ..config_checks import ConfigError
 from ..engine.build import EngineBuildError
 from ..engine.locate import EngineNotFoundError, EngineProbeError
 from ..mesh_setup import MeshSetupError
