@@ -135,6 +135,11 @@ class PrimaryRole(ServingParts):
         own = self._service.member_states().get(self._me, {}).get("devices")
         names = [d["name"] for d in own if isinstance(d, dict)] if isinstance(own, list) else []
         draft = None if model.draft is None else model.draft.path
+        if claim.speculation == "draft" and (draft is None or not draft.is_file()):
+            # gone since the node started: the engine runs without drafts rather than not at
+            # all (its counters then price the mode as no faster than none)
+            _log.warning("model %s: its draft model %s is gone", claim.model_id, draft)
+            draft = None
         return speculation_args(claim.speculation, draft, [n for n in names if isinstance(n, str)])
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
