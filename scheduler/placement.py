@@ -194,7 +194,7 @@ def evaluate(
     per_draft = {"ngram": verify}
     draft = request.draft_on(primary)
     draft_memory = 0 if draft is None else cost.draft_model_memory(draft, request.kv_tokens)
-    if draft and primary_total + draft_memory <= cost.memory_budget(primary_node) + (
+    if draft is not None and primary_total + draft_memory <= cost.memory_budget(primary_node) + (
         cost.compute_buffer_bytes
     ):
         per_draft["draft"] = verify + cost.draft_model_seconds(draft, primary_node)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sharedllm.node.capacity import describe
-from sharedllm.node.engine.devices import list_devices, parse_device_list
+from sharedllm.node.engine.devices import gossiped_device_names, list_devices, parse_device_list
 from sharedllm.node.engine.locate import EngineInfo
 
 CUDA_OUTPUT = """\
@@ -29,3 +29,9 @@ def test_cpu_build_lists_none_and_gossips_no_vram(engine: EngineInfo) -> None:
     described = describe(engine, 10.0, 9337, None, parse_device_list(CUDA_OUTPUT))
     assert described["vram_total"] == (81079 + 24564) * MIB
     assert [d["name"] for d in described["devices"]] == ["CUDA0", "CUDA1"]
+
+
+def test_a_node_s_gossiped_device_names_are_read_and_junk_is_skipped() -> None:
+    state = {"devices": [{"name": "CUDA0"}, {"name": 7}, "CUDA1", {"name": "CUDA2"}]}
+    assert gossiped_device_names(state) == ["CUDA0", "CUDA2"]
+    assert gossiped_device_names({"devices": "CUDA0"}) == gossiped_device_names({}) == []

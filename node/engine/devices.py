@@ -50,6 +50,15 @@ def gossiped_device_count(state: Mapping[str, Any]) -> int:
     return len(devices) if isinstance(devices, list) else 0
 
 
+def gossiped_device_names(state: Mapping[str, Any]) -> list[str]:
+    """The names of the engine devices a node gossiped (`CUDA0`, ...), as llama.cpp knows them."""
+    devices = state.get("devices")
+    if not isinstance(devices, list):
+        return []
+    names = [device.get("name") for device in devices if isinstance(device, dict)]
+    return [name for name in names if isinstance(name, str)]
+
+
 def list_devices(llama_server: Path) -> list[Device]:
     """The engine's devices; none if it cannot say (the node then lends RAM only)."""
     try:

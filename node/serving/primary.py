@@ -14,7 +14,7 @@ from ...mesh.transport.tunnel import (
     TunnelRequest,
 )
 from ...scheduler.llama_args import LlamaSplitArgs, split_args
-from ..engine.devices import gossiped_device_count
+from ..engine.devices import gossiped_device_count, gossiped_device_names
 from ..engine.load_report import LoadReport
 from ..engine.options import speculation_args
 from ..engine.rpc_traffic import COMMANDS, RpcTally
@@ -132,15 +132,14 @@ class PrimaryRole(ServingParts):
         a draft model goes on this node's own devices, as the planner booked it."""
         if not self._engine.ngram_speculation:
             return ()
-        own = self._service.member_states().get(self._me, {}).get("devices")
-        names = [d["name"] for d in own if isinstance(d, dict)] if isinstance(own, list) else []
+        own = gossiped_device_names(self._service.member_states().get(self._me, {}))
         draft = None if model.draft is None else model.draft.path
         if claim.speculation == "draft" and (draft is None or not draft.is_file()):
             # gone since the node started: the engine runs without drafts rather than not at
             # all (its counters then price the mode as no faster than none)
             _log.warning("model %s: its draft model %s is gone", claim.model_id, draft)
             draft = None
-        return speculation_args(claim.speculation, draft, [n for n in names if isinstance(n, str)])
+        return speculation_args(claim.speculation, draft, own)
 
     def _split_args(self, claim: Claim, layer_count: int) -> LlamaSplitArgs:
         """The claim's layout as llama-server arguments, given the devices each node gossiped."""
