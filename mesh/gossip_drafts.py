@@ -7,12 +7,9 @@ impossible rate, a malformed profile or an unknown mode is dropped, never truste
 
 from __future__ import annotations
 
-from itertools import islice
-
 from ..scheduler.model_profile import ModelProfile, profile_from_dict
-from ..scheduler.placement import is_model_id
 from ..scheduler.speculation import DRAFTING_MODES, DraftRate
-from .gossip_values import is_count, is_finite
+from .gossip_values import by_model, is_count, is_finite
 
 MAX_DRAFT_TOKENS = 10**9  # tokens a reported rate may rest on (bounds one member's weight)
 MAX_RATE_ENTRIES = 32  # models one node reports draft rates for; more are ignored
@@ -24,12 +21,8 @@ def draft_rate_entries(raw: object) -> tuple[ModeRate, ...]:
     token, tokens]}}` (a bare list is an n-gram rate, as nodes before draft models gossip
     it): malformed or impossible entries are dropped, and only the first `MAX_RATE_ENTRIES`
     models count."""
-    if not isinstance(raw, dict):
-        return ()
     found = []
-    for model_id, figures in islice(raw.items(), MAX_RATE_ENTRIES):
-        if not (isinstance(model_id, str) and is_model_id(model_id)):
-            continue
+    for model_id, figures in by_model(raw, MAX_RATE_ENTRIES):
         by_mode = {"ngram": figures} if isinstance(figures, list | tuple) else figures
         if not isinstance(by_mode, dict):
             continue

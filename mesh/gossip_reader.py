@@ -12,7 +12,6 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any, TypeVar
 
 from ..scheduler.cluster import ClusterView, Link, NodeCapacity
@@ -22,7 +21,7 @@ from ..scheduler.replica_demand import DEMAND_FIGURES, MAX_DEMAND, Demand, mesh_
 from ..scheduler.speculation import DraftRate, SpeculationPolicy
 from .claims import Claim, parse_claims
 from .gossip_drafts import ModeRate, draft_profile, draft_rate_entries
-from .gossip_values import is_count, is_finite, is_positive
+from .gossip_values import by_model, is_count, is_finite, is_positive
 from .member_states import MemberStates
 
 # Until a bandwidth probe has measured a link, the planner assumes this much.
@@ -359,11 +358,8 @@ def model_entries(content: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, A
 def _figures_by_model(raw: object) -> Iterator[tuple[str, list[Any] | tuple[Any, ...]]]:
     """`{model: [figure, ...]}` as gossiped: the entries with a well-formed model id and a
     list of figures, among the first `MAX_DEMAND_ENTRIES`."""
-    if not isinstance(raw, dict):
-        return
-    for model_id, figures in islice(raw.items(), MAX_DEMAND_ENTRIES):
-        well_formed = isinstance(model_id, str) and is_model_id(model_id)
-        if well_formed and isinstance(figures, list | tuple):
+    for model_id, figures in by_model(raw, MAX_DEMAND_ENTRIES):
+        if isinstance(figures, list | tuple):
             yield model_id, figures
 
 

@@ -64,7 +64,6 @@ PRIOR_RATES: dict[str, DraftRate] = {
     "ngram": DraftRate(0.33, 0.6, 0),
     "draft": DraftRate(0.66, 1.33, 0),
 }
-PRIOR_RATE = PRIOR_RATES["ngram"]
 _NO_DRAFTS = DraftRate(0.0, 0.0, 0)
 
 

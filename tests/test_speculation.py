@@ -26,7 +26,7 @@ from sharedllm.scheduler.placement import ModelRequest, evaluate
 from sharedllm.scheduler.planner import SPECULATION_MARGIN, plan_model
 from sharedllm.scheduler.speculation import (
     POLICY_MODES,
-    PRIOR_RATE,
+    PRIOR_RATES,
     DraftRate,
     SpeculationPolicy,
     choose_mode,
@@ -137,7 +137,7 @@ def _rate_where_off_wins_by(view: ClusterView, fraction: float) -> DraftRate:
 def test_the_prior_tries_speculation_on_a_split() -> None:
     placement = plan_model(_view(rtt_ms=2.0), _request("auto"), COST)
     assert placement.speculation == "ngram" and placement.workers == ("b",)
-    assert PRIOR_RATE.tokens == 0
+    assert PRIOR_RATES["ngram"].tokens == PRIOR_RATES["draft"].tokens == 0
 
 
 @pytest.mark.parametrize(
